@@ -1,0 +1,72 @@
+"""Scoring one stream under a sink+window cache: token ids in, log-probabilities out.
+
+``score_stream`` is the reference: one token per forward pass with the cache trimmed
+after every step, exactly the loop of docs/semantics.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import torch
+from tqdm.auto import tqdm
+
+from .cache import SinkWindowCache, num_decoder_layers
+from .rotary import RotaryShift
+from .settings import StreamingSettings
+
+
+class NoEvictionError(RuntimeError):
+    """A stream longer than the cache finished without evicting: it did not stream."""
+
+
+@dataclasses.dataclass
+class StreamScore:
+    logprobs: torch.Tensor  # float32 [n - 1]: log p(x_{t+1} | visible set of step t)
+    evicted: int  # tokens evicted from the cache over the stream
+    max_held: int  # most tokens any layer held between steps
+
+
+def cache_kwarg(model) -> str:
+    """transformers 5 is renaming ``past_key_values`` to ``cache``; use whichever forward takes."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def position_of(t: int, settings: StreamingSettings) -> int:
+    """p(t): the query position of step t."""
+    return min(t, settings.capacity) if settings.positions == "shifted" else t
+
+
+def check_evicted(n_tokens: int, evicted: int, settings: StreamingSettings) -> None:
+    if n_tokens > settings.capacity + 1 and evicted == 0:
+        raise NoEvictionError(
+            f"a stream of {n_tokens} tokens passed a cache of {settings.capacity} tokens without a single "
+            "eviction: the model did not use the streaming cache, so the result would be the dense one"
+        )
+
+
+@torch.inference_mode()
+def score_stream(
+    model,
+    token_ids,
+    settings: StreamingSettings,
+    shift: RotaryShift | None,
+    progress: bool = False,
+) -> StreamScore:
+    """Token-by-token streaming log-probabilities of ``token_ids[1:]``."""
+    ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1).to(model.device)
+    n = ids.numel()
+    cache = SinkWindowCache(num_decoder_layers(model), settings, shift)
+    kwarg = cache_kwarg(model)
+    logprobs = torch.empty(max(n - 1, 0), dtype=torch.float32)
+    max_held = 0
+    for t in tqdm(range(n - 1), disable=not progress, desc="streaming tokens", leave=False):
+        position = torch.tensor([[position_of(t, settings)]], device=ids.device)
+        out = model(input_ids=ids[t : t + 1].view(1, 1), position_ids=position, use_cache=True, **{kwarg: cache})
+        logprobs[t] = torch.log_softmax(out.logits[0, -1].float(), dim=-1)[ids[t + 1]].cpu()
+        max_held = max(max_held, *cache.held_tokens())
+    evicted = cache.evicted_tokens if n > 1 else 0
+    check_evicted(n, evicted, settings)
+    return StreamScore(logprobs, evicted, max_held)

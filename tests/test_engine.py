@@ -1,0 +1,136 @@
+"""The token-by-token engine against the definition, on tiny random models (fast)."""
+
+import pytest
+import torch
+from models import tiny_llama
+from reference import dense_logprobs, original_positions_logprobs, perplexity, shifted_llama_logprobs
+
+from streaming_lm.cache import SinkWindowCache, check_model_supported
+from streaming_lm.rotary import find_rotary
+from streaming_lm.scoring import NoEvictionError, score_stream
+from streaming_lm.settings import StreamingSettings
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    torch.manual_seed(1)
+    return torch.randint(0, 128, (200,))
+
+
+def held_between_steps(model):
+    """Record every layer's cache length as each forward pass starts (i.e. between steps)."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        seen.append([layer.get_seq_length() for layer in cache.layers])
+
+    return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("positions", ["shifted", "original"])
+@pytest.mark.parametrize("start,recent", [(4, 195), (0, 199), (4, 300)])
+def test_short_stream_equals_dense(model, ids, positions, start, recent):
+    # n = 200 <= C + 1: nothing may be evicted and every number is the dense one.
+    scored = score_stream(model, ids, StreamingSettings(start, recent, positions), find_rotary(model))
+    dense = dense_logprobs(model, ids)
+    assert scored.evicted == 0
+    torch.testing.assert_close(scored.logprobs, dense, rtol=0, atol=1e-4)
+    assert perplexity(scored.logprobs) == pytest.approx(perplexity(dense), rel=1e-4)
+
+
+@pytest.mark.parametrize("positions", ["shifted", "original"])
+def test_long_stream_evicts_and_stays_bounded(model, ids, positions):
+    settings = StreamingSettings(4, 28, positions)
+    seen, handle = held_between_steps(model)
+    try:
+        scored = score_stream(model, ids, settings, find_rotary(model))
+    finally:
+        handle.remove()
+    assert scored.evicted == ids.numel() - 1 - settings.capacity
+    assert max(max(step) for step in seen) == settings.capacity
+    assert scored.max_held == settings.capacity
+    dense = dense_logprobs(model, ids)
+    assert abs(perplexity(scored.logprobs) / perplexity(dense) - 1) > 1e-3
+
+
+@pytest.mark.parametrize("start,recent", [(4, 20), (0, 7), (1, 50), (3, 1)])
+def test_shifted_equals_naive_loop(model, ids, start, recent):
+    scored = score_stream(model, ids, StreamingSettings(start, recent, "shifted"), find_rotary(model))
+    reference = shifted_llama_logprobs(model, ids, start, recent)
+    torch.testing.assert_close(scored.logprobs, reference, rtol=0, atol=1e-4)
+    assert perplexity(scored.logprobs) == pytest.approx(perplexity(reference), rel=1e-5)
+
+
+@pytest.mark.parametrize("start,recent", [(4, 20), (0, 7), (2, 1)])
+def test_original_equals_masked_single_pass(model, ids, start, recent):
+    scored = score_stream(model, ids, StreamingSettings(start, recent, "original"), find_rotary(model))
+    reference = original_positions_logprobs(model, ids, start, recent)
+    torch.testing.assert_close(scored.logprobs, reference, rtol=0, atol=1e-4)
+    assert perplexity(scored.logprobs) == pytest.approx(perplexity(reference), rel=1e-5)
+
+
+def test_positions_modes_differ_once_evicting(model, ids):
+    shifted = score_stream(model, ids, StreamingSettings(4, 20, "shifted"), find_rotary(model))
+    original = score_stream(model, ids, StreamingSettings(4, 20, "original"), find_rotary(model))
+    assert not torch.allclose(shifted.logprobs, original.logprobs, atol=1e-4)
+
+
+def test_model_that_ignores_the_cache_raises(model, ids):
+    """A forward that drops the cache is the silent-dense bug: it must raise, not score."""
+
+    class CacheIgnoring(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        @property
+        def device(self):
+            return self.inner.device
+
+        def forward(self, input_ids, position_ids=None, use_cache=None, cache=None, **kwargs):
+            return self.inner(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+
+    with pytest.raises(NoEvictionError, match="without a single eviction"):
+        score_stream(CacheIgnoring(model), ids[:40], StreamingSettings(4, 20), find_rotary(model))
+
+
+def test_trivial_streams(model):
+    settings = StreamingSettings(4, 20)
+    assert score_stream(model, [5], settings, find_rotary(model)).logprobs.numel() == 0
+    assert score_stream(model, [5, 6], settings, find_rotary(model)).logprobs.numel() == 1
+
+
+def test_cache_reports_capacity_and_resets():
+    cache = SinkWindowCache(2, StreamingSettings(2, 3), None)
+    keys = torch.randn(1, 1, 7, 4)
+    cache.update(keys, keys, 0)
+    cache.update(keys, keys, 1)
+    assert cache.held_tokens() == [5, 5] and cache.evicted_tokens == 2
+    assert torch.equal(cache.layers[0].keys[..., :2, :], keys[..., :2, :])
+    assert torch.equal(cache.layers[0].keys[..., 2:, :], keys[..., -3:, :])  # original: no rotation
+    cache.reset()
+    assert cache.evicted_tokens == 0
+
+
+def test_unsupported_models_are_named():
+    import transformers
+
+    mistral = transformers.MistralForCausalLM(
+        transformers.MistralConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, sliding_window=16,
+        )
+    )
+    with pytest.raises(NotImplementedError, match="DynamicSlidingWindowLayer.*Supported"):
+        check_model_supported(mistral)
+    mamba = transformers.MambaForCausalLM(
+        transformers.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, state_size=4)
+    )
+    with pytest.raises(NotImplementedError, match="LinearAttentionLayer"):
+        check_model_supported(mamba)

@@ -1,0 +1,59 @@
+"""The engine on the real SmolLM2-135M (float32), against the dense model and the definition."""
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+from reference import dense_logprobs, original_positions_logprobs, perplexity, shifted_llama_logprobs
+
+from streaming_lm import StreamingHFLM
+from streaming_lm.rotary import find_rotary
+from streaming_lm.scoring import score_stream
+from streaming_lm.settings import StreamingSettings
+
+pytestmark = pytest.mark.slow
+
+START, RECENT = 4, 124  # C = 128: a 1,000-token stream evicts on almost every step
+STREAM_TOKENS = 1000
+
+
+@pytest.fixture(scope="module")
+def stream(smollm2, excerpt_text):
+    model, tokenizer = smollm2
+    ids = [tokenizer.bos_token_id, *tokenizer(excerpt_text, add_special_tokens=False).input_ids]
+    assert len(ids) >= STREAM_TOKENS
+    return torch.tensor(ids[:STREAM_TOKENS])
+
+
+@pytest.mark.parametrize("positions", ["shifted", "original"])
+def test_short_stream_equals_dense_hf(smollm2, excerpt_text, positions):
+    model, tokenizer = smollm2
+    text = excerpt_text[:1500]
+    n_tokens = len(tokenizer(text, add_special_tokens=False).input_ids) + 1
+    request = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    dense = HFLM(pretrained=model, tokenizer=tokenizer, device="cpu")
+    lm = StreamingHFLM(pretrained=model, tokenizer=tokenizer, device="cpu", start_size=4,
+                       recent_size=n_tokens - 5, positions=positions)
+    assert lm.streaming.capacity + 1 == n_tokens  # the longest stream that must equal dense
+    assert lm.loglikelihood_rolling(request) == pytest.approx(dense.loglikelihood_rolling(request), rel=1e-4)
+    assert lm.get_model_info()["streaming"]["evicted_tokens"] == 0
+
+
+def test_original_equals_masked_single_pass(smollm2, stream):
+    model, _ = smollm2
+    scored = score_stream(model, stream, StreamingSettings(START, RECENT, "original"), find_rotary(model))
+    reference = original_positions_logprobs(model, stream, START, RECENT)
+    assert scored.evicted == STREAM_TOKENS - 1 - (START + RECENT)
+    assert perplexity(scored.logprobs) == pytest.approx(perplexity(reference), rel=1e-5)
+    torch.testing.assert_close(scored.logprobs, reference, rtol=0, atol=1e-3)
+    # ... and eviction changed the numbers.
+    assert abs(perplexity(scored.logprobs) / perplexity(dense_logprobs(model, stream)) - 1) > 1e-3
+
+
+def test_shifted_equals_naive_loop(smollm2, stream):
+    model, _ = smollm2
+    scored = score_stream(model, stream, StreamingSettings(START, RECENT, "shifted"), find_rotary(model))
+    reference = shifted_llama_logprobs(model, stream, START, RECENT)
+    assert scored.max_held == START + RECENT
+    assert perplexity(scored.logprobs) == pytest.approx(perplexity(reference), rel=1e-5)
+    torch.testing.assert_close(scored.logprobs, reference, rtol=0, atol=1e-3)
