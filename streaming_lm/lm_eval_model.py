@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from . import settings as settings_mod
 from .cache import check_model_supported
 from .rotary import find_rotary
-from .scoring import score_stream
+from .scoring import score
 
 # Under lm-eval's logger, so its CLI shows our lines with its own.
 eval_logger = logging.getLogger("lm_eval.models.streaming_hf")
@@ -27,7 +27,8 @@ class StreamingHFLM(HFLM):
     """``HFLM`` whose rolling log-likelihoods come from a bounded streaming cache.
 
     Extra model args: ``start_size``, ``recent_size`` or ``compression_ratio``,
-    ``positions`` (shifted|original), ``method`` (token). Every other argument is HFLM's.
+    ``positions`` (shifted|original), ``method`` (chunked|token), ``chunk_size``.
+    Every other argument is HFLM's.
     """
 
     def __init__(
@@ -37,7 +38,8 @@ class StreamingHFLM(HFLM):
         recent_size=None,
         compression_ratio=None,
         positions="shifted",
-        method="token",
+        method=settings_mod.DEFAULT_METHOD,
+        chunk_size=settings_mod.DEFAULT_CHUNK_SIZE,
         **kwargs,
     ) -> None:
         # Validate before HFLM loads anything; the ratio needs max_length, known later.
@@ -47,6 +49,7 @@ class StreamingHFLM(HFLM):
             compression_ratio=compression_ratio,
             positions=positions,
             method=method,
+            chunk_size=chunk_size,
         )
         self.streaming = settings_mod.resolve(**self._streaming_args, max_length=kwargs.get("max_length"))
         super().__init__(pretrained, **kwargs)
@@ -66,13 +69,16 @@ class StreamingHFLM(HFLM):
         super()._create_model(pretrained, *args, **kwargs)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        if str(self.batch_size) != "1":
+            # Same numbers either way: each request is one stream, scored on its own.
+            eval_logger.warning("streaming_hf scores one stream at a time; batch_size=%s is not used", self.batch_size)
         results = []
         show = not disable_tqdm and self.rank == 0
         for request in tqdm(requests, disable=not show, desc="streaming requests"):
             (string,) = request.args
             # One stream: the prefix token, then every token of the text, all scored but the prefix.
             tokens = [self.prefix_token_id, *self.tok_encode(string)]
-            scored = score_stream(self.model, tokens, self.streaming, self._rotary, progress=show)
+            scored = score(self.model, tokens, self.streaming, self._rotary, progress=show)
             self._evicted += scored.evicted
             total = float(scored.logprobs.double().sum())
             results.append(total)

@@ -47,6 +47,15 @@ def check_evicted(n_tokens: int, evicted: int, settings: StreamingSettings) -> N
         )
 
 
+def score(model, token_ids, settings: StreamingSettings, shift: RotaryShift | None, progress: bool = False):
+    """Score one stream with the method the settings name."""
+    if settings.method == "chunked":
+        from .chunked import score_stream_chunked
+
+        return score_stream_chunked(model, token_ids, settings, shift, settings.chunk_size, progress)
+    return score_stream(model, token_ids, settings, shift, progress)
+
+
 @torch.inference_mode()
 def score_stream(
     model,

@@ -10,9 +10,11 @@ import dataclasses
 import numbers
 
 POSITIONS = ("shifted", "original")
-METHODS = ("token",)
+METHODS = ("chunked", "token")  # chunked: exact and fast; token: the reference loop
+DEFAULT_METHOD = "chunked"
 DEFAULT_START_SIZE = 4
 DEFAULT_RECENT_SIZE = 1020
+DEFAULT_CHUNK_SIZE = 256  # measured by scripts/bench_eval.py; see README
 
 
 def _as_int(name: str, value, minimum: int) -> int:
@@ -46,14 +48,16 @@ class StreamingSettings:
     start_size: int = DEFAULT_START_SIZE
     recent_size: int = DEFAULT_RECENT_SIZE
     positions: str = "shifted"
-    method: str = "token"
+    method: str = DEFAULT_METHOD
     compression_ratio: float | None = None  # informational: recent_size was derived from it
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # tokens per forward pass for method="chunked"
 
     def __post_init__(self):
         object.__setattr__(self, "start_size", _as_int("start_size", self.start_size, 0))
         object.__setattr__(self, "recent_size", _as_int("recent_size", self.recent_size, 1))
         _as_choice("positions", self.positions, POSITIONS)
         _as_choice("method", self.method, METHODS)
+        object.__setattr__(self, "chunk_size", _as_int("chunk_size", self.chunk_size, 1))
 
     @property
     def capacity(self) -> int:
@@ -91,7 +95,8 @@ def resolve(
     recent_size=None,
     compression_ratio=None,
     positions="shifted",
-    method="token",
+    method=DEFAULT_METHOD,
+    chunk_size=DEFAULT_CHUNK_SIZE,
     max_length: int | None = None,
 ) -> StreamingSettings:
     """Validate user arguments and return settings.
@@ -102,9 +107,11 @@ def resolve(
     start_size = _as_int("start_size", start_size, 0)
     _as_choice("positions", positions, POSITIONS)
     _as_choice("method", method, METHODS)
+    chunk_size = _as_int("chunk_size", chunk_size, 1)
+    common = dict(positions=positions, method=method, chunk_size=chunk_size)
     if compression_ratio is None:
         recent = DEFAULT_RECENT_SIZE if recent_size is None else recent_size
-        return StreamingSettings(start_size, recent, positions, method)
+        return StreamingSettings(start_size, recent, **common)
     if recent_size is not None:
         raise ValueError(
             "give either recent_size or compression_ratio, not both "
@@ -112,7 +119,7 @@ def resolve(
         )
     ratio = check_compression_ratio(compression_ratio)
     if max_length is None:
-        return StreamingSettings(start_size, 1, positions, method, ratio)
+        return StreamingSettings(start_size, 1, compression_ratio=ratio, **common)
     max_length = _as_int("max_length", max_length, 1)
     recent = recent_size_from_ratio(ratio, start_size, max_length)
-    return StreamingSettings(start_size, recent, positions, method, ratio)
+    return StreamingSettings(start_size, recent, compression_ratio=ratio, **common)

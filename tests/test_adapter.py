@@ -37,7 +37,9 @@ BAD_ARGS = [
     (dict(compression_ratio="half"), r"compression_ratio must be a number in \[0, 1\)"),
     (dict(compression_ratio=0.99, max_length=100), "recent_size must be >= 1"),
     (dict(positions="absolute"), "positions must be one of shifted, original"),
-    (dict(method="fast"), "method must be one of token"),
+    (dict(method="fast"), "method must be one of chunked, token"),
+    (dict(chunk_size=0), "chunk_size must be an integer >= 1"),
+    (dict(chunk_size=1.5), "chunk_size must be an integer >= 1"),
 ]
 
 
@@ -88,14 +90,15 @@ def test_defaults_and_results_config(tiny_dir):
     lm = streaming(tiny_dir)
     info = lm.get_model_info()["streaming"]
     assert info | {"evicted_tokens": 0} == {
-        "start_size": 4, "recent_size": 1020, "positions": "shifted", "method": "token",
-        "compression_ratio": None, "capacity": 1024, "evicted_tokens": 0,
+        "start_size": 4, "recent_size": 1020, "positions": "shifted", "method": "chunked",
+        "compression_ratio": None, "chunk_size": 256, "capacity": 1024, "evicted_tokens": 0,
     }
 
 
+@pytest.mark.parametrize("method", ["chunked", "token"])
 @pytest.mark.parametrize("positions", ["shifted", "original"])
-def test_short_requests_equal_dense_hf(tiny_dir, dense, positions):
-    lm = streaming(tiny_dir, start_size=4, recent_size=400, positions=positions)
+def test_short_requests_equal_dense_hf(tiny_dir, dense, positions, method):
+    lm = streaming(tiny_dir, start_size=4, recent_size=400, positions=positions, method=method, chunk_size=64)
     requests = rolling(TEXT, TEXT[:50])
     assert len(lm.tok_encode(TEXT)) + 1 <= 404
     expected = dense.loglikelihood_rolling(requests)
@@ -104,8 +107,9 @@ def test_short_requests_equal_dense_hf(tiny_dir, dense, positions):
     assert lm.get_model_info()["streaming"]["evicted_tokens"] == 0
 
 
-def test_long_requests_stream(tiny_dir, dense):
-    lm = streaming(tiny_dir, start_size=4, recent_size=60)
+@pytest.mark.parametrize("method", ["chunked", "token"])
+def test_long_requests_stream(tiny_dir, dense, method):
+    lm = streaming(tiny_dir, start_size=4, recent_size=60, method=method, chunk_size=32)
     requests = rolling(TEXT)
     n_tokens = len(lm.tok_encode(TEXT)) + 1
     (got,) = lm.loglikelihood_rolling(requests)

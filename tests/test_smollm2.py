@@ -7,6 +7,7 @@ from lm_eval.models.huggingface import HFLM
 from reference import dense_logprobs, original_positions_logprobs, perplexity, shifted_llama_logprobs
 
 from streaming_lm import StreamingHFLM
+from streaming_lm.chunked import score_stream_chunked
 from streaming_lm.rotary import find_rotary
 from streaming_lm.scoring import score_stream
 from streaming_lm.settings import StreamingSettings
@@ -25,23 +26,34 @@ def stream(smollm2, excerpt_text):
     return torch.tensor(ids[:STREAM_TOKENS])
 
 
+@pytest.fixture(scope="module")
+def token_scores(smollm2, stream):
+    """The token loop, the reference of every other check here, run once per positions mode."""
+    model, _ = smollm2
+    return {
+        positions: score_stream(model, stream, StreamingSettings(START, RECENT, positions), find_rotary(model))
+        for positions in ("shifted", "original")
+    }
+
+
+@pytest.mark.parametrize("method", ["chunked", "token"])
 @pytest.mark.parametrize("positions", ["shifted", "original"])
-def test_short_stream_equals_dense_hf(smollm2, excerpt_text, positions):
+def test_short_stream_equals_dense_hf(smollm2, excerpt_text, positions, method):
     model, tokenizer = smollm2
-    text = excerpt_text[:1500]
+    text = excerpt_text[:700]
     n_tokens = len(tokenizer(text, add_special_tokens=False).input_ids) + 1
     request = [Instance("loglikelihood_rolling", {}, (text,), 0)]
     dense = HFLM(pretrained=model, tokenizer=tokenizer, device="cpu")
     lm = StreamingHFLM(pretrained=model, tokenizer=tokenizer, device="cpu", start_size=4,
-                       recent_size=n_tokens - 5, positions=positions)
+                       recent_size=n_tokens - 5, positions=positions, method=method, chunk_size=100)
     assert lm.streaming.capacity + 1 == n_tokens  # the longest stream that must equal dense
     assert lm.loglikelihood_rolling(request) == pytest.approx(dense.loglikelihood_rolling(request), rel=1e-4)
     assert lm.get_model_info()["streaming"]["evicted_tokens"] == 0
 
 
-def test_original_equals_masked_single_pass(smollm2, stream):
+def test_original_equals_masked_single_pass(smollm2, stream, token_scores):
     model, _ = smollm2
-    scored = score_stream(model, stream, StreamingSettings(START, RECENT, "original"), find_rotary(model))
+    scored = token_scores["original"]
     reference = original_positions_logprobs(model, stream, START, RECENT)
     assert scored.evicted == STREAM_TOKENS - 1 - (START + RECENT)
     assert perplexity(scored.logprobs) == pytest.approx(perplexity(reference), rel=1e-5)
@@ -50,10 +62,22 @@ def test_original_equals_masked_single_pass(smollm2, stream):
     assert abs(perplexity(scored.logprobs) / perplexity(dense_logprobs(model, stream)) - 1) > 1e-3
 
 
-def test_shifted_equals_naive_loop(smollm2, stream):
+def test_shifted_equals_naive_loop(smollm2, stream, token_scores):
     model, _ = smollm2
-    scored = score_stream(model, stream, StreamingSettings(START, RECENT, "shifted"), find_rotary(model))
+    scored = token_scores["shifted"]
     reference = shifted_llama_logprobs(model, stream, START, RECENT)
     assert scored.max_held == START + RECENT
     assert perplexity(scored.logprobs) == pytest.approx(perplexity(reference), rel=1e-5)
     torch.testing.assert_close(scored.logprobs, reference, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("positions", ["shifted", "original"])
+@pytest.mark.parametrize("chunk", [100, 256])  # 999 scored tokens: the last chunk is partial
+def test_chunked_equals_token_loop(smollm2, stream, token_scores, positions, chunk):
+    model, _ = smollm2
+    settings = StreamingSettings(START, RECENT, positions)
+    chunked = score_stream_chunked(model, stream, settings, find_rotary(model), chunk)
+    token = token_scores[positions]
+    assert chunked.evicted == token.evicted
+    assert (chunked.logprobs - token.logprobs).abs().max() <= 1e-3
+    assert perplexity(chunked.logprobs) == pytest.approx(perplexity(token.logprobs), rel=1e-5)

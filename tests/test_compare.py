@@ -1,0 +1,206 @@
+"""``python -m streaming_lm compare``: a 2x2 grid on the tiny model, resumption, --from-results, bad grids."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import lm_eval
+import lm_eval.tasks
+import pytest
+
+from streaming_lm import compare
+
+from test_cli import TASK_YAML
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+RUNS = ["hf", "streaming_s0_r16_shifted", "streaming_s0_r32_shifted", "streaming_s4_r16_shifted",
+        "streaming_s4_r32_shifted"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def grid_args(tiny_dir, task_dir, out, **overrides):
+    options = {"--pretrained": str(tiny_dir), "--model_args": "dtype=float32", "--tasks": "tiny_rolling",
+               "--include_path": str(task_dir), "--device": "cpu", "--start-sizes": "0,4",
+               "--recent-sizes": "16,32", "--metadata": '{"max_words": 250}', "--output-dir": str(out)}
+    options |= overrides
+    return [item for key, value in options.items() if value is not None for item in (key, value)]
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def refuse_evaluation(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("no evaluation expected")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fail)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", fail)
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory, excerpt_text):
+    # Byte tokenizer: ~240 + ~120 tokens, well over C <= 36, so every setting evicts.
+    root = tmp_path_factory.mktemp("compare_tasks")
+    lines = [line.strip() for line in excerpt_text.splitlines() if line.strip()]
+    data = root / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in (lines[1][:240], lines[2][:120])))
+    (root / "tiny_rolling.yaml").write_text(TASK_YAML.format(data=data))
+    return root
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory, tiny_dir, task_dir):
+    """Runs the 2x2 grid once for the module; counts lm-eval evaluations and keeps the progress lines."""
+    out = tmp_path_factory.mktemp("compare") / "out"
+    calls, said = [], []
+    real = lm_eval.simple_evaluate
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in OFFLINE.items():
+            mp.setenv(key, value)
+        mp.setattr(lm_eval, "simple_evaluate", lambda **kw: calls.append(kw) or real(**kw))
+        mp.setattr(compare, "say", said.append)
+        compare.main(grid_args(tiny_dir, task_dir, out))
+    return out, calls, said
+
+
+def test_grid_runs_each_setting_once_and_tables_the_saved_results(grid):
+    out, calls, said = grid
+    assert [(c["model"], c["model_args"].get("recent_size")) for c in calls] == [
+        ("hf", None), ("streaming_hf", 16), ("streaming_hf", 32), ("streaming_hf", 16), ("streaming_hf", 32)]
+    assert "run 1/5: hf (dense baseline)" in said
+    assert "run 5/5: streaming_hf start_size=4 recent_size=32 positions=shifted" in said
+    assert {p.name for p in out.iterdir()} == {*RUNS, "comparison.csv", "comparison.md", "comparison.png"}
+
+    saved = {name: compare.load_result(compare.results_files(out / name)[-1]).data for name in RUNS}
+    for name in RUNS[1:]:
+        assert saved[name]["config"]["streaming"]["evicted_tokens"] > 0
+    assert saved["streaming_s4_r16_shifted"]["configs"]["tiny_rolling"]["metadata"]["max_words"] == 250
+
+    rows = read_csv(out / "comparison.csv")
+    assert [(r["task"], r["metric"]) for r in rows] == [
+        ("tiny_rolling", m) for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")]
+    for row in rows:
+        base = saved["hf"]["results"]["tiny_rolling"][row["metric"] + ",none"]
+        assert float(row["baseline"]) == base
+        for name in RUNS[1:]:
+            value = saved[name]["results"]["tiny_rolling"][row["metric"] + ",none"]
+            assert float(row[name]) == value
+            assert value != pytest.approx(base, rel=1e-9)  # streaming evicted: not the dense number
+            assert float(row[f"{name} rel"]) == pytest.approx((value - base) / base, rel=1e-12)
+
+    text = (out / "comparison.md").read_text()
+    word = rows[0]
+    cell = f"{float(word['streaming_s4_r16_shifted']):.6g} ({float(word['streaming_s4_r16_shifted rel']):+.2%})"
+    assert cell in text
+    assert "| streaming_s4_r16_shifted | streaming_hf | 4 | 16 | 20 | shifted |" in text
+
+
+def test_rerun_evaluates_nothing(grid, tiny_dir, task_dir, monkeypatch, capsys):
+    out, _, _ = grid
+    before = (out / "comparison.csv").read_text()
+    refuse_evaluation(monkeypatch)
+    compare.main(grid_args(tiny_dir, task_dir, out))
+    assert (out / "comparison.csv").read_text() == before
+    assert capsys.readouterr().err.count("already done") == 5
+
+
+def test_interrupted_grid_runs_only_what_is_missing(grid, tiny_dir, task_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(grid[0], out)
+    missing = compare.load_result(compare.results_files(out / "streaming_s4_r32_shifted")[-1])
+    shutil.rmtree(out / "streaming_s4_r32_shifted")
+    calls = []
+
+    def fake_evaluate(**kwargs):  # hands back the deleted run's numbers instead of recomputing them
+        calls.append(kwargs)
+        return json.loads(json.dumps(missing.data))
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda **kwargs: None)
+    compare.main(grid_args(tiny_dir, task_dir, out))
+    expected = {"start_size": 4, "recent_size": 32, "positions": "shifted"}
+    assert [c["model_args"] for c in calls] == [{"pretrained": str(tiny_dir), "dtype": "float32"} | expected]
+    assert compare.results_files(out / "streaming_s4_r32_shifted")
+    assert read_csv(out / "comparison.csv") == read_csv(grid[0] / "comparison.csv")
+
+    # A different request (here --limit 1) is not "already done": it is evaluated again.
+    def evaluated(**kwargs):
+        raise RuntimeError("evaluated")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", evaluated)
+    with pytest.raises(RuntimeError, match="evaluated"):
+        compare.main(grid_args(tiny_dir, task_dir, out, **{"--limit": "1"}))
+
+
+def test_from_results_gives_the_same_table(grid, tmp_path, monkeypatch):
+    refuse_evaluation(monkeypatch)
+    compare.main(["--from-results", str(grid[0]), "--output-dir", str(tmp_path / "a")])
+    assert read_csv(tmp_path / "a" / "comparison.csv") == read_csv(grid[0] / "comparison.csv")
+
+    # Files written by lm-eval's own CLI keep model_args as a "k=v,..." string; they name the runs alike.
+    cli_dir = tmp_path / "cli"
+    for name in RUNS:
+        source = compare.results_files(grid[0] / name)[-1]
+        data = json.loads(source.read_text())
+        data["config"]["model_args"] = ",".join(f"{k}={v}" for k, v in data["config"]["model_args"].items())
+        (cli_dir / name).mkdir(parents=True)
+        (cli_dir / name / source.name).write_text(json.dumps(data))
+    reference = tmp_path / "reference.csv"
+    reference.write_text("task,metric,value,source\ntiny_rolling,word_perplexity,12.5,paper\n")
+    compare.main(["--from-results", str(cli_dir), "-o", str(tmp_path / "b"), "--reference", str(reference)])
+    rows = read_csv(tmp_path / "b" / "comparison.csv")
+    without_reference = [{k: v for k, v in r.items() if k != "ref: paper"} for r in rows]
+    assert without_reference == read_csv(grid[0] / "comparison.csv")
+    assert [r["ref: paper"] for r in rows] == ["12.5", "", ""]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"--recent-sizes": "16,0"}, "recent_size must be an integer >= 1, got 0"),
+        ({"--start-sizes": "4,-1"}, "start_size must be an integer >= 0, got -1"),
+        ({"--positions": "shifted,sideways"}, "'sideways'"),
+        ({"--compression-ratios": "0.5"}, "--recent-sizes or --compression-ratios, not both"),
+        ({"--recent-sizes": None, "--compression-ratios": "0.5,1.5"},
+         "compression_ratio must be in [0, 1), got 1.5"),
+        ({"--method": "fastest"}, "'fastest'"),
+    ],
+)
+def test_bad_grid_fails_before_any_run(overrides, message, tiny_dir, task_dir, tmp_path, monkeypatch, capsys):
+    refuse_evaluation(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(grid_args(tiny_dir, task_dir, tmp_path / "out", **overrides))
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["-m", "streaming_lm", "compare"], [str(Path(__file__).parents[1] / "scripts" / "compare.py")]],
+    ids=["python -m streaming_lm compare", "scripts/compare.py"],
+)
+def test_commands_reach_compare(command, tiny_dir, task_dir, tmp_path):
+    args = grid_args(tiny_dir, task_dir, tmp_path / "out", **{"--recent-sizes": "0"})
+    proc = subprocess.run([sys.executable, *command, *args], capture_output=True, text=True,
+                          env=os.environ | OFFLINE, timeout=120)
+    assert proc.returncode == 2
+    assert "recent_size must be an integer >= 1, got 0" in proc.stderr
+
+
+def test_png_is_valid_and_optional(grid, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    png = (grid[0] / "comparison.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and png.endswith(b"IEND\xaeB`\x82")
+
+    refuse_evaluation(monkeypatch)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    compare.main(["--from-results", str(grid[0]), "--output-dir", str(tmp_path)])
+    assert "matplotlib is not installed: skipping comparison.png" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["comparison.csv", "comparison.md"]
