@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import settings as settings_mod
 
-STREAMING_KEYS = ("start_size", "recent_size", "compression_ratio", "positions", "method")
+STREAMING_KEYS = ("start_size", "recent_size", "compression_ratio", "positions", "method", "chunk_size")
 BASELINE = "hf"
 
 
@@ -77,7 +77,7 @@ def _split(text: str | None, convert, flag: str) -> list:
 
 
 def build_grid(
-    start_sizes, recent_sizes, compression_ratios, positions, method=None, max_length=None
+    start_sizes, recent_sizes, compression_ratios, positions, method=None, max_length=None, chunk_size=None
 ) -> list[Run]:
     """The baseline plus one run per setting, every setting validated by ``settings.resolve``."""
     if recent_sizes and compression_ratios:
@@ -91,6 +91,8 @@ def build_grid(
         stream = {"start_size": start, size_key: size, "positions": pos}
         if method is not None:
             stream["method"] = method
+        if chunk_size is not None:  # speed only: same numbers, so not part of the run's name
+            stream["chunk_size"] = chunk_size
         try:
             resolved = settings_mod.resolve(**stream, max_length=max_length)
         except ValueError as error:
@@ -468,6 +470,8 @@ def parser() -> argparse.ArgumentParser:
     grid.add_argument("--compression-ratios", "--compression_ratios", default=None)
     grid.add_argument("--positions", default="shifted", help="shifted, original, or shifted,original for both")
     grid.add_argument("--method", default=None, help="streaming_hf method; default: the model's own")
+    grid.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", default=None,
+                      help="streaming_hf chunk_size (speed only); default: the model's own")
     out = p.add_argument_group("input and output")
     out.add_argument("--output-dir", "--output_dir", "--output_path", "-o", type=Path, default=None)
     out.add_argument("--from-results", "--from_results", type=Path, default=None,
@@ -503,6 +507,7 @@ def compare(args: argparse.Namespace) -> dict[str, Path]:
         _split(args.positions, str, "--positions"),
         args.method,
         common.get("max_length"),
+        args.chunk_size,
     )
     tasks = [t for t in _split(args.tasks, str, "--tasks") if t]
     metadata = _metadata(args.metadata)

@@ -91,7 +91,7 @@ def test_defaults_and_results_config(tiny_dir):
     info = lm.get_model_info()["streaming"]
     assert info | {"evicted_tokens": 0} == {
         "start_size": 4, "recent_size": 1020, "positions": "shifted", "method": "chunked",
-        "compression_ratio": None, "chunk_size": 256, "capacity": 1024, "evicted_tokens": 0,
+        "compression_ratio": None, "chunk_size": 128, "capacity": 1024, "evicted_tokens": 0,
     }
 
 
@@ -116,11 +116,3 @@ def test_long_requests_stream(tiny_dir, dense, method):
     (expected,) = dense.loglikelihood_rolling(requests)
     assert lm.get_model_info()["streaming"]["evicted_tokens"] == n_tokens - 1 - 64
     assert abs(got - expected) > 0.05  # nats; float noise is ~1e-4
-
-
-def test_other_request_types_refuse_to_fall_back_to_dense(tiny_dir):
-    lm = streaming(tiny_dir)
-    with pytest.raises(NotImplementedError, match="refusing to fall back to dense"):
-        lm.loglikelihood([Instance("loglikelihood", {}, ("a", " b"), 0)])
-    with pytest.raises(NotImplementedError, match="refusing to fall back to dense"):
-        lm.generate_until([Instance("generate_until", {}, ("a", {"until": ["."]}), 0)])

@@ -111,6 +111,7 @@ def test_memory_bounded_on_a_long_stream():
     assert scored.evicted == ids.numel() - 1 - settings.capacity
 
 
+@pytest.mark.slow
 def test_no_drift_past_position_100k():
     """Far past position 100k the chunked path still equals the token loop (positions stay small)."""
     model = tiny_llama(num_hidden_layers=1, hidden_size=32, intermediate_size=64,

@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Rolling-perplexity throughput: dense ``hf`` vs ``streaming_hf`` token mode vs chunked mode.
+
+One run, one model (loaded once and shared), one text: prints tokens/s of each method, the
+ratios chunked/token and chunked/dense, and the perplexities. ``--methods`` may add ``bare``:
+a plain transformers token loop with a DynamicCache and no eviction, the floor under token mode.
+
+    python scripts/bench_eval.py --model_args pretrained=DIR,dtype=float32 \
+        --start_size 4 --recent_size 1020 --tokens 8192 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_TEXTS = [
+    REPO.parent / "shared" / "data" / "wikitext-2-raw-test.txt",
+    REPO / "tasks" / "wikitext_streaming" / "sample" / "wikitext-2-raw-test-excerpt.txt",
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_args", "--model-args", default="", help="lm-eval style: pretrained=...,dtype=...,gguf_file=...")
+    p.add_argument("--pretrained", help="model name or folder (or pretrained= in --model_args)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--text_file", "--text-file", type=Path, help="text to score (default: WikiText-2 test if present, else the shipped sample)")
+    p.add_argument("--tokens", type=int, default=8192, help="cap the text at its first N tokens (default 8192)")
+    p.add_argument("--start_size", "--start-size", type=int, default=4)
+    p.add_argument("--recent_size", "--recent-size", type=int, default=1020)
+    p.add_argument("--positions", default="shifted", choices=["shifted", "original"])
+    p.add_argument("--chunk_size", "--chunk-size", type=int, default=None, help="chunked mode's tokens per pass (default: the model's default)")
+    p.add_argument("--methods", default="dense,token,chunked", help="comma-separated, from dense,token,chunked,bare")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    return p.parse_args(argv)
+
+
+def bare_token_loop(model, ids) -> float:
+    """Total log-likelihood of ids[1:], one token per pass, transformers' own DynamicCache, no eviction."""
+    import torch
+    from transformers import DynamicCache
+
+    from streaming_lm.scoring import cache_kwarg
+
+    cache, total = DynamicCache(config=model.config), 0.0
+    ids = torch.tensor(ids, device=model.device)
+    with torch.inference_mode():
+        for t in range(len(ids) - 1):
+            out = model(input_ids=ids[t : t + 1][None], use_cache=True, **{cache_kwarg(model): cache})
+            total += float(torch.log_softmax(out.logits[0, -1].float(), -1)[ids[t + 1]])
+    return total
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.utils import simple_parse_args_string
+
+    from streaming_lm import StreamingHFLM
+    from streaming_lm.settings import resolve
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - {"dense", "token", "chunked", "bare"}
+    if unknown:
+        sys.exit(f"--methods: unknown {sorted(unknown)}; allowed: dense, token, chunked, bare")
+    model_args = simple_parse_args_string(args.model_args)
+    if args.pretrained:
+        model_args["pretrained"] = args.pretrained
+    if "pretrained" not in model_args:
+        sys.exit("give --pretrained or pretrained= in --model_args")
+    streaming_args = dict(start_size=args.start_size, recent_size=args.recent_size, positions=args.positions)
+    if args.chunk_size is not None:
+        streaming_args["chunk_size"] = args.chunk_size
+    resolve(**streaming_args)  # bad sizes fail here, before the model loads
+    text_file = args.text_file or next((p for p in DEFAULT_TEXTS if p.exists()), None)
+    if text_file is None or not Path(text_file).exists():
+        sys.exit(f"--text_file: no such file {text_file}")
+
+    dense = HFLM(device=args.device, **model_args)
+    ids = dense.tok_encode(Path(text_file).read_text(encoding="utf-8"))[: args.tokens - 1]
+    text = dense.tokenizer.decode(ids)
+    n_scored = len(dense.tok_encode(text))
+    request = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    shared = dict(pretrained=dense.model, tokenizer=dense.tokenizer, device=args.device)
+    if "max_length" in model_args:
+        shared["max_length"] = model_args["max_length"]
+
+    results = {"text_file": str(text_file), "tokens_scored": n_scored, "cache": streaming_args, "methods": {}}
+    for method in methods:
+        print(f"[{method}] scoring {n_scored} tokens ...", file=sys.stderr, flush=True)
+        if method == "bare":
+            stream = [dense.prefix_token_id, *dense.tok_encode(text)]
+            started = time.perf_counter()
+            loglik = bare_token_loop(dense.model, stream)
+            seconds = time.perf_counter() - started
+            results["methods"][method] = {"seconds": seconds, "tokens_per_s": n_scored / seconds,
+                                          "ppl": math.exp(-loglik / n_scored)}
+            continue
+        lm = dense if method == "dense" else StreamingHFLM(**shared, **streaming_args, method=method)
+        started = time.perf_counter()
+        (loglik,) = lm.loglikelihood_rolling(request)
+        seconds = time.perf_counter() - started
+        results["methods"][method] = {
+            "seconds": seconds,
+            "tokens_per_s": n_scored / seconds,
+            "ppl": math.exp(-loglik / n_scored),
+            **({"chunk_size": lm.streaming.chunk_size} if method == "chunked" else {}),
+            **({"max_length": dense.max_length} if method == "dense" else {}),
+        }
+    speed = {m: r["tokens_per_s"] for m, r in results["methods"].items()}
+    if "chunked" in speed:
+        results["ratios"] = {f"chunked/{m}": speed["chunked"] / speed[m] for m in ("token", "dense") if m in speed}
+
+    print(f"\n{n_scored} tokens of {Path(text_file).name}; cache {streaming_args}")
+    print(f"{'method':<10}{'tokens/s':>12}{'seconds':>10}{'PPL':>12}")
+    for method, r in results["methods"].items():
+        print(f"{method:<10}{r['tokens_per_s']:>12.1f}{r['seconds']:>10.1f}{r['ppl']:>12.4f}")
+    for name, ratio in results.get("ratios", {}).items():
+        print(f"{name}: {ratio:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""scripts/bench_eval.py on a tiny model: runs, writes JSON, and its methods agree where they must."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench_eval  # noqa: E402
+
+
+def test_bench_eval_tiny(tiny_dir, tmp_path, excerpt_text):
+    text = tmp_path / "text.txt"
+    text.write_text(excerpt_text[:400])
+    out = tmp_path / "bench.json"
+    results = bench_eval.main([
+        "--model_args", f"pretrained={tiny_dir},dtype=float32", "--text_file", str(text), "--tokens", "150",
+        "--start_size", "4", "--recent_size", "40", "--chunk_size", "16",
+        "--methods", "dense,token,chunked,bare", "--json", str(out),
+    ])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    m = results["methods"]
+    assert results["tokens_scored"] == 149
+    assert m["chunked"]["ppl"] == pytest.approx(m["token"]["ppl"], rel=1e-5)
+    assert m["bare"]["ppl"] == pytest.approx(m["dense"]["ppl"], rel=1e-4)  # no eviction: dense numbers
+    assert m["token"]["ppl"] != pytest.approx(m["dense"]["ppl"], rel=1e-4)
+    assert set(results["ratios"]) == {"chunked/token", "chunked/dense"}
+
+
+def test_bench_eval_rejects_bad_sizes(tiny_dir):
+    with pytest.raises(ValueError, match="recent_size must be an integer >= 1"):
+        bench_eval.main(["--pretrained", str(tiny_dir), "--recent_size", "0"])
