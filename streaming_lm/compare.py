@@ -293,7 +293,7 @@ def _fmt(value) -> str:
 
 def markdown(columns: list[str], rows: list[dict], results: list[Result]) -> str:
     lines = ["# Dense vs streaming", "",
-             "| run | model | start_size | recent_size | C | positions | results file |", "|---|" * 7]
+             "| run | model | start_size | recent_size | C | positions | results file |", "|" + "---|" * 7]
     for r in results:
         config = r.data.get("config", {}).get("streaming", {})
         cells = [r.name, r.model, config.get("start_size", r.stream.get("start_size", "")),

@@ -99,6 +99,12 @@ def test_grid_runs_each_setting_once_and_tables_the_saved_results(grid):
     cell = f"{float(word['streaming_s4_r16_shifted']):.6g} ({float(word['streaming_s4_r16_shifted rel']):+.2%})"
     assert cell in text
     assert "| streaming_s4_r16_shifted | streaming_hf | 4 | 16 | 20 | shifted |" in text
+    for table in text.split("\n\n"):  # every markdown table: header, separator and rows line up
+        lines = [line for line in table.splitlines() if line.startswith("|")]
+        if lines:
+            assert set(lines[1].replace("|", "")) == {"-"}
+            assert {line.count(" | ") for line in lines if line != lines[1]} == {lines[0].count(" | ")}
+            assert lines[1].count("|") == lines[0].count("|")
 
 
 def test_rerun_evaluates_nothing(grid, tiny_dir, task_dir, monkeypatch, capsys):
