@@ -1,19 +1,29 @@
 """``streaming_hf``: lm-eval's ``HFLM`` scored through a sink+window streaming cache.
 
-Thin adapter: it maps lm-eval requests onto the engine (``streaming_lm.scoring``) and
-leaves loading, tokenisation and everything else to ``HFLM``.
+Thin adapter: it maps lm-eval requests onto the engine (``streaming_lm.scoring`` for rolling
+log-likelihoods, ``.continuation`` for ``loglikelihood``, ``.generation`` for ``generate_until``)
+and leaves loading, tokenisation and everything else to ``HFLM``.
 """
 
 from __future__ import annotations
 
 import logging
 
+import torch
 from lm_eval.models.huggingface import HFLM
-from lm_eval.models.utils import resolve_max_length
+from lm_eval.models.utils import (
+    handle_stop_sequences,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+    resolve_max_length,
+)
+from lm_eval.models.utils_hf import stop_sequences_criteria
 from tqdm.auto import tqdm
 
 from . import settings as settings_mod
 from .cache import check_model_supported
+from .continuation import score_continuations
+from .generation import SAMPLING_DEFAULTS, greedy, generate, sampler
 from .rotary import find_rotary
 from .scoring import score
 
@@ -24,7 +34,7 @@ MODEL_NAME = "streaming_hf"
 
 
 class StreamingHFLM(HFLM):
-    """``HFLM`` whose rolling log-likelihoods come from a bounded streaming cache.
+    """``HFLM`` whose every request type is computed through a bounded streaming cache.
 
     Extra model args: ``start_size``, ``recent_size`` or ``compression_ratio``,
     ``positions`` (shifted|original), ``method`` (chunked|token), ``chunk_size``.
@@ -51,7 +61,8 @@ class StreamingHFLM(HFLM):
             method=method,
             chunk_size=chunk_size,
         )
-        self.streaming = settings_mod.resolve(**self._streaming_args, max_length=kwargs.get("max_length"))
+        self._max_length_arg = kwargs.get("max_length")
+        self.streaming = settings_mod.resolve(**self._streaming_args, max_length=self._max_length_arg)
         super().__init__(pretrained, **kwargs)
         if compression_ratio is not None:
             self.streaming = settings_mod.resolve(**self._streaming_args, max_length=self.max_length)
@@ -64,7 +75,9 @@ class StreamingHFLM(HFLM):
         # Config and tokenizer are loaded, weights not yet: resolve the ratio budget here so a
         # ratio leaving no recent token fails before the (slow) weight load.
         if self._streaming_args["compression_ratio"] is not None:
-            max_length = resolve_max_length(self.config, self.tokenizer, default=self._DEFAULT_MAX_LENGTH)
+            max_length = self._max_length_arg or resolve_max_length(
+                self.config, self.tokenizer, default=self._DEFAULT_MAX_LENGTH
+            )
             settings_mod.resolve(**self._streaming_args, max_length=max_length)
         super()._create_model(pretrained, *args, **kwargs)
 
@@ -91,16 +104,107 @@ class StreamingHFLM(HFLM):
         )
         return results
 
-    def loglikelihood(self, requests, disable_tqdm: bool = False):
-        raise NotImplementedError(
-            "streaming_hf does not stream loglikelihood requests yet; refusing to fall back to dense "
-            "scoring. Use --model hf for this task."
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        """``loglikelihood`` after HFLM's own tokenisation (``TemplateLM.loglikelihood``).
+
+        Each request is the stream ``context + continuation`` from an empty cache, with no
+        ``max_length`` truncation; requests with the same context tokens stream it once.
+        """
+        self._warn_batch_size()
+        by_context: dict[tuple, list[int]] = {}
+        for i, (_, context, continuation) in enumerate(requests):
+            by_context.setdefault(tuple(context), []).append(i)
+        results: list = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="streaming loglikelihood")
+        for context, members in by_context.items():
+            continuations = [requests[i][2] for i in members]
+            scores = score_continuations(self.model, list(context), continuations, self.streaming, self._rotary)
+            for i, scored in zip(members, scores, strict=True):
+                answer = (scored.logprob, scored.is_greedy)
+                results[i] = answer
+                self._evicted += scored.evicted
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            bar.update(len(members))
+        bar.close()
+        self._log_done("loglikelihood", len(requests))
+        return results
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy or sampled generation, the context streamed in and the cache trimmed after every token.
+
+        Stop sequences, ``max_gen_toks``, EOS and post-processing are HFLM's; the context is not
+        left-truncated to ``max_length - max_gen_toks``.
+        """
+        self._warn_batch_size()
+        eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        eos_ids = self.model.generation_config.eos_token_id
+        eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+        results = []
+        for request in tqdm(requests, disable=disable_tqdm or self.rank != 0, desc="streaming generate_until"):
+            context, gen_kwargs = request.args
+            kwargs = dict(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks))
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_gen_toks = kwargs.pop("max_gen_toks")
+            pick = self._picker(kwargs)
+            # HFLM encodes generation contexts with tok_batch_encode (its add_special_tokens rules).
+            context_ids = self.tok_batch_encode([context])[0][0].tolist() or [self.prefix_token_id]
+            # lm-eval's stop-sequence check, given only the generated ids (it skips the context anyway).
+            criteria = stop_sequences_criteria(self.tokenizer, until, 0, 1)
+            stop = lambda tokens: bool(criteria(torch.tensor([tokens]), None).all())  # noqa: E731
+            out = generate(
+                self.model, context_ids, self.streaming, self._rotary, max_gen_toks,
+                pick=pick, eos_token_ids=eos_ids, stop=stop,
+            )
+            self._evicted += out.evicted
+            text = self._postprocess(out.tokens, until)
+            results.append(text)
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        self._log_done("generate_until", len(requests))
+        return results
+
+    def _picker(self, kwargs: dict):
+        """Greedy or sampling from the normalised generation kwargs; anything else is refused."""
+        do_sample = kwargs.pop("do_sample", False)
+        temperature = kwargs.pop("temperature", 0.0)
+        sampling = {k: kwargs.pop(k) for k in ("top_k", "top_p") if k in kwargs}
+        if kwargs:
+            raise NotImplementedError(
+                f"streaming_hf generate_until does not support generation kwargs {sorted(kwargs)}; "
+                "supported: until, max_gen_toks, do_sample, temperature, top_k, top_p"
+            )
+        if not do_sample:
+            return greedy
+        if temperature <= 0:
+            raise ValueError(f"do_sample=True needs a temperature > 0, got {temperature}")
+        config = self.model.generation_config
+
+        def resolved(key):  # request > the model's generation config > transformers' default
+            value = sampling.get(key, getattr(config, key, None))
+            return SAMPLING_DEFAULTS[key] if value is None else value
+
+        return sampler(float(temperature), int(resolved("top_k")), float(resolved("top_p")))
+
+    def _postprocess(self, tokens: list[int], until: list[str]) -> str:
+        # As HFLM.generate_until: thinking tokens, decoding without special tokens, stop sequences.
+        think = self.think_end_token
+        if isinstance(think, int) and think in tokens:
+            tokens = tokens[len(tokens) - tokens[::-1].index(think) :]
+        text = self.tok_decode(tokens)
+        if isinstance(think, int):
+            text = text.lstrip()
+        return postprocess_generated_text(
+            generation=text, stop=until, think_end_token=think if isinstance(think, str) else None
         )
 
-    def generate_until(self, requests, disable_tqdm: bool = False):
-        raise NotImplementedError(
-            "streaming_hf does not stream generate_until requests yet; refusing to fall back to dense "
-            "generation. Use --model hf for this task."
+    def _warn_batch_size(self) -> None:
+        if str(self.batch_size) != "1":
+            # Same numbers either way: each request is one stream, scored on its own.
+            eval_logger.warning("streaming_hf scores one stream at a time; batch_size=%s is not used", self.batch_size)
+
+    def _log_done(self, kind: str, n: int) -> None:
+        eval_logger.info(
+            "streaming_hf: %d %s requests with cache %s; %d tokens evicted so far",
+            n, kind, self.streaming.as_dict(), self._evicted,
         )
 
     def get_model_info(self) -> dict:

@@ -68,6 +68,19 @@ def test_ratio_without_max_length_fails_before_weights_load(tmp_path, monkeypatc
         StreamingHFLM(pretrained=str(model_dir), device="cpu", start_size=8, compression_ratio=0.5)
 
 
+def test_ratio_uses_the_given_max_length(tmp_path):
+    from models import save_tiny
+
+    config = transformers.LlamaConfig(
+        vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+    )
+    model_dir = save_tiny(tmp_path / "short", config)
+    # The config alone (16) would leave no recent token; the max_length given (1000) governs.
+    lm = StreamingHFLM(pretrained=str(model_dir), device="cpu", start_size=8, compression_ratio=0.5, max_length=1000)
+    assert (lm.streaming.capacity, lm.streaming.recent_size) == (500, 492)
+
+
 def test_unsupported_model_fails_after_loading(tmp_path):
     from models import save_tiny
 

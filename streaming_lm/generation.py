@@ -1,0 +1,97 @@
+"""Generation under a streaming cache (lm-eval's ``generate_until``).
+
+The context is read into a ``Stream`` (chunked), then a plain decode loop feeds one token per
+step through the token loop, evicting after every step: memory stays at ``C`` tokens however
+long the generation. ``decode`` takes any object with ``step(token) -> logits``, so the dense
+baseline of ``scripts/throughput.py`` runs through the very same loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from .rotary import RotaryShift
+from .settings import StreamingSettings
+from .stream import Stream
+
+# transformers' defaults for sampling when neither the request nor the model's generation config
+# sets them (GenerationConfig._get_default_generation_params): do_sample=True means top_k=50 there too.
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+
+
+def greedy(logits: torch.Tensor) -> int:
+    return int(logits.argmax())
+
+
+def sampler(temperature: float, top_k: int | None, top_p: float | None, generator=None) -> Callable:
+    """Multinomial sampling after transformers' own temperature, top-k and top-p warpers."""
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    no_ids = torch.empty(1, 0, dtype=torch.long)  # the warpers used here ignore past ids
+
+    def pick(logits: torch.Tensor) -> int:
+        scores = warpers(no_ids.to(logits.device), logits[None].float())
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    return pick
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[int]  # generated ids (a stop token included, as transformers' generate does)
+    evicted: int = 0  # tokens evicted over context + generation
+    max_held: int = 0  # most tokens any layer held between passes
+
+
+def decode(
+    stream,
+    logits: torch.Tensor,
+    max_new_tokens: int,
+    pick: Callable[[torch.Tensor], int] = greedy,
+    eos_token_ids: Sequence[int] = (),
+    stop: Callable[[list[int]], bool] | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+) -> list[int]:
+    """Generate from ``logits`` (those of the last token read), one ``stream.step`` per new token.
+
+    Stops after ``max_new_tokens``, after an EOS id, or once ``stop(tokens)`` is true. The last
+    token is not fed back (nothing would read its logits), as in transformers' ``generate``.
+    """
+    tokens: list[int] = []
+    eos = set(eos_token_ids)
+    while len(tokens) < max_new_tokens:
+        token = pick(logits)
+        tokens.append(token)
+        if on_token is not None:
+            on_token(len(tokens), token)
+        if token in eos or (stop is not None and stop(tokens)) or len(tokens) == max_new_tokens:
+            break
+        logits = stream.step(token)
+    return tokens
+
+
+def generate(
+    model,
+    context: Sequence[int],
+    settings: StreamingSettings,
+    shift: RotaryShift | None,
+    max_new_tokens: int,
+    **decode_kwargs,
+) -> Generation:
+    """Stream ``context`` (token ids, at least one) through the cache, then ``decode``."""
+    if len(context) == 0:
+        raise ValueError("generation needs at least one context token")
+    stream = Stream(model, settings, shift)
+    logits = stream.read(context, last_only=True)[-1]
+    tokens = decode(stream, logits, max_new_tokens, **decode_kwargs) if max_new_tokens > 0 else []
+    return Generation(tokens, stream.evicted, stream.max_held)

@@ -1,0 +1,146 @@
+"""A stream you can keep reading: a sink+window cache plus the number of tokens read into it.
+
+``score_stream`` and ``score_stream_chunked`` score one whole stream and drop the cache.
+Continuations (``loglikelihood``) and generation need more: read a context, keep the cache,
+then read more tokens, or fork the state and read different continuations from it. ``Stream``
+does that with the same two paths and the same numbers (docs/semantics.md):
+
+- ``read(ids)``: many tokens per forward pass (the chunked path, or the token loop for
+  ``method="token"``);
+- ``step(token)``: one token per pass through the model's own attention, exactly the token
+  loop of ``score_stream``; used for decoding.
+
+``DenseStream`` is the same interface over transformers' ``DynamicCache`` (no eviction), the
+baseline of ``scripts/throughput.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+
+import torch
+from transformers import DynamicCache
+
+from .cache import SinkWindowCache, num_decoder_layers
+from .chunked import PLAN_KWARG, chunk_attention, plan_chunk
+from .rotary import RotaryShift
+from .scoring import cache_kwarg, position_of
+from .settings import StreamingSettings
+
+
+def _forward_kwargs(model, cache) -> tuple[dict, dict]:
+    """Keyword arguments for a pass that needs every position's logits, and for one that needs the last only."""
+    kwargs = {cache_kwarg(model): cache, "use_cache": True}
+    # Context tokens need no logits but the last: skip the vocabulary projection for the rest.
+    has_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    return kwargs, kwargs | ({"logits_to_keep": 1} if has_keep else {})
+
+
+def kv_bytes(cache) -> int:
+    """Bytes of keys and values a cache holds right now (every layer)."""
+    return sum(
+        layer.keys.nbytes + layer.values.nbytes
+        for layer in cache.layers
+        if getattr(layer, "is_initialized", False) and layer.keys is not None
+    )
+
+
+class Stream:
+    """One stream under a sink+window cache, read incrementally from an empty cache."""
+
+    def __init__(self, model, settings: StreamingSettings, shift: RotaryShift | None):
+        self.model, self.settings, self.shift = model, settings, shift
+        # The chunked path keeps recent keys in its local frame (chunked.py) in both position
+        # modes, so its cache re-rotates on eviction; the token loop uses the settings as given.
+        self._local_frame = settings.method == "chunked"
+        cache_settings = dataclasses.replace(settings, positions="shifted") if self._local_frame else settings
+        self.cache = SinkWindowCache(num_decoder_layers(model), cache_settings, shift)
+        self.n = 0  # tokens read so far: the next token is x_n
+        self.max_held = 0  # most tokens any layer held between passes
+        self._kwargs = _forward_kwargs(model, self.cache)
+
+    @property
+    def evicted(self) -> int:
+        return self.cache.evicted_tokens
+
+    def fork(self) -> Stream:
+        """An independent copy of this state (keys and values copied, the rotary tables shared)."""
+        return copy.deepcopy(self, memo={id(self.model): self.model, id(self.shift): self.shift})
+
+    @torch.inference_mode()
+    def read(self, ids, last_only: bool = False) -> torch.Tensor:
+        """Read tokens x_n.. and return the float32 logits after each ([len, vocab]; [1, vocab] if last_only)."""
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(self.model.device)
+        if ids.numel() == 0:
+            raise ValueError("read() needs at least one token")
+        if not self._local_frame:
+            logits = [self.step(int(token)) for token in ids]
+            return torch.stack(logits[-1:] if last_only else logits)
+        kwargs = self._kwargs[last_only]
+        chunk, out = self.settings.chunk_size, []
+        with chunk_attention(self.model):
+            for a in range(0, ids.numel(), chunk):
+                b = min(a + chunk, ids.numel())
+                plan, positions = plan_chunk(self.n + a, self.n + b, self.settings, self.shift, ids.device)
+                logits = self.model(input_ids=ids[None, a:b], position_ids=positions[None], **kwargs,
+                                    **{PLAN_KWARG: plan}).logits
+                out.append(logits[0].float())
+                self.max_held = max(self.max_held, *self.cache.held_tokens())
+        self.n += ids.numel()
+        return out[-1][-1:] if last_only else torch.cat(out)
+
+    @torch.inference_mode()
+    def step(self, token: int) -> torch.Tensor:
+        """Read one token with the token loop (the model's own attention); its float32 logits [vocab]."""
+        if self._local_frame:
+            self._to_token_frame()
+        ids = torch.tensor([[token]], device=self.model.device)
+        position = torch.tensor([[position_of(self.n, self.settings)]], device=ids.device)
+        out = self.model(input_ids=ids, position_ids=position, **self._kwargs[False])
+        self.n += 1
+        self.max_held = max(self.max_held, *self.cache.held_tokens())
+        return out.logits[0, -1].float()
+
+    def _to_token_frame(self) -> None:
+        """Hand a cache filled by the chunked path to the token loop.
+
+        After reading x_0..x_{n-1} in chunks, recent token s sits at S + s - r0 (r0: oldest recent
+        token held). With shifted positions that is already where the token loop keeps it. With
+        original positions the token loop keeps every key at its text position s, so rotate the
+        recent keys forward by r0 - S and stop re-rotating on eviction.
+        """
+        self._local_frame = False
+        if self.settings.positions == "shifted" or self.shift is None or self.n == 0:
+            return
+        start = self.settings.start_size
+        sinks = min(start, self.n)
+        first_recent = self.n - (self.cache.layers[0].get_seq_length() - sinks)
+        for layer in self.cache.layers:
+            layer.shift = None
+            if first_recent > start:
+                recent = self.shift.rotate(layer.keys[..., sinks:, :], first_recent - start)
+                layer.keys = torch.cat((layer.keys[..., :sinks, :], recent), dim=-2)
+
+
+class DenseStream:
+    """The same interface over transformers' DynamicCache: every token kept, positions 0, 1, 2, ..."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+        self.n = 0
+        self._kwargs = _forward_kwargs(model, self.cache)
+
+    @torch.inference_mode()
+    def read(self, ids, last_only: bool = False) -> torch.Tensor:
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1).to(self.model.device)
+        positions = torch.arange(self.n, self.n + ids.shape[1], device=ids.device)[None]
+        out = self.model(input_ids=ids, position_ids=positions, **self._kwargs[last_only])
+        self.n += ids.shape[1]
+        logits = out.logits[0].float()
+        return logits[-1:] if last_only else logits
+
+    def step(self, token: int) -> torch.Tensor:
+        return self.read([token])[-1]

@@ -1,0 +1,313 @@
+"""loglikelihood and generate_until through the streaming cache, on the tiny local checkpoint.
+
+- with a cache larger than every request, ``streaming_hf`` equals ``hf`` (multiple-choice and
+  generation tasks run by lm-eval itself);
+- with a small cache it evicts, and every number is the token loop's on the stream
+  ``context + continuation`` (``score_stream``) or, for generation, greedy decoding under the
+  definition (a dense masked pass for original positions);
+- memory stays at C tokens however long the generation.
+"""
+
+import json
+
+import pytest
+import torch
+import transformers
+from lm_eval import simple_evaluate
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+
+from streaming_lm import StreamingHFLM
+from streaming_lm.continuation import score_continuations
+from streaming_lm.generation import generate
+from streaming_lm.rotary import find_rotary
+from streaming_lm.scoring import score_stream
+from streaming_lm.settings import StreamingSettings
+
+MC_YAML = """\
+task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: choices
+doc_to_target: answer
+metric_list:
+  - metric: acc
+metadata:
+  version: 1.0
+"""
+
+GEN_YAML = """\
+task: tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{target}}}}"
+generation_kwargs:
+  until: ["\\n\\n", "Q:"]
+  max_gen_toks: 40
+  do_sample: false
+metric_list:
+  - metric: exact_match
+metadata:
+  version: 1.0
+"""
+
+LONG = "The tower is 324 metres tall, about the same height as an 81-storey building. "
+MC_DOCS = [
+    {"question": "Question: What is the capital of France?\nAnswer:", "choices": ["Paris", "Lyon", "a town"],
+     "answer": 0},
+    {"question": LONG + "How tall is it?", "choices": [" 324 metres", " 81 storeys", " very"], "answer": 0},
+    {"question": LONG * 2 + "Is it tall?", "choices": [" yes", " no"], "answer": 1},
+]
+GEN_DOCS = [
+    {"prompt": "Q: Name a colour.\nA:", "target": " red"},
+    {"prompt": LONG + "\nQ: How tall is the tower?\nA:", "target": " 324 metres"},
+]
+SMALL = dict(start_size=2, recent_size=14)  # C = 16: every request above evicts
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine extra threads cost 10-100x."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny):
+    model, tokenizer = tiny
+    return HFLM(pretrained=model, tokenizer=tokenizer)
+
+
+def streaming(tiny, **kwargs):
+    model, tokenizer = tiny
+    return StreamingHFLM(pretrained=model, tokenizer=tokenizer, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def task_manager(tmp_path_factory):
+    root = tmp_path_factory.mktemp("request_tasks")
+    for name, yaml, docs in (("tiny_mc", MC_YAML, MC_DOCS), ("tiny_gen", GEN_YAML, GEN_DOCS)):
+        data = root / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+        (root / f"{name}.yaml").write_text(yaml.format(data=data))
+    return TaskManager(include_path=str(root))
+
+
+def evaluate(lm, task, task_manager):
+    out = simple_evaluate(model=lm, tasks=[task], task_manager=task_manager, bootstrap_iters=0, log_samples=True)
+    samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+    return out["results"][task], [s["resps"] for s in samples]
+
+
+def assert_loglikelihoods_close(got, expected, abs_tol=2e-4):
+    assert len(got) == len(expected)
+    for (ll, greedy), (ll_ref, greedy_ref) in zip(got, expected, strict=True):
+        assert ll == pytest.approx(ll_ref, abs=abs_tol)
+        assert greedy == greedy_ref
+
+
+def flat(resps):
+    return [tuple(r[0]) if isinstance(r[0], (list, tuple)) else r[0] for doc in resps for r in doc]
+
+
+# --- multiple choice -------------------------------------------------------------------------
+
+
+def test_multiple_choice_task_equals_hf_with_a_large_cache(tiny, hf, task_manager):
+    lm = streaming(tiny, start_size=4, recent_size=1020, chunk_size=16)
+    got, got_resps = evaluate(lm, "tiny_mc", task_manager)
+    expected, expected_resps = evaluate(hf, "tiny_mc", task_manager)
+    assert_loglikelihoods_close(flat(got_resps), flat(expected_resps))
+    assert got["acc,none"] == expected["acc,none"]
+    assert lm.get_model_info()["streaming"]["evicted_tokens"] == 0
+
+
+def test_multiple_choice_task_with_a_small_cache_evicts(tiny, hf, task_manager):
+    lm = streaming(tiny, **SMALL, chunk_size=8)
+    got, got_resps = evaluate(lm, "tiny_mc", task_manager)
+    _, dense_resps = evaluate(hf, "tiny_mc", task_manager)
+    assert lm.get_model_info()["streaming"]["evicted_tokens"] > 0
+    assert 0.0 <= got["acc,none"] <= 1.0
+    lls = [ll for ll, _ in flat(got_resps)]
+    assert all(torch.isfinite(torch.tensor(lls))) and all(ll < 0 for ll in lls)
+    # The long questions no longer fit: their numbers must move away from the dense ones.
+    diffs = [abs(a[0] - b[0]) for a, b in zip(flat(got_resps), flat(dense_resps))]
+    assert max(diffs) > 0.05
+
+
+def requests_for_reference():
+    """(context, continuation) pairs: shared contexts, an empty context, long and one-token continuations."""
+    text = LONG * 2
+    return [
+        (text[:90], " 324 metres tall"),
+        (text[:90], " x"),
+        (text[:90], text[90:150]),  # a continuation that itself evicts and spans several chunks
+        ("", "Paris is big"),  # empty context: the prefix token is the context, as in HFLM
+        ("Short context ", "then a space"),  # trailing space moves into the continuation, as in HFLM
+        ("Hi", " there"),  # a stream shorter than the cache: dense numbers
+    ]
+
+
+def encode_like_hflm(lm, context, continuation):
+    """TemplateLM.loglikelihood's tokenisation."""
+    if context == "":
+        cont = lm.tok_encode(continuation, add_special_tokens=False)
+        return ([lm.prefix_token_id], cont) if lm.prefix_token_id != cont[0] else (cont[:1], cont[1:])
+    return lm._encode_pair(context, continuation)
+
+
+@pytest.mark.parametrize("method", ["chunked", "token"])
+@pytest.mark.parametrize("positions", ["shifted", "original"])
+def test_loglikelihood_equals_token_loop_on_the_concatenated_stream(tiny, positions, method):
+    model, _ = tiny
+    lm = streaming(tiny, **SMALL, positions=positions, method=method, chunk_size=8)
+    pairs = requests_for_reference()
+    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    settings = StreamingSettings(SMALL["start_size"], SMALL["recent_size"], positions)
+    evicted = 0
+    for (context, continuation), (ll, _) in zip(pairs, got, strict=True):
+        ctx, cont = encode_like_hflm(lm, context, continuation)
+        reference = score_stream(model, ctx + cont, settings, find_rotary(model))
+        evicted += reference.evicted
+        assert ll == pytest.approx(float(reference.logprobs[-len(cont):].double().sum()), abs=5e-4)
+    assert lm.get_model_info()["streaming"]["evicted_tokens"] == evicted > 0
+
+
+def test_is_greedy_equals_hf_with_a_large_cache(tiny, hf):
+    """Token-level requests (HFLM's own _loglikelihood_tokens input), some of them greedy continuations."""
+    model, tokenizer = tiny
+    lm = streaming(tiny, start_size=4, recent_size=1020, chunk_size=8)
+    context = tokenizer.encode(LONG)
+    greedy = generate(model, context, lm.streaming, find_rotary(model), 12).tokens
+    requests = [(("", ""), context, greedy), (("", ""), context, greedy[:5]),
+                (("", ""), context, greedy[:4] + [(greedy[4] + 1) % 200]), (("", ""), context[:3], context[3:9])]
+    got = lm._loglikelihood_tokens(requests)
+    assert_loglikelihoods_close(got, hf._loglikelihood_tokens(requests))
+    assert [g for _, g in got] == [True, True, False, False]
+
+
+@pytest.mark.parametrize("positions", ["shifted", "original"])
+def test_streamed_greedy_generation_is_greedy_under_streamed_loglikelihood(tiny, positions):
+    """Two paths that share nothing but the definition: token-loop decoding and chunked scoring."""
+    model, tokenizer = tiny
+    settings = StreamingSettings(**SMALL, positions=positions, chunk_size=8)
+    context = tokenizer.encode(LONG)
+    tokens = generate(model, context, settings, find_rotary(model), 40).tokens
+    (scored,) = score_continuations(model, context, [tokens], settings, find_rotary(model))
+    assert scored.is_greedy and scored.evicted > 0
+
+
+# --- generation ------------------------------------------------------------------------------
+
+
+def test_generation_task_equals_hf_with_a_large_cache(tiny, hf, task_manager):
+    lm = streaming(tiny, start_size=4, recent_size=1020, chunk_size=16)
+    got, got_resps = evaluate(lm, "tiny_gen", task_manager)
+    expected, expected_resps = evaluate(hf, "tiny_gen", task_manager)
+    assert got_resps == expected_resps
+    assert all(doc[0][0] for doc in got_resps)  # non-empty generations: the comparison means something
+    assert got["exact_match,none"] == expected["exact_match,none"]
+
+
+def test_stop_sequences_and_max_gen_toks_as_hf(tiny, hf):
+    lm = streaming(tiny, start_size=4, recent_size=1020)
+    prompt = "Q: Name a colour.\nA:"
+    (free,) = hf.generate_until([Instance("generate_until", {}, (prompt, {"until": [], "max_gen_toks": 30}), 0)])
+    stop = free[10:12]
+    requests = [
+        Instance("generate_until", {}, (prompt, {"until": [stop], "max_gen_toks": 30}), 0),
+        Instance("generate_until", {}, (prompt, {"until": stop, "max_new_tokens": 7, "do_sample": False}), 1),
+        Instance("generate_until", {}, (prompt, {"max_gen_toks": 5, "temperature": 0.0}), 2),
+    ]
+    assert lm.generate_until(requests) == hf.generate_until(requests)
+    assert lm.generate_until(requests)[0] == free.split(stop)[0]
+
+
+def masked_greedy(model, context, n_new, start, recent):
+    """Greedy decoding under positions="original": one dense pass per token with the sink+window mask."""
+    ids = list(context)
+    for _ in range(n_new):
+        n = len(ids)
+        t, s = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        allowed = (s <= t) & ((s < start) | (s >= t - recent))
+        mask = torch.zeros(n, n).masked_fill(~allowed, float("-inf"))[None, None]
+        with torch.no_grad():
+            logits = model(torch.tensor(ids)[None], attention_mask=mask).logits[0, -1]
+        ids.append(int(logits.argmax()))
+    return ids[len(context):]
+
+
+@pytest.mark.parametrize("method", ["chunked", "token"])
+def test_long_generation_evicts_stays_bounded_and_follows_the_definition(tiny, method):
+    model, tokenizer = tiny
+    settings = StreamingSettings(**SMALL, positions="original", method=method, chunk_size=8)
+    context = tokenizer.encode(LONG)[:30]
+    held = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: held.append(max(layer.get_seq_length() for layer in
+                                                     kwargs.get("cache", kwargs.get("past_key_values")).layers)),
+        with_kwargs=True,
+    )
+    try:
+        out = generate(model, context, settings, find_rotary(model), 60)
+    finally:
+        hook.remove()
+    assert len(out.tokens) == 60 > settings.capacity
+    assert max(held) == out.max_held == settings.capacity  # between passes, never more than C
+    assert out.evicted == len(context) + 59 - settings.capacity
+    assert out.tokens == masked_greedy(model, context, 60, SMALL["start_size"], SMALL["recent_size"])
+
+
+def test_generate_until_with_a_small_cache(tiny):
+    lm = streaming(tiny, **SMALL)
+    request = Instance("generate_until", {}, (LONG, {"until": ["never"], "max_gen_toks": 50}), 0)
+    (text,) = lm.generate_until([request])
+    assert isinstance(text, str) and text
+    assert lm.get_model_info()["streaming"]["evicted_tokens"] > 0
+
+
+def test_sampling_and_unsupported_kwargs(tiny):
+    lm = streaming(tiny, **SMALL)
+    torch.manual_seed(0)
+    sampled = lm.generate_until([
+        Instance("generate_until", {}, ("Hello", {"do_sample": True, "temperature": 0.8, "max_gen_toks": 20}), 0),
+        Instance("generate_until", {}, ("Hello", {"do_sample": True, "temperature": 1.5, "top_p": 0.9,
+                                                  "top_k": 5, "max_gen_toks": 20}), 1),
+    ])
+    assert all(isinstance(s, str) for s in sampled)
+    with pytest.raises(NotImplementedError, match="num_beams"):
+        lm.generate_until([Instance("generate_until", {}, ("Hello", {"num_beams": 4}), 0)])
+    with pytest.raises(ValueError, match="temperature > 0"):
+        lm.generate_until([Instance("generate_until", {}, ("Hello", {"do_sample": True, "temperature": 0.0}), 0)])
+
+
+def test_never_falls_back_to_dense(tiny, monkeypatch):
+    lm = streaming(tiny, **SMALL)
+
+    def dense(*args, **kwargs):
+        raise AssertionError("dense HFLM path used")
+
+    monkeypatch.setattr(HFLM, "_model_call", dense)
+    monkeypatch.setattr(HFLM, "_model_generate", dense)
+    monkeypatch.setattr(lm.model, "generate", dense)
+    assert lm.loglikelihood([Instance("loglikelihood", {}, (LONG, " yes"), 0)])
+    assert lm.generate_until([Instance("generate_until", {}, (LONG, {"max_gen_toks": 30}), 0)])

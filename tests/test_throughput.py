@@ -1,0 +1,88 @@
+"""scripts/throughput.py on the tiny local checkpoint: JSON, PNG, the table, bad arguments."""
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+REPO = Path(__file__).resolve().parents[1]
+EXCERPT = REPO / "tests" / "data" / "wikitext-excerpt.txt"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine extra threads cost 10-100x."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    spec = importlib.util.spec_from_file_location("throughput_script", REPO / "scripts" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_runs_and_writes_json_and_png(throughput, tiny_dir, tmp_path, capsys):
+    out_json, out_png = tmp_path / "t.json", tmp_path / "t.png"
+    results = throughput.main([
+        "--pretrained", str(tiny_dir), "--prompt-file", str(EXCERPT), "--prompt-tokens", "16",
+        "--start-size", "4", "--recent-size", "28", "--new-tokens", "80", "--ppl-tokens", "120",
+        "--json", str(out_json), "--plot", str(out_png),
+    ])
+    printed = capsys.readouterr().out
+    for row in ("PPL (lower is better)", "Memory (MB)", "Throughput (t/s)", "Baseline", "StreamingLLM", "Change"):
+        assert row in printed
+    saved = json.loads(out_json.read_text())
+    assert saved["warnings"] == []
+    dense, stream = saved["decode"]["dense"], saved["decode"]["streaming"]
+    assert dense["new_tokens"] == stream["new_tokens"] == 80
+    assert len(stream["latency_ms"]) == 79 and len(stream["kv_bytes"]) == 80
+    # Dense holds prompt + 79 fed tokens; streaming exactly C = 32, whatever the length.
+    per_token = saved["kv_check"]["bytes_per_token"]
+    assert dense["kv_bytes"][-1] == (16 + 79) * per_token
+    assert stream["peak_kv_bytes"] == 32 * per_token and saved["kv_check"]["exactly_capacity"]
+    assert stream["tokens_per_s"] > 0 and dense["tokens_per_s"] > 0
+    # With a cache larger than prompt + generation, greedy tokens would be the dense ones; here they evict.
+    assert saved["ppl"]["streaming"]["evicted"] == 120 - 1 - 32
+    assert saved["ppl"]["streaming"]["ppl"] != saved["ppl"]["dense"]["ppl"]
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert results["cache"]["capacity"] == 32
+
+
+def test_large_cache_generates_the_dense_tokens(throughput, tiny_dir):
+    results = throughput.main([
+        "--pretrained", str(tiny_dir), "--prompt-file", str(EXCERPT), "--prompt-tokens", "16",
+        "--recent-size", "200", "--new-tokens", "40", "--ppl-tokens", "0",
+    ])
+    assert results["decode"]["streaming"]["tokens"] == results["decode"]["dense"]["tokens"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--recent-size", "0"], "--recent-size must be an integer >= 1"),
+    (["--start-size", "-1"], "--start-size must be an integer >= 0"),
+    (["--recent-size", "8", "--compression-ratio", "0.5"], "either --recent-size or --compression-ratio"),
+    (["--compression-ratio", "1.5"], r"--compression-ratio must be in \[0, 1\)"),
+    (["--new-tokens", "1"], "--new-tokens must be an integer >= 2"),
+    (["--prompt-file", "/nonexistent.txt"], "--prompt-file: no such file"),
+    (["--device", "cuda:7"], "CUDA is not available"),
+])
+def test_bad_arguments_fail_before_loading(throughput, monkeypatch, capsys, argv, message):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_load)
+    if "cuda" in argv[-1] and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(SystemExit) as exit_info:
+        throughput.main(["--pretrained", "/nonexistent/model", *argv])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
