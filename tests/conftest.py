@@ -37,3 +37,12 @@ def tiny_dir(tmp_path_factory) -> Path:
     from models import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine extra threads cost 10-100x."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -13,13 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXCERPT = REPO / "tests" / "data" / "wikitext-excerpt.txt"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine extra threads cost 10-100x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
