@@ -3,10 +3,14 @@
 
 One run, one model (loaded once and shared), one text: prints tokens/s of each method, the
 ratios chunked/token and chunked/dense, and the perplexities. ``--methods`` may add ``bare``:
-a plain transformers token loop with a DynamicCache and no eviction, the floor under token mode.
+a plain transformers token loop with a DynamicCache and no eviction, the floor under token mode;
+and ``recompute``: sliding window with re-computation over the same C tokens, once per
+``--strides`` value.
 
     python scripts/bench_eval.py --model_args pretrained=DIR,dtype=float32 \
         --start_size 4 --recent_size 1020 --tokens 8192 --json bench.json
+    python scripts/bench_eval.py --model_args pretrained=DIR,dtype=float32 --tokens 4096 \
+        --start_size 4 --recent_size 252 --methods dense,chunked,recompute --strides 1,16,252
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+METHODS = ("dense", "token", "chunked", "bare", "recompute")
 DEFAULT_TEXTS = [
     REPO.parent / "shared" / "data" / "wikitext-2-raw-test.txt",
     REPO / "tasks" / "wikitext_streaming" / "sample" / "wikitext-2-raw-test-excerpt.txt",
@@ -36,7 +41,11 @@ def parse_args(argv=None):
     p.add_argument("--recent_size", "--recent-size", type=int, default=1020)
     p.add_argument("--positions", default="shifted", choices=["shifted", "original"])
     p.add_argument("--chunk_size", "--chunk-size", type=int, default=None, help="chunked mode's tokens per pass (default: the model's default)")
-    p.add_argument("--methods", default="dense,token,chunked", help="comma-separated, from dense,token,chunked,bare")
+    p.add_argument("--methods", default="dense,token,chunked", help="comma-separated, from " + ",".join(METHODS))
+    p.add_argument("--strides", default="1", help="recompute's strides, comma-separated (default 1)")
+    p.add_argument("--recompute_start_size", "--recompute-start-size", type=int,
+                   help="recompute's start_size (default --start_size; 0 gives the plain sliding window of C tokens)")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=1, help="recompute windows per forward pass")
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
 
@@ -67,9 +76,23 @@ def main(argv=None) -> dict:
     from streaming_lm.settings import resolve
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = set(methods) - {"dense", "token", "chunked", "bare"}
+    unknown = set(methods) - set(METHODS)
     if unknown:
-        sys.exit(f"--methods: unknown {sorted(unknown)}; allowed: dense, token, chunked, bare")
+        sys.exit(f"--methods: unknown {sorted(unknown)}; allowed: {', '.join(METHODS)}")
+    recompute_args = {}
+    if "recompute" in methods:
+        try:
+            strides = [int(v) for v in args.strides.split(",")]
+        except ValueError:
+            sys.exit(f"--strides must be comma-separated integers, got {args.strides!r}")
+        # The same C as the cache: with fewer sinks the window holds more recent tokens.
+        start = args.start_size if args.recompute_start_size is None else args.recompute_start_size
+        recent = args.start_size + args.recent_size - start
+        for stride in strides:
+            resolve(start_size=start, recent_size=recent, method="recompute", stride=stride)  # fails before loading
+            recompute_args[f"recompute:{stride}"] = dict(start_size=start, recent_size=recent, method="recompute",
+                                                         stride=stride, batch_size=args.batch_size)
+        methods = [m for m in methods if m != "recompute"] + list(recompute_args)
     model_args = simple_parse_args_string(args.model_args)
     if args.pretrained:
         model_args["pretrained"] = args.pretrained
@@ -103,7 +126,12 @@ def main(argv=None) -> dict:
             results["methods"][method] = {"seconds": seconds, "tokens_per_s": n_scored / seconds,
                                           "ppl": math.exp(-loglik / n_scored)}
             continue
-        lm = dense if method == "dense" else StreamingHFLM(**shared, **streaming_args, method=method)
+        if method == "dense":
+            lm = dense
+        elif method in recompute_args:
+            lm = StreamingHFLM(**shared, **recompute_args[method])
+        else:
+            lm = StreamingHFLM(**shared, **streaming_args, method=method)
         started = time.perf_counter()
         (loglik,) = lm.loglikelihood_rolling(request)
         seconds = time.perf_counter() - started
@@ -113,15 +141,17 @@ def main(argv=None) -> dict:
             "ppl": math.exp(-loglik / n_scored),
             **({"chunk_size": lm.streaming.chunk_size} if method == "chunked" else {}),
             **({"max_length": dense.max_length} if method == "dense" else {}),
+            **({k: recompute_args[method][k] for k in ("start_size", "recent_size", "stride")}
+               if method in recompute_args else {}),
         }
     speed = {m: r["tokens_per_s"] for m, r in results["methods"].items()}
     if "chunked" in speed:
         results["ratios"] = {f"chunked/{m}": speed["chunked"] / speed[m] for m in ("token", "dense") if m in speed}
 
     print(f"\n{n_scored} tokens of {Path(text_file).name}; cache {streaming_args}")
-    print(f"{'method':<10}{'tokens/s':>12}{'seconds':>10}{'PPL':>12}")
+    print(f"{'method':<14}{'tokens/s':>12}{'seconds':>10}{'PPL':>12}")
     for method, r in results["methods"].items():
-        print(f"{method:<10}{r['tokens_per_s']:>12.1f}{r['seconds']:>10.1f}{r['ppl']:>12.4f}")
+        print(f"{method:<14}{r['tokens_per_s']:>12.1f}{r['seconds']:>10.1f}{r['ppl']:>12.4f}")
     for name, ratio in results.get("ratios", {}).items():
         print(f"{name}: {ratio:.2f}x")
     if args.json:

@@ -127,7 +127,7 @@ def load(args):
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = transformers.AutoModelForCausalLM.from_pretrained(args.pretrained, dtype=dtype, **extra)
     model = model.to(args.device).eval()
-    check_model_supported(model)
+    check_model_supported(model, args.settings)
     return model, tokenizer
 
 

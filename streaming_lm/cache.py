@@ -9,9 +9,9 @@ sit in consecutive slots right after the sinks (see docs/semantics.md).
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from .rotary import RotaryShift
+from .rotary import RotaryShift, find_rotary
 from .settings import StreamingSettings
 
 
@@ -73,11 +73,36 @@ class SinkWindowCache(Cache):
         return [layer.get_seq_length() for layer in self.layers]
 
 
-SUPPORTED_LAYER_TYPES = ("full_attention",)
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention with a window of at least C + 1 tokens")
+
+# model_type -> how positions reach the model. Only these are accepted: each one's position scheme and
+# attention path (transformers' AttentionInterface) are tested in tests/test_architectures.py. An
+# unlisted model may rotate keys in another layout, skip RoPE on some layers or use ALiBi, which the
+# cache would get silently wrong.
+ABSOLUTE = "learned absolute positions"
+SUPPORTED_ARCHITECTURES = {
+    "llama": "RoPE",
+    "mistral": "RoPE",
+    "qwen2": "RoPE",
+    "qwen3": "RoPE",
+    "phi3": "RoPE, partial allowed",
+    "gemma2": "RoPE",
+    "gemma3_text": "RoPE, the same for local and global layers",
+    "gpt_neox": "partial RoPE",
+    "gpt2": ABSOLUTE,
+}
 
 
-def check_model_supported(model) -> None:
-    """Raise a clear error for models whose cache a sink+window layer cannot replace."""
+def _supported_list() -> str:
+    return ", ".join(f"{name} ({scheme})" for name, scheme in SUPPORTED_ARCHITECTURES.items())
+
+
+def check_model_supported(model, settings: StreamingSettings | None = None) -> None:
+    """Raise a clear ``NotImplementedError`` for models a sink+window cache cannot serve exactly.
+
+    Sliding-window layers are accepted only with ``settings`` whose ``C + 1`` keys per step fit inside
+    the window (the window then never masks a key the cache holds); without ``settings`` they are refused.
+    """
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
         raise NotImplementedError(
@@ -85,12 +110,48 @@ def check_model_supported(model) -> None:
         )
     reference = DynamicCache(config=config)
     kinds = {type(layer).__name__ for layer in reference.layers}
-    if reference.layers and kinds != {"DynamicLayer"}:
+    if reference.layers and not kinds <= {"DynamicLayer", "DynamicSlidingWindowLayer"}:
         raise NotImplementedError(
             f"{config.model_type} has cache layers of kind {sorted(kinds)}: recurrent, linear-attention, "
             "sliding-window or hybrid layers cannot be trimmed to a sink+window cache. "
             f"Supported: decoder-only models whose every layer is one of {SUPPORTED_LAYER_TYPES}"
         )
+    if config.model_type not in SUPPORTED_ARCHITECTURES:
+        raise NotImplementedError(
+            f"streaming_lm does not support model_type {config.model_type!r}: its position scheme and attention "
+            f"path are not verified. Supported model types: {_supported_list()}"
+        )
+    text = config.get_text_config(decoder=True)
+    if getattr(text, "use_bidirectional_attention", False) or getattr(text, "attention_chunk_size", None):
+        raise NotImplementedError(
+            f"{config.model_type} with bidirectional or chunked attention is not a causal sink+window model. "
+            f"Supported: causal decoders of model types {_supported_list()}"
+        )
+    windows = [layer.sliding_window for layer in reference.layers if type(layer) is DynamicSlidingWindowLayer]
+    if windows:
+        window = min(windows)
+        if settings is None or window < settings.capacity + 1:
+            why = (
+                "the cache settings were not given, so C is unknown" if settings is None
+                else f"here C = {settings.capacity}; use start_size + recent_size <= {window - 1}"
+            )
+            raise NotImplementedError(
+                f"{config.model_type} has sliding-window attention layers (DynamicSlidingWindowLayer, window "
+                f"{window} tokens): a sink+window cache can stand in for them only when one step's C + 1 keys fit "
+                f"inside the window ({why}). Supported: decoder-only models whose every layer is one of "
+                f"{SUPPORTED_LAYER_TYPES}"
+            )
+    shift = find_rotary(model)  # raises for local/global or sequence-dependent RoPE
+    if shift is None:
+        if SUPPORTED_ARCHITECTURES[config.model_type] != ABSOLUTE:
+            raise NotImplementedError(f"{config.model_type}: no rotary embedding found; supported: {_supported_list()}")
+        limit = getattr(text, "max_position_embeddings", None)
+        if settings is not None and limit is not None and settings.capacity >= limit:
+            raise NotImplementedError(
+                f"{config.model_type} has learned absolute positions 0..{limit - 1}, but streaming positions reach "
+                f"C = {settings.capacity}. Supported: start_size + recent_size <= {limit - 1} (and, with "
+                f"positions=original, streams of at most {limit} tokens)"
+            )
 
 
 def num_decoder_layers(model) -> int:

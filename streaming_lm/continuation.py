@@ -30,6 +30,8 @@ def score_continuations(
     """Score each continuation (token ids) after the same context (token ids, at least one)."""
     if len(context) == 0 or any(len(c) == 0 for c in continuations):
         raise ValueError("context and every continuation need at least one token")
+    if settings.method == "recompute":
+        return [_recompute_continuation(model, list(context), list(c), settings) for c in continuations]
     stream = Stream(model, settings, shift)
     last = stream.read(context, last_only=True)  # the logits that predict the first continuation token
     results = []
@@ -50,3 +52,14 @@ def score_continuations(
             )
         )
     return results
+
+
+def _recompute_continuation(model, context, continuation, settings: StreamingSettings) -> ContinuationScore:
+    """The continuation's entries of ``score_stream_recompute`` on ``context + continuation``."""
+    from .recompute import score_stream_recompute
+
+    first = len(context) - 1  # the position whose logits predict the first continuation token
+    scored = score_stream_recompute(model, context + continuation, settings, first_scored=first)
+    return ContinuationScore(
+        float(scored.logprobs[first:].double().sum()), bool(scored.greedy[first:].all()), scored.evicted
+    )

@@ -16,7 +16,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 
 from .rotary import RotaryShift
 from .settings import StreamingSettings
-from .stream import Stream
+from .stream import open_stream
 
 # transformers' defaults for sampling when neither the request nor the model's generation config
 # sets them (GenerationConfig._get_default_generation_params): do_sample=True means top_k=50 there too.
@@ -91,7 +91,7 @@ def generate(
     """Stream ``context`` (token ids, at least one) through the cache, then ``decode``."""
     if len(context) == 0:
         raise ValueError("generation needs at least one context token")
-    stream = Stream(model, settings, shift)
+    stream = open_stream(model, settings, shift)
     logits = stream.read(context, last_only=True)[-1]
     tokens = decode(stream, logits, max_new_tokens, **decode_kwargs) if max_new_tokens > 0 else []
     return Generation(tokens, stream.evicted, stream.max_held)

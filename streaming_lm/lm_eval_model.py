@@ -37,8 +37,8 @@ class StreamingHFLM(HFLM):
     """``HFLM`` whose every request type is computed through a bounded streaming cache.
 
     Extra model args: ``start_size``, ``recent_size`` or ``compression_ratio``,
-    ``positions`` (shifted|original), ``method`` (chunked|token), ``chunk_size``.
-    Every other argument is HFLM's.
+    ``positions`` (shifted|original), ``method`` (chunked|token|recompute), ``chunk_size``,
+    ``stride`` (recompute only). Every other argument is HFLM's.
     """
 
     def __init__(
@@ -50,6 +50,7 @@ class StreamingHFLM(HFLM):
         positions="shifted",
         method=settings_mod.DEFAULT_METHOD,
         chunk_size=settings_mod.DEFAULT_CHUNK_SIZE,
+        stride=None,
         **kwargs,
     ) -> None:
         # Validate before HFLM loads anything; the ratio needs max_length, known later.
@@ -60,13 +61,19 @@ class StreamingHFLM(HFLM):
             positions=positions,
             method=method,
             chunk_size=chunk_size,
+            stride=stride,
         )
         self._max_length_arg = kwargs.get("max_length")
         self.streaming = settings_mod.resolve(**self._streaming_args, max_length=self._max_length_arg)
         super().__init__(pretrained, **kwargs)
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1 and self.world_size == 1:
+            # HFLM splits requests across `accelerate launch` processes only with 2+ GPUs; on CPU
+            # (or one GPU) every process would score every request. Split them as on GPUs.
+            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         if compression_ratio is not None:
             self.streaming = settings_mod.resolve(**self._streaming_args, max_length=self.max_length)
-        check_model_supported(self.model)
+        check_model_supported(self.model, self.streaming)
         self._rotary = find_rotary(self.model)
         self._evicted = 0
         eval_logger.info("streaming_hf cache: %s", self.streaming.as_dict())
@@ -82,16 +89,14 @@ class StreamingHFLM(HFLM):
         super()._create_model(pretrained, *args, **kwargs)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        if str(self.batch_size) != "1":
-            # Same numbers either way: each request is one stream, scored on its own.
-            eval_logger.warning("streaming_hf scores one stream at a time; batch_size=%s is not used", self.batch_size)
+        windows_per_pass = self._windows_per_pass()
         results = []
         show = not disable_tqdm and self.rank == 0
         for request in tqdm(requests, disable=not show, desc="streaming requests"):
             (string,) = request.args
             # One stream: the prefix token, then every token of the text, all scored but the prefix.
             tokens = [self.prefix_token_id, *self.tok_encode(string)]
-            scored = score(self.model, tokens, self.streaming, self._rotary, progress=show)
+            scored = score(self.model, tokens, self.streaming, self._rotary, progress=show, batch_size=windows_per_pass)
             self._evicted += scored.evicted
             total = float(scored.logprobs.double().sum())
             results.append(total)
@@ -196,6 +201,16 @@ class StreamingHFLM(HFLM):
             generation=text, stop=until, think_end_token=think if isinstance(think, str) else None
         )
 
+    def _windows_per_pass(self) -> int:
+        """``method=recompute`` batches its windows by ``batch_size``; the cache methods read one stream at a time."""
+        if self.streaming.method != "recompute":
+            self._warn_batch_size()
+            return 1
+        if isinstance(self.batch_size, int):
+            return self.batch_size
+        eval_logger.warning("streaming_hf recompute: batch_size=%s is not a number; one window per pass", self.batch_size)
+        return 1
+
     def _warn_batch_size(self) -> None:
         if str(self.batch_size) != "1":
             # Same numbers either way: each request is one stream, scored on its own.
@@ -207,7 +222,17 @@ class StreamingHFLM(HFLM):
             n, kind, self.streaming.as_dict(), self._evicted,
         )
 
+    def barrier(self) -> None:
+        # lm-eval calls this on every rank after each request type; get_model_info runs on rank 0
+        # only, so this is where the ranks' eviction counts are added up for the results file.
+        super().barrier()
+        if self.world_size > 1:
+            counts = [None] * self.world_size
+            torch.distributed.all_gather_object(counts, self._evicted)
+            self._evicted_all_ranks = sum(counts)
+
     def get_model_info(self) -> dict:
         info = super().get_model_info()
-        info["streaming"] = self.streaming.as_dict() | {"evicted_tokens": self._evicted}
+        evicted = getattr(self, "_evicted_all_ranks", self._evicted) if self.world_size > 1 else self._evicted
+        info["streaming"] = self.streaming.as_dict() | {"evicted_tokens": evicted}
         return info

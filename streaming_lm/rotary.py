@@ -29,6 +29,10 @@ class RotaryShift:
         emb = torch.cat((angles, angles), dim=-1)
         return emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
 
+    def cos_sin(self, delta: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float32 tables of one delta, for ``rotate_by`` (computed once, used by every layer)."""
+        return self._cos_sin(torch.tensor(delta), device, torch.float32)
+
     def rotate(self, x: torch.Tensor, delta) -> torch.Tensor:
         """Rotate ``x`` of shape [..., seq, head_dim] by ``delta`` positions.
 
@@ -44,6 +48,10 @@ class RotaryShift:
             cos, sin = self._tables[key]
         else:
             cos, sin = self._cos_sin(delta, x.device, torch.float32)
+        return self.rotate_by(x, cos, sin)
+
+    def rotate_by(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` with tables from ``cos_sin`` (or per-position tables of matching shape)."""
         work = x.to(torch.promote_types(x.dtype, torch.float32))
         rot, rest = work[..., : self.rotary_dim], work[..., self.rotary_dim :]
         half = self.rotary_dim // 2
@@ -67,10 +75,31 @@ def find_rotary(model) -> RotaryShift | None:
     ]
     if not found:
         return None
+    model_type = getattr(model.config, "model_type", type(model).__name__)
     first = found[0]
     if any(b.shape != first.shape or not torch.equal(b, first) for b in found[1:]):
         raise NotImplementedError(
-            f"{type(model).__name__} uses several different rotary embeddings "
-            "(e.g. separate local and global RoPE); streaming_lm supports one per model"
+            f"{model_type} ({type(model).__name__}) uses several different rotary embeddings "
+            "(e.g. separate local and global RoPE); streaming_lm supports one rotary embedding shared by "
+            "every layer (llama, mistral, qwen2, qwen3, phi3, gemma2, gpt_neox; gemma3 only when its "
+            "local and global RoPE coincide)"
+        )
+    changing = sorted(rope_types(model.config) & set(SEQUENCE_DEPENDENT_ROPE))
+    if changing:
+        raise NotImplementedError(
+            f"{model_type} uses rope_type {changing[0]!r}, whose frequencies change with the sequence length: "
+            "keys rotated once cannot be moved with fixed frequencies. Supported: rotary embeddings with fixed "
+            f"frequencies (rope_type default, linear, llama3, yarn, ...; not {', '.join(SEQUENCE_DEPENDENT_ROPE)})"
         )
     return RotaryShift(first)
+
+
+# RoPE variants whose inv_freq the model rewrites in place depending on the longest position seen.
+SEQUENCE_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def rope_types(config) -> set[str]:
+    """The ``rope_type`` s a config names (one, or one per layer type as in Gemma3)."""
+    params = getattr(config.get_text_config(decoder=True), "rope_parameters", None) or {}
+    groups = [params] if "rope_type" in params else [p for p in params.values() if isinstance(p, dict)]
+    return {group.get("rope_type", "default") for group in groups}

@@ -25,7 +25,8 @@ class NoEvictionError(RuntimeError):
 class StreamScore:
     logprobs: torch.Tensor  # float32 [n - 1]: log p(x_{t+1} | visible set of step t)
     evicted: int  # tokens evicted from the cache over the stream
-    max_held: int  # most tokens any layer held between steps
+    max_held: int  # most tokens any layer held between steps (recompute: tokens in a window)
+    greedy: torch.Tensor | None = None  # bool [n - 1]: x_{t+1} was the argmax (recompute only)
 
 
 def cache_kwarg(model) -> str:
@@ -47,8 +48,15 @@ def check_evicted(n_tokens: int, evicted: int, settings: StreamingSettings) -> N
         )
 
 
-def score(model, token_ids, settings: StreamingSettings, shift: RotaryShift | None, progress: bool = False):
-    """Score one stream with the method the settings name."""
+def score(
+    model, token_ids, settings: StreamingSettings, shift: RotaryShift | None, progress: bool = False,
+    batch_size: int = 1,
+):
+    """Score one stream with the method the settings name (``batch_size``: recompute windows per pass)."""
+    if settings.method == "recompute":
+        from .recompute import score_stream_recompute
+
+        return score_stream_recompute(model, token_ids, settings, batch_size, progress)
     if settings.method == "chunked":
         from .chunked import score_stream_chunked
 

@@ -10,7 +10,9 @@ import dataclasses
 import numbers
 
 POSITIONS = ("shifted", "original")
-METHODS = ("chunked", "token")  # chunked: exact and fast; token: the reference loop
+# chunked: exact and fast; token: the reference loop; recompute: a fresh dense pass per window
+# (the paper's "sliding window with re-computation" baseline, not a streaming cache).
+METHODS = ("chunked", "token", "recompute")
 DEFAULT_METHOD = "chunked"
 DEFAULT_START_SIZE = 4
 DEFAULT_RECENT_SIZE = 1020
@@ -51,6 +53,7 @@ class StreamingSettings:
     method: str = DEFAULT_METHOD
     compression_ratio: float | None = None  # informational: recent_size was derived from it
     chunk_size: int = DEFAULT_CHUNK_SIZE  # tokens per forward pass for method="chunked"
+    stride: int | None = None  # method="recompute" only: tokens scored per window (default 1)
 
     def __post_init__(self):
         object.__setattr__(self, "start_size", _as_int("start_size", self.start_size, 0))
@@ -58,6 +61,7 @@ class StreamingSettings:
         _as_choice("positions", self.positions, POSITIONS)
         _as_choice("method", self.method, METHODS)
         object.__setattr__(self, "chunk_size", _as_int("chunk_size", self.chunk_size, 1))
+        object.__setattr__(self, "stride", _check_stride(self.stride, self.method, self.positions, self.recent_size))
 
     @property
     def capacity(self) -> int:
@@ -66,6 +70,26 @@ class StreamingSettings:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self) | {"capacity": self.capacity}
+
+
+def _check_stride(stride, method: str, positions: str, recent_size: int | None) -> int | None:
+    """1 <= stride <= recent_size for method=recompute (None means 1); no stride for the cache methods."""
+    if method != "recompute":
+        if stride is not None:
+            raise ValueError(f"stride applies to method=recompute only; got stride={stride!r} with method={method}")
+        return None
+    if positions != "shifted":
+        raise ValueError(
+            f"positions={positions} does not apply to method=recompute: every window is re-encoded at "
+            "positions 0..C-1 (leave positions at its default, shifted)"
+        )
+    if stride is None:
+        return 1
+    stride = _as_int("stride", stride, 1)
+    # The scored tokens are the window's last ones; more than recent_size would reach into the sinks.
+    if recent_size is not None and stride > recent_size:
+        raise ValueError(f"stride must be an integer in [1, recent_size={recent_size}], got {stride}")
+    return stride
 
 
 def check_compression_ratio(value) -> float:
@@ -97,6 +121,7 @@ def resolve(
     positions="shifted",
     method=DEFAULT_METHOD,
     chunk_size=DEFAULT_CHUNK_SIZE,
+    stride=None,
     max_length: int | None = None,
 ) -> StreamingSettings:
     """Validate user arguments and return settings.
@@ -108,7 +133,9 @@ def resolve(
     _as_choice("positions", positions, POSITIONS)
     _as_choice("method", method, METHODS)
     chunk_size = _as_int("chunk_size", chunk_size, 1)
-    common = dict(positions=positions, method=method, chunk_size=chunk_size)
+    # recent_size may not be known yet (compression_ratio): its bound on stride is checked below.
+    stride = _check_stride(stride, method, positions, None)
+    common = dict(positions=positions, method=method, chunk_size=chunk_size, stride=stride)
     if compression_ratio is None:
         recent = DEFAULT_RECENT_SIZE if recent_size is None else recent_size
         return StreamingSettings(start_size, recent, **common)
@@ -119,7 +146,8 @@ def resolve(
         )
     ratio = check_compression_ratio(compression_ratio)
     if max_length is None:
-        return StreamingSettings(start_size, 1, compression_ratio=ratio, **common)
+        # Placeholder recent_size (the smallest a stride allows) until max_length is known.
+        return StreamingSettings(start_size, stride or 1, compression_ratio=ratio, **common)
     max_length = _as_int("max_length", max_length, 1)
     recent = recent_size_from_ratio(ratio, start_size, max_length)
     return StreamingSettings(start_size, recent, compression_ratio=ratio, **common)

@@ -7,8 +7,8 @@ does that with the same two paths and the same numbers (docs/semantics.md):
 
 - ``read(ids)``: many tokens per forward pass (the chunked path, or the token loop for
   ``method="token"``);
-- ``step(token)``: one token per pass through the model's own attention, exactly the token
-  loop of ``score_stream``; used for decoding.
+- ``step(token)``: one token per pass through the model's own attention, with the token loop's
+  numbers (for ``method="chunked"`` from a ``RingWindowCache``, ring_cache.py); used for decoding.
 
 ``DenseStream`` is the same interface over transformers' ``DynamicCache`` (no eviction), the
 baseline of ``scripts/throughput.py``.
@@ -25,6 +25,7 @@ from transformers import DynamicCache
 
 from .cache import SinkWindowCache, num_decoder_layers
 from .chunked import PLAN_KWARG, chunk_attention, plan_chunk
+from .ring_cache import RingWindowCache
 from .rotary import RotaryShift
 from .scoring import cache_kwarg, position_of
 from .settings import StreamingSettings
@@ -40,6 +41,8 @@ def _forward_kwargs(model, cache) -> tuple[dict, dict]:
 
 def kv_bytes(cache) -> int:
     """Bytes of keys and values a cache holds right now (every layer)."""
+    if isinstance(cache, RingWindowCache):
+        return cache.held_bytes()  # its one free slot and unrotated sink copies: allocated_bytes()
     return sum(
         layer.keys.nbytes + layer.values.nbytes
         for layer in cache.layers
@@ -54,9 +57,10 @@ class Stream:
         self.model, self.settings, self.shift = model, settings, shift
         # The chunked path keeps recent keys in its local frame (chunked.py) in both position
         # modes, so its cache re-rotates on eviction; the token loop uses the settings as given.
-        self._local_frame = settings.method == "chunked"
-        cache_settings = dataclasses.replace(settings, positions="shifted") if self._local_frame else settings
+        self._chunked = settings.method == "chunked"
+        cache_settings = dataclasses.replace(settings, positions="shifted") if self._chunked else settings
         self.cache = SinkWindowCache(num_decoder_layers(model), cache_settings, shift)
+        self._ring = False  # chunked streams decode through a RingWindowCache once they step
         self.n = 0  # tokens read so far: the next token is x_n
         self.max_held = 0  # most tokens any layer held between passes
         self._kwargs = _forward_kwargs(model, self.cache)
@@ -75,7 +79,7 @@ class Stream:
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(self.model.device)
         if ids.numel() == 0:
             raise ValueError("read() needs at least one token")
-        if not self._local_frame:
+        if not self._chunked or self._ring:
             logits = [self.step(int(token)) for token in ids]
             return torch.stack(logits[-1:] if last_only else logits)
         kwargs = self._kwargs[last_only]
@@ -93,35 +97,34 @@ class Stream:
 
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:
-        """Read one token with the token loop (the model's own attention); its float32 logits [vocab]."""
-        if self._local_frame:
-            self._to_token_frame()
+        """Read one token, one pass through the model's own attention; its float32 logits [vocab].
+
+        ``method="token"``: exactly the token loop of ``score_stream``. ``method="chunked"``: the
+        same numbers from a ``RingWindowCache`` (no copies, no per-token re-rotation).
+        """
+        if self._chunked and not self._ring:
+            if self.n == 0:  # the slots take their shapes from a filled cache: read the first token as a chunk
+                return self.read([token])[-1]
+            self.cache = RingWindowCache.from_stream(self.cache, self.n, self.settings, self.shift)
+            self._kwargs = _forward_kwargs(self.model, self.cache)
+            self._ring = True
         ids = torch.tensor([[token]], device=self.model.device)
-        position = torch.tensor([[position_of(self.n, self.settings)]], device=ids.device)
-        out = self.model(input_ids=ids, position_ids=position, **self._kwargs[False])
+        position = self.cache.begin_step() if self._ring else position_of(self.n, self.settings)
+        out = self.model(input_ids=ids, position_ids=torch.tensor([[position]], device=ids.device), **self._kwargs[False])
+        if self._ring:
+            self.cache.end_step()
         self.n += 1
         self.max_held = max(self.max_held, *self.cache.held_tokens())
         return out.logits[0, -1].float()
 
-    def _to_token_frame(self) -> None:
-        """Hand a cache filled by the chunked path to the token loop.
 
-        After reading x_0..x_{n-1} in chunks, recent token s sits at S + s - r0 (r0: oldest recent
-        token held). With shifted positions that is already where the token loop keeps it. With
-        original positions the token loop keeps every key at its text position s, so rotate the
-        recent keys forward by r0 - S and stop re-rotating on eviction.
-        """
-        self._local_frame = False
-        if self.settings.positions == "shifted" or self.shift is None or self.n == 0:
-            return
-        start = self.settings.start_size
-        sinks = min(start, self.n)
-        first_recent = self.n - (self.cache.layers[0].get_seq_length() - sinks)
-        for layer in self.cache.layers:
-            layer.shift = None
-            if first_recent > start:
-                recent = self.shift.rotate(layer.keys[..., sinks:, :], first_recent - start)
-                layer.keys = torch.cat((layer.keys[..., :sinks, :], recent), dim=-2)
+def open_stream(model, settings: StreamingSettings, shift: RotaryShift | None):
+    """An empty stream for the settings' method (``recompute`` keeps no cache at all)."""
+    if settings.method == "recompute":
+        from .recompute import RecomputeStream
+
+        return RecomputeStream(model, settings)
+    return Stream(model, settings, shift)
 
 
 class DenseStream:

@@ -1,0 +1,309 @@
+"""Every supported architecture on a tiny random model, and a clear refusal of the rest (issue #7).
+
+For each model type of ``streaming_lm.cache.SUPPORTED_ARCHITECTURES``: a stream of C + 1 tokens gives
+the dense model's numbers (token loop and chunked path), the chunked path gives the token loop's numbers
+on a stream of 4.5 C tokens in both position modes, the cache stays within C, ``original`` equals the
+independent masked single pass of tests/reference.py, ``shifted`` is what docs/semantics.md says, and the
+lm-eval adapter equals dense ``hf`` on a short request. The weights are drawn with a larger spread than
+transformers' default (0.02), so that attention is sharp and positions change log-probs by O(1).
+"""
+
+import copy
+import inspect
+import sys
+
+import pytest
+import torch
+import transformers
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+from models import save_tiny, tiny_tokenizer
+from reference import dense_logprobs, original_positions_logprobs, perplexity, shifted_llama_logprobs
+
+from streaming_lm import StreamingHFLM
+from streaming_lm.cache import SUPPORTED_ARCHITECTURES, check_model_supported
+from streaming_lm.chunked import score_stream_chunked
+from streaming_lm.rotary import find_rotary
+from streaming_lm.scoring import score_stream
+from streaming_lm.settings import StreamingSettings
+
+START, RECENT, CHUNK = 4, 16, 7  # C = 20; chunks of 7 cross the eviction boundary at odd places
+CAPACITY = START + RECENT
+LONG = 90  # 4.5 C: 69 evictions
+WINDOW = 32  # sliding windows of the tiny models: >= C + 1, so a sink+window cache can stand in for them
+TOL = 2e-5  # float32; measured differences are ~2e-6
+
+
+def _decoder(vocab, **extra):
+    return dict(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    ) | extra
+
+
+def _one_rope(theta=10000.0):
+    return {"rope_type": "default", "rope_theta": theta}
+
+
+# name -> (config from vocabulary size, rotary dimensions RotaryShift must find: None = no RoPE)
+ARCHITECTURES = {
+    "llama": (lambda v: transformers.LlamaConfig(**_decoder(v)), 16),
+    "mistral": (lambda v: transformers.MistralConfig(**_decoder(v), sliding_window=None), 16),
+    "mistral-window": (lambda v: transformers.MistralConfig(**_decoder(v), sliding_window=WINDOW), 16),
+    "qwen2": (lambda v: transformers.Qwen2Config(**_decoder(v)), 16),
+    "qwen3": (lambda v: transformers.Qwen3Config(**_decoder(v), head_dim=16), 16),
+    # Like Phi-3-mini-4k: a sliding window on every layer; half of each head rotated.
+    "phi3": (lambda v: transformers.Phi3Config(
+        **_decoder(v), sliding_window=WINDOW + 16,
+        rope_parameters=_one_rope() | {"partial_rotary_factor": 0.5}), 8),
+    # Layers alternate sliding / full; a soft-cap small enough to matter in a tiny model.
+    "gemma2": (lambda v: transformers.Gemma2Config(
+        **_decoder(v), head_dim=16, sliding_window=WINDOW, attn_logit_softcapping=1.0), 16),
+    "gemma3": (lambda v: transformers.Gemma3TextConfig(
+        **_decoder(v), head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": _one_rope(), "full_attention": _one_rope()}), 16),
+    "gpt_neox": (lambda v: transformers.GPTNeoXConfig(**_decoder(v)), 4),  # rotary_pct 0.25
+    "gpt2": (lambda v: transformers.GPT2Config(
+        vocab_size=v, n_embd=64, n_layer=2, n_head=4, n_positions=512, initializer_range=0.1,
+        bos_token_id=1, eos_token_id=2), None),
+}
+SLIDING = {"mistral-window", "phi3", "gemma2", "gemma3"}
+NAIVE_SHIFTED = {"llama", "mistral", "mistral-window", "qwen2"}  # the layer layout reference.py re-implements
+
+
+def build(name, vocab=128):
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(ARCHITECTURES[name][0](vocab)).eval()
+
+
+def settings(positions="shifted"):
+    return StreamingSettings(START, RECENT, positions)
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(arch, one_thread):
+    return build(arch)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    torch.manual_seed(1)
+    return torch.randint(3, 128, (LONG,))
+
+
+def test_every_supported_model_type_is_covered():
+    covered = {ARCHITECTURES[name][0](128).model_type for name in ARCHITECTURES}
+    assert covered == set(SUPPORTED_ARCHITECTURES)
+
+
+def test_accepted_with_its_position_scheme(arch, model):
+    check_model_supported(model, settings())
+    shift = find_rotary(model)
+    assert (shift.rotary_dim if shift is not None else None) == ARCHITECTURES[arch][1]
+
+
+@pytest.mark.parametrize("rotary_arch", [name for name in ARCHITECTURES if ARCHITECTURES[name][1] is not None])
+def test_rotary_shift_moves_keys_like_the_model(rotary_arch, one_thread):
+    """A key the model rotated to p, moved by d, equals the model's own rotation to p + d (tail included)."""
+    model = build(rotary_arch)
+    shift = find_rotary(model)
+    rotary = next(module for name, module in model.named_modules() if name.endswith("rotary_emb"))
+    apply = sys.modules[type(model).__module__].apply_rotary_pos_emb
+    extra = {"layer_type": "full_attention"} if "layer_type" in inspect.signature(rotary.forward).parameters else {}
+
+    def model_rotation(x, positions):
+        cos, sin = rotary(x, positions[None], **extra)
+        return apply(x, x, cos, sin)[0]
+
+    torch.manual_seed(2)
+    x = torch.randn(1, 2, 6, 16)
+    positions = torch.tensor([0, 3, 17, 40, 100, 250])
+    for delta in (-3, 7, -40):
+        moved = shift.rotate(model_rotation(x, positions - min(0, delta)), delta)
+        torch.testing.assert_close(moved, model_rotation(x, positions - min(0, delta) + delta), rtol=0, atol=1e-4)
+    deltas = torch.tensor([0, -1, 5, -20, 30, -100])
+    torch.testing.assert_close(
+        shift.rotate(model_rotation(x, positions + 100), deltas), model_rotation(x, positions + 100 + deltas),
+        rtol=0, atol=1e-4,
+    )
+
+
+@pytest.mark.parametrize("positions", ["shifted", "original"])
+def test_short_stream_equals_dense(model, ids, positions):
+    short = ids[: CAPACITY + 1]
+    dense = dense_logprobs(model, short)
+    token = score_stream(model, short, settings(positions), find_rotary(model))
+    chunked = score_stream_chunked(model, short, settings(positions), find_rotary(model), CHUNK)
+    for scored in (token, chunked):
+        assert scored.evicted == 0
+        torch.testing.assert_close(scored.logprobs, dense, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("positions", ["shifted", "original"])
+def test_long_stream_chunked_equals_token_and_stays_bounded(model, ids, positions):
+    token = score_stream(model, ids, settings(positions), find_rotary(model))
+    chunked = score_stream_chunked(model, ids, settings(positions), find_rotary(model), CHUNK)
+    for scored in (token, chunked):
+        assert scored.evicted == LONG - 1 - CAPACITY > 0
+        assert scored.max_held == CAPACITY
+    torch.testing.assert_close(chunked.logprobs, token.logprobs, rtol=0, atol=TOL)
+    assert perplexity(chunked.logprobs) == pytest.approx(perplexity(token.logprobs), rel=1e-5)
+    # It streamed: not the dense numbers.
+    assert (token.logprobs - dense_logprobs(model, ids)).abs().max() > 1e-2
+
+
+def test_original_equals_masked_single_pass(model, ids):
+    """positions=original (position t, also for learned absolute positions) is one masked dense pass."""
+    token = score_stream(model, ids, settings("original"), find_rotary(model))
+    reference = original_positions_logprobs(model, ids, START, RECENT)
+    torch.testing.assert_close(token.logprobs, reference, rtol=0, atol=TOL)
+
+
+def absolute_shifted_logprobs(model, ids, start, recent):
+    """positions=shifted for learned absolute positions: token s read at position min(s, C), sink+window mask.
+
+    A token's position embedding is added once, when it is read; nothing in the cache can move it, so one
+    masked dense pass with position ids min(s, C) is the token loop.
+    """
+    n = ids.numel()
+    t, s = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    allowed = (s <= t) & ((s < start) | (s >= t - recent))
+    mask = torch.zeros(n, n).masked_fill(~allowed, float("-inf"))[None, None]
+    position_ids = torch.arange(n).clamp(max=start + recent)[None]
+    with torch.no_grad():
+        logits = model(ids[None], attention_mask=mask, position_ids=position_ids).logits[0].float()
+    return torch.log_softmax(logits, -1)[:-1].gather(-1, ids[1:, None])[:, 0]
+
+
+def test_shifted_positions(arch, model, ids):
+    shifted = score_stream(model, ids, settings("shifted"), find_rotary(model))
+    original = score_stream(model, ids, settings("original"), find_rotary(model))
+    # Up to step C both modes use position t; from then on the query sits at C instead of t.
+    torch.testing.assert_close(shifted.logprobs[:CAPACITY], original.logprobs[:CAPACITY], rtol=0, atol=TOL)
+    assert (shifted.logprobs[CAPACITY:] - original.logprobs[CAPACITY:]).abs().max() > 1e-2
+    if find_rotary(model) is None:
+        reference = absolute_shifted_logprobs(model, ids, START, RECENT)
+    elif arch in NAIVE_SHIFTED:
+        reference = shifted_llama_logprobs(model, ids, START, RECENT)
+    else:
+        return
+    torch.testing.assert_close(shifted.logprobs, reference, rtol=0, atol=TOL)
+
+
+def test_gemma2_softcap_is_exercised(one_thread):
+    """The cap moves log-probs by far more than TOL, so a chunked path that dropped it would fail above."""
+    capped = build("gemma2")
+    config = copy.deepcopy(capped.config)
+    config.attn_logit_softcapping = None
+    uncapped = type(capped)(config).eval()
+    uncapped.load_state_dict(capped.state_dict())
+    ids = torch.randint(3, 128, (CAPACITY + 1,))
+    assert (dense_logprobs(capped, ids) - dense_logprobs(uncapped, ids)).abs().max() > 50 * TOL
+
+
+# --- refusals -------------------------------------------------------------------------------------
+
+SUPPORTED_LIST = "Supported model types: llama .*gpt2 \\(learned absolute positions\\)"
+_BASE = dict(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+    num_key_value_heads=1, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+REFUSED = {
+    "mistral window < C+1": (
+        lambda: transformers.MistralConfig(**_BASE, sliding_window=CAPACITY), settings(),
+        r"mistral has sliding-window attention layers \(DynamicSlidingWindowLayer, window 20 tokens\).*"
+        r"here C = 20; use start_size \+ recent_size <= 19",
+    ),
+    "gemma2 without settings": (
+        lambda: transformers.Gemma2Config(**_BASE, head_dim=16, sliding_window=WINDOW), None,
+        r"gemma2 has sliding-window .*the cache settings were not given.*Supported: decoder-only models",
+    ),
+    "gemma3 local and global RoPE": (
+        lambda: transformers.Gemma3TextConfig(
+            **_BASE, head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
+        settings(), r"gemma3_text \(Gemma3ForCausalLM\) uses several different rotary embeddings.*supports one",
+    ),
+    "gemma3 bidirectional": (
+        lambda: transformers.Gemma3TextConfig(
+            **_BASE, head_dim=16, sliding_window=2 * WINDOW, use_bidirectional_attention=True,
+            layer_types=["sliding_attention", "full_attention"]),
+        settings(), r"gemma3_text with bidirectional or chunked attention .*Supported: causal decoders",
+    ),
+    "llama dynamic RoPE": (
+        lambda: transformers.LlamaConfig(
+            **_BASE, rope_parameters=_one_rope() | {"rope_type": "dynamic", "factor": 2.0}),
+        settings(), r"llama uses rope_type 'dynamic', whose frequencies change with the sequence length",
+    ),
+    "phi3 longrope": (
+        lambda: transformers.Phi3Config(**_BASE, rope_parameters=_one_rope() | {
+            "rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+            "original_max_position_embeddings": 128}),
+        settings(), r"phi3 uses rope_type 'longrope'.*Supported: rotary embeddings with fixed frequencies",
+    ),
+    "gpt2 positions < C": (
+        lambda: transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=CAPACITY),
+        settings(), r"gpt2 has learned absolute positions 0\.\.19, but streaming positions reach C = 20",
+    ),
+    "gptj (interleaved RoPE)": (
+        lambda: transformers.GPTJConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=2, rotary_dim=8),
+        settings(), "does not support model_type 'gptj'.*" + SUPPORTED_LIST,
+    ),
+    "bloom (ALiBi)": (
+        lambda: transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2),
+        settings(), "does not support model_type 'bloom'.*" + SUPPORTED_LIST,
+    ),
+    "smollm3 (NoPE layers)": (
+        lambda: transformers.SmolLM3Config(**_BASE), settings(),
+        "does not support model_type 'smollm3'.*" + SUPPORTED_LIST,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_unsupported_is_refused_with_what_is_supported(case, one_thread):
+    config, given, message = REFUSED[case]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config())
+    with pytest.raises(NotImplementedError, match=message):
+        check_model_supported(model, given)
+
+
+# --- through lm-eval ------------------------------------------------------------------------------
+
+SHORT_TEXT = "The tower is 324 metres tall."  # 29 bytes: with the prefix token, a stream of 30 <= C + 1
+LONG_TEXT = " The tower is 324 metres tall, about the same height as an 81-storey building."
+ADAPTER = dict(start_size=START, recent_size=26, chunk_size=CHUNK, device="cpu", dtype="float32")  # C = 30 < 32
+
+
+def rolling(*texts):
+    return [Instance("loglikelihood_rolling", {}, (text,), i) for i, text in enumerate(texts)]
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_adapter_equals_dense_hf(name, tmp_path, one_thread):
+    folder = save_tiny(tmp_path / name, ARCHITECTURES[name][0](len(tiny_tokenizer())))
+    dense = HFLM(pretrained=str(folder), device="cpu", dtype="float32")
+    lm = StreamingHFLM(pretrained=str(folder), **ADAPTER)
+    assert len(lm.tok_encode(SHORT_TEXT)) + 1 <= lm.streaming.capacity + 1
+    (expected,) = dense.loglikelihood_rolling(rolling(SHORT_TEXT))
+    (got,) = lm.loglikelihood_rolling(rolling(SHORT_TEXT))
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert lm.get_model_info()["streaming"]["evicted_tokens"] == 0
+    # A longer request streams through the same adapter.
+    (streamed,) = lm.loglikelihood_rolling(rolling(LONG_TEXT))
+    n_tokens = len(lm.tok_encode(LONG_TEXT)) + 1
+    assert lm.get_model_info()["streaming"]["evicted_tokens"] == n_tokens - 1 - lm.streaming.capacity
+    assert abs(streamed - dense.loglikelihood_rolling(rolling(LONG_TEXT))[0]) > 0.05
+
+
+def test_adapter_refuses_an_unsupported_model_type_at_construction(tmp_path):
+    config = transformers.BloomConfig(vocab_size=len(tiny_tokenizer()), hidden_size=32, n_layer=1, n_head=2)
+    folder = save_tiny(tmp_path / "bloom", config)
+    with pytest.raises(NotImplementedError, match="does not support model_type 'bloom'.*" + SUPPORTED_LIST):
+        StreamingHFLM(pretrained=str(folder), **ADAPTER)
