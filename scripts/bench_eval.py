@@ -102,6 +102,8 @@ def main(argv=None) -> dict:
     if args.chunk_size is not None:
         streaming_args["chunk_size"] = args.chunk_size
     resolve(**streaming_args)  # bad sizes fail here, before the model loads
+    if args.tokens < 2:  # the prefix token plus at least one scored token
+        sys.exit(f"--tokens must be an integer >= 2, got {args.tokens}")
     text_file = args.text_file or next((p for p in DEFAULT_TEXTS if p.exists()), None)
     if text_file is None or not Path(text_file).exists():
         sys.exit(f"--text_file: no such file {text_file}")

@@ -101,7 +101,7 @@ def check_args(parser, args) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            parser.error(f"--device {args.device}: CUDA is not available")
+            parser.error(f"--device {args.device}: CUDA is not available (use --device cpu)")
 
 
 def load(args):
@@ -212,6 +212,8 @@ def run_decode(name: str, stream, prompt: list[int], n_new: int, device, show: b
         "kv_bytes": kv,  # entry k: after token k + 1
         "peak_kv_bytes": max(kv),
         "held_tokens_end": stream.cache.layers[0].get_seq_length(),
+        # The streaming decode cache also allocates one free slot and unrotated sink keys (ring_cache.py).
+        "kv_allocated_bytes_end": stream.cache.allocated_bytes() if hasattr(stream.cache, "allocated_bytes") else kv[-1],
         "peak_rss_mb": memory.rss_mb,
         "cuda_max_allocated_mb": memory.cuda_mb,
         "tokens": tokens,
@@ -275,7 +277,8 @@ def report(results: dict) -> list[str]:
     kv = results["kv_check"]
     lines.append(f"Streaming key/value peak: {kv['streaming_peak_bytes']} bytes = {kv['streaming_peak_tokens']} "
                  f"tokens x {kv['bytes_per_token']} bytes/token (C = {kv['capacity']}): "
-                 f"{'exactly C tokens' if kv['exactly_capacity'] else 'NOT C tokens'}")
+                 f"{'exactly C tokens' if kv['exactly_capacity'] else 'NOT C tokens'}; allocated "
+                 f"{kv['streaming_allocated_bytes']} bytes (one free slot and the unrotated sink keys on top)")
     return lines
 
 
@@ -297,6 +300,7 @@ def summarise(results: dict, settings) -> list[str]:
         "bytes_per_token": bytes_per_token, "capacity": settings.capacity,
         "streaming_peak_bytes": stream["peak_kv_bytes"], "streaming_peak_tokens": stream_tokens,
         "exactly_capacity": stream["peak_kv_bytes"] == settings.capacity * bytes_per_token,
+        "streaming_allocated_bytes": stream["kv_allocated_bytes_end"],
     }
     warnings = []
     total = dense["prompt_tokens"] + n - 1  # tokens read into the cache

@@ -72,7 +72,7 @@ def _split(text: str | None, convert, flag: str) -> list:
         try:
             values.append(convert(item))
         except ValueError:
-            raise CompareError(f"{flag}: {item!r} is not a valid value") from None
+            raise CompareError(f"{flag}: {item!r} is not a valid value; expected comma-separated numbers") from None
     return list(dict.fromkeys(values))  # drop repeats, keep order
 
 

@@ -7,6 +7,8 @@ and leaves loading, tokenisation and everything else to ``HFLM``.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 
 import torch
@@ -33,6 +35,19 @@ eval_logger = logging.getLogger("lm_eval.models.streaming_hf")
 MODEL_NAME = "streaming_hf"
 
 
+def _refuse_misspelt_args(kwargs: dict) -> None:
+    """Unknown model args go on to transformers' ``from_pretrained``; a misspelt streaming one is refused here."""
+    ours = [name for name in inspect.signature(StreamingHFLM.__init__).parameters
+            if name not in ("self", "pretrained", "kwargs")]
+    hflm = inspect.signature(HFLM.__init__).parameters
+    for key in kwargs:
+        close = difflib.get_close_matches(key, ours, n=1, cutoff=0.7) if key not in hflm else []
+        if close:
+            raise ValueError(
+                f"unknown model arg {key!r}; did you mean {close[0]!r}? streaming_hf's own args: {', '.join(ours)}"
+            )
+
+
 class StreamingHFLM(HFLM):
     """``HFLM`` whose every request type is computed through a bounded streaming cache.
 
@@ -53,6 +68,7 @@ class StreamingHFLM(HFLM):
         stride=None,
         **kwargs,
     ) -> None:
+        _refuse_misspelt_args(kwargs)
         # Validate before HFLM loads anything; the ratio needs max_length, known later.
         self._streaming_args = dict(
             start_size=start_size,

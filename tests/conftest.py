@@ -46,3 +46,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    """The tiny checkpoint loaded once per module: (model, tokenizer)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny):
+    """Dense lm-eval ``hf`` on the tiny model."""
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = tiny
+    return HFLM(pretrained=model, tokenizer=tokenizer)

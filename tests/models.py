@@ -78,3 +78,11 @@ def save_tiny(out_dir: Path, config=None) -> Path:
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def streaming(tiny, **kwargs):
+    """``streaming_hf`` on an already loaded (model, tokenizer) pair."""
+    from streaming_lm import StreamingHFLM
+
+    model, tokenizer = tiny
+    return StreamingHFLM(pretrained=model, tokenizer=tokenizer, **kwargs)

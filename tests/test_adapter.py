@@ -1,7 +1,6 @@
 """The lm-eval adapter on a tiny local checkpoint: arguments, dense equality, refusals."""
 
 import pytest
-import torch
 import transformers
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM

@@ -26,6 +26,8 @@ from streaming_lm.chunked import score_stream_chunked
 from streaming_lm.rotary import find_rotary
 from streaming_lm.scoring import score_stream
 from streaming_lm.settings import StreamingSettings
+from streaming_lm.stream import Stream
+from streaming_lm import ring_cache
 
 START, RECENT, CHUNK = 4, 16, 7  # C = 20; chunks of 7 cross the eviction boundary at odd places
 CAPACITY = START + RECENT
@@ -156,6 +158,18 @@ def test_long_stream_chunked_equals_token_and_stays_bounded(model, ids, position
     assert perplexity(chunked.logprobs) == pytest.approx(perplexity(token.logprobs), rel=1e-5)
     # It streamed: not the dense numbers.
     assert (token.logprobs - dense_logprobs(model, ids)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("positions", ["shifted", "original"])
+def test_decode_steps_equal_the_token_loop(model, ids, positions, monkeypatch):
+    """Generation's path (chunked read, then RingWindowCache steps with frame resets) gives the token loop's numbers."""
+    monkeypatch.setattr(ring_cache, "REBASE_EVERY", 6)
+    stream = Stream(model, settings(positions), find_rotary(model))
+    logits = torch.cat([stream.read(ids[:25])] + [stream.step(int(token))[None] for token in ids[25:-1]])
+    stepped = torch.log_softmax(logits, -1).gather(-1, ids[1:, None])[:, 0]
+    token = score_stream(model, ids, settings(positions), find_rotary(model))
+    torch.testing.assert_close(stepped, token.logprobs, rtol=0, atol=TOL)
+    assert stream.evicted == token.evicted and stream.max_held == CAPACITY
 
 
 def test_original_equals_masked_single_pass(model, ids):

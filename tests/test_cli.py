@@ -7,24 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from local_tasks import ROLLING_YAML, write_task
 
-TASK_YAML = """\
-task: tiny_rolling
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - metric: word_perplexity
-  - metric: byte_perplexity
-  - metric: bits_per_byte
-metadata:
-  version: 1.0
-"""
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +16,7 @@ def task_dir(tmp_path_factory, excerpt_text):
     root = tmp_path_factory.mktemp("tasks")
     lines = [line for line in excerpt_text.splitlines() if line.strip()][:3]
     docs = [{"text": "\n".join(lines[:2])[:400]}, {"text": lines[2][:300]}]
-    data = root / "docs.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (root / "tiny_rolling.yaml").write_text(TASK_YAML.format(data=data))
-    return root
+    return write_task(root, "tiny_rolling", ROLLING_YAML, docs)
 
 
 def run_cli(command, tmp_path, model, model_args, task_dir, tasks="tiny_rolling"):

@@ -14,7 +14,7 @@ import pytest
 
 from streaming_lm import compare
 
-from test_cli import TASK_YAML
+from local_tasks import ROLLING_YAML, write_task
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 RUNS = ["hf", "streaming_s0_r16_shifted", "streaming_s0_r32_shifted", "streaming_s4_r16_shifted",
@@ -48,10 +48,7 @@ def task_dir(tmp_path_factory, excerpt_text):
     # Byte tokenizer: ~240 + ~120 tokens, well over C <= 36, so every setting evicts.
     root = tmp_path_factory.mktemp("compare_tasks")
     lines = [line.strip() for line in excerpt_text.splitlines() if line.strip()]
-    data = root / "docs.jsonl"
-    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in (lines[1][:240], lines[2][:120])))
-    (root / "tiny_rolling.yaml").write_text(TASK_YAML.format(data=data))
-    return root
+    return write_task(root, "tiny_rolling", ROLLING_YAML, [{"text": text} for text in (lines[1][:240], lines[2][:120])])
 
 
 @pytest.fixture(scope="module")

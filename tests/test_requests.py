@@ -8,39 +8,22 @@
 - memory stays at C tokens however long the generation.
 """
 
-import json
 
 import pytest
 import torch
-import transformers
 from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
-from streaming_lm import StreamingHFLM
+from local_tasks import MC_YAML, write_task
+from models import streaming
 from streaming_lm.continuation import score_continuations
 from streaming_lm.generation import generate
 from streaming_lm.rotary import find_rotary
 from streaming_lm.scoring import score_stream
 from streaming_lm.settings import StreamingSettings
 
-MC_YAML = """\
-task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: choices
-doc_to_target: answer
-metric_list:
-  - metric: acc
-metadata:
-  version: 1.0
-"""
 
 GEN_YAML = """\
 task: tiny_gen
@@ -80,29 +63,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    return model, transformers.AutoTokenizer.from_pretrained(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def hf(tiny):
-    model, tokenizer = tiny
-    return HFLM(pretrained=model, tokenizer=tokenizer)
-
-
-def streaming(tiny, **kwargs):
-    model, tokenizer = tiny
-    return StreamingHFLM(pretrained=model, tokenizer=tokenizer, **kwargs)
-
-
-@pytest.fixture(scope="module")
 def task_manager(tmp_path_factory):
     root = tmp_path_factory.mktemp("request_tasks")
-    for name, yaml, docs in (("tiny_mc", MC_YAML, MC_DOCS), ("tiny_gen", GEN_YAML, GEN_DOCS)):
-        data = root / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-        (root / f"{name}.yaml").write_text(yaml.format(data=data))
+    write_task(root, "tiny_mc", MC_YAML, MC_DOCS)
+    write_task(root, "tiny_gen", GEN_YAML, GEN_DOCS)
     return TaskManager(include_path=str(root))
 
 

@@ -78,6 +78,8 @@ def read_text_file(path):
 def load_wikitext_stream(text_file=None, max_words=None, **_metadata):
     """custom_dataset of `wikitext_streaming`: the Hub test split, or ``text_file`` if given."""
     if text_file:
+        if not Path(text_file).expanduser().is_file():
+            raise FileNotFoundError(f"text_file must be a readable text file (--metadata); no such file: {text_file}")
         return build_stream(split_articles(read_text_file(text_file)), max_words, str(text_file))
     pages = datasets.load_dataset(HUB_PATH, HUB_NAME, split=HUB_SPLIT)["page"]
     return build_stream(list(pages), max_words, f"{HUB_PATH}/{HUB_NAME}:{HUB_SPLIT}")

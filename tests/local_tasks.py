@@ -1,0 +1,50 @@
+"""Tiny lm-eval tasks over local JSONL files, for the tests that run lm-eval end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROLLING_YAML = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+metadata:
+  version: 1.0
+"""
+
+MC_YAML = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: choices
+doc_to_target: answer
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+metadata:
+  version: 1.0
+"""
+
+
+def write_task(root: Path, name: str, yaml: str, docs: list[dict]) -> Path:
+    """``docs`` as ``root/name.jsonl`` and the task ``name`` as ``root/name.yaml`` (``yaml`` a template above)."""
+    data = root / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    (root / f"{name}.yaml").write_text(yaml.format(name=name, data=data))
+    return root

@@ -1,0 +1,425 @@
+"""Every bad input the package rejects: one case per row of README's "Bad inputs and their errors".
+
+Each case checks the exception (or exit status), the exact start of the message, and that the message
+names the argument and its allowed values. Model arguments and script flags must fail before anything
+is loaded: the loaders are patched to raise, and model arguments point at a path that does not exist.
+The last test keeps the README table and the cases here in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from lm_eval.api.instance import Instance
+
+import streaming_lm.scoring
+from streaming_lm import StreamingHFLM, compare
+
+REPO = Path(__file__).resolve().parents[1]
+NOWHERE = "/nonexistent/model"
+LOADERS = (transformers.AutoModelForCausalLM, transformers.AutoModelForSeq2SeqLM, transformers.AutoTokenizer,
+           transformers.AutoConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    id: str
+    error: str  # exception class name, or "exit 2" (argparse error) / "exit 1" (sys.exit(message))
+    message: str  # the exact start of the message; PATH stands for a path
+    names: tuple[str, ...]  # the argument and its allowed values, somewhere in the message
+    run: Callable  # run(ctx) must raise
+    loads: str = "nothing"  # what may load before the error: "nothing", "config" (no weights), "model"
+
+
+# ---------------------------------------------------------------- helpers used by the cases
+
+
+def model_args(**kwargs):
+    return lambda ctx: StreamingHFLM(pretrained=NOWHERE, **kwargs)
+
+
+def on_model(name):
+    return lambda ctx: StreamingHFLM(pretrained=str(ctx.checkpoint(name)), device="cpu", start_size=4,
+                                     recent_size=60)
+
+
+def loglikelihood(*pairs):
+    return lambda ctx: ctx.lm().loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+
+
+def generate(gen_kwargs):
+    return lambda ctx: ctx.lm().generate_until([Instance("generate_until", {}, ("Hello", gen_kwargs), 0)])
+
+
+def no_eviction(ctx):
+    # A model that never receives the streaming cache (here: handed under a name its forward ignores)
+    # builds its own dense cache; the stream then ends without a single eviction.
+    ctx.monkeypatch.setattr(streaming_lm.scoring, "cache_kwarg", lambda model: "not_the_cache")
+    lm = ctx.lm(method="token", start_size=4, recent_size=16)
+    lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("x" * 40,), 0)], disable_tqdm=True)
+
+
+def task(name, **metadata):
+    def run(ctx):
+        from lm_eval.tasks import TaskManager
+
+        TaskManager(include_path=str(REPO / "tasks"), include_defaults=False, metadata=metadata).load([name])
+    return run
+
+
+def throughput(*argv):
+    def run(ctx):
+        spec = importlib.util.spec_from_file_location("throughput_script", REPO / "scripts" / "throughput.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.main(["--pretrained", NOWHERE, *argv])
+    return run
+
+
+def bench_eval(*argv, pretrained=True):
+    def run(ctx):
+        spec = importlib.util.spec_from_file_location("bench_eval_script", REPO / "scripts" / "bench_eval.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.main([*(["--pretrained", NOWHERE] if pretrained else []), *argv])
+    return run
+
+
+def compare_cli(*argv, base=True):
+    def run(ctx):
+        args = ["--pretrained", NOWHERE, "--tasks", "tiny", "--recent-sizes", "16",
+                "--output-dir", str(ctx.tmp_path / "out")] if base else []
+        options = dict(zip(args[::2], args[1::2]))
+        for key, value in zip(argv[::2], argv[1::2]):
+            value = value.replace("TMP", str(ctx.tmp_path))
+            if value == "DROP":
+                options.pop(key, None)
+            else:
+                options[key] = value
+        compare.main([item for pair in options.items() for item in pair])
+    return run
+
+
+def no_matplotlib(ctx):
+    ctx.monkeypatch.setitem(sys.modules, "matplotlib", None)  # "import matplotlib" raises ImportError
+    throughput("--plot", str(ctx.tmp_path / "plot.png"))(ctx)
+
+
+def write(ctx, name, text):
+    path = ctx.tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def bad_reference(ctx):
+    path = write(ctx, "reference.csv", "task,metric,value,source\ntiny,word_perplexity,high,paper\n")
+    compare_cli("--from-results", str(ctx.tmp_path), "--reference", str(path), "--pretrained", "DROP",
+                "--tasks", "DROP")(ctx)
+
+
+# ---------------------------------------------------------------- the cases (README table order)
+
+CASES = [
+    # model args (streaming_hf), all before anything loads
+    Case("start_size-negative", "ValueError", "start_size must be an integer >= 0, got -1", ("start_size", ">= 0"),
+         model_args(start_size=-1)),
+    Case("start_size-not-an-integer", "ValueError", "start_size must be an integer >= 0, got 2.5",
+         ("start_size", ">= 0"), model_args(start_size=2.5)),
+    Case("recent_size-zero", "ValueError", "recent_size must be an integer >= 1, got 0", ("recent_size", ">= 1"),
+         model_args(recent_size=0)),
+    Case("recent_size-not-an-integer", "ValueError", "recent_size must be an integer >= 1, got 'many'",
+         ("recent_size", ">= 1"), model_args(recent_size="many")),
+    Case("recent_size-and-compression_ratio", "ValueError", "give either recent_size or compression_ratio, not both",
+         ("recent_size", "compression_ratio"), model_args(recent_size=16, compression_ratio=0.5)),
+    Case("compression_ratio-out-of-range", "ValueError", "compression_ratio must be in [0, 1), got 1.0",
+         ("compression_ratio", "[0, 1)"), model_args(compression_ratio=1.0)),
+    Case("compression_ratio-not-a-number", "ValueError", "compression_ratio must be a number in [0, 1), got 'half'",
+         ("compression_ratio", "[0, 1)"), model_args(compression_ratio="half")),
+    Case("compression_ratio-no-recent-token", "ValueError",
+         "compression_ratio=0.99 with max_length=100 gives a cache of 1 tokens, which leaves recent_size=-3",
+         ("compression_ratio", "recent_size must be >= 1"), model_args(compression_ratio=0.99, max_length=100)),
+    Case("compression_ratio-no-recent-token-config", "ValueError",
+         "compression_ratio=0.5 with max_length=16 gives a cache of 8 tokens, which leaves recent_size=0",
+         ("compression_ratio", "recent_size must be >= 1"),
+         lambda ctx: StreamingHFLM(pretrained=str(ctx.checkpoint("llama-16")), device="cpu", start_size=8,
+                                   compression_ratio=0.5),
+         loads="config"),
+    Case("max_length-not-positive", "ValueError", "max_length must be an integer >= 1, got 0", ("max_length", ">= 1"),
+         model_args(compression_ratio=0.5, max_length=0)),
+    Case("positions-unknown", "ValueError", "positions must be one of shifted, original; got 'absolute'",
+         ("positions", "shifted", "original"), model_args(positions="absolute")),
+    Case("method-unknown", "ValueError", "method must be one of chunked, token, recompute",
+         ("method", "chunked", "token", "recompute"), model_args(method="fast")),
+    Case("stride-zero", "ValueError", "stride must be an integer >= 1, got 0", ("stride", ">= 1"),
+         model_args(method="recompute", stride=0)),
+    Case("stride-above-recent_size", "ValueError", "stride must be an integer in [1, recent_size=8], got 9",
+         ("stride", "recent_size"), model_args(method="recompute", recent_size=8, stride=9)),
+    Case("stride-without-recompute", "ValueError", "stride applies to method=recompute only; got stride=4 with "
+         "method=chunked", ("stride", "method=recompute"), model_args(stride=4)),
+    Case("recompute-positions-original", "ValueError", "positions=original does not apply to method=recompute",
+         ("positions", "shifted"), model_args(method="recompute", positions="original")),
+    Case("chunk_size-zero", "ValueError", "chunk_size must be an integer >= 1, got 0", ("chunk_size", ">= 1"),
+         model_args(chunk_size=0)),
+    Case("misspelt-arg", "ValueError", "unknown model arg 'recent_sise'; did you mean 'recent_size'?",
+         ("recent_sise", "recent_size", "start_size", "chunk_size"), model_args(recent_sise=60)),
+    # models, refused after loading
+    Case("model-encoder-decoder", "NotImplementedError", "streaming_lm supports decoder-only models; t5 is",
+         ("t5", "decoder-only"), on_model("t5"), loads="model"),
+    Case("model-sliding-window", "NotImplementedError", "mistral has sliding-window attention layers",
+         ("window 8", "start_size + recent_size <= 7"), on_model("mistral"), loads="model"),
+    Case("model-recurrent", "NotImplementedError", "mamba has cache layers of kind ['LinearAttentionLayer']",
+         ("recurrent", "Supported:", "full_attention"), on_model("mamba"), loads="model"),
+    Case("model-unlisted-architecture", "NotImplementedError", "streaming_lm does not support model_type 'opt'",
+         ("'opt'", "llama", "gpt2"), on_model("opt"), loads="model"),
+    Case("model-dynamic-rope", "NotImplementedError", "llama uses rope_type 'dynamic'",
+         ("rope_type", "default", "linear"), on_model("llama-dynamic"), loads="model"),
+    # requests
+    Case("loglikelihood-empty-continuation", "ValueError", "context and every continuation need at least one token",
+         ("continuation", "at least one token"), loglikelihood(("a context", "")), loads="model"),
+    Case("generate-unsupported-kwargs", "NotImplementedError",
+         "streaming_hf generate_until does not support generation kwargs ['num_beams']",
+         ("num_beams", "until, max_gen_toks, do_sample, temperature, top_k, top_p"),
+         generate({"num_beams": 4}), loads="model"),
+    Case("generate-sampling-without-temperature", "ValueError", "do_sample=True needs a temperature > 0, got 0.0",
+         ("temperature", "> 0"), generate({"do_sample": True, "temperature": 0.0}), loads="model"),
+    Case("stream-without-eviction", "NoEvictionError",
+         "a stream of 41 tokens passed a cache of 20 tokens without a single eviction", ("cache", "eviction"),
+         no_eviction, loads="model"),
+    # tasks in tasks/wikitext_streaming
+    Case("task-max_words-zero", "ValueError", "max_words must be >= 1, got 0", ("max_words", ">= 1"),
+         task("wikitext_streaming_sample", max_words=0)),
+    Case("task-text_file-missing", "FileNotFoundError",
+         "text_file must be a readable text file (--metadata); no such file: PATH", ("text_file",),
+         task("wikitext_streaming", text_file="/nonexistent/wiki.test.raw")),
+    # scripts/throughput.py
+    Case("throughput-recent-size", "exit 2", "--recent-size must be an integer >= 1, got 0", ("--recent-size", ">= 1"),
+         throughput("--recent-size", "0")),
+    Case("throughput-start-size", "exit 2", "--start-size must be an integer >= 0, got -1", ("--start-size", ">= 0"),
+         throughput("--start-size", "-1")),
+    Case("throughput-recent-size-and-ratio", "exit 2", "give either --recent-size or --compression-ratio, not both",
+         ("--recent-size", "--compression-ratio"), throughput("--recent-size", "8", "--compression-ratio", "0.5")),
+    Case("throughput-compression-ratio", "exit 2", "--compression-ratio must be in [0, 1), got 1.5",
+         ("--compression-ratio", "[0, 1)"), throughput("--compression-ratio", "1.5")),
+    Case("throughput-ratio-no-recent-token", "exit 2", "--compression-ratio=0.99 with max_length=100 gives a cache",
+         ("--recent-size must be >= 1",), throughput("--compression-ratio", "0.99", "--max-length", "100")),
+    Case("throughput-positions", "exit 2", "argument --positions: invalid choice: 'sideways'",
+         ("--positions", "shifted", "original"), throughput("--positions", "sideways")),
+    Case("throughput-dtype", "exit 2", "argument --dtype: invalid choice: 'float8'", ("--dtype", "bfloat16"),
+         throughput("--dtype", "float8")),
+    Case("throughput-new-tokens", "exit 2", "--new-tokens must be an integer >= 2, got 1", ("--new-tokens", ">= 2"),
+         throughput("--new-tokens", "1")),
+    Case("throughput-prompt-tokens", "exit 2", "--prompt-tokens must be an integer >= 0, got -1",
+         ("--prompt-tokens", ">= 0"), throughput("--prompt-tokens", "-1")),
+    Case("throughput-ppl-tokens", "exit 2", "--ppl-tokens must be 0 (skip) or an integer >= 2, got 1",
+         ("--ppl-tokens", ">= 2"), throughput("--ppl-tokens", "1")),
+    Case("throughput-prompt-file", "exit 2", "--prompt-file: no such file PATH", ("--prompt-file",),
+         throughput("--prompt-file", "/nonexistent.txt")),
+    Case("throughput-ppl-file", "exit 2", "--ppl-file: no such file PATH", ("--ppl-file",),
+         throughput("--ppl-file", "/nonexistent.txt")),
+    Case("throughput-plot-without-matplotlib", "exit 2", "--plot needs matplotlib: pip install 'streaming-lm[plot]'",
+         ("--plot", "matplotlib"), no_matplotlib),
+    Case("throughput-device-cuda", "exit 2", "--device cuda:7: CUDA is not available (use --device cpu)",
+         ("--device", "cpu"), throughput("--device", "cuda:7")),
+    # scripts/bench_eval.py
+    Case("bench-recent_size", "ValueError", "recent_size must be an integer >= 1, got 0", ("recent_size", ">= 1"),
+         bench_eval("--recent_size", "0")),
+    Case("bench-chunk_size", "ValueError", "chunk_size must be an integer >= 1, got 0", ("chunk_size", ">= 1"),
+         bench_eval("--chunk_size", "0")),
+    Case("bench-positions", "exit 2", "argument --positions: invalid choice: 'sideways'",
+         ("--positions", "shifted", "original"), bench_eval("--positions", "sideways")),
+    Case("bench-methods", "exit 1", "--methods: unknown ['fastest']; allowed: dense, token, chunked, bare, recompute",
+         ("--methods", "dense", "chunked"), bench_eval("--methods", "dense,fastest")),
+    Case("bench-strides", "ValueError", "stride must be an integer in [1, recent_size=28], got 40",
+         ("stride", "recent_size"), bench_eval("--recent_size", "28", "--methods", "recompute", "--strides", "40")),
+    Case("bench-no-pretrained", "exit 1", "give --pretrained or pretrained= in --model_args",
+         ("--pretrained", "--model_args"), bench_eval(pretrained=False)),
+    Case("bench-tokens", "exit 1", "--tokens must be an integer >= 2, got 1", ("--tokens", ">= 2"),
+         bench_eval("--tokens", "1")),
+    Case("bench-text_file", "exit 1", "--text_file: no such file PATH", ("--text_file",),
+         bench_eval("--text_file", "/nonexistent.txt")),
+    # python -m streaming_lm compare
+    Case("compare-sizes-and-ratios", "exit 2", "give --recent-sizes or --compression-ratios, not both",
+         ("--recent-sizes", "--compression-ratios"), compare_cli("--compression-ratios", "0.5")),
+    Case("compare-no-sizes", "exit 2", "give --recent-sizes or --compression-ratios (comma-separated lists)",
+         ("--recent-sizes", "--compression-ratios"), compare_cli("--recent-sizes", "DROP")),
+    Case("compare-ratio-not-a-number", "exit 2", "--compression-ratios: 'half' is not a valid value; expected",
+         ("--compression-ratios", "numbers"), compare_cli("--recent-sizes", "DROP", "--compression-ratios", "half")),
+    Case("compare-bad-setting", "exit 2",
+         "bad grid setting (start_size=4 recent_size=0 positions=shifted): recent_size must be an integer >= 1",
+         ("recent_size", ">= 1"), compare_cli("--recent-sizes", "16,0")),
+    Case("compare-bad-positions", "exit 2", "bad grid setting (start_size=4 recent_size=16 positions=sideways)",
+         ("positions", "shifted", "original"), compare_cli("--positions", "sideways")),
+    Case("compare-bad-method", "exit 2", "bad grid setting (start_size=4 recent_size=16 positions=shifted "
+         "method=fastest)", ("method", "chunked", "token"), compare_cli("--method", "fastest")),
+    Case("compare-bad-chunk-size", "exit 2", "bad grid setting (start_size=4 recent_size=16 positions=shifted "
+         "chunk_size=0): chunk_size must be an integer >= 1", ("chunk_size", ">= 1"), compare_cli("--chunk-size", "0")),
+    Case("compare-model_args-sets-grid", "exit 2", "--model_args must not set start_size: the grid sets them",
+         ("--model_args", "start_size"), compare_cli("--model_args", "dtype=float32,start_size=4")),
+    Case("compare-no-pretrained", "exit 2", "give --pretrained (or pretrained=... in --model_args)",
+         ("--pretrained",), compare_cli("--pretrained", "DROP")),
+    Case("compare-no-tasks", "exit 2", "give --tasks (or --from-results DIR)", ("--tasks",),
+         compare_cli("--tasks", "DROP")),
+    Case("compare-no-output-dir", "exit 2", "give --output-dir: every run is saved there",
+         ("--output-dir",), compare_cli("--output-dir", "DROP")),
+    Case("compare-metadata", "exit 2", "--metadata must be a JSON object or key=val,...; got '[1, 2]'",
+         ("--metadata", "JSON object"), compare_cli("--metadata", "[1, 2]")),
+    Case("compare-from-results-and-run", "exit 2",
+         "--from-results reads existing results: drop --pretrained and --tasks", ("--from-results", "--pretrained"),
+         compare_cli("--from-results", "TMP")),
+    Case("compare-from-results-missing", "exit 2", "--from-results: PATH is not a directory", ("--from-results",),
+         compare_cli("--from-results", "TMP/missing", base=False)),
+    Case("compare-from-results-empty", "exit 2", "--from-results: no hf or streaming_hf results_*.json under PATH",
+         ("--from-results", "results_*.json"), compare_cli("--from-results", "TMP", base=False)),
+    Case("compare-reference", "exit 2", "--reference PATH: row 1 needs task, metric and a numeric value",
+         ("--reference", "task, metric"), bad_reference),
+]
+
+
+# ---------------------------------------------------------------- running a case
+
+
+class Context:
+    def __init__(self, tmp_path, monkeypatch, checkpoints, tiny_model):
+        self.tmp_path, self.monkeypatch = tmp_path, monkeypatch
+        self._checkpoints, self._tiny_model = checkpoints, tiny_model
+
+    def checkpoint(self, name) -> Path:
+        return self._checkpoints(name)
+
+    def lm(self, **kwargs) -> StreamingHFLM:
+        model, tokenizer = self._tiny_model()
+        return StreamingHFLM(pretrained=model, tokenizer=tokenizer, **({"start_size": 4, "recent_size": 60} | kwargs))
+
+
+TINY = dict(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Tiny checkpoints of the refused architectures, built when first asked for."""
+    from models import save_tiny, tiny_tokenizer
+
+    configs = {
+        "llama-16": lambda: transformers.LlamaConfig(**TINY, max_position_embeddings=16),
+        "mistral": lambda: transformers.MistralConfig(**TINY, sliding_window=8),
+        "mamba": lambda: transformers.MambaConfig(vocab_size=258, hidden_size=32, num_hidden_layers=1, state_size=4),
+        "opt": lambda: transformers.OPTConfig(vocab_size=258, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                                              num_attention_heads=2, word_embed_proj_dim=32),
+        "llama-dynamic": lambda: transformers.LlamaConfig(**TINY, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+    }
+    made = {}
+
+    def get(name):
+        if name not in made:
+            folder = tmp_path_factory.mktemp(name)
+            if name == "t5":  # save_tiny builds causal LMs only
+                config = transformers.T5Config(vocab_size=258, d_model=32, d_kv=16, d_ff=64, num_layers=1,
+                                               num_heads=2, decoder_start_token_id=0)
+                torch.manual_seed(0)
+                transformers.T5ForConditionalGeneration(config).save_pretrained(folder)
+                tiny_tokenizer().save_pretrained(folder)
+            else:
+                save_tiny(folder, configs[name]())
+            made[name] = folder
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_dir):
+    loaded = []
+
+    def get():
+        if not loaded:
+            model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+            loaded.append((model, transformers.AutoTokenizer.from_pretrained(tiny_dir)))
+        return loaded[0]
+
+    return get
+
+
+def refuse_loading(monkeypatch, what: str) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("loaded before the input was checked")
+
+    if what == "nothing":
+        for loader in LOADERS:
+            monkeypatch.setattr(loader, "from_pretrained", fail)
+    elif what == "config":  # config and tokenizer may load, weights may not
+        monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fail)
+    import lm_eval
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("evaluation started before the input was checked")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", no_evaluation)
+
+
+def failure(case: Case, ctx: Context, capsys) -> tuple[str, str]:
+    """(error kind, message) of running the case."""
+    try:
+        case.run(ctx)
+    except SystemExit as exit_info:
+        if isinstance(exit_info.code, str):  # sys.exit(message): status 1, the message on stderr
+            return "exit 1", exit_info.code
+        err = capsys.readouterr().err
+        return f"exit {exit_info.code}", err.rsplit("error: ", 1)[-1].strip()
+    except Exception as error:  # noqa: BLE001
+        return type(error).__name__, str(error)
+    pytest.fail(f"{case.id}: nothing was rejected")
+
+
+def message_pattern(message: str) -> str:
+    return ".+?".join(re.escape(part) for part in message.split("PATH"))
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_rejected(case, tmp_path, monkeypatch, capsys, checkpoints, tiny_model):
+    if case.id == "throughput-device-cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(key, "1")
+    ctx = Context(tmp_path, monkeypatch, checkpoints, tiny_model)
+    if case.loads == "config":
+        checkpoints("llama-16")  # built before the loaders are refused
+    refuse_loading(monkeypatch, case.loads)
+    kind, message = failure(case, ctx, capsys)
+    assert kind == case.error, message
+    assert re.match(message_pattern(case.message), message), message
+    for name in case.names:
+        assert name in message, (name, message)
+
+
+# ---------------------------------------------------------------- the README table
+
+
+def readme_rows() -> list[tuple[str, str, str]]:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Bad inputs and their errors", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+        if len(cells) == 3 and cells[2].startswith("`") and not set(cells[0]) <= {"-", " "}:
+            rows.append(tuple(cells))
+    return rows
+
+
+def test_readme_table_lists_every_case():
+    rows = readme_rows()
+    by_id = {case.id: case for case in CASES}
+    assert [row[2].strip("`") for row in rows] == [case.id for case in CASES]
+    for _, error, case_id in rows:
+        case = by_id[case_id.strip("`")]
+        kind, message = re.fullmatch(r"`(.+?)`: `(.+)`", error).groups()
+        assert (kind, message.replace("\\|", "|")) == (case.error, case.message), case.id
