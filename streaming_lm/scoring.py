@@ -48,11 +48,25 @@ def check_evicted(n_tokens: int, evicted: int, settings: StreamingSettings) -> N
         )
 
 
+def check_positions_fit(model, n_tokens: int, settings: StreamingSettings, shift: RotaryShift | None) -> None:
+    """Learned absolute positions end at max_position_embeddings; positions=original reads token t at t."""
+    if shift is not None or settings.positions != "original" or settings.method == "recompute":
+        return
+    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    if limit is not None and n_tokens > limit:
+        raise ValueError(
+            f"positions=original reads token t at position t, but {model.config.model_type} has learned positions "
+            f"0..{limit - 1} only and this stream has {n_tokens} tokens; use positions=shifted (positions stay "
+            f"below C) or streams of at most {limit} tokens"
+        )
+
+
 def score(
     model, token_ids, settings: StreamingSettings, shift: RotaryShift | None, progress: bool = False,
     batch_size: int = 1,
 ):
     """Score one stream with the method the settings name (``batch_size``: recompute windows per pass)."""
+    check_positions_fit(model, len(token_ids), settings, shift)
     if settings.method == "recompute":
         from .recompute import score_stream_recompute
 

@@ -27,7 +27,7 @@ from .cache import SinkWindowCache, num_decoder_layers
 from .chunked import PLAN_KWARG, chunk_attention, plan_chunk
 from .ring_cache import RingWindowCache
 from .rotary import RotaryShift
-from .scoring import cache_kwarg, position_of
+from .scoring import cache_kwarg, check_positions_fit, position_of
 from .settings import StreamingSettings
 
 
@@ -79,6 +79,7 @@ class Stream:
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(self.model.device)
         if ids.numel() == 0:
             raise ValueError("read() needs at least one token")
+        check_positions_fit(self.model, self.n + ids.numel(), self.settings, self.shift)
         if not self._chunked or self._ring:
             logits = [self.step(int(token)) for token in ids]
             return torch.stack(logits[-1:] if last_only else logits)
@@ -102,6 +103,7 @@ class Stream:
         ``method="token"``: exactly the token loop of ``score_stream``. ``method="chunked"``: the
         same numbers from a ``RingWindowCache`` (no copies, no per-token re-rotation).
         """
+        check_positions_fit(self.model, self.n + 1, self.settings, self.shift)
         if self._chunked and not self._ring:
             if self.n == 0:  # the slots take their shapes from a filled cache: read the first token as a chunk
                 return self.read([token])[-1]

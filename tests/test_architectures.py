@@ -24,7 +24,7 @@ from streaming_lm import StreamingHFLM
 from streaming_lm.cache import SUPPORTED_ARCHITECTURES, check_model_supported
 from streaming_lm.chunked import score_stream_chunked
 from streaming_lm.rotary import find_rotary
-from streaming_lm.scoring import score_stream
+from streaming_lm.scoring import score, score_stream
 from streaming_lm.settings import StreamingSettings
 from streaming_lm.stream import Stream
 from streaming_lm import ring_cache
@@ -321,3 +321,20 @@ def test_adapter_refuses_an_unsupported_model_type_at_construction(tmp_path):
     folder = save_tiny(tmp_path / "bloom", config)
     with pytest.raises(NotImplementedError, match="does not support model_type 'bloom'.*" + SUPPORTED_LIST):
         StreamingHFLM(pretrained=str(folder), **ADAPTER)
+
+
+def test_original_positions_beyond_learned_ones_are_refused(one_thread):
+    """gpt2 reads token t at position t with positions=original: a longer stream gets a named error, not an IndexError."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=CAPACITY + 10)).eval()
+    ids = torch.randint(3, 64, (CAPACITY + 11,))
+    message = r"positions=original reads token t at position t, but gpt2 has learned positions 0\.\.29 only"
+    for method in ("token", "chunked"):
+        with pytest.raises(ValueError, match=message):
+            score(model, ids, StreamingSettings(START, RECENT, "original", method=method), None)
+    stream = Stream(model, StreamingSettings(START, RECENT, "original"), None)
+    stream.read(ids[:-1])
+    with pytest.raises(ValueError, match=message):
+        stream.step(int(ids[-1]))
+    assert score(model, ids, StreamingSettings(START, RECENT, "shifted"), None).evicted > 0  # shifted streams on

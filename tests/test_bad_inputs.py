@@ -55,6 +55,12 @@ def loglikelihood(*pairs):
     return lambda ctx: ctx.lm().loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
 
 
+def gpt2_original_long(ctx):
+    lm = StreamingHFLM(pretrained=str(ctx.checkpoint("gpt2-32")), device="cpu", start_size=4, recent_size=16,
+                       positions="original")
+    lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("x" * 40,), 0)])
+
+
 def generate(gen_kwargs):
     return lambda ctx: ctx.lm().generate_until([Instance("generate_until", {}, ("Hello", gen_kwargs), 0)])
 
@@ -190,6 +196,9 @@ CASES = [
          generate({"num_beams": 4}), loads="model"),
     Case("generate-sampling-without-temperature", "ValueError", "do_sample=True needs a temperature > 0, got 0.0",
          ("temperature", "> 0"), generate({"do_sample": True, "temperature": 0.0}), loads="model"),
+    Case("original-positions-beyond-learned", "ValueError",
+         "positions=original reads token t at position t, but gpt2 has learned positions 0..31 only and this "
+         "stream has 41 tokens", ("positions=original", "positions=shifted"), gpt2_original_long, loads="model"),
     Case("stream-without-eviction", "NoEvictionError",
          "a stream of 41 tokens passed a cache of 20 tokens without a single eviction", ("cache", "eviction"),
          no_eviction, loads="model"),
@@ -314,6 +323,7 @@ def checkpoints(tmp_path_factory):
         "mamba": lambda: transformers.MambaConfig(vocab_size=258, hidden_size=32, num_hidden_layers=1, state_size=4),
         "opt": lambda: transformers.OPTConfig(vocab_size=258, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
                                               num_attention_heads=2, word_embed_proj_dim=32),
+        "gpt2-32": lambda: transformers.GPT2Config(vocab_size=258, n_embd=32, n_layer=1, n_head=2, n_positions=32),
         "llama-dynamic": lambda: transformers.LlamaConfig(**TINY, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
     }
     made = {}
