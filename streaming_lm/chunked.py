@@ -18,9 +18,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
-from .cache import SinkWindowCache, num_decoder_layers
 from .rotary import RotaryShift
-from .scoring import StreamScore, cache_kwarg, check_evicted
+from .scoring import StreamScore, check_evicted
 from .settings import StreamingSettings
 
 ATTENTION_NAME = "streaming_lm_chunked"
@@ -99,26 +98,18 @@ def score_stream_chunked(
     progress: bool = False,
 ) -> StreamScore:
     """Streaming log-probabilities of ``token_ids[1:]``, ``chunk_size`` queries per forward pass."""
+    from .stream import Stream  # stream.py builds on this module
+
     ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1).to(model.device)
     n = ids.numel()
-    # Recent keys live in the local frame in both position modes, so the cache always re-rotates.
-    cache_settings = dataclasses.replace(settings, positions="shifted")
-    cache = SinkWindowCache(num_decoder_layers(model), cache_settings, shift)
-    kwarg = cache_kwarg(model)
     logprobs = torch.empty(max(n - 1, 0), dtype=torch.float32)
-    max_held = 0
-    with chunk_attention(model), tqdm(total=n - 1, disable=not progress, desc="streaming tokens", leave=False) as bar:
-        for a in range(0, n - 1, chunk_size):
-            b = min(a + chunk_size, n - 1)
-            plan, positions = plan_chunk(a, b, settings, shift, ids.device)
-            out = model(
-                input_ids=ids[a:b][None], position_ids=positions[None], use_cache=True,
-                **{kwarg: cache, PLAN_KWARG: plan},
-            )
-            logits = out.logits[0].float()
-            logprobs[a:b] = torch.log_softmax(logits, -1).gather(-1, ids[a + 1 : b + 1, None])[:, 0].cpu()
-            max_held = max(max_held, *cache.held_tokens())
-            bar.update(b - a)
-    evicted = cache.evicted_tokens if n > 1 else 0
-    check_evicted(n, evicted, settings)
-    return StreamScore(logprobs, evicted, max_held)
+    stream = Stream(model, dataclasses.replace(settings, method="chunked", chunk_size=chunk_size, stride=None), shift)
+    if n > 1:
+        with tqdm(total=n - 1, disable=not progress, desc="streaming tokens", leave=False) as bar:
+            # Each pass's logits are reduced at once: never more than chunk_size rows of them.
+            for a, logits in stream.read_passes(ids[:-1]):
+                b = a + logits.shape[0]
+                logprobs[a:b] = torch.log_softmax(logits, -1).gather(-1, ids[a + 1 : b + 1, None])[:, 0].cpu()
+                bar.update(b - a)
+    check_evicted(n, stream.evicted, settings)
+    return StreamScore(logprobs, stream.evicted, stream.max_held)

@@ -12,7 +12,6 @@ import inspect
 import torch
 from tqdm.auto import tqdm
 
-from .cache import SinkWindowCache, num_decoder_layers
 from .rotary import RotaryShift
 from .settings import StreamingSettings
 
@@ -86,18 +85,14 @@ def score_stream(
     shift: RotaryShift | None,
     progress: bool = False,
 ) -> StreamScore:
-    """Token-by-token streaming log-probabilities of ``token_ids[1:]``."""
+    """Token-by-token streaming log-probabilities of ``token_ids[1:]``: the reference loop."""
+    from .stream import Stream  # stream.py builds on this module
+
     ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1).to(model.device)
     n = ids.numel()
-    cache = SinkWindowCache(num_decoder_layers(model), settings, shift)
-    kwarg = cache_kwarg(model)
+    stream = Stream(model, dataclasses.replace(settings, method="token", stride=None), shift)
     logprobs = torch.empty(max(n - 1, 0), dtype=torch.float32)
-    max_held = 0
     for t in tqdm(range(n - 1), disable=not progress, desc="streaming tokens", leave=False):
-        position = torch.tensor([[position_of(t, settings)]], device=ids.device)
-        out = model(input_ids=ids[t : t + 1].view(1, 1), position_ids=position, use_cache=True, **{kwarg: cache})
-        logprobs[t] = torch.log_softmax(out.logits[0, -1].float(), dim=-1)[ids[t + 1]].cpu()
-        max_held = max(max_held, *cache.held_tokens())
-    evicted = cache.evicted_tokens if n > 1 else 0
-    check_evicted(n, evicted, settings)
-    return StreamScore(logprobs, evicted, max_held)
+        logprobs[t] = torch.log_softmax(stream.step(int(ids[t])), dim=-1)[ids[t + 1]].cpu()
+    check_evicted(n, stream.evicted, settings)
+    return StreamScore(logprobs, stream.evicted, stream.max_held)

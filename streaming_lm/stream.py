@@ -1,9 +1,9 @@
 """A stream you can keep reading: a sink+window cache plus the number of tokens read into it.
 
-``score_stream`` and ``score_stream_chunked`` score one whole stream and drop the cache.
-Continuations (``loglikelihood``) and generation need more: read a context, keep the cache,
-then read more tokens, or fork the state and read different continuations from it. ``Stream``
-does that with the same two paths and the same numbers (docs/semantics.md):
+``score_stream`` and ``score_stream_chunked`` (one whole stream, log-probabilities out) read
+through it too. Continuations (``loglikelihood``) and generation need more: read a context,
+keep the cache, then read more tokens, or fork the state and read different continuations from
+it. ``Stream`` does all of it with two paths and the same numbers (docs/semantics.md):
 
 - ``read(ids)``: many tokens per forward pass (the chunked path, or the token loop for
   ``method="token"``);
@@ -76,25 +76,34 @@ class Stream:
     @torch.inference_mode()
     def read(self, ids, last_only: bool = False) -> torch.Tensor:
         """Read tokens x_n.. and return the float32 logits after each ([len, vocab]; [1, vocab] if last_only)."""
+        out = [logits for _, logits in self.read_passes(ids, last_only)]
+        return out[-1][-1:] if last_only else torch.cat(out)
+
+    @torch.inference_mode()
+    def read_passes(self, ids, last_only: bool = False):
+        """``read`` one forward pass at a time: yields ``(offset in ids, float32 logits)`` per pass.
+
+        A caller that reduces each pass's logits at once (``score_stream_chunked``) never holds more
+        than one pass of them. With ``last_only`` a pass yields the logits of its last token only.
+        """
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(self.model.device)
         if ids.numel() == 0:
             raise ValueError("read() needs at least one token")
         check_positions_fit(self.model, self.n + ids.numel(), self.settings, self.shift)
         if not self._chunked or self._ring:
-            logits = [self.step(int(token)) for token in ids]
-            return torch.stack(logits[-1:] if last_only else logits)
-        kwargs = self._kwargs[last_only]
-        chunk, out = self.settings.chunk_size, []
+            for i, token in enumerate(ids):
+                yield i, self.step(int(token))[None]
+            return
+        kwargs, chunk, first = self._kwargs[last_only], self.settings.chunk_size, self.n
         with chunk_attention(self.model):
             for a in range(0, ids.numel(), chunk):
                 b = min(a + chunk, ids.numel())
-                plan, positions = plan_chunk(self.n + a, self.n + b, self.settings, self.shift, ids.device)
+                plan, positions = plan_chunk(first + a, first + b, self.settings, self.shift, ids.device)
                 logits = self.model(input_ids=ids[None, a:b], position_ids=positions[None], **kwargs,
                                     **{PLAN_KWARG: plan}).logits
-                out.append(logits[0].float())
                 self.max_held = max(self.max_held, *self.cache.held_tokens())
-        self.n += ids.numel()
-        return out[-1][-1:] if last_only else torch.cat(out)
+                self.n = first + b
+                yield a, logits[0].float()
 
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:
