@@ -213,7 +213,8 @@ def run_decode(name: str, stream, prompt: list[int], n_new: int, device, show: b
         "peak_kv_bytes": max(kv),
         "held_tokens_end": stream.cache.layers[0].get_seq_length(),
         # The streaming decode cache also allocates one free slot and unrotated sink keys (ring_cache.py).
-        "kv_allocated_bytes_end": stream.cache.allocated_bytes() if hasattr(stream.cache, "allocated_bytes") else kv[-1],
+        "kv_allocated_bytes_end": (stream.cache.allocated_bytes() if hasattr(stream.cache, "allocated_bytes")
+                                   else kv[-1]),  # a DynamicCache allocates what it holds
         "peak_rss_mb": memory.rss_mb,
         "cuda_max_allocated_mb": memory.cuda_mb,
         "tokens": tokens,
@@ -296,10 +297,14 @@ def summarise(results: dict, settings) -> list[str]:
                                  for name, r in (("dense", dense), ("streaming", stream))}
     bytes_per_token = dense["kv_bytes"][-1] // dense["held_tokens_end"]
     stream_tokens = stream["peak_kv_bytes"] / bytes_per_token
+    # The held figure counts tokens; the allocation is read from the tensors themselves, so a cache that
+    # grew slots fails here: C held tokens, plus one free slot and the sinks' unrotated keys (half a token each).
+    allocated_exact = (settings.capacity + 1) * bytes_per_token + settings.start_size * bytes_per_token // 2
     results["kv_check"] = {
         "bytes_per_token": bytes_per_token, "capacity": settings.capacity,
         "streaming_peak_bytes": stream["peak_kv_bytes"], "streaming_peak_tokens": stream_tokens,
-        "exactly_capacity": stream["peak_kv_bytes"] == settings.capacity * bytes_per_token,
+        "exactly_capacity": (stream["peak_kv_bytes"] == settings.capacity * bytes_per_token
+                             and stream["kv_allocated_bytes_end"] == allocated_exact),
         "streaming_allocated_bytes": stream["kv_allocated_bytes_end"],
     }
     warnings = []

@@ -15,11 +15,10 @@ import contextlib
 import dataclasses
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
 from .rotary import RotaryShift
-from .scoring import StreamScore, check_evicted
+from .scoring import StreamScore, score_with_stream
 from .settings import StreamingSettings
 
 ATTENTION_NAME = "streaming_lm_chunked"
@@ -88,7 +87,6 @@ def plan_chunk(a: int, b: int, settings: StreamingSettings, shift: RotaryShift |
     return plan, positions.to(device)
 
 
-@torch.inference_mode()
 def score_stream_chunked(
     model,
     token_ids,
@@ -98,18 +96,5 @@ def score_stream_chunked(
     progress: bool = False,
 ) -> StreamScore:
     """Streaming log-probabilities of ``token_ids[1:]``, ``chunk_size`` queries per forward pass."""
-    from .stream import Stream  # stream.py builds on this module
-
-    ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1).to(model.device)
-    n = ids.numel()
-    logprobs = torch.empty(max(n - 1, 0), dtype=torch.float32)
-    stream = Stream(model, dataclasses.replace(settings, method="chunked", chunk_size=chunk_size, stride=None), shift)
-    if n > 1:
-        with tqdm(total=n - 1, disable=not progress, desc="streaming tokens", leave=False) as bar:
-            # Each pass's logits are reduced at once: never more than chunk_size rows of them.
-            for a, logits in stream.read_passes(ids[:-1]):
-                b = a + logits.shape[0]
-                logprobs[a:b] = torch.log_softmax(logits, -1).gather(-1, ids[a + 1 : b + 1, None])[:, 0].cpu()
-                bar.update(b - a)
-    check_evicted(n, stream.evicted, settings)
-    return StreamScore(logprobs, stream.evicted, stream.max_held)
+    chunked = dataclasses.replace(settings, method="chunked", chunk_size=chunk_size, stride=None)
+    return score_with_stream(model, token_ids, chunked, shift, progress)

@@ -12,7 +12,7 @@ import dataclasses
 import torch
 
 from .rotary import RotaryShift
-from .scoring import check_evicted
+from .scoring import check_evicted, target_logprobs
 from .settings import StreamingSettings
 from .stream import Stream
 
@@ -43,13 +43,10 @@ def score_continuations(
             branch = stream.fork()
             logits = torch.cat((last, branch.read(continuation[:-1])))
         target = torch.as_tensor(continuation, dtype=torch.long, device=logits.device)
-        logprobs = torch.log_softmax(logits, dim=-1)
-        chosen = logprobs.gather(-1, target[:, None])[:, 0]
+        chosen = target_logprobs(logits, target)
         check_evicted(len(context) + len(continuation), branch.evicted, settings)
         results.append(
-            ContinuationScore(
-                float(chosen.double().sum()), bool((logprobs.argmax(-1) == target).all()), branch.evicted
-            )
+            ContinuationScore(float(chosen.double().sum()), bool((logits.argmax(-1) == target).all()), branch.evicted)
         )
     return results
 

@@ -1,8 +1,8 @@
 """Generation under a streaming cache (lm-eval's ``generate_until``).
 
 The context is read into a ``Stream`` (chunked), then a plain decode loop feeds one token per
-step through the token loop, evicting after every step: memory stays at ``C`` tokens however
-long the generation. ``decode`` takes any object with ``step(token) -> logits``, so the dense
+step (``Stream.step``: the token loop's numbers, from a ``RingWindowCache`` for method=chunked),
+evicting after every step: memory stays at ``C`` tokens however long the generation. ``decode`` takes any object with ``step(token) -> logits``, so the dense
 baseline of ``scripts/throughput.py`` runs through the very same loop.
 """
 

@@ -15,12 +15,12 @@ log-likelihood with ``max_length = C``. Windows of equal length are batched.
 
 from __future__ import annotations
 
-import inspect
+import copy
 
 import torch
 from tqdm.auto import tqdm
 
-from .scoring import StreamScore, check_evicted
+from .scoring import StreamScore, check_evicted, forward_takes, target_logprobs
 from .settings import StreamingSettings
 
 
@@ -41,10 +41,13 @@ def window_index(end: int, settings: StreamingSettings) -> torch.Tensor:
     return torch.cat((torch.arange(start), torch.arange(end - recent + 1, end + 1)))
 
 
-def _logits(model, windows: torch.Tensor, keep: int) -> torch.Tensor:
-    """float32 logits of the last ``keep`` positions of each window ([B, keep, vocab]); no cache."""
+def _logits(model, windows: torch.Tensor, keep: int, can_keep: bool) -> torch.Tensor:
+    """float32 logits of the last ``keep`` positions of each window ([B, keep, vocab]); no cache.
+
+    ``can_keep``: the forward takes ``logits_to_keep`` (looked up once per stream by the caller).
+    """
     positions = torch.arange(windows.shape[1], device=windows.device).expand_as(windows)
-    kwargs = {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    kwargs = {"logits_to_keep": keep} if can_keep else {}
     logits = model(input_ids=windows, position_ids=positions, use_cache=False, **kwargs).logits
     return logits[:, -keep:].float()
 
@@ -68,23 +71,24 @@ def score_stream_recompute(
     logprobs = torch.full((max(n - 1, 0),), float("nan"), dtype=torch.float32)
     greedy = torch.zeros(max(n - 1, 0), dtype=torch.bool)
     groups = [(a, b) for a, b in prediction_groups(n, settings) if b > first_scored]
+    can_keep = forward_takes(model, "logits_to_keep")
 
     def record(a: int, b: int, logits: torch.Tensor) -> None:
         target = ids[a + 1 : b + 1]
-        logprobs[a:b] = torch.log_softmax(logits, -1).gather(-1, target[:, None])[:, 0].cpu()
+        logprobs[a:b] = target_logprobs(logits, target).cpu()
         greedy[a:b] = (logits.argmax(-1) == target).cpu()
 
     with tqdm(total=sum(b - a for a, b in groups), disable=not progress, desc="recompute windows", leave=False) as bar:
         if groups and groups[0][0] == 0:
             # The first window: a dense pass over the start of the stream, every position scored.
             a, b = groups.pop(0)
-            record(a, b, _logits(model, ids[None, :b], b)[0])
+            record(a, b, _logits(model, ids[None, :b], b, can_keep)[0])
             bar.update(b - a)
         # Every later window holds exactly C tokens, so they batch without padding.
         for i in range(0, len(groups), batch_size):
             batch = groups[i : i + batch_size]
             windows = torch.stack([ids[window_index(b - 1, settings).to(ids.device)] for _, b in batch])
-            logits = _logits(model, windows, max(b - a for a, b in batch))
+            logits = _logits(model, windows, max(b - a for a, b in batch), can_keep)
             for row, (a, b) in enumerate(batch):
                 record(a, b, logits[row, logits.shape[1] - (b - a) :])
             bar.update(sum(b - a for a, b in batch))
@@ -104,6 +108,7 @@ class RecomputeStream:
         self.model, self.settings = model, settings
         self.ids = torch.empty(0, dtype=torch.long, device=model.device)
         self.max_held = 0
+        self._can_keep = forward_takes(model, "logits_to_keep")
 
     @property
     def n(self) -> int:
@@ -114,8 +119,7 @@ class RecomputeStream:
         return max(0, self.n - self.settings.capacity)
 
     def fork(self) -> RecomputeStream:
-        other = RecomputeStream(self.model, self.settings)
-        other.ids, other.max_held = self.ids, self.max_held  # never mutated in place
+        other = copy.copy(self)  # ids are never mutated in place, so sharing them is safe
         return other
 
     @torch.inference_mode()
@@ -130,7 +134,7 @@ class RecomputeStream:
         out = []
         for end in ends:
             window = self.ids[window_index(end, self.settings).to(self.ids.device)]
-            out.append(_logits(self.model, window[None], 1)[0])
+            out.append(_logits(self.model, window[None], 1, self._can_keep)[0])
             self.max_held = max(self.max_held, window.numel())
         return torch.cat(out)
 

@@ -30,8 +30,11 @@ class RotaryShift:
         return emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
 
     def cos_sin(self, delta: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The float32 tables of one delta, for ``rotate_by`` (computed once, used by every layer)."""
-        return self._cos_sin(torch.tensor(delta), device, torch.float32)
+        """The float32 tables of one delta, for ``rotate_by``; memoised (the deltas in use are few and small)."""
+        key = (delta, device)
+        if key not in self._tables:
+            self._tables[key] = self._cos_sin(torch.tensor(delta), device, torch.float32)
+        return self._tables[key]
 
     def rotate(self, x: torch.Tensor, delta) -> torch.Tensor:
         """Rotate ``x`` of shape [..., seq, head_dim] by ``delta`` positions.
@@ -42,10 +45,7 @@ class RotaryShift:
         if isinstance(delta, int):
             if delta == 0:
                 return x
-            key = (delta, x.device)
-            if key not in self._tables:
-                self._tables[key] = self._cos_sin(torch.tensor(delta), x.device, torch.float32)
-            cos, sin = self._tables[key]
+            cos, sin = self.cos_sin(delta, x.device)
         else:
             cos, sin = self._cos_sin(delta, x.device, torch.float32)
         return self.rotate_by(x, cos, sin)

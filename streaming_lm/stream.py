@@ -1,7 +1,7 @@
 """A stream you can keep reading: a sink+window cache plus the number of tokens read into it.
 
 ``score_stream`` and ``score_stream_chunked`` (one whole stream, log-probabilities out) read
-through it too. Continuations (``loglikelihood``) and generation need more: read a context,
+through it too (``scoring.score_with_stream``). Continuations (``loglikelihood``) and generation need more: read a context,
 keep the cache, then read more tokens, or fork the state and read different continuations from
 it. ``Stream`` does all of it with two paths and the same numbers (docs/semantics.md):
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 
 import torch
 from transformers import DynamicCache
@@ -27,7 +26,7 @@ from .cache import SinkWindowCache, num_decoder_layers
 from .chunked import PLAN_KWARG, chunk_attention, plan_chunk
 from .ring_cache import RingWindowCache
 from .rotary import RotaryShift
-from .scoring import cache_kwarg, check_positions_fit, position_of
+from .scoring import cache_kwarg, check_positions_fit, forward_takes, position_limit, position_of
 from .settings import StreamingSettings
 
 
@@ -35,8 +34,7 @@ def _forward_kwargs(model, cache) -> tuple[dict, dict]:
     """Keyword arguments for a pass that needs every position's logits, and for one that needs the last only."""
     kwargs = {cache_kwarg(model): cache, "use_cache": True}
     # Context tokens need no logits but the last: skip the vocabulary projection for the rest.
-    has_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-    return kwargs, kwargs | ({"logits_to_keep": 1} if has_keep else {})
+    return kwargs, kwargs | ({"logits_to_keep": 1} if forward_takes(model, "logits_to_keep") else {})
 
 
 def kv_bytes(cache) -> int:
@@ -61,6 +59,7 @@ class Stream:
         cache_settings = dataclasses.replace(settings, positions="shifted") if self._chunked else settings
         self.cache = SinkWindowCache(num_decoder_layers(model), cache_settings, shift)
         self._ring = False  # chunked streams decode through a RingWindowCache once they step
+        self._limit = position_limit(model, settings, shift)
         self.n = 0  # tokens read so far: the next token is x_n
         self.max_held = 0  # most tokens any layer held between passes
         self._kwargs = _forward_kwargs(model, self.cache)
@@ -89,7 +88,7 @@ class Stream:
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(self.model.device)
         if ids.numel() == 0:
             raise ValueError("read() needs at least one token")
-        check_positions_fit(self.model, self.n + ids.numel(), self.settings, self.shift)
+        check_positions_fit(self.model, self.n + ids.numel(), self._limit)
         if not self._chunked or self._ring:
             for i, token in enumerate(ids):
                 yield i, self.step(int(token))[None]
@@ -112,7 +111,7 @@ class Stream:
         ``method="token"``: exactly the token loop of ``score_stream``. ``method="chunked"``: the
         same numbers from a ``RingWindowCache`` (no copies, no per-token re-rotation).
         """
-        check_positions_fit(self.model, self.n + 1, self.settings, self.shift)
+        check_positions_fit(self.model, self.n + 1, self._limit)
         if self._chunked and not self._ring:
             if self.n == 0:  # the slots take their shapes from a filled cache: read the first token as a chunk
                 return self.read([token])[-1]
@@ -158,3 +157,8 @@ class DenseStream:
 
     def step(self, token: int) -> torch.Tensor:
         return self.read([token])[-1]
+
+    def read_passes(self, ids, last_only: bool = False):
+        """One token per pass (the bare transformers token loop): yields ``(offset, logits [1, vocab])``."""
+        for i, token in enumerate(torch.as_tensor(ids).reshape(-1).tolist()):
+            yield i, self.step(token)[None]
