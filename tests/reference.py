@@ -81,3 +81,18 @@ def shifted_llama_logprobs(model, ids: torch.Tensor, start: int, recent: int) ->
 
 def perplexity(logprobs: torch.Tensor) -> float:
     return float(torch.exp(-logprobs.double().mean()))
+
+
+@torch.no_grad()
+def shifted_one_layer_logprobs(model, ids: torch.Tensor, start: int, recent: int) -> torch.Tensor:
+    """positions="shifted" for any one-layer model: there a key depends on its own token and position only,
+    so step t is one fresh pass over the tokens held plus x_t, sink j at j, recent s at min(t, C) - (t - s)."""
+    out, kept, capacity = [], [], start + recent
+    for t in range(ids.numel() - 1):
+        visible = kept + [t]
+        query = min(t, capacity)
+        slots = [j if j < start else query - (t - j) for j in visible]
+        logits = model(ids[visible][None], position_ids=torch.tensor([slots])).logits[0, -1].float()
+        out.append(torch.log_softmax(logits, -1)[ids[t + 1]])
+        kept = visible if len(visible) <= capacity else visible[:start] + visible[-recent:]
+    return torch.stack(out)

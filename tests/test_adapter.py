@@ -2,16 +2,14 @@
 
 import pytest
 import transformers
-from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
+from models import rolling
+from streaming_lm.rotary import find_rotary
+from streaming_lm.scoring import score_stream
 from streaming_lm import StreamingHFLM
 
 TEXT = " The tower is 324 metres tall, about the same height as an 81-storey building. " * 3
-
-
-def rolling(*texts):
-    return [Instance("loglikelihood_rolling", {}, (text,), i) for i, text in enumerate(texts)]
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +126,7 @@ def test_long_requests_stream(tiny_dir, dense, method):
     (expected,) = dense.loglikelihood_rolling(requests)
     assert lm.get_model_info()["streaming"]["evicted_tokens"] == n_tokens - 1 - 64
     assert abs(got - expected) > 0.05  # nats; float noise is ~1e-4
+    # The number is the token loop's on the same stream, not merely one other than dense.
+    ids = [lm.prefix_token_id, *lm.tok_encode(TEXT)]
+    reference = score_stream(lm.model, ids, lm.streaming, find_rotary(lm.model)).logprobs.double().sum()
+    assert got == pytest.approx(float(reference), rel=1e-5)

@@ -15,10 +15,15 @@ import sys
 import pytest
 import torch
 import transformers
-from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
-from models import save_tiny, tiny_tokenizer
-from reference import dense_logprobs, original_positions_logprobs, perplexity, shifted_llama_logprobs
+from models import rolling, save_tiny, tiny_tokenizer
+from reference import (
+    dense_logprobs,
+    original_positions_logprobs,
+    perplexity,
+    shifted_llama_logprobs,
+    shifted_one_layer_logprobs,
+)
 
 from streaming_lm import StreamingHFLM
 from streaming_lm.cache import SUPPORTED_ARCHITECTURES, check_model_supported
@@ -210,6 +215,23 @@ def test_shifted_positions(arch, model, ids):
     torch.testing.assert_close(shifted.logprobs, reference, rtol=0, atol=TOL)
 
 
+@pytest.mark.parametrize("rotary_arch", [name for name in ARCHITECTURES if ARCHITECTURES[name][1] is not None])
+def test_shifted_equals_the_one_layer_reference(rotary_arch, ids, one_thread):
+    """Every rotary architecture (partial rotary, sliding windows, soft-cap included) against a definition
+    that needs no knowledge of its layer code: with one layer, step t is a fresh pass over what is held."""
+    config = ARCHITECTURES[rotary_arch][0](128)
+    config.num_hidden_layers = 1
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:1]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    shifted = score_stream(model, ids, settings("shifted"), find_rotary(model))
+    reference = shifted_one_layer_logprobs(model, ids, START, RECENT)
+    torch.testing.assert_close(shifted.logprobs, reference, rtol=0, atol=TOL)
+    original = score_stream(model, ids, settings("original"), find_rotary(model))
+    assert (shifted.logprobs[CAPACITY:] - original.logprobs[CAPACITY:]).abs().max() > 1e-2  # the check can tell
+
+
 def test_gemma2_softcap_is_exercised(one_thread):
     """The cap moves log-probs by far more than TOL, so a chunked path that dropped it would fail above."""
     capped = build("gemma2")
@@ -295,15 +317,11 @@ LONG_TEXT = " The tower is 324 metres tall, about the same height as an 81-store
 ADAPTER = dict(start_size=START, recent_size=26, chunk_size=CHUNK, device="cpu", dtype="float32")  # C = 30 < 32
 
 
-def rolling(*texts):
-    return [Instance("loglikelihood_rolling", {}, (text,), i) for i, text in enumerate(texts)]
-
-
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_adapter_equals_dense_hf(name, tmp_path, one_thread):
     folder = save_tiny(tmp_path / name, ARCHITECTURES[name][0](len(tiny_tokenizer())))
-    dense = HFLM(pretrained=str(folder), device="cpu", dtype="float32")
     lm = StreamingHFLM(pretrained=str(folder), **ADAPTER)
+    dense = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer)  # the same weights, loaded once
     assert len(lm.tok_encode(SHORT_TEXT)) + 1 <= lm.streaming.capacity + 1
     (expected,) = dense.loglikelihood_rolling(rolling(SHORT_TEXT))
     (got,) = lm.loglikelihood_rolling(rolling(SHORT_TEXT))
@@ -314,6 +332,10 @@ def test_adapter_equals_dense_hf(name, tmp_path, one_thread):
     n_tokens = len(lm.tok_encode(LONG_TEXT)) + 1
     assert lm.get_model_info()["streaming"]["evicted_tokens"] == n_tokens - 1 - lm.streaming.capacity
     assert abs(streamed - dense.loglikelihood_rolling(rolling(LONG_TEXT))[0]) > 0.05
+    # ... and gives the engine's token loop on the same stream, not merely a number other than dense.
+    ids = [lm.prefix_token_id, *lm.tok_encode(LONG_TEXT)]
+    reference = score_stream(lm.model, ids, lm.streaming, find_rotary(lm.model)).logprobs.double().sum()
+    assert streamed == pytest.approx(float(reference), rel=1e-5)
 
 
 def test_adapter_refuses_an_unsupported_model_type_at_construction(tmp_path):

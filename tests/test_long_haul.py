@@ -17,7 +17,7 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from models import streaming
+from models import pairs, rolling, streaming
 from streaming_lm import StreamingHFLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,14 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 N_TOKENS = 100_000
 START, RECENT = 4, 60
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rolling(*texts):
-    return [Instance("loglikelihood_rolling", {}, (text,), i) for i, text in enumerate(texts)]
-
-
-def pairs(*items):
-    return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(items)]
 
 
 def long_text(excerpt_text, n_chars):

@@ -6,7 +6,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
 from reference import dense_logprobs
-from models import tiny_llama
+from models import rolling, tiny_llama
 from streaming_lm import StreamingHFLM
 from streaming_lm.recompute import RecomputeStream, score_stream_recompute
 from streaming_lm.settings import StreamingSettings, resolve
@@ -102,10 +102,6 @@ def test_generation_stream_reads_the_window_ending_at_each_token(model):
 
 
 # lm-eval: stride = recent_size with start_size = 0 is hf's disjoint-window evaluation at max_length = C.
-
-
-def rolling(text):
-    return [Instance("loglikelihood_rolling", {}, (text,), 0)]
 
 
 @pytest.mark.parametrize("capacity,batch", [(32, 1), (50, 3)])
