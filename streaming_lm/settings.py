@@ -7,6 +7,7 @@ in milliseconds, before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import numbers
 
 POSITIONS = ("shifted", "original")
@@ -17,6 +18,9 @@ DEFAULT_METHOD = "chunked"
 DEFAULT_START_SIZE = 4
 DEFAULT_RECENT_SIZE = 1020
 DEFAULT_CHUNK_SIZE = 128  # measured by scripts/bench_eval.py (SmolLM2, CPU, 4+1020): 64-512 within 25 %
+
+
+SPEED_ONLY = "speed_only"  # field metadata: the knob changes speed, never a number
 
 
 def _as_int(name: str, value, minimum: int) -> int:
@@ -52,7 +56,8 @@ class StreamingSettings:
     positions: str = "shifted"
     method: str = DEFAULT_METHOD
     compression_ratio: float | None = None  # informational: recent_size was derived from it
-    chunk_size: int = DEFAULT_CHUNK_SIZE  # tokens per forward pass for method="chunked"
+    # Speed only: every chunk size gives the same numbers, so runs differing in it share a name.
+    chunk_size: int = dataclasses.field(default=DEFAULT_CHUNK_SIZE, metadata={SPEED_ONLY: True})
     stride: int | None = None  # method="recompute" only: tokens scored per window (default 1)
 
     def __post_init__(self):
@@ -72,6 +77,13 @@ class StreamingSettings:
         return dataclasses.asdict(self) | {"capacity": self.capacity}
 
 
+# The one list of knobs: streaming_hf's model args, the compare grid's keys and the scripts' flags
+# all derive from the dataclass fields (tests/test_knobs.py checks that each one reaches them).
+KNOBS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(StreamingSettings))
+# Knobs that change results: a run's name is made of these (chunk_size is speed only).
+RESULT_KNOBS: tuple[str, ...] = tuple(
+    field.name for field in dataclasses.fields(StreamingSettings) if not field.metadata.get(SPEED_ONLY)
+)
 def _check_stride(stride, method: str, positions: str, recent_size: int | None) -> int | None:
     """1 <= stride <= recent_size for method=recompute (None means 1); no stride for the cache methods."""
     if method != "recompute":
@@ -151,3 +163,10 @@ def resolve(
     max_length = _as_int("max_length", max_length, 1)
     recent = recent_size_from_ratio(ratio, start_size, max_length)
     return StreamingSettings(start_size, recent, compression_ratio=ratio, **common)
+
+
+# What a user gets for a knob not given: resolve()'s defaults (recent_size None: DEFAULT_RECENT_SIZE, or
+# derived from compression_ratio; stride None: 1 for recompute). The adapter's and scripts' defaults.
+ARG_DEFAULTS: dict = {
+    name: parameter.default for name, parameter in inspect.signature(resolve).parameters.items() if name in KNOBS
+}
