@@ -6,13 +6,13 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import lm_eval
 import lm_eval.tasks
 import pytest
 
 from streaming_lm import compare
+from streaming_lm.compare import run as compare_run
 
 from local_tasks import ROLLING_YAML, write_task
 
@@ -61,7 +61,7 @@ def grid(tmp_path_factory, tiny_dir, task_dir):
         for key, value in OFFLINE.items():
             mp.setenv(key, value)
         mp.setattr(lm_eval, "simple_evaluate", lambda **kw: calls.append(kw) or real(**kw))
-        mp.setattr(compare, "say", said.append)
+        mp.setattr(compare_run, "say", said.append)
         compare.main(grid_args(tiny_dir, task_dir, out))
     return out, calls, said
 
@@ -184,14 +184,9 @@ def test_bad_grid_fails_before_any_run(overrides, message, tiny_dir, task_dir, t
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(
-    "command",
-    [["-m", "streaming_lm", "compare"], [str(Path(__file__).parents[1] / "scripts" / "compare.py")]],
-    ids=["python -m streaming_lm compare", "scripts/compare.py"],
-)
-def test_commands_reach_compare(command, tiny_dir, task_dir, tmp_path):
+def test_python_m_streaming_lm_compare_reaches_compare(tiny_dir, task_dir, tmp_path):
     args = grid_args(tiny_dir, task_dir, tmp_path / "out", **{"--recent-sizes": "0"})
-    proc = subprocess.run([sys.executable, *command, *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "streaming_lm", "compare", *args], capture_output=True, text=True,
                           env=os.environ | OFFLINE, timeout=120)
     assert proc.returncode == 2
     assert "recent_size must be an integer >= 1, got 0" in proc.stderr
