@@ -11,7 +11,7 @@ from .. import settings as settings_mod
 from .errors import CompareError, say
 from .grid import _split, build_grid
 from .report import load_reference, write_outputs
-from .results import STREAMING_KEYS, load_results_dir
+from .results import load_results_dir
 from .run import run_grid
 
 
@@ -57,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
     grid.add_argument("--method", default=None, help="streaming_hf method; default: the model's own")
     grid.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", default=None,
                       help="streaming_hf chunk_size (speed only); default: the model's own")
+    grid.add_argument("--strides", default=None,
+                      help="streaming_hf stride, with --method recompute; default: the model's own (1)")
     out = p.add_argument_group("input and output")
     out.add_argument("--output-dir", "--output_dir", "--output_path", "-o", type=Path, default=None)
     out.add_argument("--from-results", "--from_results", type=Path, default=None,
@@ -75,7 +77,7 @@ def compare(args: argparse.Namespace) -> dict[str, Path]:
     from lm_eval.utils import simple_parse_args_string
 
     common = simple_parse_args_string(args.model_args)
-    if clash := [k for k in STREAMING_KEYS if k in common]:
+    if clash := [k for k in settings_mod.KNOBS if k in common]:
         raise CompareError(f"--model_args must not set {', '.join(clash)}: the grid sets them")
     if args.pretrained:
         common = {"pretrained": args.pretrained} | common
@@ -93,6 +95,7 @@ def compare(args: argparse.Namespace) -> dict[str, Path]:
         args.method,
         common.get("max_length"),
         args.chunk_size,
+        _split(args.strides, str, "--strides"),
     )
     tasks = [t for t in _split(args.tasks, str, "--tasks") if t]
     metadata = _metadata(args.metadata)

@@ -26,18 +26,33 @@ class Run:
         return "streaming_hf " + " ".join(f"{k}={v}" for k, v in self.stream.items())
 
 
+# Knobs with their own place in a run name; every other knob in settings.RESULT_KNOBS is appended when set.
+_NAMED_KNOBS = ("start_size", "recent_size", "compression_ratio", "positions", "method")
+
+
+def knob(stream: dict, name: str):
+    """A run's value for a knob: its own, else the user default (recent_size: DEFAULT_RECENT_SIZE)."""
+    value = stream.get(name, settings_mod.ARG_DEFAULTS[name])
+    return settings_mod.DEFAULT_RECENT_SIZE if name == "recent_size" and value is None else value
+
+
+def other_knobs(stream: dict) -> dict:
+    """The result knobs a run sets beyond the named ones (e.g. stride): runs differing in them differ in name."""
+    return {k: stream[k] for k in settings_mod.RESULT_KNOBS if k not in _NAMED_KNOBS and stream.get(k) is not None}
+
+
 def run_name(model: str, stream: dict) -> str:
     """Sub-directory and column name, e.g. ``streaming_s4_r252_shifted``; defaults filled as the model does."""
     if model == BASELINE:
         return BASELINE
-    start = stream.get("start_size", settings_mod.DEFAULT_START_SIZE)
     if stream.get("compression_ratio") is not None:
         size = f"cr{float(stream['compression_ratio']):g}"
     else:
-        size = f"r{stream.get('recent_size', settings_mod.DEFAULT_RECENT_SIZE)}"
-    name = f"streaming_s{start}_{size}_{stream.get('positions', 'shifted')}"
+        size = f"r{knob(stream, 'recent_size')}"
+    name = f"streaming_s{knob(stream, 'start_size')}_{size}_{knob(stream, 'positions')}"
     # The method is named only when chosen, so the model's default can change without renaming runs.
-    return name + (f"_{stream['method']}" if stream.get("method") else "")
+    name += f"_{stream['method']}" if stream.get("method") else ""
+    return name + "".join(f"_{k}{v}" for k, v in other_knobs(stream).items())
 
 
 def _split(text: str | None, convert, flag: str) -> list:
@@ -53,7 +68,8 @@ def _split(text: str | None, convert, flag: str) -> list:
 
 
 def build_grid(
-    start_sizes, recent_sizes, compression_ratios, positions, method=None, max_length=None, chunk_size=None
+    start_sizes, recent_sizes, compression_ratios, positions, method=None, max_length=None, chunk_size=None,
+    strides=(),
 ) -> list[Run]:
     """The baseline plus one run per setting, every setting validated by ``settings.resolve``."""
     if recent_sizes and compression_ratios:
@@ -63,10 +79,12 @@ def build_grid(
         raise CompareError("give --recent-sizes or --compression-ratios (comma-separated lists)")
     size_key, sizes = ("recent_size", recent_sizes) if recent_sizes else ("compression_ratio", compression_ratios)
     runs = [Run(BASELINE, {})]
-    for pos, start, size in itertools.product(positions, start_sizes, sizes):
+    for pos, start, size, stride in itertools.product(positions, start_sizes, sizes, strides or [None]):
         stream = {"start_size": start, size_key: size, "positions": pos}
         if method is not None:
             stream["method"] = method
+        if stride is not None:
+            stream["stride"] = stride
         if chunk_size is not None:  # speed only: same numbers, so not part of the run's name
             stream["chunk_size"] = chunk_size
         try:
@@ -75,9 +93,9 @@ def build_grid(
             shown = " ".join(f"{k}={v}" for k, v in stream.items())
             raise CompareError(f"bad grid setting ({shown}): {error}") from None
         # Pass the validated values on, so "04" and 4 are one run with one name.
-        stream["start_size"] = resolved.start_size
-        if size_key == "recent_size":
-            stream["recent_size"] = resolved.recent_size
+        for key in ("start_size", "recent_size", "stride"):
+            if key in stream:
+                stream[key] = getattr(resolved, key)
         runs.append(Run("streaming_hf", stream))
     return _unique(runs)
 

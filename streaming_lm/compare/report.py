@@ -7,9 +7,8 @@ import json
 import math
 from pathlib import Path
 
-from .. import settings as settings_mod
 from .errors import CompareError, say
-from .grid import BASELINE
+from .grid import BASELINE, knob, other_knobs
 from .results import Result, plot_key
 
 
@@ -140,8 +139,9 @@ def write_plot(path: Path, results: list[Result]) -> bool:
             value = dict(((t, m), v) for t, m, v in metrics(r.data)).get((task, metric))
             if value is not None:
                 s = r.stream
-                label = f"S={s.get('start_size', settings_mod.DEFAULT_START_SIZE)} {s.get('positions', 'shifted')}"
+                label = f"S={knob(s, 'start_size')} {knob(s, 'positions')}"
                 label += f" {s['method']}" if s.get("method") else ""
+                label += "".join(f" {k}={v}" for k, v in other_knobs(s).items())  # e.g. one line per stride
                 lines.setdefault(label, []).append((r.capacity, value))
         for label, points in lines.items():
             # original-position lines dotted: with start_size=0 they coincide with the shifted ones.

@@ -8,9 +8,7 @@ from pathlib import Path
 
 from .. import settings as settings_mod
 from .errors import CompareError, say
-from .grid import BASELINE, run_name
-
-STREAMING_KEYS = ("start_size", "recent_size", "compression_ratio", "positions", "method", "chunk_size")
+from .grid import BASELINE, knob, run_name
 
 
 def _model_args(data: dict) -> dict:
@@ -67,22 +65,21 @@ class Result:
             return None
         capacity = self.data.get("config", {}).get("streaming", {}).get("capacity")
         if capacity is None and self.stream.get("compression_ratio") is None:
-            start = self.stream.get("start_size", settings_mod.DEFAULT_START_SIZE)
-            capacity = int(start) + int(self.stream.get("recent_size", settings_mod.DEFAULT_RECENT_SIZE))
+            capacity = int(knob(self.stream, "start_size")) + int(knob(self.stream, "recent_size"))
         return capacity
 
 
 def plot_key(result: Result):
     """The order of runs in the table and the plot (here, not in report, so reading needs no report import)."""
     s = result.stream
-    start = int(s.get("start_size", settings_mod.DEFAULT_START_SIZE))
-    return s.get("positions", "shifted"), s.get("method") or "", start, result.capacity or 0
+    start = int(knob(s, "start_size"))
+    return knob(s, "positions"), s.get("method") or "", start, s.get("stride") or 0, result.capacity or 0
 
 
 def load_result(path: Path) -> Result:
     data = json.loads(path.read_text(encoding="utf-8"))
     model = data.get("config", {}).get("model")
-    stream = {k: v for k, v in _model_args(data).items() if k in STREAMING_KEYS}
+    stream = {k: v for k, v in _model_args(data).items() if k in settings_mod.KNOBS}
     return Result(run_name(model, stream), model, stream, data, path)
 
 
