@@ -15,7 +15,7 @@ from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 from .rotary import RotaryShift
 from .settings import StreamingSettings
 
-ROPE, ABSOLUTE = "RoPE", "learned absolute positions"
+ABSOLUTE = "learned absolute positions"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,23 +23,23 @@ class Architecture:
     """One row of the support table: model types proven alike on tiny random models."""
 
     model_types: tuple[str, ...]
-    scheme: str  # ROPE or ABSOLUTE: how positions reach the model
-    positions: str  # what the README says of the scheme
+    scheme: str  # how positions reach the model, in short (error messages); ABSOLUTE or a kind of RoPE
+    positions: str  # the README's longer account of it
     modes: str  # what shifted / original mean there
     status: str
 
 
 ARCHITECTURES = (
-    Architecture(("llama", "qwen2", "qwen3", "mistral"), ROPE, "RoPE",
+    Architecture(("llama", "mistral", "qwen2", "qwen3"), "RoPE", "RoPE",
                  "as in docs/semantics.md: cache slots / text positions",
                  "supported; `shifted` also equals the naive loop (llama, mistral, qwen2)"),
-    Architecture(("phi3",), ROPE, "RoPE, partial allowed", "as above; the non-rotary tail of each head is never moved",
+    Architecture(("phi3",), "RoPE, partial allowed", "RoPE, partial allowed", "as above; the non-rotary tail of each head is never moved",
                  "supported"),
-    Architecture(("gpt_neox",), ROPE, "partial RoPE (`rotary_pct`)", "as above", "supported"),
-    Architecture(("gemma2",), ROPE, "RoPE; sliding/full layers, attention soft-capping",
+    Architecture(("gpt_neox",), "partial RoPE", "partial RoPE (`rotary_pct`)", "as above", "supported"),
+    Architecture(("gemma2",), "RoPE", "RoPE; sliding/full layers, attention soft-capping",
                  "as above; the soft-cap is applied in the chunked attention too",
                  "supported if `sliding_window ≥ C + 1`"),
-    Architecture(("gemma3_text",), ROPE, "RoPE per layer type", "as above",
+    Architecture(("gemma3_text",), "RoPE, the same for local and global layers", "RoPE per layer type", "as above",
                  "supported only if local and global RoPE are the same (not so in released checkpoints: refused, "
                  '"uses several different rotary embeddings")'),
     Architecture(("gpt2",), ABSOLUTE, "learned absolute embeddings",
@@ -53,8 +53,8 @@ SEQUENCE_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
 def supported_list() -> str:
-    """The model types, for error messages."""
-    return ", ".join(SUPPORTED_ARCHITECTURES)
+    """The model types and their position schemes, for error messages."""
+    return ", ".join(f"{name} ({scheme})" for name, scheme in SUPPORTED_ARCHITECTURES.items())
 
 
 def support_table() -> str:
@@ -139,7 +139,7 @@ def find_rotary(model) -> RotaryShift | None:
     model_type = getattr(model.config, "model_type", type(model).__name__)
     first = found[0]
     if any(b.shape != first.shape or not torch.equal(b, first) for b in found[1:]):
-        rotary_types = ", ".join(name for name, scheme in SUPPORTED_ARCHITECTURES.items() if scheme == ROPE)
+        rotary_types = ", ".join(name for name, scheme in SUPPORTED_ARCHITECTURES.items() if scheme != ABSOLUTE)
         raise NotImplementedError(
             f"{model_type} ({type(model).__name__}) uses several different rotary embeddings "
             "(e.g. separate local and global RoPE); streaming_lm supports one rotary embedding shared by "

@@ -1,12 +1,10 @@
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).parent))
-from models import convert_smollm2, smollm2_folder  # noqa: E402
+from helpers.models import convert_smollm2, smollm2_folder
 
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
@@ -34,7 +32,7 @@ def excerpt_text() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    from models import save_tiny
+    from helpers.models import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny_llama"))
 

@@ -4,9 +4,10 @@ import pytest
 import transformers
 from lm_eval.models.huggingface import HFLM
 
-from models import rolling
-from streaming_lm.rotary import find_rotary
-from streaming_lm.scoring import score_stream
+from helpers.models import rolling
+from streaming_lm.support import find_rotary
+from helpers.engine import score_stream
+
 from streaming_lm import StreamingHFLM
 
 TEXT = " The tower is 324 metres tall, about the same height as an 81-storey building. " * 3
@@ -48,7 +49,7 @@ def test_bad_arguments_fail_before_loading(kwargs, message):
 
 
 def test_ratio_without_max_length_fails_before_weights_load(tmp_path, monkeypatch):
-    from models import save_tiny
+    from helpers.models import save_tiny
 
     config = transformers.LlamaConfig(
         vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -66,7 +67,7 @@ def test_ratio_without_max_length_fails_before_weights_load(tmp_path, monkeypatc
 
 
 def test_ratio_uses_the_given_max_length(tmp_path):
-    from models import save_tiny
+    from helpers.models import save_tiny
 
     config = transformers.LlamaConfig(
         vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -79,7 +80,7 @@ def test_ratio_uses_the_given_max_length(tmp_path):
 
 
 def test_unsupported_model_fails_after_loading(tmp_path):
-    from models import save_tiny
+    from helpers.models import save_tiny
 
     config = transformers.MistralConfig(
         vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -1,6 +1,6 @@
 """Every supported architecture on a tiny random model, and a clear refusal of the rest (issue #7).
 
-For each model type of ``streaming_lm.cache.SUPPORTED_ARCHITECTURES``: a stream of C + 1 tokens gives
+For each model type of ``streaming_lm.support.SUPPORTED_ARCHITECTURES``: a stream of C + 1 tokens gives
 the dense model's numbers (token loop and chunked path), the chunked path gives the token loop's numbers
 on a stream of 4.5 C tokens in both position modes, the cache stays within C, ``original`` equals the
 independent masked single pass of tests/reference.py, ``shifted`` is what docs/semantics.md says, and the
@@ -16,8 +16,9 @@ import pytest
 import torch
 import transformers
 from lm_eval.models.huggingface import HFLM
-from models import rolling, save_tiny, tiny_tokenizer
-from reference import (
+from helpers.models import rolling, save_tiny, tiny_tokenizer
+from helpers.engine import score_stream, score_stream_chunked
+from helpers.reference import (
     dense_logprobs,
     original_positions_logprobs,
     perplexity,
@@ -26,13 +27,11 @@ from reference import (
 )
 
 from streaming_lm import StreamingHFLM
-from streaming_lm.cache import SUPPORTED_ARCHITECTURES, check_model_supported
-from streaming_lm.chunked import score_stream_chunked
-from streaming_lm.rotary import find_rotary
-from streaming_lm.scoring import score, score_stream
+from streaming_lm.support import SUPPORTED_ARCHITECTURES, check_model_supported, find_rotary
+from streaming_lm.scoring import score
 from streaming_lm.settings import StreamingSettings
-from streaming_lm.stream import Stream
-from streaming_lm import ring_cache
+from streaming_lm.streams import open_stream
+from streaming_lm.storage import static
 
 START, RECENT, CHUNK = 4, 16, 7  # C = 20; chunks of 7 cross the eviction boundary at odd places
 CAPACITY = START + RECENT
@@ -168,8 +167,8 @@ def test_long_stream_chunked_equals_token_and_stays_bounded(model, ids, position
 @pytest.mark.parametrize("positions", ["shifted", "original"])
 def test_decode_steps_equal_the_token_loop(model, ids, positions, monkeypatch):
     """Generation's path (chunked read, then RingWindowCache steps with frame resets) gives the token loop's numbers."""
-    monkeypatch.setattr(ring_cache, "REBASE_EVERY", 6)
-    stream = Stream(model, settings(positions), find_rotary(model))
+    monkeypatch.setattr(static, "REBASE_EVERY", 6)
+    stream = open_stream(model, settings(positions), find_rotary(model))
     logits = torch.cat([stream.read(ids[:25])] + [stream.step(int(token))[None] for token in ids[25:-1]])
     stepped = torch.log_softmax(logits, -1).gather(-1, ids[1:, None])[:, 0]
     token = score_stream(model, ids, settings(positions), find_rotary(model))
@@ -355,7 +354,7 @@ def test_original_positions_beyond_learned_ones_are_refused(one_thread):
     for method in ("token", "chunked"):
         with pytest.raises(ValueError, match=message):
             score(model, ids, StreamingSettings(START, RECENT, "original", method=method), None)
-    stream = Stream(model, StreamingSettings(START, RECENT, "original"), None)
+    stream = open_stream(model, StreamingSettings(START, RECENT, "original"), None)
     stream.read(ids[:-1])
     with pytest.raises(ValueError, match=message):
         stream.step(int(ids[-1]))

@@ -20,7 +20,7 @@ import torch
 import transformers
 from lm_eval.api.instance import Instance
 
-import streaming_lm.stream
+import streaming_lm.streams.base
 from streaming_lm import StreamingHFLM, compare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def generate(gen_kwargs):
 def no_eviction(ctx):
     # A model that never receives the streaming cache (here: handed under a name its forward ignores)
     # builds its own dense cache; the stream then ends without a single eviction.
-    ctx.monkeypatch.setattr(streaming_lm.stream, "cache_kwarg", lambda model: "not_the_cache")
+    ctx.monkeypatch.setattr(streaming_lm.streams.base, "cache_kwarg", lambda model: "not_the_cache")
     lm = ctx.lm(method="token", start_size=4, recent_size=16)
     lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("x" * 40,), 0)], disable_tqdm=True)
 
@@ -315,7 +315,7 @@ TINY = dict(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_lay
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Tiny checkpoints of the refused architectures, built when first asked for."""
-    from models import save_tiny, tiny_tokenizer
+    from helpers.models import save_tiny, tiny_tokenizer
 
     configs = {
         "llama-16": lambda: transformers.LlamaConfig(**TINY, max_position_embeddings=16),

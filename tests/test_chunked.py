@@ -5,12 +5,12 @@ import contextlib
 import pytest
 import torch
 import transformers
-from models import tiny_llama
-from reference import perplexity
+from helpers.models import tiny_llama
+from helpers.reference import perplexity
+from helpers.engine import score_stream, score_stream_chunked
 
-from streaming_lm.chunked import PLAN_KWARG, score_stream_chunked
-from streaming_lm.rotary import find_rotary
-from streaming_lm.scoring import score_stream
+from streaming_lm.streams.chunked import PLAN_KWARG
+from streaming_lm.support import find_rotary
 from streaming_lm.settings import StreamingSettings
 
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from local_tasks import ROLLING_YAML, write_task
+from helpers.local_tasks import ROLLING_YAML, write_task
 
 
 

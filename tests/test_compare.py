@@ -14,7 +14,7 @@ import pytest
 from streaming_lm import compare, settings
 from streaming_lm.compare import run as compare_run
 
-from local_tasks import ROLLING_YAML, write_task
+from helpers.local_tasks import ROLLING_YAML, write_task
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 RUNS = ["hf", "streaming_s0_r16_shifted", "streaming_s0_r32_shifted", "streaming_s4_r16_shifted",

@@ -2,12 +2,15 @@
 
 import pytest
 import torch
-from models import tiny_llama
-from reference import dense_logprobs, original_positions_logprobs, perplexity, shifted_llama_logprobs
+from helpers.models import tiny_llama
+from helpers.reference import dense_logprobs, original_positions_logprobs, perplexity, shifted_llama_logprobs
+from helpers.engine import score_stream
 
-from streaming_lm.cache import SinkWindowCache, check_model_supported
-from streaming_lm.rotary import find_rotary
-from streaming_lm.scoring import NoEvictionError, score_stream
+from streaming_lm.policy import SinkWindow
+from streaming_lm.storage import EvictingDynamicCache
+from streaming_lm.support import check_model_supported
+from streaming_lm.support import find_rotary
+from streaming_lm.scores import NoEvictionError
 from streaming_lm.settings import StreamingSettings
 
 
@@ -107,7 +110,7 @@ def test_trivial_streams(model):
 
 
 def test_cache_reports_capacity_and_resets():
-    cache = SinkWindowCache(2, StreamingSettings(2, 3), None)
+    cache = EvictingDynamicCache(2, SinkWindow(StreamingSettings(2, 3)), None)
     keys = torch.randn(1, 1, 7, 4)
     cache.update(keys, keys, 0)
     cache.update(keys, keys, 1)

@@ -17,7 +17,7 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from models import pairs, rolling, streaming
+from helpers.models import pairs, rolling, streaming
 from streaming_lm import StreamingHFLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from local_tasks import MC_YAML, ROLLING_YAML, write_task
+from helpers.local_tasks import MC_YAML, ROLLING_YAML, write_task
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 

@@ -5,10 +5,10 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from reference import dense_logprobs
-from models import rolling, tiny_llama
+from helpers.reference import dense_logprobs
+from helpers.models import rolling, tiny_llama
 from streaming_lm import StreamingHFLM
-from streaming_lm.recompute import RecomputeStream, score_stream_recompute
+from streaming_lm.streams.recompute import RecomputeStream, prediction_groups
 from streaming_lm.settings import StreamingSettings, resolve
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,7 +54,7 @@ def random_ids(n, seed=0):
 @pytest.mark.parametrize("start,recent,stride,batch", [(0, 12, 1, 1), (4, 8, 1, 3), (4, 8, 3, 2), (2, 10, 10, 4), (0, 12, 12, 1)])
 def test_equals_the_naive_loop(model, start, recent, stride, batch):
     ids = random_ids(47)
-    got = score_stream_recompute(model, ids, settings(start, recent, stride), batch_size=batch)
+    got = RecomputeStream(model, settings(start, recent, stride), batch_size=batch).score(ids)
     expected = naive_recompute(model, ids, start, recent, stride)
     torch.testing.assert_close(got.logprobs, expected, rtol=1e-5, atol=1e-5)
     assert got.evicted == 47 - (start + recent) and got.max_held == start + recent
@@ -65,7 +65,7 @@ def test_equals_the_naive_loop(model, start, recent, stride, batch):
 @pytest.mark.parametrize("n", [1, 2, 7, 12, 13])
 def test_streams_within_the_window_are_dense(model, stride, n):
     ids = random_ids(n, seed=n)
-    got = score_stream_recompute(model, ids, settings(4, 8, stride), batch_size=2)
+    got = RecomputeStream(model, settings(4, 8, stride), batch_size=2).score(ids)
     assert got.logprobs.shape == (n - 1,)
     if n > 1:
         torch.testing.assert_close(got.logprobs, dense_logprobs(model, ids), rtol=1e-5, atol=1e-5)
@@ -75,7 +75,7 @@ def test_streams_within_the_window_are_dense(model, stride, n):
 def test_windows_lose_context(model):
     """Past the window, recompute is neither dense nor the streaming cache."""
     ids = random_ids(40)
-    got = score_stream_recompute(model, ids, settings(4, 8, 1)).logprobs
+    got = RecomputeStream(model, settings(4, 8, 1)).score(ids).logprobs
     dense = dense_logprobs(model, ids)
     torch.testing.assert_close(got[:12], dense[:12], rtol=1e-5, atol=1e-5)
     assert (got[20:] - dense[20:]).abs().max() > 1e-3
@@ -83,11 +83,17 @@ def test_windows_lose_context(model):
 
 def test_continuation_entries_equal_the_whole_stream(model):
     ids = random_ids(30)
-    whole = score_stream_recompute(model, ids, settings(2, 6, 3))
-    tail = score_stream_recompute(model, ids, settings(2, 6, 3), first_scored=20)
-    assert torch.isnan(tail.logprobs[:12]).all()  # groups ending before position 20 are not computed
-    torch.testing.assert_close(tail.logprobs[20:], whole.logprobs[20:], rtol=0, atol=0)
-    assert torch.equal(tail.greedy[20:], whole.greedy[20:])
+    whole = RecomputeStream(model, settings(2, 6, 3)).score(ids)
+    passes = []
+    handle = model.register_forward_pre_hook(lambda module, args: passes.append(1))
+    try:
+        (tail,) = RecomputeStream(model, settings(2, 6, 3)).score_continuations(ids[:21].tolist(), [ids[21:].tolist()])
+    finally:
+        handle.remove()
+    # Only the groups holding a position >= 20 (the context's last) are computed, one pass each.
+    assert len(passes) == sum(1 for _, b in prediction_groups(30, settings(2, 6, 3)) if b > 20)
+    assert tail.logprob == float(whole.logprobs[20:].double().sum())
+    assert tail.is_greedy == bool(whole.greedy[20:].all())
 
 
 def test_generation_stream_reads_the_window_ending_at_each_token(model):

@@ -16,12 +16,12 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
-from local_tasks import MC_YAML, write_task
-from models import streaming
+from helpers.local_tasks import MC_YAML, write_task
+from helpers.models import streaming
+from helpers.engine import score_stream
 from streaming_lm.continuation import score_continuations
 from streaming_lm.generation import generate
-from streaming_lm.rotary import find_rotary
-from streaming_lm.scoring import score_stream
+from streaming_lm.support import find_rotary
 from streaming_lm.settings import StreamingSettings
 
 

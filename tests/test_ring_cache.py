@@ -1,14 +1,14 @@
-"""The decode cache (RingWindowCache) against the reference token loop, step by step."""
+"""The decode path (DecodeStream on an EvictingStaticCache) against the reference token loop, step by step."""
 
 import pytest
 import torch
 
-from models import tiny_llama
-from streaming_lm import ring_cache
-from streaming_lm.rotary import find_rotary
-from streaming_lm.scoring import score_stream
+from helpers.models import tiny_llama
+from helpers.engine import score_stream
+from streaming_lm.storage import static
+from streaming_lm.support import find_rotary
 from streaming_lm.settings import StreamingSettings
-from streaming_lm.stream import Stream, kv_bytes
+from streaming_lm.streams import open_stream
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,9 +18,9 @@ def model():
     return tiny_llama(vocab_size=97)
 
 
-def stepped_logprobs(model, ids, settings, context: int) -> tuple[torch.Tensor, Stream]:
+def stepped_logprobs(model, ids, settings, context: int) -> tuple[torch.Tensor, object]:
     """Read ``context`` tokens with the chunked path, then step through the rest one token at a time."""
-    stream = Stream(model, settings, find_rotary(model))
+    stream = open_stream(model, settings, find_rotary(model))
     logits = [stream.read(ids[:context])]
     logits += [stream.step(int(token))[None] for token in ids[context:-1]]
     logits = torch.cat(logits)
@@ -30,7 +30,7 @@ def stepped_logprobs(model, ids, settings, context: int) -> tuple[torch.Tensor, 
 @pytest.mark.parametrize("positions", ["shifted", "original"])
 @pytest.mark.parametrize("start,recent,context", [(4, 12, 1), (4, 12, 3), (4, 12, 9), (4, 12, 40), (0, 10, 25), (2, 7, 16)])
 def test_steps_equal_the_token_loop(model, monkeypatch, positions, start, recent, context):
-    monkeypatch.setattr(ring_cache, "REBASE_EVERY", 5)  # many frame resets in a short stream
+    monkeypatch.setattr(static, "REBASE_EVERY", 5)  # many frame resets in a short stream
     ids = torch.randint(0, 97, (90,), generator=torch.Generator().manual_seed(context))
     settings = StreamingSettings(start, recent, positions=positions, chunk_size=6)
     got, stream = stepped_logprobs(model, ids, settings, context)
@@ -47,6 +47,6 @@ def test_memory_is_exactly_the_window(model):
     _, stream = stepped_logprobs(model, ids, settings, 10)
     config = model.config
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4
-    assert kv_bytes(stream.cache) == 16 * per_token
+    assert stream.kv_bytes() == 16 * per_token
     # One free slot and the unrotated sink keys on top (half a token's bytes per sink).
-    assert stream.cache.allocated_bytes() == 17 * per_token + 4 * per_token // 2
+    assert stream.kv_allocated_bytes() == 17 * per_token + 4 * per_token // 2

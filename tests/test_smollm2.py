@@ -4,12 +4,11 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
-from reference import dense_logprobs, original_positions_logprobs, perplexity, shifted_llama_logprobs
+from helpers.reference import dense_logprobs, original_positions_logprobs, perplexity, shifted_llama_logprobs
+from helpers.engine import score_stream, score_stream_chunked
 
 from streaming_lm import StreamingHFLM
-from streaming_lm.chunked import score_stream_chunked
-from streaming_lm.rotary import find_rotary
-from streaming_lm.scoring import score_stream
+from streaming_lm.support import find_rotary
 from streaming_lm.settings import StreamingSettings
 
 pytestmark = pytest.mark.slow

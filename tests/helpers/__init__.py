@@ -1,0 +1,1 @@
+"""Shared test helpers: tiny and real models, independent references, local tasks, requests, engine shortcuts."""
