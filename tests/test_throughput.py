@@ -73,3 +73,14 @@ def test_bad_arguments_fail_before_loading(monkeypatch, capsys, argv, message):
         throughput.main(["--pretrained", "/nonexistent/model", *argv])
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_ratio_budget_is_the_adapters(tiny_dir, monkeypatch):
+    """max_length comes from the model (through StreamingHFLM): a budget leaving no recent token stops the run
+    before the weights load."""
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the budget was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    with pytest.raises(SystemExit, match=r"^--compression-ratio: compression_ratio=0.9995 with max_length=4096 "):
+        throughput.main(["--pretrained", str(tiny_dir), "--prompt-file", str(EXCERPT), "--compression-ratio", "0.9995"])

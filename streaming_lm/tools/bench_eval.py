@@ -6,9 +6,9 @@ a plain transformers token loop with a DynamicCache and no eviction, the floor u
 and ``recompute``: sliding window with re-computation over the same C tokens, once per
 ``--strides`` value.
 
-    python scripts/bench_eval.py --model_args pretrained=DIR,dtype=float32 \
+    python scripts/bench_eval.py --model_args pretrained=DIR,dtype=float32 \\
         --start_size 4 --recent_size 1020 --tokens 8192 --json bench.json
-    python scripts/bench_eval.py --model_args pretrained=DIR,dtype=float32 --tokens 4096 \
+    python scripts/bench_eval.py --model_args pretrained=DIR,dtype=float32 --tokens 4096 \\
         --start_size 4 --recent_size 252 --methods dense,chunked,recompute --strides 1,16,252
 """
 
