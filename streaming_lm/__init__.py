@@ -1,4 +1,5 @@
-"""StreamingLLM-style sink+window KV-cache evaluation for lm-evaluation-harness.
+"""KV-cache eviction (StreamingLLM's sink+window, and a policy interface for more) evaluated exactly in
+lm-evaluation-harness.
 
 Kept import-light (it is imported at interpreter start by the ``.pth`` hook): the
 heavy names are resolved on first use.
@@ -9,8 +10,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "StreamingHFLM": "streaming_lm.lm_eval_model",
     "StreamingSettings": "streaming_lm.settings",
-    "SinkWindowCache": "streaming_lm.cache",
-    "score_stream": "streaming_lm.scoring",
+    "EvictingDynamicCache": "streaming_lm.storage",
+    "open_stream": "streaming_lm.streams",
+    "score": "streaming_lm.scoring",
 }
 
 __all__ = ["__version__", *_LAZY]

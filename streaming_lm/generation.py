@@ -1,9 +1,9 @@
 """Generation under a streaming cache (lm-eval's ``generate_until``).
 
-The context is read into a ``Stream`` (chunked), then a plain decode loop feeds one token per
-step (``Stream.step``: the token loop's numbers, from a ``RingWindowCache`` for method=chunked),
-evicting after every step: memory stays at ``C`` tokens however long the generation. ``decode`` takes any object with ``step(token) -> logits``, so the dense
-baseline of ``scripts/throughput.py`` runs through the very same loop.
+The context is read into a stream (``open_stream``: chunked by default), then a plain decode loop feeds
+one token per step (``Stream.step``: the token loop's numbers, from static slots for method=chunked),
+evicting after every step: memory stays at ``C`` tokens however long the generation. ``decode`` takes
+any ``Stream``, so the dense baseline of ``scripts/throughput.py`` runs through the very same loop.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 
 from .rotary import RotaryShift
 from .settings import StreamingSettings
-from .stream import open_stream
+from .streams import open_stream
 
 # transformers' defaults for sampling when neither the request nor the model's generation config
 # sets them (GenerationConfig._get_default_generation_params): do_sample=True means top_k=50 there too.

@@ -23,11 +23,11 @@ from lm_eval.models.utils_hf import stop_sequences_criteria
 from tqdm.auto import tqdm
 
 from . import settings as settings_mod
-from .cache import check_model_supported
 from .continuation import score_continuations
 from .generation import SAMPLING_DEFAULTS, greedy, generate, sampler
-from .rotary import find_rotary
 from .scoring import score
+from .streams import uses_batch_size
+from .support import check_model_supported, find_rotary
 
 # Under lm-eval's logger, so its CLI shows our lines with its own.
 eval_logger = logging.getLogger("lm_eval.models.streaming_hf")
@@ -37,48 +37,28 @@ MODEL_NAME = "streaming_hf"
 
 def _refuse_misspelt_args(kwargs: dict) -> None:
     """Unknown model args go on to transformers' ``from_pretrained``; a misspelt streaming one is refused here."""
-    ours = [name for name in inspect.signature(StreamingHFLM.__init__).parameters
-            if name not in ("self", "pretrained", "kwargs")]
     hflm = inspect.signature(HFLM.__init__).parameters
     for key in kwargs:
-        close = difflib.get_close_matches(key, ours, n=1, cutoff=0.7) if key not in hflm else []
+        close = difflib.get_close_matches(key, settings_mod.KNOBS, n=1, cutoff=0.7) if key not in hflm else []
         if close:
             raise ValueError(
-                f"unknown model arg {key!r}; did you mean {close[0]!r}? streaming_hf's own args: {', '.join(ours)}"
+                f"unknown model arg {key!r}; did you mean {close[0]!r}? "
+                f"streaming_hf's own args: {', '.join(settings_mod.KNOBS)}"
             )
 
 
 class StreamingHFLM(HFLM):
     """``HFLM`` whose every request type is computed through a bounded streaming cache.
 
-    Extra model args: ``start_size``, ``recent_size`` or ``compression_ratio``,
-    ``positions`` (shifted|original), ``method`` (chunked|token|recompute), ``chunk_size``,
-    ``stride`` (recompute only). Every other argument is HFLM's.
+    Extra model args: the fields of ``StreamingSettings`` (``settings.KNOBS``: ``start_size``,
+    ``recent_size`` or ``compression_ratio``, ``positions``, ``method``, ``chunk_size``, ``stride``;
+    docs/semantics.md). Every other argument is HFLM's.
     """
 
-    def __init__(
-        self,
-        pretrained,
-        start_size=settings_mod.DEFAULT_START_SIZE,
-        recent_size=None,
-        compression_ratio=None,
-        positions="shifted",
-        method=settings_mod.DEFAULT_METHOD,
-        chunk_size=settings_mod.DEFAULT_CHUNK_SIZE,
-        stride=None,
-        **kwargs,
-    ) -> None:
-        _refuse_misspelt_args(kwargs)
+    def __init__(self, pretrained, **kwargs) -> None:
         # Validate before HFLM loads anything; the ratio needs max_length, known later.
-        self._streaming_args = dict(
-            start_size=start_size,
-            recent_size=recent_size,
-            compression_ratio=compression_ratio,
-            positions=positions,
-            method=method,
-            chunk_size=chunk_size,
-            stride=stride,
-        )
+        self._streaming_args = {name: kwargs.pop(name, default) for name, default in settings_mod.ARG_DEFAULTS.items()}
+        _refuse_misspelt_args(kwargs)
         self._max_length_arg = kwargs.get("max_length")
         self.streaming = settings_mod.resolve(**self._streaming_args, max_length=self._max_length_arg)
         super().__init__(pretrained, **kwargs)
@@ -87,10 +67,10 @@ class StreamingHFLM(HFLM):
             # HFLM splits requests across `accelerate launch` processes only with 2+ GPUs; on CPU
             # (or one GPU) every process would score every request. Split them as on GPUs.
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
-        if compression_ratio is not None:
+        if self._streaming_args["compression_ratio"] is not None:
             self.streaming = settings_mod.resolve(**self._streaming_args, max_length=self.max_length)
         check_model_supported(self.model, self.streaming)
-        self._rotary = find_rotary(self.model)
+        self.rotary = find_rotary(self.model)
         self._evicted = 0
         eval_logger.info("streaming_hf cache: %s", self.streaming.as_dict())
 
@@ -110,9 +90,8 @@ class StreamingHFLM(HFLM):
         show = not disable_tqdm and self.rank == 0
         for request in tqdm(requests, disable=not show, desc="streaming requests"):
             (string,) = request.args
-            # One stream: the prefix token, then every token of the text, all scored but the prefix.
-            tokens = [self.prefix_token_id, *self.tok_encode(string)]
-            scored = score(self.model, tokens, self.streaming, self._rotary, progress=show, batch_size=windows_per_pass)
+            scored = score(self.model, self.rolling_ids(string), self.streaming, self.rotary, progress=show,
+                           batch_size=windows_per_pass)
             self._evicted += scored.evicted
             total = float(scored.logprobs.double().sum())
             results.append(total)
@@ -124,6 +103,10 @@ class StreamingHFLM(HFLM):
             self._evicted,
         )
         return results
+
+    def rolling_ids(self, text: str) -> list[int]:
+        """One stream: the prefix token, then every token of the text (all scored but the prefix)."""
+        return [self.prefix_token_id, *self.tok_encode(text)]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         """``loglikelihood`` after HFLM's own tokenisation (``TemplateLM.loglikelihood``).
@@ -139,7 +122,7 @@ class StreamingHFLM(HFLM):
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="streaming loglikelihood")
         for context, members in by_context.items():
             continuations = [requests[i][2] for i in members]
-            scores = score_continuations(self.model, list(context), continuations, self.streaming, self._rotary)
+            scores = score_continuations(self.model, list(context), continuations, self.streaming, self.rotary)
             for i, scored in zip(members, scores, strict=True):
                 answer = (scored.logprob, scored.is_greedy)
                 results[i] = answer
@@ -173,7 +156,7 @@ class StreamingHFLM(HFLM):
             criteria = stop_sequences_criteria(self.tokenizer, until, 0, 1)
             stop = lambda tokens: bool(criteria(torch.tensor([tokens]), None).all())  # noqa: E731
             out = generate(
-                self.model, context_ids, self.streaming, self._rotary, max_gen_toks,
+                self.model, context_ids, self.streaming, self.rotary, max_gen_toks,
                 pick=pick, eos_token_ids=eos_ids, stop=stop,
             )
             self._evicted += out.evicted
@@ -219,7 +202,7 @@ class StreamingHFLM(HFLM):
 
     def _windows_per_pass(self) -> int:
         """``method=recompute`` batches its windows by ``batch_size``; the cache methods read one stream at a time."""
-        if self.streaming.method != "recompute":
+        if not uses_batch_size(self.streaming):
             self._warn_batch_size()
             return 1
         if isinstance(self.batch_size, int):

@@ -6,13 +6,13 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import lm_eval
 import lm_eval.tasks
 import pytest
 
-from streaming_lm import compare
+from streaming_lm import compare, settings
+from streaming_lm.compare import run as compare_run
 
 from local_tasks import ROLLING_YAML, write_task
 
@@ -61,7 +61,7 @@ def grid(tmp_path_factory, tiny_dir, task_dir):
         for key, value in OFFLINE.items():
             mp.setenv(key, value)
         mp.setattr(lm_eval, "simple_evaluate", lambda **kw: calls.append(kw) or real(**kw))
-        mp.setattr(compare, "say", said.append)
+        mp.setattr(compare_run, "say", said.append)
         compare.main(grid_args(tiny_dir, task_dir, out))
     return out, calls, said
 
@@ -173,6 +173,8 @@ def test_from_results_gives_the_same_table(grid, tmp_path, monkeypatch):
         ({"--recent-sizes": None, "--compression-ratios": "0.5,1.5"},
          "compression_ratio must be in [0, 1), got 1.5"),
         ({"--method": "fastest"}, "'fastest'"),
+        ({"--strides": "4"}, "stride applies to method=recompute only"),
+        ({"--method": "recompute", "--strides": "4,64"}, "stride must be an integer in [1, recent_size=16], got 64"),
     ],
 )
 def test_bad_grid_fails_before_any_run(overrides, message, tiny_dir, task_dir, tmp_path, monkeypatch, capsys):
@@ -184,14 +186,9 @@ def test_bad_grid_fails_before_any_run(overrides, message, tiny_dir, task_dir, t
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(
-    "command",
-    [["-m", "streaming_lm", "compare"], [str(Path(__file__).parents[1] / "scripts" / "compare.py")]],
-    ids=["python -m streaming_lm compare", "scripts/compare.py"],
-)
-def test_commands_reach_compare(command, tiny_dir, task_dir, tmp_path):
+def test_python_m_streaming_lm_compare_reaches_compare(tiny_dir, task_dir, tmp_path):
     args = grid_args(tiny_dir, task_dir, tmp_path / "out", **{"--recent-sizes": "0"})
-    proc = subprocess.run([sys.executable, *command, *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "streaming_lm", "compare", *args], capture_output=True, text=True,
                           env=os.environ | OFFLINE, timeout=120)
     assert proc.returncode == 2
     assert "recent_size must be an integer >= 1, got 0" in proc.stderr
@@ -207,3 +204,65 @@ def test_png_is_valid_and_optional(grid, tmp_path, monkeypatch, capsys):
     compare.main(["--from-results", str(grid[0]), "--output-dir", str(tmp_path)])
     assert "matplotlib is not installed: skipping comparison.png" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["comparison.csv", "comparison.md"]
+
+
+# ---------------------------------------------------------------- every knob reaches compare
+
+
+def write_results(folder, model, model_args, value):
+    """A results file as plain lm_eval writes it, in a folder not named after the run."""
+    folder.mkdir(parents=True)
+    data = {"config": {"model": model, "model_args": {"pretrained": "m"} | model_args},
+            "results": {"tiny_rolling": {"word_perplexity,none": value}}}
+    (folder / "results_2026-01-01T00-00-00.000000.json").write_text(json.dumps(data))
+
+
+def test_recompute_runs_differing_only_in_stride_stay_apart(tmp_path, monkeypatch):
+    runs = compare.build_grid(["4"], ["16"], [], ["shifted"], "recompute", strides=["1", "4", "04"])
+    assert [r.name for r in runs] == ["hf", "streaming_s4_r16_shifted_recompute_stride1",
+                                      "streaming_s4_r16_shifted_recompute_stride4"]
+    assert runs[2].stream == {"start_size": 4, "recent_size": 16, "positions": "shifted", "method": "recompute",
+                              "stride": 4}
+
+    write_results(tmp_path / "runs" / "a", "hf", {}, 10.0)
+    for number, run in enumerate(runs[1:], start=1):
+        write_results(tmp_path / "runs" / f"b{number}", run.model, run.stream, 10.0 + number)
+    assert [r.name for r in compare.load_results_dir(tmp_path / "runs")] == [r.name for r in runs]
+    refuse_evaluation(monkeypatch)
+    compare.main(["--from-results", str(tmp_path / "runs"), "--output-dir", str(tmp_path / "out")])
+    row = read_csv(tmp_path / "out" / "comparison.csv")[0]
+    assert [row[r.name] for r in runs[1:]] == ["11.0", "12.0"]
+
+
+@pytest.mark.parametrize("knob", settings.KNOBS)
+def test_every_knob_is_read_back_and_kept_out_of_model_args(knob, tmp_path, monkeypatch, capsys):
+    write_results(tmp_path / "run", "streaming_hf", {knob: 1}, 10.0)
+    assert compare.load_result(compare.results_files(tmp_path / "run")[0]).stream == {knob: 1}
+
+    refuse_evaluation(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["--pretrained", "m", "--tasks", "tiny_rolling", "--recent-sizes", "16",
+                      "--output-dir", str(tmp_path / "out"), "--model_args", f"{knob}=1"])
+    assert exit_info.value.code == 2
+    assert f"--model_args must not set {knob}: the grid sets them" in capsys.readouterr().err
+
+
+def test_names_of_runs_without_new_knobs_are_unchanged():
+    assert compare.run_name("streaming_hf", {"start_size": 4, "recent_size": 252, "positions": "shifted"}) == \
+        "streaming_s4_r252_shifted"
+    stream = {"start_size": 0, "compression_ratio": 0.5, "positions": "original", "method": "token", "chunk_size": 64}
+    assert compare.run_name("streaming_hf", stream) == "streaming_s0_cr0.5_original_token"
+
+
+# Two values of each knob; any other knob is an integer (as stride is).
+KNOB_VALUES = {"positions": ("shifted", "original"), "method": ("chunked", "token"),
+               "compression_ratio": (0.25, 0.5)}
+
+
+@pytest.mark.parametrize("knob", settings.KNOBS)
+def test_every_result_knob_changes_the_run_name(knob):
+    names = {compare.run_name("streaming_hf", {knob: value}) for value in KNOB_VALUES.get(knob, (7, 16))}
+    if knob in settings.RESULT_KNOBS:
+        assert len(names) == 2, names
+    else:  # speed only (chunk_size): same numbers, same name
+        assert names == {compare.run_name("streaming_hf", {})}

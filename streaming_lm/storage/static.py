@@ -1,20 +1,19 @@
-"""A decode-speed sink+window cache: preallocated slots, no copies, no per-token re-rotation.
+"""A decode-speed cache: preallocated slots, no copies, no per-token re-rotation.
 
-``SinkWindowLayer`` concatenates and, with shifted positions, re-rotates all ``W`` recent keys
-after every token: two copies and a rotation of the whole window per token and layer. For
-decoding one token at a time that is most of what streaming costs. ``RingWindowCache`` gives
-the same numbers (docs/semantics.md) another way:
+``EvictingDynamicLayer`` concatenates and, with shifted positions, re-rotates the whole window after
+every pass: for decoding one token at a time that is most of what streaming costs.
+``EvictingStaticCache`` gives the same numbers (docs/semantics.md) another way:
 
-- Each layer owns ``S`` sink slots and ``W + 1`` ring slots. A new token is written into the free
-  ring slot and the step attends to every slot (``C + 1`` keys, in ring order: attention over a
-  set does not depend on the order). Afterwards the oldest recent slot is the free one: nothing
-  is copied, and between steps exactly ``C`` tokens are held.
+- Each layer owns ``C + 1`` slots, the first ``S`` for the sinks. A new token is written into the
+  lowest free slot and the step attends to every slot in use (at most ``C + 1`` keys; attention over a
+  set does not depend on the order). After the step the policy's evicted token frees its slot:
+  nothing is copied, and between steps exactly ``C`` tokens are held.
 - Keys stay where they were rotated. The model rotates the new token at a frame position
   ``t - base``; inside the window only distances matter, so recent keys never move. The sinks
   are what must move instead (``S`` keys, from a kept unrotated copy): with shifted positions
-  their distance to the query is ``min(t, C) - j``, not ``t - j``.
-- Every ``rebase_every`` tokens the frame is reset to the token loop's (the query at ``C``) by
-  rotating the window once, so positions stay below ``C + rebase_every`` however long the stream.
+  their distance to the query is ``p(t) - j``, not ``t - j``.
+- Every ``REBASE_EVERY`` tokens the frame is reset to the token loop's (the query at ``C``) by
+  rotating the window once, so positions stay below ``C + REBASE_EVERY`` however long the stream.
 
 Only for models with rotary embeddings and shifted positions does anything rotate; with
 ``positions="original"`` the frame is the text itself (the token loop's), and models without
@@ -23,19 +22,24 @@ rotary embeddings use ``p(t)`` directly.
 
 from __future__ import annotations
 
+import heapq
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .rotary import RotaryShift
-from .settings import StreamingSettings
+from ..policy import EvictionPolicy
+from ..positions import first_recent, query_position
+from ..rotary import RotaryShift
+from ..settings import StreamingSettings
+from .accounting import KVAccounting
 
 REBASE_EVERY = 256  # frame resets: one window rotation per 256 tokens; positions stay below C + 256
 
 
-class RingWindowLayer(DynamicLayer):
-    """One layer's slots: ``keys``/``values`` hold ``S`` sinks then ``W + 1`` ring slots."""
+class EvictingStaticLayer(DynamicLayer):
+    """One layer's slots: ``keys``/``values`` hold ``S`` sink slots then ``W + 1`` others."""
 
-    def __init__(self, owner: RingWindowCache, keys: torch.Tensor, values: torch.Tensor, sink_keys: torch.Tensor):
+    def __init__(self, owner: EvictingStaticCache, keys: torch.Tensor, values: torch.Tensor, sink_keys: torch.Tensor):
         super().__init__()
         self.owner = owner
         self.keys, self.values, self.sink_keys = keys, values, sink_keys
@@ -57,30 +61,33 @@ class RingWindowLayer(DynamicLayer):
         return self.owner.held
 
     def get_max_length(self) -> int:
-        return self.owner.settings.capacity
+        return self.owner.policy.capacity
 
 
-class RingWindowCache(Cache):
-    """A ``Cache`` for one-token steps; build it from a ``SinkWindowCache`` with ``from_stream``."""
+class EvictingStaticCache(KVAccounting, Cache):
+    """A ``Cache`` for one-token steps; build it from a filled dynamic cache with ``from_dynamic``."""
 
-    def __init__(self, settings: StreamingSettings, shift: RotaryShift | None, n: int, base: int, layers_kv):
-        self.settings, self.start_size = settings, settings.start_size
+    def __init__(self, policy: EvictionPolicy, settings: StreamingSettings, shift: RotaryShift | None, n: int,
+                 base: int, layers_kv, slot_of: dict[int, int]):
+        self.policy, self.settings, self.start_size = policy, settings, settings.start_size
         self.rotating = shift is not None and settings.positions == "shifted"
         self.shift = shift
         self.n, self.base = n, base  # tokens read so far; the frame's origin (position = t - base)
-        self.held = min(n, settings.capacity)
+        self.held = len(slot_of)
         self.evicted = n - self.held
         self.write_slot = self.attended = 0
         self.sink_cos = self.sink_sin = None
-        super().__init__(layers=[RingWindowLayer(self, *kv) for kv in layers_kv])
+        self._slot_of = slot_of  # token -> slot, for every token held
+        self._free = sorted(set(range(policy.capacity + 1)) - set(slot_of.values()))  # a heap
+        super().__init__(layers=[EvictingStaticLayer(self, *kv) for kv in layers_kv])
 
     @classmethod
-    def from_stream(cls, cache, n: int, settings: StreamingSettings, shift: RotaryShift | None) -> RingWindowCache:
-        """Move a ``SinkWindowCache`` filled by the chunked path (recent token ``s`` at ``S + s - r0``) into slots."""
-        start, capacity = settings.start_size, settings.capacity
-        sinks = min(start, n)
-        first_recent = max(start, n - settings.recent_size)  # r0
-        base = first_recent - start
+    def from_dynamic(cls, cache, n: int, settings: StreamingSettings, shift: RotaryShift | None) -> EvictingStaticCache:
+        """Move a dynamic cache filled by the chunked path (recent token ``s`` rotated to ``S + s - r0``) into slots."""
+        policy, start, capacity = cache.policy, settings.start_size, settings.capacity
+        held = policy.held_index(n).tolist()
+        sinks = sum(1 for j in held if j < start)
+        base = first_recent(n, settings) - start
         if shift is not None and settings.positions == "original" and base:
             # The token loop keeps original positions at the text's own: move the window there once.
             rotate, base = base, 0
@@ -91,20 +98,17 @@ class RingWindowCache(Cache):
             keys, values = layer.keys, layer.values
             shape = (*keys.shape[:-2], capacity + 1, keys.shape[-1])
             slot_keys, slot_values = keys.new_zeros(shape), values.new_zeros(shape)
-            held = keys.shape[-2]
             slot_keys[..., :sinks, :] = keys[..., :sinks, :]
-            slot_keys[..., start : start + held - sinks, :] = (
+            slot_keys[..., start : start + len(held) - sinks, :] = (
                 shift.rotate(keys[..., sinks:, :], rotate) if rotate else keys[..., sinks:, :]
             )
             slot_values[..., :sinks, :] = values[..., :sinks, :]
-            slot_values[..., start : start + held - sinks, :] = values[..., sinks:, :]
+            slot_values[..., start : start + len(held) - sinks, :] = values[..., sinks:, :]
             sink_keys = keys.new_zeros((*keys.shape[:-2], start, keys.shape[-1]))
             sink_keys[..., :sinks, :] = keys[..., :sinks, :]
             layers_kv.append((slot_keys, slot_values, sink_keys))
-        ring = cls(settings, shift, n, base, layers_kv)
-        ring._next_free = start + (ring.held - sinks)  # while filling: slots are taken in order
-        ring._free_slot = capacity  # once full: the last ring slot is the free one
-        return ring
+        slot_of = {j: (j if i < sinks else start + i - sinks) for i, j in enumerate(held)}
+        return cls(policy, settings, shift, n, base, layers_kv, slot_of)
 
     @property
     def evicted_tokens(self) -> int:
@@ -124,21 +128,17 @@ class RingWindowCache(Cache):
 
     def begin_step(self) -> int:
         """Prepare the slots for token ``x_n``; returns its position id."""
-        t, start, capacity = self.n, self.start_size, self.settings.capacity
-        if t < start:
-            self.write_slot = t
-        elif self.held < capacity:
-            self.write_slot = self._next_free
-        else:
-            self.write_slot = self._free_slot
+        t, start = self.n, self.start_size
+        self.write_slot = heapq.heappop(self._free)
         self.attended = self.held + 1
+        position = query_position(t, self.settings)
         if not self.rotating:
             self.sink_cos = None
-            return min(t, capacity) if self.settings.positions == "shifted" else t
-        if t - self.base > capacity + REBASE_EVERY:
-            self._rebase(t - capacity)
-        # Sink j must sit at distance min(t, C) - j from the query at t - base.
-        delta = t - self.base - min(t, capacity)
+            return position
+        if t - self.base > self.settings.capacity + REBASE_EVERY:
+            self._rebase(t - self.settings.capacity)
+        # Sink j must sit at distance p(t) - j from the query at t - base.
+        delta = t - self.base - position
         if delta and start:
             self.sink_cos, self.sink_sin = self.shift.cos_sin(delta, self.layers[0].keys.device)
         else:
@@ -149,18 +149,14 @@ class RingWindowCache(Cache):
         return t - self.base
 
     def end_step(self) -> None:
-        start, capacity, ring = self.start_size, self.settings.capacity, self.settings.recent_size + 1
+        t = self.n
+        self._slot_of[t] = self.write_slot
+        evicted = self.policy.evicted_after(t)
+        for token in evicted:
+            heapq.heappush(self._free, self._slot_of.pop(token))
         self.n += 1
-        if self.held < capacity:
-            self.held += 1
-            if self.n >= start:
-                self._next_free = self.write_slot + 1 if self.write_slot >= start else start
-            if self.held == capacity:
-                self._free_slot = capacity  # the last ring slot was never written
-            return
-        # C + 1 tokens were attended; the oldest recent one, right after the slot just written, goes.
-        self._free_slot = start + (self.write_slot - start + 1) % ring
-        self.evicted += 1
+        self.held += 1 - len(evicted)
+        self.evicted += len(evicted)
 
     def _rebase(self, new_base: int) -> None:
         delta = new_base - self.base

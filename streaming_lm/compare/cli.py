@@ -1,0 +1,122 @@
+"""``python -m streaming_lm compare``: the command line; see docs/compare.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from .. import settings as settings_mod
+from .errors import CompareError, say
+from .grid import _split, build_grid
+from .report import load_reference, write_outputs
+from .results import load_results_dir
+from .run import run_grid
+
+
+def _metadata(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        from lm_eval.utils import simple_parse_args_string  # lm-eval also takes key=val,...
+
+        value = simple_parse_args_string(text)
+    if not isinstance(value, dict):
+        raise CompareError(f"--metadata must be a JSON object or key=val,...; got {text!r}")
+    return value
+
+
+def _batch_size(text: str):
+    return int(text) if text.isdigit() else text  # "auto", "auto:4" as lm-eval takes them
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m streaming_lm compare",
+        description="Evaluate dense hf once and streaming_hf for every setting of a grid; "
+        "write comparison.md, comparison.csv and comparison.png. See docs/compare.md.",
+    )
+    model = p.add_argument_group("model and tasks (as in lm-eval's CLI)")
+    model.add_argument("--pretrained", help="model name or local folder (or pretrained=... in --model_args)")
+    model.add_argument("--model_args", "--model-args", default="",
+                       help="more model args 'k=v,k2=v2', e.g. dtype=float32,gguf_file=model.gguf")
+    model.add_argument("--tasks", "-t", help="comma-separated task names")
+    model.add_argument("--device", default=None)
+    model.add_argument("--batch_size", "--batch-size", "-b", type=_batch_size, default=1)
+    model.add_argument("--limit", "-L", type=float, default=None, help="examples per task (count or fraction)")
+    model.add_argument("--include_path", "--include-path", default=None, help="folder with extra task YAMLs")
+    model.add_argument("--metadata", default=None, help='task metadata as JSON, e.g. \'{"max_words": 250}\'')
+    grid = p.add_argument_group("streaming grid (comma-separated lists)")
+    grid.add_argument("--start-sizes", "--start_sizes", default=str(settings_mod.DEFAULT_START_SIZE))
+    grid.add_argument("--recent-sizes", "--recent_sizes", default=None)
+    grid.add_argument("--compression-ratios", "--compression_ratios", default=None)
+    grid.add_argument("--positions", default="shifted", help="shifted, original, or shifted,original for both")
+    grid.add_argument("--method", default=None, help="streaming_hf method; default: the model's own")
+    grid.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", default=None,
+                      help="streaming_hf chunk_size (speed only); default: the model's own")
+    grid.add_argument("--strides", default=None,
+                      help="streaming_hf stride, with --method recompute; default: the model's own (1)")
+    out = p.add_argument_group("input and output")
+    out.add_argument("--output-dir", "--output_dir", "--output_path", "-o", type=Path, default=None)
+    out.add_argument("--from-results", "--from_results", type=Path, default=None,
+                     help="build the comparison from existing lm-eval results files instead of running")
+    out.add_argument("--reference", type=Path, default=None, help="CSV or JSON of task, metric, value, source")
+    return p
+
+
+def compare(args: argparse.Namespace) -> dict[str, Path]:
+    reference = load_reference(args.reference) if args.reference else None
+    if args.from_results is not None:
+        if args.tasks or args.pretrained:
+            raise CompareError("--from-results reads existing results: drop --pretrained and --tasks")
+        return write_outputs(args.output_dir or args.from_results, load_results_dir(args.from_results), reference)
+
+    from lm_eval.utils import simple_parse_args_string
+
+    common = simple_parse_args_string(args.model_args)
+    if clash := [k for k in settings_mod.KNOBS if k in common]:
+        raise CompareError(f"--model_args must not set {', '.join(clash)}: the grid sets them")
+    if args.pretrained:
+        common = {"pretrained": args.pretrained} | common
+    if "pretrained" not in common:
+        raise CompareError("give --pretrained (or pretrained=... in --model_args)")
+    if not args.tasks:
+        raise CompareError("give --tasks (or --from-results DIR)")
+    if args.output_dir is None:
+        raise CompareError("give --output-dir: every run is saved there, which lets a rerun resume")
+    runs = build_grid(
+        _split(args.start_sizes, str, "--start-sizes"),  # resolve() checks and converts them
+        _split(args.recent_sizes, str, "--recent-sizes"),
+        _split(args.compression_ratios, float, "--compression-ratios"),
+        _split(args.positions, str, "--positions"),
+        args.method,
+        common.get("max_length"),
+        args.chunk_size,
+        _split(args.strides, str, "--strides"),
+    )
+    tasks = [t for t in _split(args.tasks, str, "--tasks") if t]
+    metadata = _metadata(args.metadata)
+    say(f"{len(runs)} runs ({', '.join(r.name for r in runs)}) into {args.output_dir}")
+    results = run_grid(runs, args.output_dir, common, tasks, args.include_path, args.limit, args.device,
+                       args.batch_size, metadata)
+    return write_outputs(args.output_dir, results, reference)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli = parser()
+    args = cli.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as lm-eval's CLI does
+    from lm_eval.utils import setup_logging
+
+    from ..registration import register
+
+    setup_logging()
+    register()
+    try:
+        written = compare(args)
+    except CompareError as error:
+        cli.error(str(error))
+    say("wrote " + ", ".join(str(path) for path in written.values()))

@@ -1,0 +1,42 @@
+"""Position arithmetic of docs/semantics.md, in one place: p(t), r0 and the position limits.
+
+Every execution path asks this module where a query or key sits; none re-derives it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .settings import StreamingSettings
+
+
+def query_position(t, settings: StreamingSettings):
+    """p(t): the position of the query of step t (cache slots when shifted, text positions when original).
+
+    ``t`` is an int or a tensor of steps."""
+    if settings.positions != "shifted":
+        return t
+    return t.clamp(max=settings.capacity) if isinstance(t, torch.Tensor) else min(t, settings.capacity)
+
+
+def first_recent(n: int, settings: StreamingSettings) -> int:
+    """r0 = max(S, n - W): the oldest recent (non-sink) token held after reading n tokens (while n < S it
+    lies beyond the stream, and the recent run is empty). Also the origin of the chunked path's local frame."""
+    return max(settings.start_size, n - settings.recent_size)
+
+
+def position_limit(model, settings: StreamingSettings, rotary: bool) -> int | None:
+    """The most tokens a stream may hold: learned absolute positions end at max_position_embeddings,
+    and positions=original reads token t at t. None: no limit (rotary, shifted, recompute)."""
+    if rotary or settings.positions != "original" or settings.method == "recompute":
+        return None
+    return getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+
+
+def check_positions_fit(model, n_tokens: int, limit: int | None) -> None:
+    if limit is not None and n_tokens > limit:
+        raise ValueError(
+            f"positions=original reads token t at position t, but {model.config.model_type} has learned positions "
+            f"0..{limit - 1} only and this stream has {n_tokens} tokens; use positions=shifted (positions stay "
+            f"below C) or streams of at most {limit} tokens"
+        )

@@ -1,0 +1,41 @@
+"""What scoring returns, and the check that a stream really streamed."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .settings import StreamingSettings
+
+
+class NoEvictionError(RuntimeError):
+    """A stream longer than the cache finished without evicting: it did not stream."""
+
+
+@dataclasses.dataclass
+class StreamScore:
+    logprobs: torch.Tensor  # float32 [n - 1]: log p(x_{t+1} | visible set of step t)
+    evicted: int  # tokens evicted from the cache over the stream
+    max_held: int  # most tokens any layer held between steps (recompute: tokens in a window)
+    greedy: torch.Tensor | None = None  # bool [n - 1]: x_{t+1} was the argmax (recompute only)
+
+
+@dataclasses.dataclass
+class ContinuationScore:
+    logprob: float  # sum of log p(continuation token) over the continuation
+    is_greedy: bool  # every continuation token was the argmax at its position
+    evicted: int  # tokens evicted over the stream context + continuation
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets[i]) under logits[i] ([len, vocab] and [len]), float32."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None])[:, 0]
+
+
+def check_evicted(n_tokens: int, evicted: int, settings: StreamingSettings) -> None:
+    if n_tokens > settings.capacity + 1 and evicted == 0:
+        raise NoEvictionError(
+            f"a stream of {n_tokens} tokens passed a cache of {settings.capacity} tokens without a single "
+            "eviction: the model did not use the streaming cache, so the result would be the dense one"
+        )

@@ -1,0 +1,27 @@
+"""What every cache storage reports: tokens held and evicted, bytes held and allocated."""
+
+from __future__ import annotations
+
+
+class KVAccounting:
+    """Mixin for a ``transformers`` ``Cache``; a storage that allocates more than it holds overrides both byte counts."""
+
+    def held_tokens(self) -> list[int]:
+        """Tokens held by each layer right now."""
+        return [layer.get_seq_length() for layer in self.layers]
+
+    @property
+    def evicted_tokens(self) -> int:
+        return 0
+
+    def held_bytes(self) -> int:
+        """Bytes of keys and values held right now (every layer)."""
+        return sum(
+            layer.keys.nbytes + layer.values.nbytes
+            for layer in self.layers
+            if getattr(layer, "is_initialized", False) and layer.keys is not None
+        )
+
+    def allocated_bytes(self) -> int:
+        """Bytes of keys and values allocated: a growing cache allocates exactly what it holds."""
+        return self.held_bytes()

@@ -1,0 +1,44 @@
+"""Execution paths: how tokens are read. ``open_stream`` is the one place that picks a path.
+
+| path | module | reads |
+|---|---|---|
+| token loop (``method="token"``) | token.py | one token per pass, the reference |
+| chunked (``method="chunked"``) | chunked.py | ``chunk_size`` tokens per pass; decodes through decode.py |
+| decode | decode.py | one token per pass from preallocated slots |
+| recompute (``method="recompute"``) | recompute.py | a fresh dense pass per window, no cache |
+| dense baseline (``settings=None``) | dense.py | transformers' own cache, nothing evicted |
+"""
+
+from __future__ import annotations
+
+from ..rotary import RotaryShift
+from ..settings import StreamingSettings
+from .base import Stream
+from .chunked import ChunkedStream
+from .decode import DecodeStream
+from .dense import DenseStream
+from .recompute import RecomputeStream
+from .token import TokenStream
+
+PATHS = {"token": TokenStream, "chunked": ChunkedStream, "recompute": RecomputeStream}
+
+
+def open_stream(model, settings: StreamingSettings | None, shift: RotaryShift | None = None,
+                batch_size: int = 1) -> Stream:
+    """An empty stream on the path ``settings.method`` names; the dense baseline for ``settings=None``.
+
+    ``batch_size``: passes run together where the path can (recompute windows); the cache paths read one
+    token stream at a time and ignore it.
+    """
+    if settings is None:
+        return DenseStream(model)
+    return PATHS[settings.method](model, settings, shift, batch_size)
+
+
+def uses_batch_size(settings: StreamingSettings) -> bool:
+    """Whether ``batch_size`` changes how the settings' path runs (it never changes a number)."""
+    return PATHS[settings.method].uses_batch_size
+
+
+__all__ = ["Stream", "open_stream", "uses_batch_size", "TokenStream", "ChunkedStream", "DecodeStream", "RecomputeStream",
+           "DenseStream", "PATHS"]

@@ -1,0 +1,117 @@
+"""The execution-path protocol: a stream read incrementally from an empty state.
+
+Rolling scoring (``score``), continuations (``score_continuations``) and generation (``read`` then
+``step``) all enter through it; each path implements the same interface with the same numbers
+(docs/semantics.md).
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..scores import ContinuationScore, StreamScore, check_evicted, target_logprobs
+from ..support import cache_kwarg, forward_takes
+
+
+class Stream(ABC):
+    """One stream: tokens ``x_0 .. x_{n-1}`` read so far, and whatever state the path keeps of them."""
+
+    model = None
+    settings = None  # StreamingSettings; None for the dense baseline
+    n: int = 0  # tokens read so far: the next token is x_n
+    max_held: int = 0  # the most tokens any layer held between passes (recompute: tokens in a window)
+    uses_batch_size = False  # whether passes of one stream can be batched (recompute windows)
+
+    @property
+    @abstractmethod
+    def evicted(self) -> int:
+        """Tokens evicted so far."""
+
+    @abstractmethod
+    def read_passes(self, ids, last_only: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+        """Read tokens ``x_n ..``, one forward pass at a time: yields ``(offset in ids, float32 logits)``.
+
+        A caller that reduces each pass's logits at once never holds more than one pass of them.
+        With ``last_only`` a pass yields the logits of its last token only.
+        """
+
+    @abstractmethod
+    def step(self, token: int) -> torch.Tensor:
+        """Read one token through the model's own attention; its float32 logits [vocab] (decoding)."""
+
+    @abstractmethod
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values held right now."""
+
+    def kv_allocated_bytes(self) -> int:
+        """Bytes of keys and values allocated right now (a preallocated decode cache holds less)."""
+        return self.kv_bytes()
+
+    def fork(self) -> Stream:
+        """An independent copy of this state (keys and values copied; the model and tables shared)."""
+        shared = {id(self.model): self.model, **{id(v): v for v in self._shared()}}
+        return copy.deepcopy(self, memo=shared)
+
+    def _shared(self) -> Sequence:
+        return ()
+
+    @torch.inference_mode()
+    def read(self, ids, last_only: bool = False) -> torch.Tensor:
+        """Read tokens and return the float32 logits after each ([len, vocab]; [1, vocab] if last_only)."""
+        out = [logits for _, logits in self.read_passes(ids, last_only)]
+        return out[-1][-1:] if last_only else torch.cat(out)
+
+    @torch.inference_mode()
+    def score(self, ids, progress: bool = False) -> StreamScore:
+        """log p(ids[t+1]) for every t, reading ``ids[:-1]`` (rolling log-likelihood of one whole stream)."""
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(self.model.device)
+        logprobs = torch.empty(max(ids.numel() - 1, 0), dtype=torch.float32)
+        if ids.numel() > 1:
+            with tqdm(total=ids.numel() - 1, disable=not progress, desc="streaming tokens", leave=False) as bar:
+                for a, logits in self.read_passes(ids[:-1]):
+                    b = a + logits.shape[0]
+                    logprobs[a:b] = target_logprobs(logits, ids[a + 1 : b + 1]).cpu()
+                    bar.update(b - a)
+        return StreamScore(logprobs, self.evicted, self.max_held)
+
+    @torch.inference_mode()
+    def score_continuations(self, context, continuations) -> list[ContinuationScore]:
+        """Each continuation after ``context``, as the stream ``context + continuation``: the context is read
+        once, every continuation from a fork of that state."""
+        last = self.read(context, last_only=True)  # the logits that predict the first continuation token
+        results = []
+        for continuation in continuations:
+            branch, logits = self, last
+            if len(continuation) > 1:
+                # Reading mutates the state: each continuation gets its own copy of the context state.
+                branch = self.fork()
+                logits = torch.cat((last, branch.read(continuation[:-1])))
+            results.append(_continuation_score(logits, continuation, branch.evicted, len(context), self.settings))
+        return results
+
+
+def _continuation_score(logits, continuation, evicted: int, n_context: int, settings) -> ContinuationScore:
+    target = torch.as_tensor(continuation, dtype=torch.long, device=logits.device)
+    if settings is not None:
+        check_evicted(n_context + len(continuation), evicted, settings)
+    chosen = target_logprobs(logits, target)
+    return ContinuationScore(float(chosen.double().sum()), bool((logits.argmax(-1) == target).all()), evicted)
+
+
+def forward_kwargs(model, cache) -> tuple[dict, dict]:
+    """Keyword arguments for a pass that needs every position's logits, and for one that needs the last only."""
+    kwargs = {cache_kwarg(model): cache, "use_cache": True}
+    # Context tokens need no logits but the last: skip the vocabulary projection for the rest.
+    return kwargs, kwargs | ({"logits_to_keep": 1} if forward_takes(model, "logits_to_keep") else {})
+
+
+def as_ids(ids, device) -> torch.Tensor:
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(device)
+    if ids.numel() == 0:
+        raise ValueError("read() needs at least one token")
+    return ids

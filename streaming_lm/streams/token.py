@@ -1,0 +1,60 @@
+"""The token loop: one token per forward pass through the model's own attention, the cache trimmed
+after every step. The reference every faster path is tested against (docs/semantics.md)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..policy import policy_for
+from ..positions import check_positions_fit, position_limit, query_position
+from ..rotary import RotaryShift
+from ..settings import StreamingSettings
+from ..storage import EvictingDynamicCache
+from ..support import num_decoder_layers
+from .base import Stream, as_ids, forward_kwargs
+
+
+class TokenStream(Stream):
+    """``method="token"``: an ``EvictingDynamicCache`` in the settings' own position mode."""
+
+    # Original positions keep every key's phase; only shifted slots need re-rotation on eviction.
+    frame_rotates = False
+
+    def __init__(self, model, settings: StreamingSettings, shift: RotaryShift | None, batch_size: int = 1):
+        self.model, self.settings, self.shift = model, settings, shift
+        self.policy = policy_for(settings)
+        rotate = shift if (self.frame_rotates or settings.positions == "shifted") else None
+        self.cache = EvictingDynamicCache(num_decoder_layers(model), self.policy, rotate)
+        self._limit = position_limit(model, settings, shift is not None)
+        self.n = 0
+        self.max_held = 0
+        self._kwargs = forward_kwargs(model, self.cache)
+
+    def _shared(self):
+        return (self.shift, self.policy)
+
+    @property
+    def evicted(self) -> int:
+        return self.cache.evicted_tokens
+
+    def kv_bytes(self) -> int:
+        return self.cache.held_bytes()
+
+    def kv_allocated_bytes(self) -> int:
+        return self.cache.allocated_bytes()
+
+    def read_passes(self, ids, last_only: bool = False):
+        ids = as_ids(ids, self.model.device)
+        check_positions_fit(self.model, self.n + ids.numel(), self._limit)
+        for i, token in enumerate(ids.tolist()):
+            yield i, self.step(token)[None]
+
+    @torch.inference_mode()
+    def step(self, token: int) -> torch.Tensor:
+        check_positions_fit(self.model, self.n + 1, self._limit)
+        ids = torch.tensor([[token]], device=self.model.device)
+        position = torch.tensor([[query_position(self.n, self.settings)]], device=ids.device)
+        out = self.model(input_ids=ids, position_ids=position, **self._kwargs[False])
+        self.n += 1
+        self.max_held = max(self.max_held, *self.cache.held_tokens())
+        return out.logits[0, -1].float()
