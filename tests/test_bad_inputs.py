@@ -19,7 +19,7 @@ import torch
 import transformers
 from lm_eval.api.instance import Instance
 
-import streaming_lm.stream
+import streaming_lm.streams.base
 import streaming_lm.tools.bench_eval
 import streaming_lm.tools.throughput
 from streaming_lm import StreamingHFLM, compare, tools
@@ -69,7 +69,7 @@ def generate(gen_kwargs):
 def no_eviction(ctx):
     # A model that never receives the streaming cache (here: handed under a name its forward ignores)
     # builds its own dense cache; the stream then ends without a single eviction.
-    ctx.monkeypatch.setattr(streaming_lm.stream, "cache_kwarg", lambda model: "not_the_cache")
+    ctx.monkeypatch.setattr(streaming_lm.streams.base, "cache_kwarg", lambda model: "not_the_cache")
     lm = ctx.lm(method="token", start_size=4, recent_size=16)
     lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("x" * 40,), 0)], disable_tqdm=True)
 
