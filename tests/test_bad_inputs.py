@@ -9,7 +9,6 @@ The last test keeps the README table and the cases here in step.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import re
 import sys
 from collections.abc import Callable
@@ -21,7 +20,9 @@ import transformers
 from lm_eval.api.instance import Instance
 
 import streaming_lm.streams.base
-from streaming_lm import StreamingHFLM, compare
+import streaming_lm.tools.bench_eval
+import streaming_lm.tools.throughput
+from streaming_lm import StreamingHFLM, compare, tools
 
 REPO = Path(__file__).resolve().parents[1]
 NOWHERE = "/nonexistent/model"
@@ -82,21 +83,11 @@ def task(name, **metadata):
 
 
 def throughput(*argv):
-    def run(ctx):
-        spec = importlib.util.spec_from_file_location("throughput_script", REPO / "scripts" / "throughput.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.main(["--pretrained", NOWHERE, *argv])
-    return run
+    return lambda ctx: tools.throughput.main(["--pretrained", NOWHERE, *argv])
 
 
 def bench_eval(*argv, pretrained=True):
-    def run(ctx):
-        spec = importlib.util.spec_from_file_location("bench_eval_script", REPO / "scripts" / "bench_eval.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.main([*(["--pretrained", NOWHERE] if pretrained else []), *argv])
-    return run
+    return lambda ctx: tools.bench_eval.main([*(["--pretrained", NOWHERE] if pretrained else []), *argv])
 
 
 def compare_cli(*argv, base=True):
@@ -235,6 +226,9 @@ CASES = [
          throughput("--ppl-file", "/nonexistent.txt")),
     Case("throughput-plot-without-matplotlib", "exit 2", "--plot needs matplotlib: pip install 'streaming-lm[plot]'",
          ("--plot", "matplotlib"), no_matplotlib),
+    Case("throughput-method-recompute", "exit 2",
+         "--method recompute keeps no key/value cache to measure; use --method chunked or token",
+         ("--method", "chunked", "token"), throughput("--method", "recompute")),
     Case("throughput-device-cuda", "exit 2", "--device cuda:7: CUDA is not available (use --device cpu)",
          ("--device", "cpu"), throughput("--device", "cuda:7")),
     # scripts/bench_eval.py

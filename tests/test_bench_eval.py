@@ -1,13 +1,11 @@
-"""scripts/bench_eval.py on a tiny model: runs, writes JSON, and its methods agree where they must."""
+"""streaming_lm.tools.bench_eval (scripts/bench_eval.py) on a tiny model: runs, writes JSON, and its methods
+agree where they must."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import bench_eval  # noqa: E402
+from streaming_lm.tools import bench_eval
 
 
 def test_bench_eval_tiny(tiny_dir, tmp_path, excerpt_text):

@@ -1,6 +1,6 @@
-"""scripts/throughput.py on the tiny local checkpoint: JSON, PNG, the table, bad arguments."""
+"""streaming_lm.tools.throughput (scripts/throughput.py) on the tiny local checkpoint: JSON, PNG, the table,
+bad arguments."""
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -9,6 +9,8 @@ import pytest
 import torch
 import transformers
 
+from streaming_lm.tools import throughput
+
 REPO = Path(__file__).resolve().parents[1]
 EXCERPT = REPO / "tests" / "data" / "wikitext-excerpt.txt"
 
@@ -16,15 +18,7 @@ EXCERPT = REPO / "tests" / "data" / "wikitext-excerpt.txt"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def throughput():
-    spec = importlib.util.spec_from_file_location("throughput_script", REPO / "scripts" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_runs_and_writes_json_and_png(throughput, tiny_dir, tmp_path, capsys):
+def test_runs_and_writes_json_and_png(tiny_dir, tmp_path, capsys):
     out_json, out_png = tmp_path / "t.json", tmp_path / "t.png"
     results = throughput.main([
         "--pretrained", str(tiny_dir), "--prompt-file", str(EXCERPT), "--prompt-tokens", "16",
@@ -51,7 +45,7 @@ def test_runs_and_writes_json_and_png(throughput, tiny_dir, tmp_path, capsys):
     assert results["cache"]["capacity"] == 32
 
 
-def test_large_cache_generates_the_dense_tokens(throughput, tiny_dir):
+def test_large_cache_generates_the_dense_tokens(tiny_dir):
     results = throughput.main([
         "--pretrained", str(tiny_dir), "--prompt-file", str(EXCERPT), "--prompt-tokens", "16",
         "--recent-size", "200", "--new-tokens", "40", "--ppl-tokens", "0",
@@ -68,7 +62,7 @@ def test_large_cache_generates_the_dense_tokens(throughput, tiny_dir):
     (["--prompt-file", "/nonexistent.txt"], "--prompt-file: no such file"),
     (["--device", "cuda:7"], "CUDA is not available"),
 ])
-def test_bad_arguments_fail_before_loading(throughput, monkeypatch, capsys, argv, message):
+def test_bad_arguments_fail_before_loading(monkeypatch, capsys, argv, message):
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
@@ -79,3 +73,14 @@ def test_bad_arguments_fail_before_loading(throughput, monkeypatch, capsys, argv
         throughput.main(["--pretrained", "/nonexistent/model", *argv])
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_ratio_budget_is_the_adapters(tiny_dir, monkeypatch):
+    """max_length comes from the model (through StreamingHFLM): a budget leaving no recent token stops the run
+    before the weights load."""
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the budget was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    with pytest.raises(SystemExit, match=r"^--compression-ratio: compression_ratio=0.9995 with max_length=4096 "):
+        throughput.main(["--pretrained", str(tiny_dir), "--prompt-file", str(EXCERPT), "--compression-ratio", "0.9995"])

@@ -1,0 +1,88 @@
+"""What the tools share: the default text files and one command-line flag per streaming knob.
+
+No torch import here: bad flags are refused before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from pathlib import Path
+
+from .. import settings
+
+# Found relative to a checkout (the package folder sits in the repository root): the full WikiText-2
+# test text next to the repository when present, else the excerpt the repository ships.
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_TEXTS = (
+    REPO.parent / "shared" / "data" / "wikitext-2-raw-test.txt",
+    REPO / "tasks" / "wikitext_streaming" / "sample" / "wikitext-2-raw-test-excerpt.txt",
+)
+
+HELP = {
+    "start_size": "attention sinks: the first tokens, never evicted",
+    "recent_size": f"recent tokens kept after the sinks (default {settings.DEFAULT_RECENT_SIZE})",
+    "positions": "shifted: positions of cache slots; original: positions in the text",
+    "method": "chunked: exact, many tokens per pass; token: the reference loop; recompute: a dense pass per window",
+    "compression_ratio": "instead of the recent size: C = round((1 - r) * max_length)",
+    "chunk_size": "tokens per forward pass of method chunked (speed only, same numbers)",
+    "stride": "method recompute: tokens scored per window (default 1)",
+}
+CHOICES = {"positions": settings.POSITIONS, "method": settings.METHODS}
+# The field's annotation ("int", "float | None", "str") gives the flag's type.
+TYPES = {field.name: {"int": int, "float": float, "str": str}[str(field.type).split(" ")[0]]
+         for field in dataclasses.fields(settings.StreamingSettings)}
+
+
+def default_text() -> Path | None:
+    return next((path for path in DEFAULT_TEXTS if path.exists()), None)
+
+
+def read_head(path: Path, n_tokens: int) -> str:
+    """The text, cut to plenty of characters for its first n_tokens (0: all): no need to tokenise a corpus."""
+    text = Path(path).read_text(encoding="utf-8")
+    return text[: 64 * n_tokens] if n_tokens else text
+
+
+def add_knob_flags(parser: argparse.ArgumentParser, underscores: bool = False, defaults: dict | None = None,
+                   covered: dict[str, str] | None = None) -> dict[str, str]:
+    """One flag per ``settings.KNOBS`` entry: ``--start-size`` (also ``--start_size`` with ``underscores``).
+
+    ``defaults`` overrides ``settings.ARG_DEFAULTS`` for a tool's own defaults; ``covered`` names knobs the
+    tool sets through a flag of its own (bench_eval's ``--methods``). Returns {knob: flag}, the names that
+    errors use.
+    """
+    defaults = settings.ARG_DEFAULTS | (defaults or {})
+    flags = dict(covered or {})
+    for knob in settings.KNOBS:
+        if knob in flags:
+            continue
+        dashed = "--" + knob.replace("_", "-")
+        names = [f"--{knob}", dashed] if underscores and "_" in knob else [dashed]
+        parser.add_argument(*names, dest=knob, type=TYPES[knob], default=defaults[knob],
+                            choices=CHOICES.get(knob), help=HELP[knob])
+        flags[knob] = names[0]
+    return flags
+
+
+def flag_message(message: str, flags: dict[str, str]) -> str:
+    """A settings error in the flags' words (recent_size -> --recent-size); a plain word such as
+    'positions' is renamed only where it names the knob ('positions=', 'positions must')."""
+    for knob, flag in flags.items():
+        message = re.sub(rf"\b{knob}\b" if "_" in knob else rf"\b{knob}\b(?==| must)", flag, message)
+    return message
+
+
+def knob_args(args: argparse.Namespace) -> dict:
+    """The knob flags' values, by knob name (knobs a tool sets through its own lists are not among them)."""
+    return {knob: vars(args)[knob] for knob in settings.KNOBS if knob in vars(args)}
+
+
+def resolve_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, flags: dict[str, str],
+                  **extra) -> settings.StreamingSettings:
+    """``settings.resolve`` of the knob flags; a bad value is a usage error naming the flag."""
+    try:
+        return settings.resolve(**knob_args(args), **extra)
+    except ValueError as error:
+        parser.error(flag_message(str(error), flags))

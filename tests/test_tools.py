@@ -1,0 +1,49 @@
+"""What the tools share (streaming_lm.tools.common): one flag per settings knob, errors in the flags' words."""
+
+import pytest
+
+from streaming_lm import settings
+from streaming_lm.tools import bench_eval, common, throughput
+
+VALUE = {int: "3", float: "0.25", str: None}
+
+
+@pytest.mark.parametrize("tool", [throughput, bench_eval], ids=["throughput", "bench_eval"])
+def test_every_knob_reaches_the_parser(tool):
+    parser, flags = tool.build_parser()
+    assert set(flags) == set(settings.KNOBS)
+    options = parser._option_string_actions
+    for knob, flag in flags.items():
+        assert flag in options, (knob, flag)
+        if options[flag].dest != knob:  # a list flag of the tool's own (bench_eval's --methods, --strides)
+            continue
+        action = options[flag]
+        value = settings.METHODS[-1] if knob == "method" else settings.POSITIONS[-1] if knob == "positions" \
+            else VALUE[common.TYPES[knob]]
+        assert action.choices == common.CHOICES.get(knob) and action.help == common.HELP[knob]
+        spellings = [o for o in options if options[o] is action]
+        for spelling in spellings:  # bench_eval: --start_size and --start-size
+            parsed = parser.parse_args(["--pretrained", "x", spelling, value])
+            assert getattr(parsed, knob) == action.type(value), spelling
+        assert len(spellings) == (2 if tool is bench_eval and "_" in knob else 1)
+
+
+def test_new_knob_flags_default_to_the_settings():
+    args = throughput.parse_args(["--pretrained", "x"])
+    assert {knob: getattr(args, knob) for knob in settings.KNOBS} == settings.ARG_DEFAULTS
+    args = bench_eval.parse_args(["--pretrained", "x"])
+    assert (args.start_size, args.recent_size, args.chunk_size, args.compression_ratio) == (4, 1020, None, None)
+
+
+def test_errors_name_the_flags():
+    flags = {knob: "--" + knob.replace("_", "-") for knob in settings.KNOBS}
+    message = ("positions=original does not apply to method=recompute: every window is re-encoded at positions "
+               "0..C-1; stride must be an integer in [1, recent_size=28]")
+    assert common.flag_message(message, flags) == (
+        "--positions=original does not apply to --method=recompute: every window is re-encoded at positions "
+        "0..C-1; --stride must be an integer in [1, --recent-size=28]")
+
+
+def test_default_text_is_found_from_the_checkout():
+    assert common.default_text() in common.DEFAULT_TEXTS
+    assert common.DEFAULT_TEXTS[-1].is_file()  # the shipped excerpt
