@@ -23,6 +23,11 @@ DEFAULT_CHUNK_SIZE = 128  # measured by scripts/bench_eval.py (SmolLM2, CPU, 4+1
 SPEED_ONLY = "speed_only"  # field metadata: the knob changes speed, never a number
 
 
+def _knob(default, help: str, choices: tuple[str, ...] | None = None, speed_only: bool = False):
+    """A settings field with what the tools' flags need: help text, allowed values, whether it is speed only."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, SPEED_ONLY: speed_only})
+
+
 def _as_int(name: str, value, minimum: int) -> int:
     # lm-eval parses "4" as int and "4.5" as float; bool is an int subclass but never a size.
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -51,14 +56,18 @@ class StreamingSettings:
     See docs/semantics.md for what every field means.
     """
 
-    start_size: int = DEFAULT_START_SIZE
-    recent_size: int = DEFAULT_RECENT_SIZE
-    positions: str = "shifted"
-    method: str = DEFAULT_METHOD
-    compression_ratio: float | None = None  # informational: recent_size was derived from it
+    start_size: int = _knob(DEFAULT_START_SIZE, "attention sinks: the first tokens, never evicted")
+    recent_size: int = _knob(DEFAULT_RECENT_SIZE, f"recent tokens kept after the sinks (default {DEFAULT_RECENT_SIZE})")
+    positions: str = _knob("shifted", "shifted: positions of cache slots; original: positions in the text",
+                           choices=POSITIONS)
+    method: str = _knob(DEFAULT_METHOD, "chunked: exact, many tokens per pass; token: the reference loop; "
+                        "recompute: a dense pass per window", choices=METHODS)
+    # Informational once resolved: recent_size was derived from it.
+    compression_ratio: float | None = _knob(None, "instead of the recent size: C = round((1 - r) * max_length)")
     # Speed only: every chunk size gives the same numbers, so runs differing in it share a name.
-    chunk_size: int = dataclasses.field(default=DEFAULT_CHUNK_SIZE, metadata={SPEED_ONLY: True})
-    stride: int | None = None  # method="recompute" only: tokens scored per window (default 1)
+    chunk_size: int = _knob(DEFAULT_CHUNK_SIZE, "tokens per forward pass of method chunked (speed only, same numbers)",
+                            speed_only=True)
+    stride: int | None = _knob(None, "method recompute: tokens scored per window (default 1)")
 
     def __post_init__(self):
         object.__setattr__(self, "start_size", _as_int("start_size", self.start_size, 0))

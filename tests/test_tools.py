@@ -20,7 +20,8 @@ def test_every_knob_reaches_the_parser(tool):
         action = options[flag]
         value = settings.METHODS[-1] if knob == "method" else settings.POSITIONS[-1] if knob == "positions" \
             else VALUE[common.TYPES[knob]]
-        assert action.choices == common.CHOICES.get(knob) and action.help == common.HELP[knob]
+        metadata = common.FIELDS[knob].metadata  # help and allowed values come from the settings field
+        assert action.choices == metadata["choices"] and action.help == metadata["help"]
         spellings = [o for o in options if options[o] is action]
         for spelling in spellings:  # bench_eval: --start_size and --start-size
             parsed = parser.parse_args(["--pretrained", "x", spelling, value])

@@ -20,19 +20,9 @@ DEFAULT_TEXTS = (
     REPO / "tasks" / "wikitext_streaming" / "sample" / "wikitext-2-raw-test-excerpt.txt",
 )
 
-HELP = {
-    "start_size": "attention sinks: the first tokens, never evicted",
-    "recent_size": f"recent tokens kept after the sinks (default {settings.DEFAULT_RECENT_SIZE})",
-    "positions": "shifted: positions of cache slots; original: positions in the text",
-    "method": "chunked: exact, many tokens per pass; token: the reference loop; recompute: a dense pass per window",
-    "compression_ratio": "instead of the recent size: C = round((1 - r) * max_length)",
-    "chunk_size": "tokens per forward pass of method chunked (speed only, same numbers)",
-    "stride": "method recompute: tokens scored per window (default 1)",
-}
-CHOICES = {"positions": settings.POSITIONS, "method": settings.METHODS}
 # The field's annotation ("int", "float | None", "str") gives the flag's type.
-TYPES = {field.name: {"int": int, "float": float, "str": str}[str(field.type).split(" ")[0]]
-         for field in dataclasses.fields(settings.StreamingSettings)}
+FIELDS = {field.name: field for field in dataclasses.fields(settings.StreamingSettings)}
+TYPES = {name: {"int": int, "float": float, "str": str}[str(field.type).split(" ")[0]] for name, field in FIELDS.items()}
 
 
 def default_text() -> Path | None:
@@ -61,7 +51,7 @@ def add_knob_flags(parser: argparse.ArgumentParser, underscores: bool = False, d
         dashed = "--" + knob.replace("_", "-")
         names = [f"--{knob}", dashed] if underscores and "_" in knob else [dashed]
         parser.add_argument(*names, dest=knob, type=TYPES[knob], default=defaults[knob],
-                            choices=CHOICES.get(knob), help=HELP[knob])
+                            choices=FIELDS[knob].metadata["choices"], help=FIELDS[knob].metadata["help"])
         flags[knob] = names[0]
     return flags
 
