@@ -26,6 +26,7 @@ from . import settings as settings_mod
 from .cache import check_model_supported
 from .continuation import score_continuations
 from .generation import SAMPLING_DEFAULTS, greedy, generate, sampler
+from .offline_models import resolve_pretrained
 from .rotary import find_rotary
 from .scoring import score
 
@@ -68,6 +69,7 @@ class StreamingHFLM(HFLM):
         stride=None,
         **kwargs,
     ) -> None:
+        pretrained, kwargs = resolve_pretrained(pretrained, kwargs)  # pretrained=smollm2 etc.: offline_models
         _refuse_misspelt_args(kwargs)
         # Validate before HFLM loads anything; the ratio needs max_length, known later.
         self._streaming_args = dict(
