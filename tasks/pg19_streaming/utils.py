@@ -35,7 +35,7 @@ CONCAT_MAX_WORDS = 300_000  # ~400k tokens of a Llama-2-like tokenizer (~1.3 tok
 
 
 def local_books(text_files):
-    """``[(title, text)]`` of ``text_files``: a list of paths, one path, or a folder of ``*.txt`` files."""
+    """``(title, text)`` of each of ``text_files``: a list of paths, one path, or a folder of ``*.txt`` files."""
     if isinstance(text_files, (str, Path)):
         folder = Path(text_files).expanduser()
         paths = sorted(folder.glob("*.txt")) if folder.is_dir() else [folder]
@@ -44,15 +44,17 @@ def local_books(text_files):
     elif isinstance(text_files, (list, tuple)) and text_files:
         paths = [Path(p).expanduser() for p in text_files]
     else:
-        raise ValueError(f"text_files must be a file, a folder or a non-empty list of files (--metadata), got {text_files!r}")
+        raise ValueError(
+            f"text_files must be a file, a folder or a non-empty list of files (--metadata), got {text_files!r}"
+        )
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"text_files must be readable text files (--metadata); no such file: {path}")
-    return [(path.name, read_text_file(path)) for path in paths]
+    return ((path.name, read_text_file(path)) for path in paths)  # read lazily: a cap may stop early
 
 
 def hub_books():
-    """``[(title, text)]`` of the Hub test split, in its order (downloaded once, then cached)."""
+    """``(title, text)`` of each book of the Hub test split, in its order (downloaded once, then cached)."""
     for row in datasets.load_dataset(HUB_PATH, split=HUB_SPLIT):
         yield row.get("short_book_title") or "", row["text"]
 
@@ -86,7 +88,7 @@ def _take_words(books, max_words):
 
 
 def _books(text_files):
-    if text_files:
+    if text_files is not None:
         return local_books(text_files), "text_files"
     return hub_books(), f"{HUB_PATH}:{HUB_SPLIT}"
 
