@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from . import settings as settings_mod
 from .continuation import score_continuations
 from .generation import SAMPLING_DEFAULTS, greedy, generate, sampler
+from .offline_models import resolve_pretrained
 from .scoring import score
 from .streams import uses_batch_size
 from .support import check_model_supported, find_rotary
@@ -56,6 +57,7 @@ class StreamingHFLM(HFLM):
     """
 
     def __init__(self, pretrained, **kwargs) -> None:
+        pretrained, kwargs = resolve_pretrained(pretrained, kwargs)  # pretrained=smollm2: offline_models
         # Validate before HFLM loads anything; the ratio needs max_length, known later.
         self._streaming_args = {name: kwargs.pop(name, default) for name, default in settings_mod.ARG_DEFAULTS.items()}
         _refuse_misspelt_args(kwargs)

