@@ -9,6 +9,7 @@ The last test keeps the README table and the cases here in step.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 import sys
 from collections.abc import Callable
