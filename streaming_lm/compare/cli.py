@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from .. import settings as settings_mod
+from ..offline_models import resolve_pretrained
 from .errors import CompareError, say
 from .grid import _split, build_grid
 from .report import load_reference, write_outputs
@@ -83,6 +84,12 @@ def compare(args: argparse.Namespace) -> dict[str, Path]:
         common = {"pretrained": args.pretrained} | common
     if "pretrained" not in common:
         raise CompareError("give --pretrained (or pretrained=... in --model_args)")
+    # A named offline checkpoint (smollm2) becomes its folder and file here, so the dense hf run finds it too.
+    try:
+        pretrained, common = resolve_pretrained(common["pretrained"], common)
+    except ModuleNotFoundError as error:
+        raise CompareError(str(error)) from None
+    common["pretrained"] = pretrained
     if not args.tasks:
         raise CompareError("give --tasks (or --from-results DIR)")
     if args.output_dir is None:

@@ -1,0 +1,22 @@
+"""One list of knobs: every ``StreamingSettings`` field reaches the adapter (here), compare's grid keys and run
+names (tests/test_compare.py, parametrised over ``settings.KNOBS``) and the tools' flags (tests/test_tools.py)."""
+
+import dataclasses
+
+from streaming_lm import StreamingHFLM, settings
+
+# A value other than the default for each knob, valid together with method=recompute where it must be.
+VALUES = {"start_size": 2, "recent_size": 24, "positions": "shifted", "method": "recompute",
+          "compression_ratio": None, "chunk_size": 16, "stride": 3}
+
+
+def test_the_knobs_are_the_settings_fields():
+    assert settings.KNOBS == tuple(f.name for f in dataclasses.fields(settings.StreamingSettings))
+    assert set(settings.ARG_DEFAULTS) == set(settings.KNOBS) == set(VALUES)
+    assert set(settings.RESULT_KNOBS) == set(settings.KNOBS) - {"chunk_size"}
+
+
+def test_every_knob_reaches_the_adapter(tiny, one_thread):
+    model, tokenizer = tiny
+    lm = StreamingHFLM(pretrained=model, tokenizer=tokenizer, **{k: v for k, v in VALUES.items() if v is not None})
+    assert {k: getattr(lm.streaming, k) for k in settings.KNOBS} == VALUES
