@@ -256,7 +256,7 @@ def test_names_of_runs_without_new_knobs_are_unchanged():
 
 # Two values of each knob; any other knob is an integer (as stride is).
 KNOB_VALUES = {"positions": ("shifted", "original"), "method": ("chunked", "token"),
-               "compression_ratio": (0.25, 0.5)}
+               "compression_ratio": (0.25, 0.5), "policy": ("tova", "h2o")}
 
 
 @pytest.mark.parametrize("knob", settings.KNOBS)

@@ -3,15 +3,18 @@ after every step. The reference every faster path is tested against (docs/semant
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..policy import policy_for
 from ..positions import check_positions_fit, position_limit, query_position
 from ..rotary import RotaryShift
 from ..settings import StreamingSettings
-from ..storage import EvictingDynamicCache
+from ..storage import EvictingDynamicCache, ScoredDynamicCache
 from ..support import num_decoder_layers
 from .base import Stream, as_ids, forward_kwargs
+from .weights import CACHE_KWARG, weights_attention
 
 
 class TokenStream(Stream):
@@ -24,11 +27,16 @@ class TokenStream(Stream):
         self.model, self.settings, self.shift = model, settings, shift
         self.policy = policy_for(settings)
         rotate = shift if (self.frame_rotates or settings.positions == "shifted") else None
-        self.cache = EvictingDynamicCache(num_decoder_layers(model), self.policy, rotate)
+        storage = EvictingDynamicCache if self.policy.index_only else ScoredDynamicCache
+        self.cache = storage(num_decoder_layers(model), self.policy, rotate)
         self._limit = position_limit(model, settings, shift is not None)
         self.n = 0
         self.max_held = 0
         self._kwargs = forward_kwargs(model, self.cache)
+        # A policy that scores by attention gets this step's weights from our attention function.
+        self._weights = not self.policy.index_only and self.policy.needs_attention
+        if self._weights:
+            self._kwargs = tuple(kwargs | {CACHE_KWARG: self.cache} for kwargs in self._kwargs)
 
     def _shared(self):
         return (self.shift, self.policy)
@@ -54,7 +62,8 @@ class TokenStream(Stream):
         check_positions_fit(self.model, self.n + 1, self._limit)
         ids = torch.tensor([[token]], device=self.model.device)
         position = torch.tensor([[query_position(self.n, self.settings)]], device=ids.device)
-        out = self.model(input_ids=ids, position_ids=position, **self._kwargs[False])
+        with weights_attention(self.model) if self._weights else contextlib.nullcontext():
+            out = self.model(input_ids=ids, position_ids=position, **self._kwargs[False])
         self.n += 1
         self.max_held = max(self.max_held, *self.cache.held_tokens())
         return out.logits[0, -1].float()
