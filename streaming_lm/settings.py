@@ -16,8 +16,9 @@ POSITIONS = ("shifted", "original")
 # Every one but sink_window evicts by a score; "package.module:Class" names a user policy (docs/policies.md).
 POLICIES = ("sink_window", "tova", "h2o", "knorm")
 DEFAULT_POLICY = "sink_window"
-# Scored policies with an exact chunked path (streams/scored_chunked.py), and the position mode it serves.
-CHUNKED_SCORED: dict[str, str] = {}
+# Scored policies with an exact chunked path (streams/scored_chunked.py), and the position mode it serves
+# (a plug-in runs on the token loop).
+CHUNKED_SCORED = {"tova": "original", "h2o": "original", "knorm": "original"}
 # chunked: exact and fast; token: the reference loop; recompute: a fresh dense pass per window
 # (the paper's "sliding window with re-computation" baseline, not a streaming cache).
 METHODS = ("chunked", "token", "recompute")
