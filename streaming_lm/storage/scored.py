@@ -26,18 +26,26 @@ def step_scores(policy: ScoredPolicy, keys, values, attention, totals, heads: in
     return score
 
 
+# Scores this close (relative) are a tie. A repeated token's layer-0 keys are equal but for float rounding,
+# and that rounding differs between a one-token and a many-token pass: without a margin the token loop and the
+# chunked path would break such ties differently (docs/policies.md).
+TIE = 1e-5
+
+
 def victims(score: torch.Tensor, tokens: torch.Tensor, t: int, policy: ScoredPolicy,
             dead: torch.Tensor | None = None) -> torch.Tensor:
     """The column each head evicts after step t: the lowest-scored unprotected held token (ties: the older).
 
     Protected: the first S tokens and the last W read (shared/docs/eviction-policies.md). Columns are in
-    token order, and argmin takes the first of equal minima, so a tie evicts the older token.
+    token order, so the first column within ``TIE`` of the lowest score is the oldest of the tied tokens.
     """
     settings = policy.settings
     protected = (tokens < settings.start_size) | (tokens > t - settings.recent_size)
     if dead is not None:
         protected = protected | dead
-    return score.masked_fill(protected, float("inf")).argmin(dim=1)
+    score = score.masked_fill(protected, float("inf"))
+    low = score.min(dim=1, keepdim=True).values
+    return (score <= low + TIE * low.abs()).to(torch.uint8).argmax(dim=1)
 
 
 class ScoredDynamicLayer(DynamicLayer):

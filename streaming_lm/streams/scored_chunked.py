@@ -44,14 +44,17 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
     alive[:, :first] = True
     weights = torch.empty_like(logits)
     t0 = layer.seen - q_len
+    # A score that reads neither attention nor history (key-norm) is the same for every row: once per chunk.
+    fixed = None if policy.needs_attention or policy.accumulate else \
+        step_scores(policy, key[0], value[0], None, None, kv_heads)
     for r in range(q_len):
         alive[:, first + r] = True
         row = torch.softmax(logits[:, :, r].masked_fill(~alive[:, None, :], float("-inf")), dim=-1)
         weights[:, :, r] = row
-        scoring = policy.accumulate or int(alive[0].sum()) > policy.capacity
-        if scoring:
+        if policy.accumulate or int(alive[0].sum()) > policy.capacity:
             attention = row.reshape(heads, columns) if policy.needs_attention else None
-            score = step_scores(policy, key[0], value[0], attention, layer.totals, kv_heads)
+            score = fixed if fixed is not None else \
+                step_scores(policy, key[0], value[0], attention, layer.totals, kv_heads)
             if int(alive[0].sum()) > policy.capacity:
                 victim = victims(score, layer.tokens, t0 + r, policy, dead=~alive)
                 alive[torch.arange(kv_heads), victim] = False

@@ -87,9 +87,11 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
                     else:
                         raise ValueError(policy)
                     if len(tokens) > capacity:
-                        # Protected: the sinks and the last W tokens; ties: the older token goes.
+                        # Protected: the sinks and the last W tokens; ties (within a relative 1e-5: float
+                        # rounding) go to the older token.
                         candidates = [i for i, j in enumerate(tokens) if j >= start and j <= t - recent]
-                        victim = min(candidates, key=lambda i: (score[i], tokens[i]))
+                        low = min(score[i] for i in candidates)
+                        victim = min(i for i in candidates if score[i] <= low + 1e-5 * abs(low))
                         tokens = tokens[:victim] + tokens[victim + 1 :]
                     held[layer][h] = tokens
     finally:
