@@ -24,6 +24,7 @@ from helpers.reference import (
     perplexity,
     shifted_llama_logprobs,
     shifted_one_layer_logprobs,
+    sink_window_mask,
 )
 
 from streaming_lm import StreamingHFLM
@@ -190,9 +191,7 @@ def absolute_shifted_logprobs(model, ids, start, recent):
     masked dense pass with position ids min(s, C) is the token loop.
     """
     n = ids.numel()
-    t, s = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    allowed = (s <= t) & ((s < start) | (s >= t - recent))
-    mask = torch.zeros(n, n).masked_fill(~allowed, float("-inf"))[None, None]
+    mask = sink_window_mask(n, start, recent)
     position_ids = torch.arange(n).clamp(max=start + recent)[None]
     with torch.no_grad():
         logits = model(ids[None], attention_mask=mask, position_ids=position_ids).logits[0].float()

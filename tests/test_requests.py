@@ -19,6 +19,7 @@ from lm_eval.tasks import TaskManager
 from helpers.local_tasks import MC_YAML, write_task
 from helpers.models import streaming
 from helpers.engine import score_stream
+from helpers.reference import sink_window_mask
 from streaming_lm.continuation import score_continuations
 from streaming_lm.generation import generate
 from streaming_lm.support import find_rotary
@@ -204,10 +205,7 @@ def masked_greedy(model, context, n_new, start, recent):
     """Greedy decoding under positions="original": one dense pass per token with the sink+window mask."""
     ids = list(context)
     for _ in range(n_new):
-        n = len(ids)
-        t, s = torch.arange(n)[:, None], torch.arange(n)[None, :]
-        allowed = (s <= t) & ((s < start) | (s >= t - recent))
-        mask = torch.zeros(n, n).masked_fill(~allowed, float("-inf"))[None, None]
+        mask = sink_window_mask(len(ids), start, recent)
         with torch.no_grad():
             logits = model(torch.tensor(ids)[None], attention_mask=mask).logits[0, -1]
         ids.append(int(logits.argmax()))

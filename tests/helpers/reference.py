@@ -15,15 +15,22 @@ def dense_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, -1)[:-1].gather(-1, ids[1:, None])[:, 0]
 
 
-def original_positions_logprobs(model, ids: torch.Tensor, start: int, recent: int) -> torch.Tensor:
-    """positions="original" in one pass: allowed(t, s) = s <= t and (s < S or s >= t - W)."""
-    n = ids.numel()
+def sink_window_allowed(n: int, start: int, recent: int) -> torch.Tensor:
+    """bool [n, n], the suite's one reference mask: allowed(t, s) = s <= t and (s < S or s >= t - W)."""
     t = torch.arange(n)[:, None]
     s = torch.arange(n)[None, :]
-    allowed = (s <= t) & ((s < start) | (s >= t - recent))
-    mask = torch.zeros(n, n).masked_fill(~allowed, float("-inf"))[None, None]
+    return (s <= t) & ((s < start) | (s >= t - recent))
+
+
+def sink_window_mask(n: int, start: int, recent: int) -> torch.Tensor:
+    """``sink_window_allowed`` as an additive attention mask [1, 1, n, n] (0 or -inf) for one dense pass."""
+    return torch.zeros(n, n).masked_fill(~sink_window_allowed(n, start, recent), float("-inf"))[None, None]
+
+
+def original_positions_logprobs(model, ids: torch.Tensor, start: int, recent: int) -> torch.Tensor:
+    """positions="original" in one pass with the sink+window mask."""
     with torch.no_grad():
-        logits = model(ids[None], attention_mask=mask).logits[0].float()
+        logits = model(ids[None], attention_mask=sink_window_mask(ids.numel(), start, recent)).logits[0].float()
     return torch.log_softmax(logits, -1)[:-1].gather(-1, ids[1:, None])[:, 0]
 
 
