@@ -4,7 +4,7 @@ import pytest
 import transformers
 from lm_eval.models.huggingface import HFLM
 
-from helpers.models import rolling
+from helpers.requests import rolling
 from streaming_lm.support import find_rotary
 from helpers.engine import score_stream
 

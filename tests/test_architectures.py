@@ -16,7 +16,8 @@ import pytest
 import torch
 import transformers
 from lm_eval.models.huggingface import HFLM
-from helpers.models import rolling, save_tiny, tiny_tokenizer
+from helpers.models import save_tiny, tiny_tokenizer
+from helpers.requests import rolling
 from helpers.engine import score_stream, score_stream_chunked
 from helpers.reference import (
     dense_logprobs,

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from lm_eval.api.instance import Instance
+
+from helpers.requests import generations, pairs, rolling
 
 import streaming_lm.streams.base
 import streaming_lm.tools.bench_eval
@@ -52,18 +53,18 @@ def on_model(name):
                                      recent_size=60)
 
 
-def loglikelihood(*pairs):
-    return lambda ctx: ctx.lm().loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+def loglikelihood(*items):
+    return lambda ctx: ctx.lm().loglikelihood(pairs(*items))
 
 
 def gpt2_original_long(ctx):
     lm = StreamingHFLM(pretrained=str(ctx.checkpoint("gpt2-32")), device="cpu", start_size=4, recent_size=16,
                        positions="original")
-    lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("x" * 40,), 0)])
+    lm.loglikelihood_rolling(rolling("x" * 40))
 
 
 def generate(gen_kwargs):
-    return lambda ctx: ctx.lm().generate_until([Instance("generate_until", {}, ("Hello", gen_kwargs), 0)])
+    return lambda ctx: ctx.lm().generate_until(generations(("Hello", gen_kwargs)))
 
 
 def no_eviction(ctx):
@@ -71,7 +72,7 @@ def no_eviction(ctx):
     # builds its own dense cache; the stream then ends without a single eviction.
     ctx.monkeypatch.setattr(streaming_lm.streams.base, "cache_kwarg", lambda model: "not_the_cache")
     lm = ctx.lm(method="token", start_size=4, recent_size=16)
-    lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("x" * 40,), 0)], disable_tqdm=True)
+    lm.loglikelihood_rolling(rolling("x" * 40), disable_tqdm=True)
 
 
 def task(name, **metadata):

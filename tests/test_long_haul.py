@@ -14,10 +14,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from helpers.models import pairs, rolling, streaming
+from helpers.models import streaming
+from helpers.requests import generations, pairs, rolling
 from streaming_lm import StreamingHFLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -132,8 +132,8 @@ def test_one_token_and_empty_requests_as_hf(tiny, hf):
 def test_empty_generation_context_uses_the_prefix_token(tiny):
     # HFLM (0.4.13) crashes on an empty context; streaming_hf generates after the prefix token.
     lm = streaming(tiny, start_size=START, recent_size=RECENT)
-    request = Instance("generate_until", {}, ("", {"until": ["never"], "max_gen_toks": 5}), 0)
-    (text,) = lm.generate_until([request])
+    requests = generations(("", {"until": ["never"], "max_gen_toks": 5}))
+    (text,) = lm.generate_until(requests)
     assert isinstance(text, str)
 
 
@@ -163,7 +163,7 @@ def test_bfloat16(tiny_dir, excerpt_text):
         assert math.isfinite(streamed) and small.get_model_info()["streaming"]["evicted_tokens"] > 0
         ((ll, _),) = small.loglikelihood(pairs((long[:500], long[500:520])))
         assert math.isfinite(ll)
-        gen = small.generate_until([Instance("generate_until", {}, (long[:200], {"max_gen_toks": 80}), 0)])
+        gen = small.generate_until(generations((long[:200], {"max_gen_toks": 80})))
         assert isinstance(gen[0], str)
 
 
@@ -173,7 +173,7 @@ def test_bfloat16(tiny_dir, excerpt_text):
 def test_two_runs_give_identical_numbers(tiny, excerpt_text):
     text = long_text(excerpt_text, 700)
     requests = (rolling(text, text[:100]), pairs((text[:300], text[300:330]), (text[:300], " x"), ("", text[:90])),
-                [Instance("generate_until", {}, (text[:200], {"until": ["never"], "max_gen_toks": 60}), 0)])
+                generations((text[:200], {"until": ["never"], "max_gen_toks": 60})))
 
     def run(method, positions):
         lm = streaming(tiny, start_size=START, recent_size=RECENT, method=method, positions=positions, chunk_size=48)

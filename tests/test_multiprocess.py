@@ -16,8 +16,8 @@ import sys
 
 import pytest
 from helpers.local_tasks import MC_YAML, ROLLING_YAML, write_task
-from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
+from helpers.requests import rolling
 
 
 
@@ -100,8 +100,7 @@ def test_two_processes_give_one_process_results(tiny_dir, task_dir, tmp_path):
     dense = HFLM(pretrained=str(tiny_dir), device="cpu", dtype="float32")
     long_docs = [i for i, d in enumerate(rolling_docs) if len(d["text"].encode()) + 1 > START + RECENT + 1]
     assert len(long_docs) >= 3
-    dense_ll = dense.loglikelihood_rolling(
-        [Instance("loglikelihood_rolling", {}, (rolling_docs[i]["text"],), i) for i in long_docs])
+    dense_ll = dense.loglikelihood_rolling(rolling(*(rolling_docs[i]["text"] for i in long_docs)))
     for i, expected in zip(long_docs, dense_ll, strict=True):
         (got,) = _numbers(two_samples["mp_rolling"][i])
         assert math.isfinite(got) and abs(got - expected) > 0.05, i

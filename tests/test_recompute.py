@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
 from helpers.reference import dense_logprobs
-from helpers.models import rolling, tiny_llama
+from helpers.models import tiny_llama
+from helpers.requests import generations, pairs, rolling
 from streaming_lm import StreamingHFLM
 from streaming_lm.streams.recompute import RecomputeStream, prediction_groups
 from streaming_lm.settings import StreamingSettings, resolve
@@ -145,12 +145,12 @@ def test_loglikelihood_and_generation_follow_the_definition(tiny_dir):
     lm = StreamingHFLM(pretrained=hf.model, tokenizer=hf.tokenizer, device="cpu", start_size=2,
                        recent_size=20, method="recompute", stride=4)
     context, continuation = TEXT[:90], TEXT[90:110]
-    [(logprob, _)] = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])
+    [(logprob, _)] = lm.loglikelihood(pairs((context, continuation)))
     ids = torch.tensor(hf.tok_encode(context + continuation))  # byte tokenizer: no merges across the cut
     n_context = len(hf.tok_encode(context))
     expected = naive_recompute(hf.model, ids, 2, 20, 4)[n_context - 1 :].double().sum()
     assert logprob == pytest.approx(float(expected), rel=1e-5)
-    [text] = lm.generate_until([Instance("generate_until", {}, (TEXT[:40], {"max_gen_toks": 30, "until": []}), 0)])
+    [text] = lm.generate_until(generations((TEXT[:40], {"max_gen_toks": 30, "until": []})))
     assert isinstance(text, str) and lm.get_model_info()["streaming"]["evicted_tokens"] > 0
 
 

@@ -12,12 +12,12 @@
 import pytest
 import torch
 from lm_eval import simple_evaluate
-from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
 from helpers.local_tasks import MC_YAML, write_task
 from helpers.models import streaming
+from helpers.requests import generations, pairs
 from helpers.engine import score_stream
 from helpers.reference import sink_window_mask
 from streaming_lm.continuation import score_continuations
@@ -139,11 +139,11 @@ def encode_like_hflm(lm, context, continuation):
 def test_loglikelihood_equals_token_loop_on_the_concatenated_stream(tiny, positions, method):
     model, _ = tiny
     lm = streaming(tiny, **SMALL, positions=positions, method=method, chunk_size=8)
-    pairs = requests_for_reference()
-    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    items = requests_for_reference()
+    got = lm.loglikelihood(pairs(*items))
     settings = StreamingSettings(SMALL["start_size"], SMALL["recent_size"], positions)
     evicted = 0
-    for (context, continuation), (ll, _) in zip(pairs, got, strict=True):
+    for (context, continuation), (ll, _) in zip(items, got, strict=True):
         ctx, cont = encode_like_hflm(lm, context, continuation)
         reference = score_stream(model, ctx + cont, settings, find_rotary(model))
         evicted += reference.evicted
@@ -190,13 +190,13 @@ def test_generation_task_equals_hf_with_a_large_cache(tiny, hf, task_manager):
 def test_stop_sequences_and_max_gen_toks_as_hf(tiny, hf):
     lm = streaming(tiny, start_size=4, recent_size=1020)
     prompt = "Q: Name a colour.\nA:"
-    (free,) = hf.generate_until([Instance("generate_until", {}, (prompt, {"until": [], "max_gen_toks": 30}), 0)])
+    (free,) = hf.generate_until(generations((prompt, {"until": [], "max_gen_toks": 30})))
     stop = free[10:12]
-    requests = [
-        Instance("generate_until", {}, (prompt, {"until": [stop], "max_gen_toks": 30}), 0),
-        Instance("generate_until", {}, (prompt, {"until": stop, "max_new_tokens": 7, "do_sample": False}), 1),
-        Instance("generate_until", {}, (prompt, {"max_gen_toks": 5, "temperature": 0.0}), 2),
-    ]
+    requests = generations(
+        (prompt, {"until": [stop], "max_gen_toks": 30}),
+        (prompt, {"until": stop, "max_new_tokens": 7, "do_sample": False}),
+        (prompt, {"max_gen_toks": 5, "temperature": 0.0}),
+    )
     assert lm.generate_until(requests) == hf.generate_until(requests)
     assert lm.generate_until(requests)[0] == free.split(stop)[0]
 
@@ -235,8 +235,7 @@ def test_long_generation_evicts_stays_bounded_and_follows_the_definition(tiny, m
 
 def test_generate_until_with_a_small_cache(tiny):
     lm = streaming(tiny, **SMALL)
-    request = Instance("generate_until", {}, (LONG, {"until": ["never"], "max_gen_toks": 50}), 0)
-    (text,) = lm.generate_until([request])
+    (text,) = lm.generate_until(generations((LONG, {"until": ["never"], "max_gen_toks": 50})))
     assert isinstance(text, str) and text
     assert lm.get_model_info()["streaming"]["evicted_tokens"] > 0
 
@@ -244,22 +243,21 @@ def test_generate_until_with_a_small_cache(tiny):
 def test_sampling_and_unsupported_kwargs(tiny):
     lm = streaming(tiny, **SMALL)
     torch.manual_seed(0)
-    sampled = lm.generate_until([
-        Instance("generate_until", {}, ("Hello", {"do_sample": True, "temperature": 0.8, "max_gen_toks": 20}), 0),
-        Instance("generate_until", {}, ("Hello", {"do_sample": True, "temperature": 1.5, "top_p": 0.9,
-                                                  "top_k": 5, "max_gen_toks": 20}), 1),
-    ])
+    sampled = lm.generate_until(generations(
+        ("Hello", {"do_sample": True, "temperature": 0.8, "max_gen_toks": 20}),
+        ("Hello", {"do_sample": True, "temperature": 1.5, "top_p": 0.9, "top_k": 5, "max_gen_toks": 20}),
+    ))
     assert all(isinstance(s, str) for s in sampled)
     with pytest.raises(NotImplementedError, match="num_beams"):
-        lm.generate_until([Instance("generate_until", {}, ("Hello", {"num_beams": 4}), 0)])
+        lm.generate_until(generations(("Hello", {"num_beams": 4})))
     with pytest.raises(ValueError, match="temperature > 0"):
-        lm.generate_until([Instance("generate_until", {}, ("Hello", {"do_sample": True, "temperature": 0.0}), 0)])
+        lm.generate_until(generations(("Hello", {"do_sample": True, "temperature": 0.0})))
 
 
 def test_never_falls_back_to_dense(tiny, monkeypatch):
     lm = streaming(tiny, **SMALL)
-    loglikelihood = [Instance("loglikelihood", {}, (LONG, " yes"), 0)]
-    generation = [Instance("generate_until", {}, (LONG, {"max_gen_toks": 30}), 0)]
+    loglikelihood = pairs((LONG, " yes"))
+    generation = generations((LONG, {"max_gen_toks": 30}))
     expected = lm.loglikelihood(loglikelihood), lm.generate_until(generation)
 
     def dense(*args, **kwargs):
