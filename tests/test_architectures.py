@@ -3,7 +3,7 @@
 For each model type of ``streaming_lm.support.SUPPORTED_ARCHITECTURES``: a stream of C + 1 tokens gives
 the dense model's numbers (token loop and chunked path), the chunked path gives the token loop's numbers
 on a stream of 4.5 C tokens in both position modes, the cache stays within C, ``original`` equals the
-independent masked single pass of tests/reference.py, ``shifted`` is what docs/semantics.md says, and the
+independent masked single pass of tests/helpers/reference.py, ``shifted`` is what docs/semantics.md says, and the
 lm-eval adapter equals dense ``hf`` on a short request. The weights are drawn with a larger spread than
 transformers' default (0.02), so that attention is sharp and positions change log-probs by O(1).
 """
@@ -205,13 +205,25 @@ def test_shifted_positions(arch, model, ids):
     # Up to step C both modes use position t; from then on the query sits at C instead of t.
     torch.testing.assert_close(shifted.logprobs[:CAPACITY], original.logprobs[:CAPACITY], rtol=0, atol=TOL)
     assert (shifted.logprobs[CAPACITY:] - original.logprobs[CAPACITY:]).abs().max() > 1e-2
-    if find_rotary(model) is None:
-        reference = absolute_shifted_logprobs(model, ids, START, RECENT)
-    elif arch in NAIVE_SHIFTED:
-        reference = shifted_llama_logprobs(model, ids, START, RECENT)
-    else:
-        return
+
+
+# Full-depth references for positions=shifted, where one exists: learned absolute positions (one masked pass)
+# and the Llama layer layout that reference.py re-implements. Every rotary architecture, these included, is
+# also checked against the one-layer reference below.
+FULL_SHIFTED_REFERENCE = {"gpt2": absolute_shifted_logprobs} | {name: shifted_llama_logprobs for name in NAIVE_SHIFTED}
+
+
+@pytest.mark.parametrize("name", sorted(FULL_SHIFTED_REFERENCE))
+def test_shifted_equals_the_full_reference(name, ids, one_thread):
+    model = build(name)
+    shifted = score_stream(model, ids, settings("shifted"), find_rotary(model))
+    reference = FULL_SHIFTED_REFERENCE[name](model, ids, START, RECENT)
     torch.testing.assert_close(shifted.logprobs, reference, rtol=0, atol=TOL)
+
+
+def test_every_architecture_has_a_shifted_reference():
+    one_layer = {name for name in ARCHITECTURES if ARCHITECTURES[name][1] is not None}
+    assert set(FULL_SHIFTED_REFERENCE) | one_layer == set(ARCHITECTURES)
 
 
 @pytest.mark.parametrize("rotary_arch", [name for name in ARCHITECTURES if ARCHITECTURES[name][1] is not None])
