@@ -267,6 +267,14 @@ REFUSED = {
         r"mistral has sliding-window attention layers \(DynamicSlidingWindowLayer, window 20 tokens\).*"
         r"here C = 20; use start_size \+ recent_size <= 19",
     ),
+    "mistral without settings": (  # a sliding window with no cache settings to compare it against
+        lambda: transformers.MistralConfig(**_BASE, sliding_window=16), None,
+        r"mistral has sliding-window attention layers \(DynamicSlidingWindowLayer.*Supported",
+    ),
+    "mamba (recurrent)": (
+        lambda: transformers.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, state_size=4), settings(),
+        r"mamba has cache layers of kind \['LinearAttentionLayer'\]",
+    ),
     "gemma2 without settings": (
         lambda: transformers.Gemma2Config(**_BASE, head_dim=16, sliding_window=WINDOW), None,
         r"gemma2 has sliding-window .*the cache settings were not given.*Supported: decoder-only models",

@@ -1,4 +1,5 @@
-"""``python -m streaming_lm compare``: a 2x2 grid on the tiny model, resumption, --from-results, bad grids."""
+"""``python -m streaming_lm compare``: a 2x2 grid on the tiny model, resumption, --from-results (bad grids:
+tests/test_bad_inputs.py, cases compare-*)."""
 
 import csv
 import json
@@ -161,29 +162,6 @@ def test_from_results_gives_the_same_table(grid, tmp_path, monkeypatch):
     without_reference = [{k: v for k, v in r.items() if k != "ref: paper"} for r in rows]
     assert without_reference == read_csv(grid[0] / "comparison.csv")
     assert [r["ref: paper"] for r in rows] == ["12.5", "", ""]
-
-
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        ({"--recent-sizes": "16,0"}, "recent_size must be an integer >= 1, got 0"),
-        ({"--start-sizes": "4,-1"}, "start_size must be an integer >= 0, got -1"),
-        ({"--positions": "shifted,sideways"}, "'sideways'"),
-        ({"--compression-ratios": "0.5"}, "--recent-sizes or --compression-ratios, not both"),
-        ({"--recent-sizes": None, "--compression-ratios": "0.5,1.5"},
-         "compression_ratio must be in [0, 1), got 1.5"),
-        ({"--method": "fastest"}, "'fastest'"),
-        ({"--strides": "4"}, "stride applies to method=recompute only"),
-        ({"--method": "recompute", "--strides": "4,64"}, "stride must be an integer in [1, recent_size=16], got 64"),
-    ],
-)
-def test_bad_grid_fails_before_any_run(overrides, message, tiny_dir, task_dir, tmp_path, monkeypatch, capsys):
-    refuse_evaluation(monkeypatch)
-    with pytest.raises(SystemExit) as exit_info:
-        compare.main(grid_args(tiny_dir, task_dir, tmp_path / "out", **overrides))
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
 
 
 def test_python_m_streaming_lm_compare_reaches_compare(tiny_dir, task_dir, tmp_path):

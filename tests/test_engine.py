@@ -10,7 +10,6 @@ from helpers.engine import score_stream
 
 from streaming_lm.policy import SinkWindow
 from streaming_lm.storage import EvictingDynamicCache
-from streaming_lm.support import check_model_supported
 from streaming_lm.support import find_rotary
 from streaming_lm.scores import NoEvictionError
 from streaming_lm.settings import StreamingSettings
@@ -84,21 +83,3 @@ def test_cache_reports_capacity_and_resets():
     assert torch.equal(cache.layers[0].keys[..., 2:, :], keys[..., -3:, :])  # original: no rotation
     cache.reset()
     assert cache.evicted_tokens == 0
-
-
-def test_unsupported_models_are_named():
-    import transformers
-
-    mistral = transformers.MistralForCausalLM(
-        transformers.MistralConfig(
-            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1, sliding_window=16,
-        )
-    )
-    with pytest.raises(NotImplementedError, match="DynamicSlidingWindowLayer.*Supported"):
-        check_model_supported(mistral)
-    mamba = transformers.MambaForCausalLM(
-        transformers.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, state_size=4)
-    )
-    with pytest.raises(NotImplementedError, match="LinearAttentionLayer"):
-        check_model_supported(mamba)
