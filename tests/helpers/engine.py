@@ -6,6 +6,7 @@ import dataclasses
 
 from streaming_lm.scoring import score
 from streaming_lm.settings import StreamingSettings
+from streaming_lm.support import find_rotary
 
 
 def score_stream(model, ids, settings: StreamingSettings, shift):
@@ -16,3 +17,10 @@ def score_stream(model, ids, settings: StreamingSettings, shift):
 def score_stream_chunked(model, ids, settings: StreamingSettings, shift, chunk_size: int):
     """The chunked path with ``chunk_size`` tokens per pass."""
     return score(model, ids, dataclasses.replace(settings, method="chunked", chunk_size=chunk_size, stride=None), shift)
+
+
+def token_loop_loglikelihood(lm, text: str) -> float:
+    """What ``streaming_hf`` (``lm``, a ``StreamingHFLM``) must report for a rolling request on ``text``: the
+    token loop's summed log-likelihood of the stream lm-eval builds, the prefix token then the text's tokens."""
+    ids = [lm.prefix_token_id, *lm.tok_encode(text)]
+    return float(score_stream(lm.model, ids, lm.streaming, find_rotary(lm.model)).logprobs.double().sum())

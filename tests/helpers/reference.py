@@ -5,6 +5,9 @@ Nothing here imports streaming_lm: these re-derive the definition from scratch.
 
 from __future__ import annotations
 
+import math
+import re
+
 import torch
 
 
@@ -88,6 +91,16 @@ def shifted_llama_logprobs(model, ids: torch.Tensor, start: int, recent: int) ->
 
 def perplexity(logprobs: torch.Tensor) -> float:
     return float(torch.exp(-logprobs.double().mean()))
+
+
+def lm_eval_words(text: str) -> int:
+    """lm-eval's word count, ``len(re.split(r"\\s+", text))``: words plus one empty field per whitespace end."""
+    return len(re.split(r"\s+", text))
+
+
+def word_perplexity(logliks, words) -> float:
+    """lm-eval's ``word_perplexity`` (weighted_perplexity) over documents: exp(-sum log-likelihood / sum words)."""
+    return math.exp(-sum(logliks) / sum(words))
 
 
 @torch.no_grad()
