@@ -2,13 +2,16 @@
 agree where they must."""
 
 import json
+import math
 
 import pytest
+from helpers.engine import token_loop_loglikelihood
+from helpers.models import streaming
 
 from streaming_lm.tools import bench_eval
 
 
-def test_bench_eval_tiny(tiny_dir, tmp_path, excerpt_text):
+def test_bench_eval_tiny(tiny_dir, tiny, tmp_path, excerpt_text):
     text = tmp_path / "text.txt"
     text.write_text(excerpt_text[:400])
     out = tmp_path / "bench.json"
@@ -23,6 +26,10 @@ def test_bench_eval_tiny(tiny_dir, tmp_path, excerpt_text):
     assert m["chunked"]["ppl"] == pytest.approx(m["token"]["ppl"], rel=1e-5)
     assert m["bare"]["ppl"] == pytest.approx(m["dense"]["ppl"], rel=1e-4)  # no eviction: dense numbers
     assert m["token"]["ppl"] != pytest.approx(m["dense"]["ppl"], rel=1e-4)
+    # ... and it is the engine's token loop on the first 149 tokens after the prefix token.
+    lm = streaming(tiny, start_size=4, recent_size=40)
+    text = lm.tokenizer.decode(lm.tok_encode(excerpt_text[:400])[:149])
+    assert m["token"]["ppl"] == pytest.approx(math.exp(-token_loop_loglikelihood(lm, text) / 149), rel=1e-6)
     assert set(results["ratios"]) == {"chunked/token", "chunked/dense"}
 
 

@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers.engine import token_loop_loglikelihood
-from helpers.local_tasks import ROLLING_YAML, write_task
-from helpers.reference import lm_eval_words, word_perplexity
+from helpers.engine import token_loop_word_perplexity
+from helpers.local_tasks import ROLLING_YAML, read_docs, write_task
 
 from streaming_lm import StreamingHFLM
 
@@ -52,9 +51,8 @@ def test_cli_streaming_and_dense(command, tmp_path, tiny_dir, task_dir):
     assert got != pytest.approx(dense["results"]["tiny_rolling"]["word_perplexity,none"], rel=1e-6)
     # ... and it is the engine's token loop on each document's stream, as lm-eval aggregates it.
     lm = StreamingHFLM(pretrained=str(tiny_dir), device="cpu", dtype="float32", start_size=4, recent_size=60)
-    texts = [json.loads(line)["text"] for line in (task_dir / "tiny_rolling.jsonl").read_text().splitlines()]
-    expected = word_perplexity([token_loop_loglikelihood(lm, text) for text in texts], map(lm_eval_words, texts))
-    assert got == pytest.approx(expected, rel=1e-5)
+    texts = [doc["text"] for doc in read_docs(task_dir, "tiny_rolling")]
+    assert got == pytest.approx(token_loop_word_perplexity(lm, texts), rel=1e-5)
 
 
 @pytest.mark.slow

@@ -15,7 +15,9 @@ import pytest
 from streaming_lm import compare, settings
 from streaming_lm.compare import run as compare_run
 
-from helpers.local_tasks import ROLLING_YAML, write_task
+from helpers.engine import token_loop_word_perplexity
+from helpers.local_tasks import ROLLING_YAML, read_docs, write_task
+from helpers.models import streaming
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 RUNS = ["hf", "streaming_s0_r16_shifted", "streaming_s0_r32_shifted", "streaming_s4_r16_shifted",
@@ -67,7 +69,7 @@ def grid(tmp_path_factory, tiny_dir, task_dir):
     return out, calls, said
 
 
-def test_grid_runs_each_setting_once_and_tables_the_saved_results(grid):
+def test_grid_runs_each_setting_once_and_tables_the_saved_results(grid, tiny, task_dir):
     out, calls, said = grid
     assert [(c["model"], c["model_args"].get("recent_size")) for c in calls] == [
         ("hf", None), ("streaming_hf", 16), ("streaming_hf", 32), ("streaming_hf", 16), ("streaming_hf", 32)]
@@ -76,8 +78,14 @@ def test_grid_runs_each_setting_once_and_tables_the_saved_results(grid):
     assert {p.name for p in out.iterdir()} == {*RUNS, "comparison.csv", "comparison.md", "comparison.png"}
 
     saved = {name: compare.load_result(compare.results_files(out / name)[-1]).data for name in RUNS}
+    texts = [doc["text"] for doc in read_docs(task_dir, "tiny_rolling")]
     for name in RUNS[1:]:
-        assert saved[name]["config"]["streaming"]["evicted_tokens"] > 0
+        config = saved[name]["config"]["streaming"]
+        assert config["evicted_tokens"] > 0
+        # Each run's number is the engine's token loop with its cache settings, not merely not the dense one.
+        lm = streaming(tiny, start_size=config["start_size"], recent_size=config["recent_size"])
+        expected = token_loop_word_perplexity(lm, texts)
+        assert saved[name]["results"]["tiny_rolling"]["word_perplexity,none"] == pytest.approx(expected, rel=1e-5)
     assert saved["streaming_s4_r16_shifted"]["configs"]["tiny_rolling"]["metadata"]["max_words"] == 250
 
     rows = read_csv(out / "comparison.csv")

@@ -5,7 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers.engine import score_stream
+from helpers.models import streaming
+from helpers.reference import perplexity
 
+from streaming_lm.support import find_rotary
 from streaming_lm.tools import throughput
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,7 +19,7 @@ EXCERPT = REPO / "tests" / "data" / "wikitext-excerpt.txt"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_runs_and_writes_json_and_png(tiny_dir, tmp_path, capsys):
+def test_runs_and_writes_json_and_png(tiny_dir, tiny, tmp_path, capsys):
     out_json, out_png = tmp_path / "t.json", tmp_path / "t.png"
     results = throughput.main([
         "--pretrained", str(tiny_dir), "--prompt-file", str(EXCERPT), "--prompt-tokens", "16",
@@ -38,6 +42,10 @@ def test_runs_and_writes_json_and_png(tiny_dir, tmp_path, capsys):
     # With a cache larger than prompt + generation, greedy tokens would be the dense ones; here they evict.
     assert saved["ppl"]["streaming"]["evicted"] == 120 - 1 - 32
     assert saved["ppl"]["streaming"]["ppl"] != saved["ppl"]["dense"]["ppl"]
+    # ... and the streaming PPL is the token loop's on the same 120 ids.
+    lm = streaming(tiny, start_size=4, recent_size=28)
+    scored = score_stream(lm.model, lm.rolling_ids(EXCERPT.read_text())[:120], lm.streaming, find_rotary(lm.model))
+    assert saved["ppl"]["streaming"]["ppl"] == pytest.approx(perplexity(scored.logprobs), rel=1e-5)
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert results["cache"]["capacity"] == 32
 

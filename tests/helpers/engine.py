@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from helpers.reference import lm_eval_words, word_perplexity
 from streaming_lm.scoring import score
 from streaming_lm.settings import StreamingSettings
 from streaming_lm.support import find_rotary
@@ -24,3 +25,8 @@ def token_loop_loglikelihood(lm, text: str) -> float:
     token loop's summed log-likelihood of the stream lm-eval builds, the prefix token then the text's tokens."""
     ids = [lm.prefix_token_id, *lm.tok_encode(text)]
     return float(score_stream(lm.model, ids, lm.streaming, find_rotary(lm.model)).logprobs.double().sum())
+
+
+def token_loop_word_perplexity(lm, texts) -> float:
+    """lm-eval's ``word_perplexity`` of a rolling task on ``texts`` (its documents' targets), from the token loop."""
+    return word_perplexity([token_loop_loglikelihood(lm, text) for text in texts], [lm_eval_words(t) for t in texts])
