@@ -151,7 +151,16 @@ def test_loglikelihood_and_generation_follow_the_definition(tiny_dir):
     expected = naive_recompute(hf.model, ids, 2, 20, 4)[n_context - 1 :].double().sum()
     assert logprob == pytest.approx(float(expected), rel=1e-5)
     [text] = lm.generate_until(generations((TEXT[:40], {"max_gen_toks": 30, "until": []})))
-    assert isinstance(text, str) and lm.get_model_info()["streaming"]["evicted_tokens"] > 0
+    assert lm.get_model_info()["streaming"]["evicted_tokens"] > 0
+    # Greedy decoding, each token predicted from a fresh pass over the sinks and the last W tokens read.
+    ids = hf.tok_encode(TEXT[:40])
+    for _ in range(30):
+        window = ids if len(ids) <= 22 else ids[:2] + ids[-20:]
+        with torch.no_grad():
+            ids = ids + [int(hf.model(torch.tensor([window])).logits[0, -1].argmax())]
+        if ids[-1] == lm.eot_token_id:
+            break
+    assert text and text == lm.tok_decode(ids[len(hf.tok_encode(TEXT[:40])):])
 
 
 def test_stride_is_checked_against_a_ratio_budget():

@@ -9,6 +9,8 @@
 """
 
 
+import dataclasses
+
 import pytest
 import torch
 from lm_eval import simple_evaluate
@@ -71,9 +73,11 @@ def task_manager(tmp_path_factory):
     return TaskManager(include_path=str(root), include_defaults=False)  # indexing lm-eval's own tasks takes seconds
 
 
-def evaluate(lm, task, task_manager):
+def evaluate(lm, task, task_manager, with_arguments=False):
     out = simple_evaluate(model=lm, tasks=[task], task_manager=task_manager, bootstrap_iters=0, log_samples=True)
     samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+    if with_arguments:  # the requests lm-eval built, one list per document
+        return out["results"][task], [s["resps"] for s in samples], [s["arguments"] for s in samples]
     return out["results"][task], [s["resps"] for s in samples]
 
 
@@ -101,8 +105,9 @@ def test_multiple_choice_task_equals_hf_with_a_large_cache(tiny, hf, task_manage
 
 
 def test_multiple_choice_task_with_a_small_cache_evicts(tiny, hf, task_manager):
+    model, _ = tiny
     lm = streaming(tiny, **SMALL, chunk_size=8)
-    got, got_resps = evaluate(lm, "tiny_mc", task_manager)
+    got, got_resps, arguments = evaluate(lm, "tiny_mc", task_manager, with_arguments=True)
     _, dense_resps = evaluate(hf, "tiny_mc", task_manager)
     assert lm.get_model_info()["streaming"]["evicted_tokens"] > 0
     assert 0.0 <= got["acc,none"] <= 1.0
@@ -111,6 +116,14 @@ def test_multiple_choice_task_with_a_small_cache_evicts(tiny, hf, task_manager):
     # The long questions no longer fit: their numbers must move away from the dense ones.
     diffs = [abs(a[0] - b[0]) for a, b in zip(flat(got_resps), flat(dense_resps))]
     assert max(diffs) > 0.05
+    # ... to the token loop's on each stream context + continuation, as lm-eval built the requests.
+    settings = StreamingSettings(SMALL["start_size"], SMALL["recent_size"])
+    requests = [args for doc in arguments for args in doc]
+    assert len(requests) == len(lls)
+    for (context, continuation), ll in zip(requests, lls, strict=True):
+        ctx, cont = encode_like_hflm(lm, context, continuation)
+        reference = score_stream(model, ctx + cont, settings, find_rotary(model))
+        assert ll == pytest.approx(float(reference.logprobs[-len(cont):].double().sum()), abs=5e-4)
 
 
 def requests_for_reference():
@@ -234,10 +247,15 @@ def test_long_generation_evicts_stays_bounded_and_follows_the_definition(tiny, m
 
 
 def test_generate_until_with_a_small_cache(tiny):
+    model, _ = tiny
     lm = streaming(tiny, **SMALL)
     (text,) = lm.generate_until(generations((LONG, {"until": ["never"], "max_gen_toks": 50})))
-    assert isinstance(text, str) and text
-    assert lm.get_model_info()["streaming"]["evicted_tokens"] > 0
+    assert text and lm.get_model_info()["streaming"]["evicted_tokens"] > 0
+    # The text is greedy decoding on the token loop (the adapter decodes from static slots), shifted positions.
+    context = lm.tok_batch_encode([LONG])[0][0].tolist()
+    token_loop = dataclasses.replace(lm.streaming, method="token")
+    tokens = generate(model, context, token_loop, find_rotary(model), 50, eos_token_ids=[lm.eot_token_id]).tokens
+    assert text == lm.tok_decode(tokens).split("never")[0]
 
 
 def test_sampling(tiny):
