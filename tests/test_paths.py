@@ -63,7 +63,7 @@ def policy(request, monkeypatch):
 # ---------------------------------------------------------------- the paths
 
 
-def read_in_pieces(stream, ids, piece: int, after=lambda stream: None):
+def read_in_pieces(stream, ids, piece: int, after):
     """Read ``ids[:-1]`` ``piece`` tokens per ``read`` (the chunked path splits them into its chunks);
     ``after(stream)`` runs between reads. Returns the log-probs of ``ids[1:]``."""
     logits = []
@@ -73,7 +73,15 @@ def read_in_pieces(stream, ids, piece: int, after=lambda stream: None):
     return torch.log_softmax(torch.cat(logits), -1).gather(-1, ids[1:, None])[:, 0]
 
 
-def decode(stream, ids, after=lambda stream: None):
+def token_loop_path(stream, ids, after):
+    return read_in_pieces(stream, ids, 1, after)  # between every two steps
+
+
+def chunked_path(stream, ids, after):
+    return read_in_pieces(stream, ids, 2 * CHUNK + 3, after)  # reads that end mid-chunk
+
+
+def decode_path(stream, ids, after):
     """Generation's path: a chunked read of the context, then one ``step`` per token."""
     logits = [stream.read(ids[:CONTEXT])]
     after(stream)
@@ -83,14 +91,17 @@ def decode(stream, ids, after=lambda stream: None):
     return torch.log_softmax(torch.cat(logits), -1).gather(-1, ids[1:, None])[:, 0]
 
 
-# path -> (method of the settings (None: the dense baseline), run(stream, ids, after) -> log-probs)
-PATHS = {
-    "token": ("token", lambda stream, ids, after=lambda s: None: read_in_pieces(stream, ids, 1, after)),  # every step
-    "chunked": ("chunked", lambda stream, ids, after=lambda s: None: read_in_pieces(stream, ids, 2 * CHUNK + 3, after)),
-    "decode": ("chunked", decode),
-    "recompute": ("recompute", lambda stream, ids, after=lambda s: None: stream.score(ids).logprobs),
-    "dense": (None, lambda stream, ids, after=lambda s: None: read_in_pieces(stream, ids, 5, after)),
-}
+def recompute_path(stream, ids, after):
+    return stream.score(ids).logprobs  # a group's window depends on where the group ends: the whole stream at once
+
+
+def dense_path(stream, ids, after):
+    return read_in_pieces(stream, ids, 5, after)
+
+
+# path -> (method of the settings (None: the dense baseline), run(stream, ids, after) -> log-probs of ids[1:])
+PATHS = {"token": ("token", token_loop_path), "chunked": ("chunked", chunked_path), "decode": ("chunked", decode_path),
+         "recompute": ("recompute", recompute_path), "dense": (None, dense_path)}
 FAST = ["chunked", "decode"]  # the paths that must give the token loop's numbers on an evicting stream
 CACHED = ["token", "chunked", "decode"]  # the paths that hold a sink+window cache between steps
 
@@ -101,6 +112,7 @@ def settings_for(path, start=START, recent=RECENT, positions="shifted"):
 
 
 def run_path(model, path, ids, positions="shifted", start=START, recent=RECENT, after=lambda stream: None):
+    """Open an empty stream on ``path`` and run it over ``ids``: (log-probs of ids[1:], the stream)."""
     stream = open_stream(model, settings_for(path, start, recent, positions), find_rotary(model))
     return PATHS[path][1](stream, ids, after), stream
 
@@ -124,9 +136,9 @@ def test_short_stream_equals_dense(model, ids, policy, path, positions, start, r
     got, stream = run_path(model, path, short, positions, start, recent)
     # recompute counts every token of the stream outside the last window, the last target included
     assert stream.evicted == (max(0, length - start - recent) if path == "recompute" else 0)
-    dense = dense_logprobs(model, short)
-    torch.testing.assert_close(got, dense, rtol=0, atol=TOL)
-    assert perplexity(got) == pytest.approx(perplexity(dense), rel=1e-5)
+    expected = dense_logprobs(model, short)
+    torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
+    assert perplexity(got) == pytest.approx(perplexity(expected), rel=1e-5)
 
 
 @pytest.fixture(scope="module")
