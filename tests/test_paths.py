@@ -39,6 +39,15 @@ REFERENCE_VISIBILITY = {
 }
 
 
+def policy_params():
+    """Every registered policy; one that decides from attention scores (not ``index_only``) has no ``held(n)``
+    to check here, and is skipped by name, never silently."""
+    for name, cls in POLICIES.items():
+        marks = () if getattr(cls, "index_only", True) else pytest.mark.skip(
+            reason=f"{name} evicts by attention score: held(n) is not a function of n alone")
+        yield pytest.param(name, marks=marks, id=name)
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama()
@@ -49,7 +58,7 @@ def ids():
     return torch.randint(0, 128, (LONG,), generator=torch.Generator().manual_seed(3))
 
 
-@pytest.fixture(params=list(POLICIES))
+@pytest.fixture(params=list(policy_params()))
 def policy(request, monkeypatch):
     """Every path builds its policy through ``policy_for``: route it to the policy under test."""
     name = request.param
@@ -212,7 +221,7 @@ def test_memory_is_exactly_the_cache_between_steps(model, ids, policy, path, pos
 
 
 def test_every_policy_has_a_reference():
-    assert set(REFERENCE_VISIBILITY) == set(POLICIES)
+    assert set(REFERENCE_VISIBILITY) == {name for name, cls in POLICIES.items() if getattr(cls, "index_only", True)}
 
 
 @pytest.mark.parametrize("start,recent", [(4, 16), (0, 7), (3, 1)])
