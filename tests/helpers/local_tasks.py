@@ -48,3 +48,8 @@ def write_task(root: Path, name: str, yaml: str, docs: list[dict]) -> Path:
     data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
     (root / f"{name}.yaml").write_text(yaml.format(name=name, data=data))
     return root
+
+
+def read_docs(root: Path, name: str) -> list[dict]:
+    """The documents ``write_task`` wrote for task ``name``."""
+    return [json.loads(line) for line in (root / f"{name}.jsonl").read_text().splitlines()]
