@@ -24,7 +24,7 @@ from streaming_lm.support import find_rotary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SCORED = ["tova", "h2o", "knorm"]
+SCORED = [name for name in settings.POLICIES if name != "sink_window"]
 POSITIONS = ["shifted", "original"]
 S, W, H = 2, 3, 4  # C = 9
 N = 28  # 18 evictions
