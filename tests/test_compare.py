@@ -252,3 +252,12 @@ def test_every_result_knob_changes_the_run_name(knob):
         assert len(names) == 2, names
     else:  # speed only (chunk_size): same numbers, same name
         assert names == {compare.run_name("streaming_hf", {})}
+
+
+def test_a_policy_grid_names_each_policy_and_heavy_size():
+    runs = compare.build_grid(["0"], ["64"], [], [], policies=["sink_window", "tova", "h2o"], heavy_sizes=["32", "64"])
+    assert [r.name for r in runs] == [
+        "hf", "streaming_s0_r64_shifted", "streaming_tova_s0_r64_h32_original", "streaming_tova_s0_r64_h64_original",
+        "streaming_h2o_s0_r64_h32_original", "streaming_h2o_s0_r64_h64_original"]
+    assert runs[2].stream == {"start_size": 0, "recent_size": 64, "positions": "original", "policy": "tova",
+                              "heavy_size": 32}

@@ -9,9 +9,11 @@ import dataclasses
 import pytest
 import torch
 import transformers
+from helpers import requests
 from helpers.models import tiny_llama
 from helpers.scored_reference import scored_logprobs
 
+from streaming_lm import StreamingHFLM
 from streaming_lm import policy as policy_mod
 from streaming_lm import settings
 from streaming_lm.continuation import score_continuations
@@ -156,3 +158,25 @@ def test_plug_in_loads_and_bad_ones_are_refused():
         policy_mod.policy_class("test_policies:Missing")
     with pytest.raises(ValueError, match="must subclass streaming_lm.policy.ScoredPolicy"):
         policy_mod.policy_class("dataclasses:dataclass")
+
+
+def test_the_adapter_serves_every_request_type(tiny):
+    """``streaming_hf`` with a scored policy: rolling, loglikelihood and generation, the engine's numbers."""
+    model, tokenizer = tiny
+    lm = StreamingHFLM(pretrained=model, tokenizer=tokenizer, policy="h2o", start_size=2, recent_size=8, heavy_size=8)
+    assert (lm.streaming.positions, lm.streaming.method) == ("original", "chunked")  # the scored defaults
+    text = "the quick brown fox jumps over the lazy dog " * 3
+    (rolling,) = lm.loglikelihood_rolling(requests.rolling(text))
+    token_loop = dataclasses.replace(lm.streaming, method="token")
+    assert rolling == pytest.approx(float(score(model, lm.rolling_ids(text), token_loop, None).logprobs.double().sum()),
+                                    abs=1e-4)
+    [(logprob, _)] = lm.loglikelihood(requests.pairs((text, " again and again")))
+    context, continuation = lm._encode_pair(text, " again and again")  # lm-eval's own split
+    (expected,) = score_continuations(model, context, [continuation], token_loop, None)
+    assert logprob == pytest.approx(expected.logprob, abs=1e-4)
+    request = requests.generations((text, {"until": [], "max_gen_toks": 8}))
+    token_lm = StreamingHFLM(pretrained=model, tokenizer=tokenizer, policy="h2o", start_size=2, recent_size=8,
+                             heavy_size=8, method="token")
+    [generated] = lm.generate_until(request)
+    assert generated and generated == token_lm.generate_until(request)[0]
+    assert lm.get_model_info()["streaming"]["policy"] == "h2o"
