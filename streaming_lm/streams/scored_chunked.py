@@ -12,7 +12,6 @@ so nothing moves.
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from transformers import AttentionInterface
@@ -21,7 +20,7 @@ from ..positions import check_positions_fit
 from ..storage import ScoredDynamicCache
 from ..storage.scored import step_scores, victims
 from ..support import num_decoder_layers
-from .base import as_ids, forward_kwargs
+from .base import as_ids, attention, forward_kwargs
 from .token import TokenStream
 from .weights import CACHE_KWARG
 
@@ -66,15 +65,6 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
 AttentionInterface.register(ATTENTION_NAME, _rows_attention)
 
 
-@contextlib.contextmanager
-def rows_attention(model):
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-
 
 class ScoredChunkedStream(TokenStream):
     """``method="chunked"`` for a scored policy (positions=original): ``chunk_size`` tokens per pass."""
@@ -90,7 +80,7 @@ class ScoredChunkedStream(TokenStream):
         ids = as_ids(ids, self.model.device)
         check_positions_fit(self.model, self.n + ids.numel(), self._limit)
         kwargs, chunk, first = self._kwargs[last_only], self.settings.chunk_size, self.n
-        with rows_attention(self.model):
+        with attention(self.model, ATTENTION_NAME):
             for a in range(0, ids.numel(), chunk):
                 b = min(a + chunk, ids.numel())
                 positions = torch.arange(first + a, first + b, device=ids.device)[None]

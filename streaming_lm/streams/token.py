@@ -13,11 +13,11 @@ from ..rotary import RotaryShift
 from ..settings import StreamingSettings
 from ..storage import EvictingDynamicCache, ScoredDynamicCache
 from ..support import num_decoder_layers
-from .base import Stream, as_ids, forward_kwargs
-from .weights import CACHE_KWARG, weights_attention
+from .base import CachedStream, as_ids, attention, forward_kwargs
+from .weights import ATTENTION_NAME, CACHE_KWARG
 
 
-class TokenStream(Stream):
+class TokenStream(CachedStream):
     """``method="token"``: an ``EvictingDynamicCache`` in the settings' own position mode."""
 
     # Original positions keep every key's phase; only shifted slots need re-rotation on eviction.
@@ -41,16 +41,6 @@ class TokenStream(Stream):
     def _shared(self):
         return (self.shift, self.policy)
 
-    @property
-    def evicted(self) -> int:
-        return self.cache.evicted_tokens
-
-    def kv_bytes(self) -> int:
-        return self.cache.held_bytes()
-
-    def kv_allocated_bytes(self) -> int:
-        return self.cache.allocated_bytes()
-
     def read_passes(self, ids, last_only: bool = False):
         ids = as_ids(ids, self.model.device)
         check_positions_fit(self.model, self.n + ids.numel(), self._limit)
@@ -62,7 +52,7 @@ class TokenStream(Stream):
         check_positions_fit(self.model, self.n + 1, self._limit)
         ids = torch.tensor([[token]], device=self.model.device)
         position = torch.tensor([[query_position(self.n, self.settings)]], device=ids.device)
-        with weights_attention(self.model) if self._weights else contextlib.nullcontext():
+        with attention(self.model, ATTENTION_NAME) if self._weights else contextlib.nullcontext():
             out = self.model(input_ids=ids, position_ids=position, **self._kwargs[False])
         self.n += 1
         self.max_held = max(self.max_held, *self.cache.held_tokens())

@@ -7,7 +7,6 @@ so nothing falls back to eager attention for the whole model. Registered with tr
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from transformers import AttentionInterface
@@ -38,13 +37,3 @@ def _weights_attention(module, query, key, value, attention_mask, scaling, dropo
 
 AttentionInterface.register(ATTENTION_NAME, _weights_attention)
 
-
-@contextlib.contextmanager
-def weights_attention(model):
-    """Route the model's attention through ``_weights_attention``, restoring it afterwards."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ROLLING_YAML = """\
+# What every local task shares: a JSONL file as its test split.
+HEADER = """\
 task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
 test_split: test
+"""
+
+ROLLING_YAML = HEADER + """\
 output_type: loglikelihood_rolling
 doc_to_text: ""
 doc_to_target: "{{{{text}}}}"
@@ -23,13 +27,7 @@ metadata:
   version: 1.0
 """
 
-MC_YAML = """\
-task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
+MC_YAML = HEADER + """\
 output_type: multiple_choice
 doc_to_text: "{{{{question}}}}"
 doc_to_choice: choices
