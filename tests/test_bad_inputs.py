@@ -309,6 +309,8 @@ CASES = [
          bench_eval("--tokens", "1")),
     Case("bench-text_file", "exit 1", "--text_file: no such file PATH", ("--text_file",),
          bench_eval("--text_file", "/nonexistent.txt")),
+    Case("bench-caches", "exit 1", "--caches: 'tova:0+x' is not POLICY:S+W+H (e.g. tova:0+0+256)",
+         ("--caches", "POLICY:S+W+H"), bench_eval("--caches", "tova:0+x")),
     # python -m streaming_lm compare
     Case("compare-sizes-and-ratios", "exit 2", "give --recent-sizes or --compression-ratios, not both",
          ("--recent-sizes", "--compression-ratios"), compare_cli("--compression-ratios", "0.5")),
