@@ -25,3 +25,9 @@ class KVAccounting:
     def allocated_bytes(self) -> int:
         """Bytes of keys and values allocated: a growing cache allocates exactly what it holds."""
         return self.held_bytes()
+
+    @property
+    def overhead_tokens(self) -> float:
+        """What the layout allocates beyond the tokens held, in tokens' worth of keys and values (declared, so
+        that a check comparing it with ``allocated_bytes()`` catches a cache that grew)."""
+        return 0.0

@@ -126,6 +126,11 @@ class EvictingStaticCache(KVAccounting, Cache):
         """Every slot, the one free slot and the unrotated sink copies included."""
         return sum(layer.keys.nbytes + layer.values.nbytes + layer.sink_keys.nbytes for layer in self.layers)
 
+    @property
+    def overhead_tokens(self) -> float:
+        """One free slot, and the sinks' unrotated keys (keys only: half a token each)."""
+        return 1 + self.start_size / 2
+
     def begin_step(self) -> int:
         """Prepare the slots for token ``x_n``; returns its position id."""
         t, start = self.n, self.start_size

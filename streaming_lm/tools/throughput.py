@@ -182,8 +182,9 @@ def run_decode(name: str, stream, prompt: list[int], n_new: int, device, show: b
         "kv_bytes": kv,  # entry k: after token k + 1
         "peak_kv_bytes": max(kv),
         "held_tokens_end": stream.max_held,  # held tokens only grow (to C): the most held is the last
-        # The streaming decode cache also allocates one free slot and unrotated sink keys.
+        # The streaming decode cache also allocates one free slot and unrotated sink keys (its declared overhead).
         "kv_allocated_bytes_end": stream.kv_allocated_bytes(),
+        "kv_overhead_tokens": stream.cache.overhead_tokens,
         "peak_rss_mb": memory.rss_mb,
         "cuda_max_allocated_mb": memory.cuda_mb,
         "tokens": tokens,
@@ -244,7 +245,8 @@ def report(results: dict) -> list[str]:
     lines.append(f"Streaming key/value peak: {kv['streaming_peak_bytes']} bytes = {kv['streaming_peak_tokens']} "
                  f"tokens x {kv['bytes_per_token']} bytes/token (C = {kv['capacity']}): "
                  f"{'exactly C tokens' if kv['exactly_capacity'] else 'NOT C tokens'}; allocated "
-                 f"{kv['streaming_allocated_bytes']} bytes (one free slot and the unrotated sink keys on top)")
+                 f"{kv['streaming_allocated_bytes']} bytes ({kv['overhead_tokens']:g} tokens' worth on top: "
+                 "the decode cache's free slot and unrotated sink keys)")
     return lines
 
 
@@ -263,14 +265,15 @@ def summarise(results: dict, settings) -> list[str]:
     bytes_per_token = dense["kv_bytes"][-1] // dense["held_tokens_end"]
     stream_tokens = stream["peak_kv_bytes"] / bytes_per_token
     # The held figure counts tokens; the allocation is read from the tensors themselves, so a cache that
-    # grew slots fails here: C held tokens, plus one free slot and the sinks' unrotated keys (half a token each).
-    allocated_exact = (settings.capacity + 1) * bytes_per_token + settings.start_size * bytes_per_token // 2
+    # grew slots fails here: C held tokens, plus the layout's declared overhead (the decode slots: one free
+    # slot and the sinks' unrotated keys; a scored policy's cache: nothing).
+    allocated_exact = round((settings.capacity + stream["kv_overhead_tokens"]) * bytes_per_token)
     results["kv_check"] = {
         "bytes_per_token": bytes_per_token, "capacity": settings.capacity,
         "streaming_peak_bytes": stream["peak_kv_bytes"], "streaming_peak_tokens": stream_tokens,
         "exactly_capacity": (stream["peak_kv_bytes"] == settings.capacity * bytes_per_token
                              and stream["kv_allocated_bytes_end"] == allocated_exact),
-        "streaming_allocated_bytes": stream["kv_allocated_bytes_end"],
+        "streaming_allocated_bytes": stream["kv_allocated_bytes_end"], "overhead_tokens": stream["kv_overhead_tokens"],
     }
     warnings = []
     total = dense["prompt_tokens"] + n - 1  # tokens read into the cache
