@@ -7,12 +7,12 @@ tests/test_support.py) and tests/test_architectures.py's coverage come from ``AR
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 
 from .rotary import RotaryShift
+from .scoring import score
 from .settings import StreamingSettings
 
 ABSOLUTE = "learned absolute positions"
@@ -33,15 +33,26 @@ ARCHITECTURES = (
     Architecture(("llama", "mistral", "qwen2", "qwen3"), "RoPE", "RoPE",
                  "as in docs/semantics.md: cache slots / text positions",
                  "supported; `shifted` also equals the naive loop (llama, mistral, qwen2)"),
+    # Attention exactly as llama's (qk-norms, clip_qkv, biases, granite's multipliers, MoE feed-forwards
+    # that route each token alone): positions enter only through one rotate_half RoPE.
+    Architecture(("olmo", "olmo2", "granite", "starcoder2", "mixtral", "qwen2_moe", "qwen3_moe"), "RoPE", "RoPE",
+                 "as above", "supported (granite's multipliers, olmo's `clip_qkv`, MoE layers included); "
+                 "`sliding_window`, where set, must be ≥ C + 1"),
     Architecture(("phi3",), "RoPE, partial allowed", "RoPE, partial allowed", "as above; the non-rotary tail of each head is never moved",
                  "supported"),
-    Architecture(("gpt_neox",), "partial RoPE", "partial RoPE (`rotary_pct`)", "as above", "supported"),
+    Architecture(("gpt_neox", "phi"), "partial RoPE", "partial RoPE (`rotary_pct`, `partial_rotary_factor`)",
+                 "as above", "supported"),
     Architecture(("gemma2",), "RoPE", "RoPE; sliding/full layers, attention soft-capping",
                  "as above; the soft-cap is applied in the chunked attention too",
                  "supported if `sliding_window ≥ C + 1`"),
-    Architecture(("gemma3_text",), "RoPE, the same for local and global layers", "RoPE per layer type", "as above",
-                 "supported only if local and global RoPE are the same (not so in released checkpoints: refused, "
-                 '"uses several different rotary embeddings")'),
+    Architecture(("ministral",), "RoPE", "RoPE; sliding/full layers", "as above", "supported if `sliding_window ≥ C + 1`"),
+    Architecture(("gemma3_text", "olmo3"), "RoPE, the same for local and global layers", "RoPE per layer type",
+                 "as above",
+                 "supported only if local and global RoPE are the same and `sliding_window ≥ C + 1` (gemma3_text's "
+                 'released checkpoints differ: refused, "uses several different rotary embeddings")'),
+    Architecture(("exaone4",), "RoPE on every layer", "RoPE; without a `sliding_window` every layer is rotary",
+                 "as above", "supported only without `sliding_window` (hybrid configs: their global layers skip RoPE, "
+                 "refused)"),
     Architecture(("gpt2",), ABSOLUTE, "learned absolute embeddings",
                  "token `t` is read at position `min(t, C)` / `t`; a key keeps the embedding it was read with",
                  "supported if `C < n_positions`; `original` only for streams of at most `n_positions` tokens"),
@@ -52,25 +63,77 @@ SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention with a window of a
 SEQUENCE_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """Model types known not to stream exactly here, and why (each tested in tests/test_architectures.py)."""
+
+    model_types: tuple[str, ...]
+    positions: str
+    reason: str
+
+
+REFUSED_ARCHITECTURES = (
+    Refusal(("falcon",), "RoPE (or ALiBi)",
+            "its attention runs inside FalconAttention (SDPA or eager), not through transformers' attention "
+            "interface, so the chunked path cannot give each query its visible keys and sink rotation"),
+    Refusal(("stablelm",), "partial RoPE",
+            "StableLmDecoderLayer does not pass the forward's keyword arguments on to its attention, so the chunked "
+            "path's plan never reaches the attention function"),
+    Refusal(("bloom", "mpt"), "ALiBi",
+            "ALiBi is added inside the model's own attention code (no attention interface), from the key's index in "
+            "the attention mask: neither the chunked path's visible sets nor text-position distances can reach it "
+            "without copying model code"),
+    Refusal(("smollm3",), "RoPE, skipped on some layers",
+            "it skips RoPE on some layers (`no_rope_layers`), whose keys one rotary shift would move although they "
+            "carry no position"),
+    Refusal(("cohere2",), "RoPE on sliding layers only",
+            "its global layers skip RoPE, whose keys one rotary shift would move although they carry no position"),
+    Refusal(("deepseek_v2", "deepseek_v3"), "RoPE on a decoupled key part (MLA)",
+            "multi-head latent attention caches the compressed latent as keys and the rotary part of the key as "
+            "values, so re-rotating the cache's keys would move the wrong tensor"),
+    Refusal(("gptj", "cohere", "helium", "glm", "glm4"), "interleaved RoPE",
+            "they rotate interleaved pairs of dimensions (2i, 2i + 1), not the rotate_half pairs (i, i + d/2) that "
+            "the rotary shift moves"),
+)
+REFUSED_REASONS = {name: refusal.reason for refusal in REFUSED_ARCHITECTURES for name in refusal.model_types}
+# trust_positions=rope: an unlisted model type is accepted after a self-check on its own weights.
+TRUST_POSITIONS = ("rope",)
+
+
 def supported_list() -> str:
     """The model types and their position schemes, for error messages."""
     return ", ".join(f"{name} ({scheme})" for name, scheme in SUPPORTED_ARCHITECTURES.items())
 
 
 def support_table() -> str:
-    """The README's support table, generated from the registry."""
+    """The README's support table, generated from the registry (supported rows, then the known refusals)."""
     lines = ["| model_type | positions | `shifted` / `original` there | status |", "|---|---|---|---|"]
     for arch in ARCHITECTURES:
         types = ", ".join(f"`{name}`" for name in arch.model_types)
         lines.append(f"| {types} | {arch.positions} | {arch.modes} | {arch.status} |")
+    for refusal in REFUSED_ARCHITECTURES:
+        types = ", ".join(f"`{name}`" for name in refusal.model_types)
+        lines.append(f"| {types} | {refusal.positions} | — | refused: {refusal.reason} |")
     return "\n".join(lines)
 
 
-def check_model_supported(model, settings: StreamingSettings | None = None) -> None:
+def check_trust_positions(value) -> str | None:
+    """The ``trust_positions`` model arg, validated before anything loads."""
+    if value is None or value in TRUST_POSITIONS:
+        return value
+    raise ValueError(
+        f"trust_positions must be one of {', '.join(TRUST_POSITIONS)}; got {value!r} (it accepts an unlisted "
+        "model type whose positions enter only through rotate_half RoPE, after a start-up self-check)"
+    )
+
+
+def check_model_supported(model, settings: StreamingSettings | None = None, trust_positions: str | None = None) -> None:
     """Raise a clear ``NotImplementedError`` for models a sink+window cache cannot serve exactly.
 
     Sliding-window layers are accepted only with ``settings`` whose ``C + 1`` keys per step fit inside
     the window (the window then never masks a key the cache holds); without ``settings`` they are refused.
+    ``trust_positions="rope"`` accepts a model type not in the registry if it passes every structural
+    check here and ``self_check`` on its own weights.
     """
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
@@ -85,16 +148,32 @@ def check_model_supported(model, settings: StreamingSettings | None = None) -> N
             "sliding-window or hybrid layers cannot be trimmed to a sink+window cache. "
             f"Supported: decoder-only models whose every layer is one of {SUPPORTED_LAYER_TYPES}"
         )
-    if config.model_type not in SUPPORTED_ARCHITECTURES:
+    trusted = config.model_type not in SUPPORTED_ARCHITECTURES
+    if config.model_type in REFUSED_REASONS or (trusted and trust_positions is None):
+        why = REFUSED_REASONS.get(config.model_type, "its position scheme and attention path are not verified")
         raise NotImplementedError(
-            f"streaming_lm does not support model_type {config.model_type!r}: its position scheme and attention "
-            f"path are not verified. Supported model types: {supported_list()}"
+            f"streaming_lm does not support model_type {config.model_type!r}: {why}. "
+            f"Supported model types: {supported_list()}"
+            + ("" if config.model_type in REFUSED_REASONS else
+               "; or pass trust_positions=rope to accept a RoPE model after a start-up self-check")
+        )
+    if not type(model).is_backend_compatible():
+        raise NotImplementedError(
+            f"{config.model_type} ({type(model).__name__}) does not run its attention through transformers' "
+            "attention interface with the forward's keyword arguments (_supports_attention_backend is False), "
+            "so the chunked path cannot reach it"
         )
     text = config.get_text_config(decoder=True)
     if getattr(text, "use_bidirectional_attention", False) or getattr(text, "attention_chunk_size", None):
         raise NotImplementedError(
             f"{config.model_type} with bidirectional or chunked attention is not a causal sink+window model. "
             f"Supported: causal decoders of model types {supported_list()}"
+        )
+    skipped = layers_without_rope(text)
+    if skipped:
+        raise NotImplementedError(
+            f"{config.model_type} skips RoPE on layers {skipped}: one rotary shift for every layer would move keys "
+            "that carry no position. Supported: models whose every layer is rotary"
         )
     windows = [layer.sliding_window for layer in reference.layers if type(layer) is DynamicSlidingWindowLayer]
     if windows:
@@ -111,7 +190,13 @@ def check_model_supported(model, settings: StreamingSettings | None = None) -> N
                 f"{SUPPORTED_LAYER_TYPES}"
             )
     shift = find_rotary(model)  # raises for local/global or sequence-dependent RoPE
-    if shift is None:
+    if trusted:
+        if shift is None:
+            raise NotImplementedError(
+                f"trust_positions=rope: {config.model_type} has no rotary embedding (no inv_freq buffer)"
+            )
+        self_check(model, shift, settings)
+    elif shift is None:
         if SUPPORTED_ARCHITECTURES[config.model_type] != ABSOLUTE:
             raise NotImplementedError(f"{config.model_type}: no rotary embedding found; supported: {supported_list()}")
         limit = getattr(text, "max_position_embeddings", None)
@@ -120,6 +205,57 @@ def check_model_supported(model, settings: StreamingSettings | None = None) -> N
                 f"{config.model_type} has learned absolute positions 0..{limit - 1}, but streaming positions reach "
                 f"C = {settings.capacity}. Supported: start_size + recent_size <= {limit - 1} (and, with "
                 f"positions=original, streams of at most {limit} tokens)"
+            )
+
+
+def layers_without_rope(text_config) -> list[int]:
+    """Layers that skip RoPE: their keys carry no position, and no rotary shift may move them."""
+    flags = getattr(text_config, "no_rope_layers", None)  # SmolLM3, Llama 4: 0 marks a layer without RoPE
+    if flags is not None:
+        return [i for i, flag in enumerate(flags) if not flag]
+    # modeling_cohere2 rotates only on sliding layers; modeling_exaone4 too, once a window is set.
+    if text_config.model_type == "cohere2" or (text_config.model_type == "exaone4" and text_config.sliding_window):
+        return [i for i, kind in enumerate(text_config.layer_types) if kind != "sliding_attention"]
+    return []
+
+
+# The self-check's cache (C = 8, three chunks cross evictions) and its tolerance on per-token log-probs.
+SELF_CHECK = StreamingSettings(start_size=2, recent_size=6, chunk_size=5)
+SELF_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # half precision: 0.1
+
+
+def self_check(model, shift: RotaryShift, settings: StreamingSettings | None = None) -> None:
+    """``trust_positions=rope``: prove on the model's own weights what tests/test_architectures.py proves per type.
+
+    C + 1 random tokens through the chunked path equal the dense model (positions and the attention path);
+    on a stream of 3 C tokens the chunked path (which re-rotates keys and rotates sink queries with ``shift``)
+    equals the token loop in both position modes (with ``original`` the token loop rotates nothing, so a
+    wrong layout or frequency shows). Raises ``NotImplementedError`` with the largest difference.
+    """
+    check = SELF_CHECK
+    if settings is not None:  # never larger than the user's cache: its windows were checked against that
+        check = dataclasses.replace(check, start_size=min(check.start_size, settings.start_size),
+                                    recent_size=min(check.recent_size, settings.recent_size))
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    ids = torch.randint(vocab, (3 * check.capacity,), generator=torch.Generator().manual_seed(0))
+    short = ids[: check.capacity + 1]
+    tolerance = SELF_CHECK_TOLERANCE.get(model.dtype, 0.1)
+    with torch.inference_mode():
+        logits = model(input_ids=short[None].to(model.device)).logits[0].float()
+    dense = torch.log_softmax(logits, -1)[:-1].gather(-1, short[1:, None].to(logits.device))[:, 0]
+    runs = [("C + 1 tokens, chunked vs dense", score(model, short, check, shift).logprobs, dense)]
+    for positions in ("original", "shifted"):
+        modes = dataclasses.replace(check, positions=positions)
+        runs.append((f"{ids.numel()} tokens, positions={positions}, chunked vs token loop",
+                     score(model, ids, modes, shift).logprobs,
+                     score(model, ids, dataclasses.replace(modes, method="token"), shift).logprobs))
+    for what, got, expected in runs:
+        difference = float((got.to(expected.device) - expected).abs().max())
+        if not difference <= tolerance:
+            raise NotImplementedError(
+                f"trust_positions=rope: {model.config.model_type} failed the start-up self-check ({what}: log-probs "
+                f"differ by up to {difference:.3g} > {tolerance:g}); its positions or attention are not those of "
+                f"a supported RoPE model. Supported model types: {supported_list()}"
             )
 
 
@@ -143,7 +279,7 @@ def find_rotary(model) -> RotaryShift | None:
         raise NotImplementedError(
             f"{model_type} ({type(model).__name__}) uses several different rotary embeddings "
             "(e.g. separate local and global RoPE); streaming_lm supports one rotary embedding shared by "
-            f"every layer ({rotary_types}; gemma3_text only when its local and global RoPE coincide)"
+            f"every layer ({rotary_types}; gemma3_text and olmo3 only when their local and global RoPE coincide)"
         )
     changing = sorted(rope_types(model.config) & set(SEQUENCE_DEPENDENT_ROPE))
     if changing:
@@ -160,17 +296,3 @@ def rope_types(config) -> set[str]:
     params = getattr(config.get_text_config(decoder=True), "rope_parameters", None) or {}
     groups = [params] if "rope_type" in params else [p for p in params.values() if isinstance(p, dict)]
     return {group.get("rope_type", "default") for group in groups}
-
-
-def num_decoder_layers(model) -> int:
-    return model.config.get_text_config(decoder=True).num_hidden_layers
-
-
-def forward_takes(model, name: str) -> bool:
-    """Whether ``model.forward`` has a parameter ``name`` (inspect once per stream, not per pass)."""
-    return name in inspect.signature(model.forward).parameters
-
-
-def cache_kwarg(model) -> str:
-    """transformers 5 is renaming ``past_key_values`` to ``cache``; use whichever forward takes."""
-    return "cache" if forward_takes(model, "cache") else "past_key_values"

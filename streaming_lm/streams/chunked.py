@@ -19,6 +19,7 @@ import dataclasses
 import torch
 from transformers import AttentionInterface
 
+from ..forward_args import num_decoder_layers
 from ..positions import check_positions_fit, first_recent, query_position
 from ..rotary import RotaryShift
 from .base import as_ids
@@ -37,12 +38,14 @@ class ChunkPlan:
     n_sink: int  # the first n_sink key columns are sinks
     query_shift: torch.Tensor  # long [Q]: p(t) - L(t), the extra rotation for sink logits
     shift: RotaryShift | None
+    calls: int = 0  # layers whose attention ran here: a model that bypasses the function must not pass silently
 
 
 def _chunk_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     plan: ChunkPlan | None = kwargs.get(PLAN_KWARG)
     if plan is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention called without a {PLAN_KWARG}")
+    plan.calls += 1
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
@@ -97,6 +100,7 @@ class ChunkedStream(TokenStream):
     def __init__(self, model, settings, shift, batch_size: int = 1):
         super().__init__(model, settings, shift)
         self._decoder: DecodeStream | None = None  # once the stream steps
+        self._layers = num_decoder_layers(model)
 
     @property
     def evicted(self) -> int:
@@ -122,6 +126,11 @@ class ChunkedStream(TokenStream):
                 plan, positions = plan_chunk(first + a, first + b, self, ids.device)
                 logits = self.model(input_ids=ids[None, a:b], position_ids=positions[None], **kwargs,
                                     **{PLAN_KWARG: plan}).logits
+                if plan.calls < self._layers:
+                    raise RuntimeError(
+                        f"{type(self.model).__name__}: {plan.calls} of {self._layers} layers ran the chunked attention "
+                        "function; the others computed attention in model code that cannot see the chunk's plan"
+                    )
                 self.max_held = max(self.max_held, *self.cache.held_tokens())
                 self.n = first + b
                 yield a, logits[0].float()

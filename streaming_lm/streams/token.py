@@ -10,7 +10,7 @@ from ..positions import check_positions_fit, position_limit, query_position
 from ..rotary import RotaryShift
 from ..settings import StreamingSettings
 from ..storage import EvictingDynamicCache
-from ..support import num_decoder_layers
+from ..forward_args import num_decoder_layers
 from .base import Stream, as_ids, forward_kwargs
 
 
