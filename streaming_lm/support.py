@@ -11,9 +11,10 @@ import dataclasses
 import torch
 from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 
-from .rotary import RotaryShift
+from .rotary import RotaryShift, rotary_layout, rotary_table
 from .scoring import score
 from .settings import StreamingSettings
+from .storage.static import REBASE_EVERY
 
 ABSOLUTE = "learned absolute positions"
 
@@ -53,6 +54,13 @@ ARCHITECTURES = (
     Architecture(("exaone4",), "RoPE on every layer", "RoPE; without a `sliding_window` every layer is rotary",
                  "as above", "supported only without `sliding_window` (hybrid configs: their global layers skip RoPE, "
                  "refused)"),
+    Architecture(("cohere", "helium", "glm", "glm4"), "RoPE, interleaved", "RoPE on interleaved pairs `(2i, 2i + 1)` "
+                 "(the layout is read off the model's own rotary code); `glm`, `glm4`: partial",
+                 "as above", "supported"),
+    Architecture(("gptj",), "RoPE, interleaved, from a table", "partial RoPE (`rotary_dim`) on interleaved pairs, "
+                 "angles from a fixed table of `n_positions` positions", "as above",
+                 "supported if `C + max(chunk_size, 256) < n_positions`; `original` only for streams of at most "
+                 "`n_positions` tokens"),
     Architecture(("gpt2",), ABSOLUTE, "learned absolute embeddings",
                  "token `t` is read at position `min(t, C)` / `t`; a key keeps the embedding it was read with",
                  "supported if `C < n_positions`; `original` only for streams of at most `n_positions` tokens"),
@@ -91,9 +99,6 @@ REFUSED_ARCHITECTURES = (
     Refusal(("deepseek_v2", "deepseek_v3"), "RoPE on a decoupled key part (MLA)",
             "multi-head latent attention caches the compressed latent as keys and the rotary part of the key as "
             "values, so re-rotating the cache's keys would move the wrong tensor"),
-    Refusal(("gptj", "cohere", "helium", "glm", "glm4"), "interleaved RoPE",
-            "they rotate interleaved pairs of dimensions (2i, 2i + 1), not the rotate_half pairs (i, i + d/2) that "
-            "the rotary shift moves"),
 )
 REFUSED_REASONS = {name: refusal.reason for refusal in REFUSED_ARCHITECTURES for name in refusal.model_types}
 # trust_positions=rope: an unlisted model type is accepted after a self-check on its own weights.
@@ -190,6 +195,16 @@ def check_model_supported(model, settings: StreamingSettings | None = None, trus
                 f"{SUPPORTED_LAYER_TYPES}"
             )
     shift = find_rotary(model)  # raises for local/global or sequence-dependent RoPE
+    table = rotary_table(model)
+    if table is not None and settings is not None:
+        # Chunks read at local positions up to C + chunk_size, decoding steps up to C + REBASE_EVERY.
+        reach = settings.capacity + max(settings.chunk_size, REBASE_EVERY)
+        if reach >= table.shape[0]:
+            raise NotImplementedError(
+                f"{config.model_type} reads its rotary angles from a table of positions 0..{table.shape[0] - 1}, "
+                f"but the streaming paths reach position C + max(chunk_size, {REBASE_EVERY}) = {reach}. Supported: "
+                f"start_size + recent_size <= {table.shape[0] - 1 - max(settings.chunk_size, REBASE_EVERY)}"
+            )
     if trusted:
         if shift is None:
             raise NotImplementedError(
@@ -269,7 +284,7 @@ def find_rotary(model) -> RotaryShift | None:
         buf
         for name, buf in model.named_buffers()
         if name.endswith("inv_freq") and not name.endswith("original_inv_freq")
-    ]
+    ] or sinusoid_table_frequencies(model)
     if not found:
         return None
     model_type = getattr(model.config, "model_type", type(model).__name__)
@@ -288,7 +303,17 @@ def find_rotary(model) -> RotaryShift | None:
             "keys rotated once cannot be moved with fixed frequencies. Supported: rotary embeddings with fixed "
             f"frequencies (rope_type default, linear, llama3, yarn, ...; not {', '.join(SEQUENCE_DEPENDENT_ROPE)})"
         )
-    return RotaryShift(first)
+    return RotaryShift(first, rotary_layout(model))
+
+
+def sinusoid_table_frequencies(model) -> list[torch.Tensor]:
+    """GPT-J keeps no ``inv_freq``: the row of position 1 of its [sin | cos] table gives the frequencies back
+    (all at most 1 < pi, so atan2 returns them to float32 precision)."""
+    table = rotary_table(model)
+    if table is None:
+        return []
+    sin, cos = table[1].double().chunk(2)
+    return [torch.atan2(sin, cos).float()]
 
 
 def rope_types(config) -> set[str]:

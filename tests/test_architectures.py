@@ -91,10 +91,19 @@ ARCHITECTURES = {
         shared_expert_intermediate_size=32), 16),
     "qwen3_moe": (lambda v: transformers.Qwen3MoeConfig(
         **_decoder(v), head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), 16),
+    # Interleaved pairs (2i, 2i + 1); cohere with its logit scale, glm/glm4 partial (half of each head).
+    "cohere": (lambda v: transformers.CohereConfig(**_decoder(v), logit_scale=0.5, use_qk_norm=True), 16),
+    "helium": (lambda v: transformers.HeliumConfig(**_decoder(v), head_dim=16), 16),
+    "glm": (lambda v: transformers.GlmConfig(**_decoder(v), head_dim=16), 8),
+    "glm4": (lambda v: transformers.Glm4Config(**_decoder(v), head_dim=16), 8),
+    "gptj": (lambda v: transformers.GPTJConfig(
+        vocab_size=v, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=512, initializer_range=0.1,
+        bos_token_id=1, eos_token_id=2), 8),
     "gpt2": (lambda v: transformers.GPT2Config(
         vocab_size=v, n_embd=64, n_layer=2, n_head=4, n_positions=512, initializer_range=0.1,
         bos_token_id=1, eos_token_id=2), None),
 }
+INTERLEAVED = {"cohere", "helium", "glm", "glm4", "gptj"}  # the layout RotaryShift must read off the model
 SLIDING = {"mistral-window", "phi3", "gemma2", "gemma3", "olmo3", "starcoder2", "ministral"}
 NAIVE_SHIFTED = {"llama", "mistral", "mistral-window", "qwen2"}  # the layer layout reference.py re-implements
 
@@ -145,6 +154,8 @@ def test_accepted_with_its_position_scheme(arch, model):
     check_model_supported(model, settings())
     shift = find_rotary(model)
     assert (shift.rotary_dim if shift is not None else None) == ARCHITECTURES[arch][1]
+    if shift is not None:
+        assert shift.layout == ("interleaved" if arch in INTERLEAVED else "rotate_half")
 
 
 @pytest.mark.parametrize("rotary_arch", [name for name in ARCHITECTURES if ARCHITECTURES[name][1] is not None])
@@ -158,8 +169,14 @@ def test_rotary_shift_moves_keys_like_the_model(rotary_arch, one_thread):
 
     def model_rotation(x, positions):
         cos, sin = rotary(x, positions[None], **extra)
-        rot = cos.shape[-1]  # phi's attention hands apply_rotary_pos_emb the rotary part of each head only
-        return torch.cat((apply(x[..., :rot], x[..., :rot], cos, sin)[0], x[..., rot:]), dim=-1)
+        if rotary_arch == "gptj":  # its module returns (sin, cos); apply(tensor, sin, cos) on [batch, seq, heads, dim]
+            sin, cos = cos, sin
+            rot = 2 * cos.shape[-1]
+            turned = apply(x[..., :rot].transpose(1, 2), sin, cos).transpose(1, 2)
+        else:
+            rot = cos.shape[-1]  # phi's attention hands apply_rotary_pos_emb the rotary part of each head only
+            turned = apply(x[..., :rot], x[..., :rot], cos, sin)[0]
+        return torch.cat((turned, x[..., rot:]), dim=-1)
 
     torch.manual_seed(2)
     x = torch.randn(1, 2, 6, 16)
@@ -318,9 +335,10 @@ REFUSED = {
         lambda: transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=CAPACITY),
         settings(), r"gpt2 has learned absolute positions 0\.\.19, but streaming positions reach C = 20",
     ),
-    "gptj (interleaved RoPE)": (
-        lambda: transformers.GPTJConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=2, rotary_dim=8),
-        settings(), "does not support model_type 'gptj'.*" + SUPPORTED_LIST,
+    "gptj table shorter than C + 256": (
+        lambda: transformers.GPTJConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=2, rotary_dim=8, n_positions=256),
+        settings(), r"gptj reads its rotary angles from a table of positions 0\.\.255, but the streaming paths reach "
+                    r"position C \+ max\(chunk_size, 256\) = 276",
     ),
     "bloom (ALiBi)": (
         lambda: transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2),
