@@ -33,6 +33,10 @@ class RotaryShift:
         self.layout = layout
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def for_layer(self, layer_idx) -> RotaryShift:
+        """One shift serves every layer."""
+        return self
+
     def _cos_sin(self, delta: torch.Tensor, device, dtype):
         # Angles in float64: deltas are small integers, so this is exact to float32 rounding.
         angles = delta.to(torch.float64).cpu()[..., None] * self.inv_freq
@@ -76,6 +80,22 @@ class RotaryShift:
         if rest.shape[-1]:
             out = torch.cat((out, rest), dim=-1)
         return out.to(x.dtype)
+
+
+class LayerShifts:
+    """A rotary shift per decoder layer, for models whose layers differ: local and global RoPE (Gemma 3's
+    local base 10k, global 1M) or layers without RoPE (``None``: keys that carry no position never move).
+    Every user asks ``for_layer(layer_idx)``; a plain ``RotaryShift`` answers itself."""
+
+    def __init__(self, layers: list[RotaryShift | None]):
+        self.layers = list(layers)
+        if all(shift is None for shift in self.layers):
+            raise ValueError("LayerShifts needs at least one rotary layer")
+
+    def for_layer(self, layer_idx) -> RotaryShift | None:
+        if layer_idx is None:
+            raise RuntimeError("per-layer rotary shifts need the attention module's layer_idx")
+        return self.layers[layer_idx]
 
 
 def rotary_layout(model) -> str:

@@ -11,7 +11,7 @@ import dataclasses
 import torch
 from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 
-from .rotary import RotaryShift, rotary_layout, rotary_table
+from .rotary import LayerShifts, RotaryShift, rotary_layout, rotary_table
 from .scoring import score
 from .settings import StreamingSettings
 from .storage.static import REBASE_EVERY
@@ -47,16 +47,19 @@ ARCHITECTURES = (
                  "as above; the soft-cap is applied in the chunked attention too",
                  "supported if `sliding_window ≥ C + 1`"),
     Architecture(("ministral",), "RoPE", "RoPE; sliding/full layers", "as above", "supported if `sliding_window ≥ C + 1`"),
-    Architecture(("gemma3_text", "olmo3"), "RoPE, the same for local and global layers", "RoPE per layer type",
-                 "as above",
-                 "supported only if local and global RoPE are the same and `sliding_window ≥ C + 1` (gemma3_text's "
-                 'released checkpoints differ: refused, "uses several different rotary embeddings")'),
-    Architecture(("exaone4",), "RoPE on every layer", "RoPE; without a `sliding_window` every layer is rotary",
-                 "as above", "supported only without `sliding_window` (hybrid configs: their global layers skip RoPE, "
-                 "refused)"),
+    Architecture(("gemma3_text", "olmo3"), "RoPE per layer type", "RoPE per layer type (local and global may differ: "
+                 "Gemma 3's local base 10k, global 1M)", "as above; each layer's keys move with its own frequencies",
+                 "supported if `sliding_window ≥ C + 1`"),
+    Architecture(("exaone4", "smollm3"), "RoPE, some layers without", "RoPE; layers without RoPE (`no_rope_layers`; "
+                 "exaone4's global layers once `sliding_window` is set)",
+                 "as above; keys of layers without RoPE carry no position and never move",
+                 "supported if `sliding_window ≥ C + 1`"),
     Architecture(("cohere", "helium", "glm", "glm4"), "RoPE, interleaved", "RoPE on interleaved pairs `(2i, 2i + 1)` "
                  "(the layout is read off the model's own rotary code); `glm`, `glm4`: partial",
                  "as above", "supported"),
+    Architecture(("cohere2",), "RoPE, interleaved, sliding layers only", "interleaved RoPE on sliding layers; "
+                 "global layers without RoPE", "as above; global layers' keys never move",
+                 "supported if `sliding_window ≥ C + 1`"),
     Architecture(("gptj",), "RoPE, interleaved, from a table", "partial RoPE (`rotary_dim`) on interleaved pairs, "
                  "angles from a fixed table of `n_positions` positions", "as above",
                  "supported if `C + max(chunk_size, 256) < n_positions`; `original` only for streams of at most "
@@ -91,11 +94,6 @@ REFUSED_ARCHITECTURES = (
             "ALiBi is added inside the model's own attention code (no attention interface), from the key's index in "
             "the attention mask: neither the chunked path's visible sets nor text-position distances can reach it "
             "without copying model code"),
-    Refusal(("smollm3",), "RoPE, skipped on some layers",
-            "it skips RoPE on some layers (`no_rope_layers`), whose keys one rotary shift would move although they "
-            "carry no position"),
-    Refusal(("cohere2",), "RoPE on sliding layers only",
-            "its global layers skip RoPE, whose keys one rotary shift would move although they carry no position"),
     Refusal(("deepseek_v2", "deepseek_v3"), "RoPE on a decoupled key part (MLA)",
             "multi-head latent attention caches the compressed latent as keys and the rotary part of the key as "
             "values, so re-rotating the cache's keys would move the wrong tensor"),
@@ -174,12 +172,6 @@ def check_model_supported(model, settings: StreamingSettings | None = None, trus
             f"{config.model_type} with bidirectional or chunked attention is not a causal sink+window model. "
             f"Supported: causal decoders of model types {supported_list()}"
         )
-    skipped = layers_without_rope(text)
-    if skipped:
-        raise NotImplementedError(
-            f"{config.model_type} skips RoPE on layers {skipped}: one rotary shift for every layer would move keys "
-            "that carry no position. Supported: models whose every layer is rotary"
-        )
     windows = [layer.sliding_window for layer in reference.layers if type(layer) is DynamicSlidingWindowLayer]
     if windows:
         window = min(windows)
@@ -224,7 +216,8 @@ def check_model_supported(model, settings: StreamingSettings | None = None, trus
 
 
 def layers_without_rope(text_config) -> list[int]:
-    """Layers that skip RoPE: their keys carry no position, and no rotary shift may move them."""
+    """Layers that skip RoPE: their keys carry no position, and no rotary shift may move them. Known from the
+    config only for the model types read here; under ``trust_positions`` the self-check catches the rest."""
     flags = getattr(text_config, "no_rope_layers", None)  # SmolLM3, Llama 4: 0 marks a layer without RoPE
     if flags is not None:
         return [i for i, flag in enumerate(flags) if not flag]
@@ -274,28 +267,23 @@ def self_check(model, shift: RotaryShift, settings: StreamingSettings | None = N
             )
 
 
-def find_rotary(model) -> RotaryShift | None:
-    """The model's RoPE frequencies, or None for a model without rotary embeddings.
+def find_rotary(model) -> RotaryShift | LayerShifts | None:
+    """The model's RoPE frequencies and layout, or None for a model without rotary embeddings.
 
-    Raises when layers use different frequencies (e.g. local/global RoPE), which one
-    shared shift cannot serve, or frequencies that change with the sequence length.
+    One ``RotaryShift`` when every layer rotates alike; a ``LayerShifts`` when layers differ by their layer
+    type (``<layer_type>_inv_freq`` buffers: Gemma 3's local and global RoPE) or skip RoPE
+    (``layers_without_rope``). Raises for different frequencies not tied to layer types, and for
+    frequencies that change with the sequence length.
     """
-    found = [
-        buf
+    named = {
+        name: buf
         for name, buf in model.named_buffers()
         if name.endswith("inv_freq") and not name.endswith("original_inv_freq")
-    ] or sinusoid_table_frequencies(model)
+    }
+    found = list(named.values()) or sinusoid_table_frequencies(model)
     if not found:
         return None
     model_type = getattr(model.config, "model_type", type(model).__name__)
-    first = found[0]
-    if any(b.shape != first.shape or not torch.equal(b, first) for b in found[1:]):
-        rotary_types = ", ".join(name for name, scheme in SUPPORTED_ARCHITECTURES.items() if scheme != ABSOLUTE)
-        raise NotImplementedError(
-            f"{model_type} ({type(model).__name__}) uses several different rotary embeddings "
-            "(e.g. separate local and global RoPE); streaming_lm supports one rotary embedding shared by "
-            f"every layer ({rotary_types}; gemma3_text and olmo3 only when their local and global RoPE coincide)"
-        )
     changing = sorted(rope_types(model.config) & set(SEQUENCE_DEPENDENT_ROPE))
     if changing:
         raise NotImplementedError(
@@ -303,7 +291,29 @@ def find_rotary(model) -> RotaryShift | None:
             "keys rotated once cannot be moved with fixed frequencies. Supported: rotary embeddings with fixed "
             f"frequencies (rope_type default, linear, llama3, yarn, ...; not {', '.join(SEQUENCE_DEPENDENT_ROPE)})"
         )
-    return RotaryShift(first, rotary_layout(model))
+    layout = rotary_layout(model)
+    text = model.config.get_text_config(decoder=True)
+    skipped = set(layers_without_rope(text))
+    first = found[0]
+    if all(b.shape == first.shape and torch.equal(b, first) for b in found[1:]):
+        if not skipped:
+            return RotaryShift(first, layout)
+        by_layer = [first] * text.num_hidden_layers
+    else:
+        # Frequencies per layer type, as the model's rotary module names them (Gemma 3, Olmo 3).
+        by_type = {name.rsplit(".", 1)[-1].removesuffix("_inv_freq"): buf for name, buf in named.items()}
+        layer_types = getattr(text, "layer_types", None)
+        if len(by_type) != len(named) or not layer_types or not set(layer_types) <= set(by_type):
+            raise NotImplementedError(
+                f"{model_type} ({type(model).__name__}) uses several different rotary embeddings that are not tied "
+                "to its layer types; streaming_lm supports one rotary embedding per layer type (<layer_type>_inv_freq)"
+            )
+        by_layer = [by_type[kind] for kind in layer_types]
+    shifts = {}  # one shift (and its memoised tables) per distinct frequency buffer
+    layers = []
+    for i, freq in enumerate(by_layer):
+        layers.append(None if i in skipped else shifts.setdefault(id(freq), RotaryShift(freq, layout)))
+    return LayerShifts(layers)
 
 
 def sinusoid_table_frequencies(model) -> list[torch.Tensor]:

@@ -27,6 +27,7 @@ from helpers.reference import (
 )
 
 from streaming_lm import StreamingHFLM
+from streaming_lm.rotary import LayerShifts
 from streaming_lm.support import REFUSED_ARCHITECTURES, SUPPORTED_ARCHITECTURES, check_model_supported, find_rotary
 from streaming_lm.scoring import score
 from streaming_lm.settings import StreamingSettings
@@ -69,6 +70,10 @@ ARCHITECTURES = {
     "gemma3": (lambda v: transformers.Gemma3TextConfig(
         **_decoder(v), head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
         rope_parameters={"sliding_attention": _one_rope(), "full_attention": _one_rope()}), 16),
+    # As released: local RoPE base 10k on sliding layers, 1M on global ones (one shift per layer).
+    "gemma3-local-global": (lambda v: transformers.Gemma3TextConfig(
+        **_decoder(v), head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": _one_rope(), "full_attention": _one_rope(1e6)}), 16),
     "gpt_neox": (lambda v: transformers.GPTNeoXConfig(**_decoder(v)), 4),  # rotary_pct 0.25
     "phi": (lambda v: transformers.PhiConfig(**_decoder(v), qk_layernorm=True), 8),  # phi-2: partial 0.5
     "olmo": (lambda v: transformers.OlmoConfig(**_decoder(v), clip_qkv=2.0), 16),
@@ -84,6 +89,10 @@ ARCHITECTURES = {
         **_decoder(v), head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]), 16),
     "exaone4": (lambda v: transformers.Exaone4Config(
         **_decoder(v), sliding_window=None, layer_types=["full_attention"] * 2), 16),
+    # Layers without RoPE (their keys never move): exaone4's global layers, smollm3's no_rope_layers.
+    "exaone4-hybrid": (lambda v: transformers.Exaone4Config(
+        **_decoder(v), sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]), 16),
+    "smollm3": (lambda v: transformers.SmolLM3Config(**_decoder(v), no_rope_layers=[1, 0]), 16),
     # MoE: every token routed alone, so chunking cannot change the experts a token meets.
     "mixtral": (lambda v: transformers.MixtralConfig(**_decoder(v), num_local_experts=4, num_experts_per_tok=2), 16),
     "qwen2_moe": (lambda v: transformers.Qwen2MoeConfig(
@@ -96,6 +105,8 @@ ARCHITECTURES = {
     "helium": (lambda v: transformers.HeliumConfig(**_decoder(v), head_dim=16), 16),
     "glm": (lambda v: transformers.GlmConfig(**_decoder(v), head_dim=16), 8),
     "glm4": (lambda v: transformers.Glm4Config(**_decoder(v), head_dim=16), 8),
+    "cohere2": (lambda v: transformers.Cohere2Config(  # interleaved RoPE on sliding layers, none on global ones
+        **_decoder(v), sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"], logit_scale=1.0), 16),
     "gptj": (lambda v: transformers.GPTJConfig(
         vocab_size=v, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=512, initializer_range=0.1,
         bos_token_id=1, eos_token_id=2), 8),
@@ -103,8 +114,9 @@ ARCHITECTURES = {
         vocab_size=v, n_embd=64, n_layer=2, n_head=4, n_positions=512, initializer_range=0.1,
         bos_token_id=1, eos_token_id=2), None),
 }
-INTERLEAVED = {"cohere", "helium", "glm", "glm4", "gptj"}  # the layout RotaryShift must read off the model
-SLIDING = {"mistral-window", "phi3", "gemma2", "gemma3", "olmo3", "starcoder2", "ministral"}
+INTERLEAVED = {"cohere", "cohere2", "helium", "glm", "glm4", "gptj"}  # the layout RotaryShift must read off the model
+SLIDING = {"mistral-window", "phi3", "gemma2", "gemma3", "gemma3-local-global", "olmo3", "starcoder2", "ministral",
+           "exaone4-hybrid", "cohere2"}
 NAIVE_SHIFTED = {"llama", "mistral", "mistral-window", "qwen2"}  # the layer layout reference.py re-implements
 
 
@@ -150,9 +162,16 @@ def test_every_supported_model_type_is_covered():
     assert covered == set(SUPPORTED_ARCHITECTURES)
 
 
+def rotary_layers(shift):
+    """(layer, its shift) for every rotary layer: one shift serves all, LayerShifts one per layer."""
+    if isinstance(shift, LayerShifts):
+        return [(i, layer) for i, layer in enumerate(shift.layers) if layer is not None]
+    return [(None, shift)]
+
+
 def test_accepted_with_its_position_scheme(arch, model):
     check_model_supported(model, settings())
-    shift = find_rotary(model)
+    shift = rotary_layers(find_rotary(model))[0][1]
     assert (shift.rotary_dim if shift is not None else None) == ARCHITECTURES[arch][1]
     if shift is not None:
         assert shift.layout == ("interleaved" if arch in INTERLEAVED else "rotate_half")
@@ -162,10 +181,12 @@ def test_accepted_with_its_position_scheme(arch, model):
 def test_rotary_shift_moves_keys_like_the_model(rotary_arch, one_thread):
     """A key the model rotated to p, moved by d, equals the model's own rotation to p + d (tail included)."""
     model = build(rotary_arch)
-    shift = find_rotary(model)
+    layer, shift = rotary_layers(find_rotary(model))[-1]  # per-layer shifts: the last rotary layer's
     rotary = next(module for name, module in model.named_modules() if name.endswith("rotary_emb"))
     apply = sys.modules[type(model).__module__].apply_rotary_pos_emb
-    extra = {"layer_type": "full_attention"} if "layer_type" in inspect.signature(rotary.forward).parameters else {}
+    extra = {}
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        extra["layer_type"] = model.config.layer_types[layer] if layer is not None else "full_attention"
 
     def model_rotation(x, positions):
         cos, sin = rotary(x, positions[None], **extra)
@@ -270,8 +291,9 @@ def test_shifted_equals_the_one_layer_reference(rotary_arch, ids, one_thread):
     that needs no knowledge of its layer code: with one layer, step t is a fresh pass over what is held."""
     config = ARCHITECTURES[rotary_arch][0](128)
     config.num_hidden_layers = 1
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:1]
+    for per_layer in ("layer_types", "no_rope_layers"):
+        if getattr(config, per_layer, None):
+            setattr(config, per_layer, getattr(config, per_layer)[:1])
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     shifted = score_stream(model, ids, settings("shifted"), find_rotary(model))
@@ -309,11 +331,6 @@ REFUSED = {
         lambda: transformers.Gemma2Config(**_BASE, head_dim=16, sliding_window=WINDOW), None,
         r"gemma2 has sliding-window .*the cache settings were not given.*Supported: decoder-only models",
     ),
-    "gemma3 local and global RoPE": (
-        lambda: transformers.Gemma3TextConfig(
-            **_BASE, head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
-        settings(), r"gemma3_text \(Gemma3ForCausalLM\) uses several different rotary embeddings.*supports one",
-    ),
     "gemma3 bidirectional": (
         lambda: transformers.Gemma3TextConfig(
             **_BASE, head_dim=16, sliding_window=2 * WINDOW, use_bidirectional_attention=True,
@@ -344,10 +361,6 @@ REFUSED = {
         lambda: transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2),
         settings(), "does not support model_type 'bloom'.*" + SUPPORTED_LIST,
     ),
-    "smollm3 (NoPE layers)": (
-        lambda: transformers.SmolLM3Config(**_BASE), settings(),
-        "does not support model_type 'smollm3': it skips RoPE on some layers.*" + SUPPORTED_LIST,
-    ),
     "falcon (attention outside the interface)": (
         lambda: transformers.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2),
         settings(), "does not support model_type 'falcon': its attention runs inside FalconAttention.*" + SUPPORTED_LIST,
@@ -360,20 +373,11 @@ REFUSED = {
         lambda: transformers.MptConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2), settings(),
         "does not support model_type 'mpt': ALiBi is added inside the model's own attention code.*" + SUPPORTED_LIST,
     ),
-    "cohere2 (global layers without RoPE)": (
-        lambda: transformers.Cohere2Config(**_BASE, sliding_window=WINDOW), settings(),
-        "does not support model_type 'cohere2': its global layers skip RoPE.*" + SUPPORTED_LIST,
-    ),
     "deepseek_v3 (MLA)": (
         lambda: transformers.DeepseekV3Config(
             **_BASE, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
             n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=2),
         settings(), "does not support model_type 'deepseek_v3': multi-head latent attention caches.*" + SUPPORTED_LIST,
-    ),
-    "exaone4 hybrid (global layers without RoPE)": (
-        lambda: transformers.Exaone4Config(
-            **_BASE, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]), settings(),
-        r"exaone4 skips RoPE on layers \[1\]: one rotary shift for every layer would move keys",
     ),
 }
 

@@ -21,7 +21,7 @@ from transformers import AttentionInterface
 
 from ..forward_args import num_decoder_layers
 from ..positions import check_positions_fit, first_recent, query_position
-from ..rotary import RotaryShift
+from ..rotary import LayerShifts, RotaryShift
 from .base import as_ids
 from .decode import DecodeStream
 from .token import TokenStream
@@ -37,7 +37,7 @@ class ChunkPlan:
     allowed: torch.Tensor  # bool [Q, K]: query t may attend key column k
     n_sink: int  # the first n_sink key columns are sinks
     query_shift: torch.Tensor  # long [Q]: p(t) - L(t), the extra rotation for sink logits
-    shift: RotaryShift | None
+    shift: RotaryShift | LayerShifts | None  # for_layer(module.layer_idx): the layer's own
     calls: int = 0  # layers whose attention ran here: a model that bypasses the function must not pass silently
 
 
@@ -52,8 +52,9 @@ def _chunk_attention(module, query, key, value, attention_mask, scaling, dropout
     # Grouped-query attention without copying keys: fold each group's heads into the rows.
     rows = query.reshape(batch, kv_heads, group * q_len, dim)
     logits = torch.matmul(rows, key.transpose(-1, -2)) * scaling
-    if plan.n_sink and plan.shift is not None and bool(plan.query_shift.any()):
-        sink_query = plan.shift.rotate(query, plan.query_shift).reshape(batch, kv_heads, group * q_len, dim)
+    shift = plan.shift.for_layer(getattr(module, "layer_idx", None)) if plan.shift is not None else None
+    if plan.n_sink and shift is not None and bool(plan.query_shift.any()):
+        sink_query = shift.rotate(query, plan.query_shift).reshape(batch, kv_heads, group * q_len, dim)
         logits[..., : plan.n_sink] = torch.matmul(sink_query, key[..., : plan.n_sink, :].transpose(-1, -2)) * scaling
     softcap = kwargs.get("softcap")
     if softcap is not None:
