@@ -64,6 +64,9 @@ ARCHITECTURES = (
                  "angles from a fixed table of `n_positions` positions", "as above",
                  "supported if `C + max(chunk_size, 256) < n_positions`; `original` only for streams of at most "
                  "`n_positions` tokens"),
+    Architecture(("gpt_oss",), "RoPE", "RoPE (YaRN); a learned sink logit per head; 128-token sliding layers",
+                 "as above; the learned sink logits join every softmax of the chunked attention too",
+                 "supported if `C ≤ 127` (its sliding window, 128, must hold `C + 1` keys)"),
     Architecture(("gpt2",), ABSOLUTE, "learned absolute embeddings",
                  "token `t` is read at position `min(t, C)` / `t`; a key keeps the embedding it was read with",
                  "supported if `C < n_positions`; `original` only for streams of at most `n_positions` tokens"),

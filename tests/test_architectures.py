@@ -110,13 +110,19 @@ ARCHITECTURES = {
     "gptj": (lambda v: transformers.GPTJConfig(
         vocab_size=v, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=512, initializer_range=0.1,
         bos_token_id=1, eos_token_id=2), 8),
+    # Learned sink logits in every softmax, YaRN RoPE, MoE; its released window (128) shrunk like the others.
+    "gpt_oss": (lambda v: transformers.GptOssConfig(
+        **_decoder(v), head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"], rope_parameters={
+            "rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            "truncate": False, "original_max_position_embeddings": 16}), 16),
     "gpt2": (lambda v: transformers.GPT2Config(
         vocab_size=v, n_embd=64, n_layer=2, n_head=4, n_positions=512, initializer_range=0.1,
         bos_token_id=1, eos_token_id=2), None),
 }
 INTERLEAVED = {"cohere", "cohere2", "helium", "glm", "glm4", "gptj"}  # the layout RotaryShift must read off the model
 SLIDING = {"mistral-window", "phi3", "gemma2", "gemma3", "gemma3-local-global", "olmo3", "starcoder2", "ministral",
-           "exaone4-hybrid", "cohere2"}
+           "exaone4-hybrid", "cohere2", "gpt_oss"}
 NAIVE_SHIFTED = {"llama", "mistral", "mistral-window", "qwen2"}  # the layer layout reference.py re-implements
 
 
@@ -190,12 +196,10 @@ def test_rotary_shift_moves_keys_like_the_model(rotary_arch, one_thread):
 
     def model_rotation(x, positions):
         cos, sin = rotary(x, positions[None], **extra)
+        rot = shift.rotary_dim  # phi's attention hands apply_rotary_pos_emb the rotary part of each head only
         if rotary_arch == "gptj":  # its module returns (sin, cos); apply(tensor, sin, cos) on [batch, seq, heads, dim]
-            sin, cos = cos, sin
-            rot = 2 * cos.shape[-1]
-            turned = apply(x[..., :rot].transpose(1, 2), sin, cos).transpose(1, 2)
+            turned = apply(x[..., :rot].transpose(1, 2), cos, sin).transpose(1, 2)
         else:
-            rot = cos.shape[-1]  # phi's attention hands apply_rotary_pos_emb the rotary part of each head only
             turned = apply(x[..., :rot], x[..., :rot], cos, sin)[0]
         return torch.cat((turned, x[..., rot:]), dim=-1)
 
@@ -326,6 +330,11 @@ REFUSED = {
         lambda: transformers.MistralConfig(**_BASE, sliding_window=CAPACITY), settings(),
         r"mistral has sliding-window attention layers \(DynamicSlidingWindowLayer, window 20 tokens\).*"
         r"here C = 20; use start_size \+ recent_size <= 19",
+    ),
+    "gpt_oss with C = 128 (window 128)": (
+        lambda: transformers.GptOssConfig(**_BASE, head_dim=16, num_local_experts=2, num_experts_per_tok=1),
+        StreamingSettings(4, 124), r"gpt_oss has sliding-window attention layers \(DynamicSlidingWindowLayer, "
+                                   r"window 128 tokens\).*use start_size \+ recent_size <= 127",
     ),
     "gemma2 without settings": (
         lambda: transformers.Gemma2Config(**_BASE, head_dim=16, sliding_window=WINDOW), None,

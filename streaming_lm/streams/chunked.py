@@ -60,7 +60,13 @@ def _chunk_attention(module, query, key, value, attention_mask, scaling, dropout
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     logits = logits.masked_fill(~plan.allowed.repeat(group, 1), float("-inf"))
+    learned = kwargs.get("s_aux")  # gpt-oss: a learned logit per head joins every softmax, then is dropped
+    if learned is not None:
+        column = learned.to(logits.dtype).view(1, kv_heads, group, 1, 1).expand(batch, -1, -1, q_len, 1)
+        logits = torch.cat((logits, column.reshape(batch, kv_heads, group * q_len, 1)), dim=-1)
     weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(value.dtype)
+    if learned is not None:
+        weights = weights[..., :-1]
     out = torch.matmul(weights, value).reshape(batch, heads, q_len, dim)
     return out.transpose(1, 2).contiguous(), None
 
