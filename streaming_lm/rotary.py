@@ -134,3 +134,31 @@ def rotary_table(model) -> torch.Tensor | None:
     positions beyond it do not exist for the model."""
     return next((module.embed_positions for module in model.modules()
                  if type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "embed_positions")), None)
+
+
+# RoPE variants whose inv_freq the model rewrites in place once a position passes a limit (rotary_position_limit).
+SEQUENCE_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def rope_groups(text_config) -> list[dict]:
+    """The config's RoPE parameter groups: one, or one per layer type as in Gemma 3."""
+    params = getattr(text_config, "rope_parameters", None) or {}
+    return [params] if "rope_type" in params else [p for p in params.values() if isinstance(p, dict)]
+
+
+def rotary_position_limit(model) -> int | None:
+    """Positions 0..limit-1 are rotated with fixed frequencies; beyond, GPT-J's table ends and ``dynamic`` /
+    ``longrope`` RoPE switch to other frequencies (transformers' ``dynamic_rope_update``). None: no limit."""
+    table = rotary_table(model)
+    if table is not None:
+        return table.shape[0]
+    text = model.config.get_text_config(decoder=True)
+    limits = []
+    for group in rope_groups(text):
+        kind = group.get("rope_type", "default")
+        if kind == "longrope":  # long factors once max(position_ids) + 1 > original_max_position_embeddings
+            limits.append(group.get("original_max_position_embeddings")
+                          or getattr(text, "original_max_position_embeddings", None) or text.max_position_embeddings)
+        elif kind == "dynamic":  # NTK base grows once max(position_ids) + 1 > max_position_embeddings
+            limits.append(text.max_position_embeddings)
+    return min(limits) if limits else None

@@ -11,7 +11,15 @@ import dataclasses
 import torch
 from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 
-from .rotary import LayerShifts, RotaryShift, rotary_layout, rotary_table
+from .rotary import (
+    SEQUENCE_DEPENDENT_ROPE,
+    LayerShifts,
+    RotaryShift,
+    rope_groups,
+    rotary_layout,
+    rotary_position_limit,
+    rotary_table,
+)
 from .scoring import score
 from .settings import StreamingSettings
 from .storage.static import REBASE_EVERY
@@ -39,8 +47,10 @@ ARCHITECTURES = (
     Architecture(("olmo", "olmo2", "granite", "starcoder2", "mixtral", "qwen2_moe", "qwen3_moe"), "RoPE", "RoPE",
                  "as above", "supported (granite's multipliers, olmo's `clip_qkv`, MoE layers included); "
                  "`sliding_window`, where set, must be ≥ C + 1"),
-    Architecture(("phi3",), "RoPE, partial allowed", "RoPE, partial allowed", "as above; the non-rotary tail of each head is never moved",
-                 "supported"),
+    Architecture(("phi3",), "RoPE, partial allowed", "RoPE, partial allowed; `longrope` (the 128k models)",
+                 "as above; the non-rotary tail of each head is never moved",
+                 "supported; `longrope` only while its frequencies are fixed: `C + max(chunk_size, 256) < "
+                 "original_max_position_embeddings`, and `original` for streams of at most that many tokens"),
     Architecture(("gpt_neox", "phi"), "partial RoPE", "partial RoPE (`rotary_pct`, `partial_rotary_factor`)",
                  "as above", "supported"),
     Architecture(("gemma2",), "RoPE", "RoPE; sliding/full layers, attention soft-capping",
@@ -73,8 +83,6 @@ ARCHITECTURES = (
 )
 SUPPORTED_ARCHITECTURES = {name: arch.scheme for arch in ARCHITECTURES for name in arch.model_types}
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention with a window of at least C + 1 tokens")
-# RoPE variants whose inv_freq the model rewrites in place depending on the longest position seen.
-SEQUENCE_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,17 +197,10 @@ def check_model_supported(model, settings: StreamingSettings | None = None, trus
                 f"inside the window ({why}). Supported: decoder-only models whose every layer is one of "
                 f"{SUPPORTED_LAYER_TYPES}"
             )
-    shift = find_rotary(model)  # raises for local/global or sequence-dependent RoPE
-    table = rotary_table(model)
-    if table is not None and settings is not None:
-        # Chunks read at local positions up to C + chunk_size, decoding steps up to C + REBASE_EVERY.
-        reach = settings.capacity + max(settings.chunk_size, REBASE_EVERY)
-        if reach >= table.shape[0]:
-            raise NotImplementedError(
-                f"{config.model_type} reads its rotary angles from a table of positions 0..{table.shape[0] - 1}, "
-                f"but the streaming paths reach position C + max(chunk_size, {REBASE_EVERY}) = {reach}. Supported: "
-                f"start_size + recent_size <= {table.shape[0] - 1 - max(settings.chunk_size, REBASE_EVERY)}"
-            )
+    shift = find_rotary(model)  # raises for rotary embeddings that differ other than by layer type
+    limit = rotary_position_limit(model)
+    if limit is not None:
+        check_rotary_reach(model, settings, limit)
     if trusted:
         if shift is None:
             raise NotImplementedError(
@@ -216,6 +217,32 @@ def check_model_supported(model, settings: StreamingSettings | None = None, trus
                 f"C = {settings.capacity}. Supported: start_size + recent_size <= {limit - 1} (and, with "
                 f"positions=original, streams of at most {limit} tokens)"
             )
+
+
+def check_rotary_reach(model, settings: StreamingSettings | None, limit: int) -> None:
+    """Rotary positions exist, with fixed frequencies, only below ``limit``: the streaming paths must stay there.
+
+    Chunks read at local positions up to C + chunk_size, decoding steps up to C + REBASE_EVERY; with
+    positions=original the stream itself is limited (``positions.position_limit``).
+    """
+    model_type = model.config.model_type
+    if rotary_table(model) is not None:
+        what = f"{model_type} reads its rotary angles from a table of positions 0..{limit - 1}"
+    else:
+        kind = sorted(rope_types(model.config) & set(SEQUENCE_DEPENDENT_ROPE))[0]
+        what = (f"{model_type} uses rope_type {kind!r}, whose frequencies change with the sequence length once "
+                f"positions reach {limit} (keys rotated before could not be moved with fixed frequencies)")
+    if settings is None:
+        raise NotImplementedError(f"{what}; the cache settings were not given, so the positions reached are unknown")
+    extra = max(settings.chunk_size, REBASE_EVERY)
+    reach = settings.capacity + extra
+    if reach >= limit:
+        largest = limit - 1 - extra
+        fits = f"start_size + recent_size <= {largest}" if largest >= 1 else "no cache size (the limit is too small)"
+        raise NotImplementedError(
+            f"{what}, but the streaming paths reach position C + max(chunk_size, {REBASE_EVERY}) = {reach}. "
+            f"Supported: {fits} (and, with positions=original, streams of at most {limit} tokens)"
+        )
 
 
 def layers_without_rope(text_config) -> list[int]:
@@ -275,25 +302,21 @@ def find_rotary(model) -> RotaryShift | LayerShifts | None:
 
     One ``RotaryShift`` when every layer rotates alike; a ``LayerShifts`` when layers differ by their layer
     type (``<layer_type>_inv_freq`` buffers: Gemma 3's local and global RoPE) or skip RoPE
-    (``layers_without_rope``). Raises for different frequencies not tied to layer types, and for
-    frequencies that change with the sequence length.
+    (``layers_without_rope``). Raises for different frequencies not tied to layer types. For dynamic and
+    longrope RoPE these are the frequencies below ``rotary_position_limit`` (``check_rotary_reach``).
     """
+    # dynamic/longrope rewrite inv_freq in place past their limit and restore it below: read the frequencies of
+    # positions below it, which check_rotary_reach keeps every path to.
+    changing = bool(rope_types(model.config) & set(SEQUENCE_DEPENDENT_ROPE))
     named = {
-        name: buf
+        name.replace("original_inv_freq", "inv_freq"): buf
         for name, buf in model.named_buffers()
-        if name.endswith("inv_freq") and not name.endswith("original_inv_freq")
+        if name.endswith("inv_freq") and name.endswith("original_inv_freq") == changing
     }
     found = list(named.values()) or sinusoid_table_frequencies(model)
     if not found:
         return None
     model_type = getattr(model.config, "model_type", type(model).__name__)
-    changing = sorted(rope_types(model.config) & set(SEQUENCE_DEPENDENT_ROPE))
-    if changing:
-        raise NotImplementedError(
-            f"{model_type} uses rope_type {changing[0]!r}, whose frequencies change with the sequence length: "
-            "keys rotated once cannot be moved with fixed frequencies. Supported: rotary embeddings with fixed "
-            f"frequencies (rope_type default, linear, llama3, yarn, ...; not {', '.join(SEQUENCE_DEPENDENT_ROPE)})"
-        )
     layout = rotary_layout(model)
     text = model.config.get_text_config(decoder=True)
     skipped = set(layers_without_rope(text))
@@ -331,6 +354,5 @@ def sinusoid_table_frequencies(model) -> list[torch.Tensor]:
 
 def rope_types(config) -> set[str]:
     """The ``rope_type`` s a config names (one, or one per layer type as in Gemma3)."""
-    params = getattr(config.get_text_config(decoder=True), "rope_parameters", None) or {}
-    groups = [params] if "rope_type" in params else [p for p in params.values() if isinstance(p, dict)]
+    groups = rope_groups(config.get_text_config(decoder=True))
     return {group.get("rope_type", "default") for group in groups}

@@ -64,6 +64,13 @@ ARCHITECTURES = {
     "phi3": (lambda v: transformers.Phi3Config(
         **_decoder(v), sliding_window=WINDOW + 16,
         rope_parameters=_one_rope() | {"partial_rotary_factor": 0.5}), 8),
+    # Frequencies fixed below original_max_position_embeddings (short factors), YaRN-like attention factor.
+    "phi3-longrope": (lambda v: transformers.Phi3Config(
+        **_decoder(v) | {"max_position_embeddings": 4096}, original_max_position_embeddings=512,
+        rope_parameters=_one_rope() | {
+            "rope_type": "longrope", "short_factor": [1.0 + i / 8 for i in range(8)], "long_factor": [4.0] * 8}), 16),
+    "llama-dynamic": (lambda v: transformers.LlamaConfig(  # fixed below max_position_embeddings
+        **_decoder(v), rope_parameters=_one_rope() | {"rope_type": "dynamic", "factor": 2.0}), 16),
     # Layers alternate sliding / full; a soft-cap small enough to matter in a tiny model.
     "gemma2": (lambda v: transformers.Gemma2Config(
         **_decoder(v), head_dim=16, sliding_window=WINDOW, attn_logit_softcapping=1.0), 16),
@@ -346,16 +353,17 @@ REFUSED = {
             layer_types=["sliding_attention", "full_attention"]),
         settings(), r"gemma3_text with bidirectional or chunked attention .*Supported: causal decoders",
     ),
-    "llama dynamic RoPE": (
+    "llama dynamic RoPE, C + 256 >= 512": (
         lambda: transformers.LlamaConfig(
-            **_BASE, rope_parameters=_one_rope() | {"rope_type": "dynamic", "factor": 2.0}),
-        settings(), r"llama uses rope_type 'dynamic', whose frequencies change with the sequence length",
+            **_BASE | {"max_position_embeddings": 512}, rope_parameters=_one_rope() | {"rope_type": "dynamic", "factor": 2.0}),
+        StreamingSettings(4, 296), r"llama uses rope_type 'dynamic', whose frequencies change with the sequence length "
+                                   r"once positions reach 512 .*= 556\. Supported: start_size \+ recent_size <= 255",
     ),
-    "phi3 longrope": (
-        lambda: transformers.Phi3Config(**_BASE, rope_parameters=_one_rope() | {
-            "rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
-            "original_max_position_embeddings": 128}),
-        settings(), r"phi3 uses rope_type 'longrope'.*Supported: rotary embeddings with fixed frequencies",
+    "phi3 longrope, C + 256 >= 384": (
+        lambda: transformers.Phi3Config(**_BASE, original_max_position_embeddings=384, rope_parameters=_one_rope() | {
+            "rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}),
+        StreamingSettings(4, 196), r"phi3 uses rope_type 'longrope', whose frequencies change with the sequence length "
+                                   r"once positions reach 384 .*Supported: start_size \+ recent_size <= 127",
     ),
     "gpt2 positions < C": (
         lambda: transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=CAPACITY),
@@ -508,3 +516,14 @@ def test_original_positions_beyond_learned_ones_are_refused(one_thread):
     with pytest.raises(ValueError, match=message):
         stream.step(int(ids[-1]))
     assert score(model, ids, StreamingSettings(START, RECENT, "shifted"), None).evicted > 0  # shifted streams on
+
+
+def test_original_positions_beyond_fixed_rope_frequencies_are_refused(one_thread):
+    """longrope switches frequencies past original_max_position_embeddings: positions=original stops there."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Phi3Config(
+        **_BASE, original_max_position_embeddings=CAPACITY + 10, rope_parameters=_one_rope() | {
+            "rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8})).eval()
+    ids = torch.randint(3, 64, (CAPACITY + 11,))
+    with pytest.raises(ValueError, match=r"but phi3 has fixed RoPE frequencies at positions 0\.\.29 only"):
+        score(model, ids, StreamingSettings(START, RECENT, "original", method="token"), find_rotary(model))

@@ -190,7 +190,8 @@ CASES = [
     Case("model-unlisted-architecture", "NotImplementedError", "streaming_lm does not support model_type 'opt'",
          ("'opt'", "llama", "gpt2"), on_model("opt"), loads="model"),
     Case("model-dynamic-rope", "NotImplementedError", "llama uses rope_type 'dynamic'",
-         ("rope_type", "default", "linear"), on_model("llama-dynamic"), loads="model"),
+         ("rope_type", "once positions reach 300", "start_size + recent_size <= 43"), on_model("llama-dynamic"),
+         loads="model"),
     Case("model-trust-self-check-failed", "NotImplementedError",
          "trust_positions=rope: hunyuan_v1_dense failed the start-up self-check",
          ("positions=original", "chunked vs token loop", "Supported model types"),
@@ -344,7 +345,8 @@ def checkpoints(tmp_path_factory):
         "opt": lambda: transformers.OPTConfig(vocab_size=258, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
                                               num_attention_heads=2, word_embed_proj_dim=32),
         "gpt2-32": lambda: transformers.GPT2Config(vocab_size=258, n_embd=32, n_layer=1, n_head=2, n_positions=32),
-        "llama-dynamic": lambda: transformers.LlamaConfig(**TINY, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+        "llama-dynamic": lambda: transformers.LlamaConfig(**TINY, max_position_embeddings=300,
+                                                          rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
     }
     made = {}
 
