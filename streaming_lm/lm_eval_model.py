@@ -29,7 +29,7 @@ from .offline_models import resolve_pretrained
 from .policy import policy_class
 from .scoring import score
 from .streams import uses_batch_size
-from .support import check_model_supported, find_rotary
+from .support import check_model_supported, check_trust_positions, find_rotary
 
 # Under lm-eval's logger, so its CLI shows our lines with its own.
 eval_logger = logging.getLogger("lm_eval.models.streaming_hf")
@@ -40,12 +40,13 @@ MODEL_NAME = "streaming_hf"
 def _refuse_misspelt_args(kwargs: dict) -> None:
     """Unknown model args go on to transformers' ``from_pretrained``; a misspelt streaming one is refused here."""
     hflm = inspect.signature(HFLM.__init__).parameters
+    own = (*settings_mod.KNOBS, "trust_positions")
     for key in kwargs:
-        close = difflib.get_close_matches(key, settings_mod.KNOBS, n=1, cutoff=0.7) if key not in hflm else []
+        close = difflib.get_close_matches(key, own, n=1, cutoff=0.7) if key not in hflm else []
         if close:
             raise ValueError(
                 f"unknown model arg {key!r}; did you mean {close[0]!r}? "
-                f"streaming_hf's own args: {', '.join(settings_mod.KNOBS)}"
+                f"streaming_hf's own args: {', '.join(own)}"
             )
 
 
@@ -54,13 +55,16 @@ class StreamingHFLM(HFLM):
 
     Extra model args: the fields of ``StreamingSettings`` (``settings.KNOBS``: ``start_size``,
     ``recent_size`` or ``compression_ratio``, ``positions``, ``method``, ``chunk_size``, ``stride``,
-    ``policy``, ``heavy_size``; docs/semantics.md, docs/policies.md). Every other argument is HFLM's.
+    ``policy``, ``heavy_size``; docs/semantics.md, docs/policies.md) and ``trust_positions=rope``
+    (``support.check_model_supported``). Every other argument is HFLM's.
     """
 
     def __init__(self, pretrained, **kwargs) -> None:
         pretrained, kwargs = resolve_pretrained(pretrained, kwargs)  # pretrained=smollm2: offline_models
         # Validate before HFLM loads anything; the ratio needs max_length, known later.
         self._streaming_args = {name: kwargs.pop(name, default) for name, default in settings_mod.ARG_DEFAULTS.items()}
+        # About the model, not the cache (so no settings knob): accept an unlisted RoPE type after a self-check.
+        self._trust_positions = check_trust_positions(kwargs.pop("trust_positions", None))
         _refuse_misspelt_args(kwargs)
         self._max_length_arg = kwargs.get("max_length")
         self.streaming = settings_mod.resolve(**self._streaming_args, max_length=self._max_length_arg)
@@ -73,7 +77,7 @@ class StreamingHFLM(HFLM):
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         if self._streaming_args["compression_ratio"] is not None:
             self.streaming = settings_mod.resolve(**self._streaming_args, max_length=self.max_length)
-        check_model_supported(self.model, self.streaming)
+        check_model_supported(self.model, self.streaming, self._trust_positions)
         self.rotary = find_rotary(self.model)
         self._evicted = 0
         eval_logger.info("streaming_hf cache: %s", self.streaming.as_dict())

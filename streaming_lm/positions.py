@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .rotary import rotary_position_limit, rotary_table
 from .settings import StreamingSettings
 
 
@@ -26,17 +27,26 @@ def first_recent(n: int, settings: StreamingSettings) -> int:
 
 
 def position_limit(model, settings: StreamingSettings, rotary: bool) -> int | None:
-    """The most tokens a stream may hold: learned absolute positions end at max_position_embeddings,
-    and positions=original reads token t at t. None: no limit (rotary, shifted, recompute)."""
-    if rotary or settings.positions != "original" or settings.method == "recompute":
+    """The most tokens a stream may hold: learned absolute positions end at max_position_embeddings (RoPE:
+    ``rotary_position_limit``), and positions=original reads token t at t. None: no limit (fixed RoPE,
+    shifted, recompute)."""
+    if settings.positions != "original" or settings.method == "recompute":
         return None
+    if rotary:
+        return rotary_position_limit(model)
     return getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
 
 
 def check_positions_fit(model, n_tokens: int, limit: int | None) -> None:
     if limit is not None and n_tokens > limit:
+        if rotary_table(model) is not None:
+            kind = "rotary positions (a fixed table)"
+        elif rotary_position_limit(model) is not None:
+            kind = "fixed RoPE frequencies at positions"
+        else:
+            kind = "learned positions"
         raise ValueError(
-            f"positions=original reads token t at position t, but {model.config.model_type} has learned positions "
+            f"positions=original reads token t at position t, but {model.config.model_type} has {kind} "
             f"0..{limit - 1} only and this stream has {n_tokens} tokens; use positions=shifted (positions stay "
             f"below C) or streams of at most {limit} tokens"
         )

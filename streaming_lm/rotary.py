@@ -8,25 +8,42 @@ theta, scaling (linear, llama3, yarn, ...) and partial rotary dimensions.
 
 from __future__ import annotations
 
+import inspect
+import sys
+
 import torch
+
+HALF, INTERLEAVED = "rotate_half", "interleaved"
+LAYOUTS = (HALF, INTERLEAVED)
 
 
 class RotaryShift:
     """Rotates the first ``rotary_dim`` features of head vectors by a position delta.
 
-    Uses the ``rotate_half`` layout (pairs ``i`` and ``i + rotary_dim/2``) of Llama,
-    Mistral, Qwen, Phi, Gemma and GPT-NeoX.
+    ``layout`` names which features form a rotated pair: ``rotate_half`` pairs ``i`` and ``i + rotary_dim/2``
+    (Llama, Mistral, Qwen, Phi, Gemma, GPT-NeoX); ``interleaved`` pairs ``2i`` and ``2i + 1`` (GPT-J, Cohere,
+    Helium, GLM). Pair ``i`` turns by ``inv_freq[i]`` per position in both.
     """
 
-    def __init__(self, inv_freq: torch.Tensor):
+    def __init__(self, inv_freq: torch.Tensor, layout: str = HALF):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
         self.inv_freq = inv_freq.detach().to(torch.float64).cpu()
         self.rotary_dim = 2 * self.inv_freq.numel()
+        self.layout = layout
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def for_layer(self, layer_idx) -> RotaryShift:
+        """One shift serves every layer."""
+        return self
 
     def _cos_sin(self, delta: torch.Tensor, device, dtype):
         # Angles in float64: deltas are small integers, so this is exact to float32 rounding.
         angles = delta.to(torch.float64).cpu()[..., None] * self.inv_freq
-        emb = torch.cat((angles, angles), dim=-1)
+        if self.layout == INTERLEAVED:
+            emb = angles.repeat_interleave(2, dim=-1)
+        else:
+            emb = torch.cat((angles, angles), dim=-1)
         return emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
 
     def cos_sin(self, delta: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,9 +71,94 @@ class RotaryShift:
         """Rotate ``x`` with tables from ``cos_sin`` (or per-position tables of matching shape)."""
         work = x.to(torch.promote_types(x.dtype, torch.float32))
         rot, rest = work[..., : self.rotary_dim], work[..., self.rotary_dim :]
-        half = self.rotary_dim // 2
-        rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        if self.layout == INTERLEAVED:
+            rotated_half = torch.stack((-rot[..., 1::2], rot[..., 0::2]), dim=-1).flatten(-2)
+        else:
+            half = self.rotary_dim // 2
+            rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
         out = rot * cos + rotated_half * sin
         if rest.shape[-1]:
             out = torch.cat((out, rest), dim=-1)
         return out.to(x.dtype)
+
+
+class LayerShifts:
+    """A rotary shift per decoder layer, for models whose layers differ: local and global RoPE (Gemma 3's
+    local base 10k, global 1M) or layers without RoPE (``None``: keys that carry no position never move).
+    Every user asks ``for_layer(layer_idx)``; a plain ``RotaryShift`` answers itself."""
+
+    def __init__(self, layers: list[RotaryShift | None]):
+        self.layers = list(layers)
+        if all(shift is None for shift in self.layers):
+            raise ValueError("LayerShifts needs at least one rotary layer")
+
+    def for_layer(self, layer_idx) -> RotaryShift | None:
+        if layer_idx is None:
+            raise RuntimeError("per-layer rotary shifts need the attention module's layer_idx")
+        return self.layers[layer_idx]
+
+
+def rotary_layout(model) -> str:
+    """Which features the model rotates together, read off its own code: its rotary module's cos/sin at
+    position 1, through its modeling module's ``apply_rotary_pos_emb``, turn feature 0 towards its partner.
+
+    Falls back to ``rotate_half`` for a model without those two (no registered type is such a model; with
+    ``trust_positions`` the start-up self-check would catch a wrong guess).
+    """
+    apply = getattr(sys.modules[type(model).__module__], "apply_rotary_pos_emb", None)
+    rotary = next((module for name, module in model.named_modules() if name.endswith("rotary_emb")), None)
+    params = list(inspect.signature(apply).parameters)[:4] if apply is not None else []
+    if rotary is None or params not in (["q", "k", "cos", "sin"], ["tensor", "sin", "cos"]):
+        return HALF
+    table = next(buffer for name, buffer in rotary.named_buffers()
+                 if name.endswith(("inv_freq", "embed_positions")))  # GPT-J: a [sin | cos] table
+    width = 2 * table.numel() if table.dim() == 1 else table.shape[-1]
+    probe = torch.zeros(1, 1, 1, width, device=table.device)
+    extra = {}
+    if "layer_type" in inspect.signature(rotary.forward).parameters:  # per-layer-type RoPE (Gemma3, Olmo3)
+        extra["layer_type"] = next(iter(getattr(rotary, "layer_types", None) or ["full_attention"]))
+    with torch.no_grad():
+        first, second = (t.float() for t in rotary(
+            probe.to(model.dtype), torch.ones(1, 1, dtype=torch.long, device=table.device), **extra))
+        probe[..., 0] = 1.0
+        if params[0] == "q":
+            turned = apply(probe, probe, first, second)[0][0, 0, 0]
+        else:  # GPT-J: the module returns (sin, cos), apply takes one tensor
+            turned = apply(probe, first, second)[0, 0, 0]
+    partner = int(turned[1:].abs().argmax()) + 1
+    return INTERLEAVED if partner == 1 else HALF
+
+
+def rotary_table(model) -> torch.Tensor | None:
+    """GPT-J's rotary module keeps a [sin | cos] table of positions 0..n_positions - 1 instead of ``inv_freq``:
+    positions beyond it do not exist for the model."""
+    return next((module.embed_positions for module in model.modules()
+                 if type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "embed_positions")), None)
+
+
+# RoPE variants whose inv_freq the model rewrites in place once a position passes a limit (rotary_position_limit).
+SEQUENCE_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def rope_groups(text_config) -> list[dict]:
+    """The config's RoPE parameter groups: one, or one per layer type as in Gemma 3."""
+    params = getattr(text_config, "rope_parameters", None) or {}
+    return [params] if "rope_type" in params else [p for p in params.values() if isinstance(p, dict)]
+
+
+def rotary_position_limit(model) -> int | None:
+    """Positions 0..limit-1 are rotated with fixed frequencies; beyond, GPT-J's table ends and ``dynamic`` /
+    ``longrope`` RoPE switch to other frequencies (transformers' ``dynamic_rope_update``). None: no limit."""
+    table = rotary_table(model)
+    if table is not None:
+        return table.shape[0]
+    text = model.config.get_text_config(decoder=True)
+    limits = []
+    for group in rope_groups(text):
+        kind = group.get("rope_type", "default")
+        if kind == "longrope":  # long factors once max(position_ids) + 1 > original_max_position_embeddings
+            limits.append(group.get("original_max_position_embeddings")
+                          or getattr(text, "original_max_position_embeddings", None) or text.max_position_embeddings)
+        elif kind == "dynamic":  # NTK base grows once max(position_ids) + 1 > max_position_embeddings
+            limits.append(text.max_position_embeddings)
+    return min(limits) if limits else None

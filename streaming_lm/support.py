@@ -7,13 +7,22 @@ tests/test_support.py) and tests/test_architectures.py's coverage come from ``AR
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 
-from .rotary import RotaryShift
+from .rotary import (
+    SEQUENCE_DEPENDENT_ROPE,
+    LayerShifts,
+    RotaryShift,
+    rope_groups,
+    rotary_layout,
+    rotary_position_limit,
+    rotary_table,
+)
+from .scoring import score
 from .settings import StreamingSettings
+from .storage.static import REBASE_EVERY
 
 ABSOLUTE = "learned absolute positions"
 
@@ -33,23 +42,76 @@ ARCHITECTURES = (
     Architecture(("llama", "mistral", "qwen2", "qwen3"), "RoPE", "RoPE",
                  "as in docs/semantics.md: cache slots / text positions",
                  "supported; `shifted` also equals the naive loop (llama, mistral, qwen2)"),
-    Architecture(("phi3",), "RoPE, partial allowed", "RoPE, partial allowed", "as above; the non-rotary tail of each head is never moved",
-                 "supported"),
-    Architecture(("gpt_neox",), "partial RoPE", "partial RoPE (`rotary_pct`)", "as above", "supported"),
+    # Attention exactly as llama's (qk-norms, clip_qkv, biases, granite's multipliers, MoE feed-forwards
+    # that route each token alone): positions enter only through one rotate_half RoPE.
+    Architecture(("olmo", "olmo2", "granite", "starcoder2", "mixtral", "qwen2_moe", "qwen3_moe"), "RoPE", "RoPE",
+                 "as above", "supported (granite's multipliers, olmo's `clip_qkv`, MoE layers included); "
+                 "`sliding_window`, where set, must be ≥ C + 1"),
+    Architecture(("phi3",), "RoPE, partial allowed", "RoPE, partial allowed; `longrope` (the 128k models)",
+                 "as above; the non-rotary tail of each head is never moved",
+                 "supported; `longrope` only while its frequencies are fixed: `C + max(chunk_size, 256) < "
+                 "original_max_position_embeddings`, and `original` for streams of at most that many tokens"),
+    Architecture(("gpt_neox", "phi"), "partial RoPE", "partial RoPE (`rotary_pct`, `partial_rotary_factor`)",
+                 "as above", "supported"),
     Architecture(("gemma2",), "RoPE", "RoPE; sliding/full layers, attention soft-capping",
                  "as above; the soft-cap is applied in the chunked attention too",
                  "supported if `sliding_window ≥ C + 1`"),
-    Architecture(("gemma3_text",), "RoPE, the same for local and global layers", "RoPE per layer type", "as above",
-                 "supported only if local and global RoPE are the same (not so in released checkpoints: refused, "
-                 '"uses several different rotary embeddings")'),
+    Architecture(("ministral",), "RoPE", "RoPE; sliding/full layers", "as above", "supported if `sliding_window ≥ C + 1`"),
+    Architecture(("gemma3_text", "olmo3"), "RoPE per layer type", "RoPE per layer type (local and global may differ: "
+                 "Gemma 3's local base 10k, global 1M)", "as above; each layer's keys move with its own frequencies",
+                 "supported if `sliding_window ≥ C + 1`"),
+    Architecture(("exaone4", "smollm3"), "RoPE, some layers without", "RoPE; layers without RoPE (`no_rope_layers`; "
+                 "exaone4's global layers once `sliding_window` is set)",
+                 "as above; keys of layers without RoPE carry no position and never move",
+                 "supported if `sliding_window ≥ C + 1`"),
+    Architecture(("cohere", "helium", "glm", "glm4"), "RoPE, interleaved", "RoPE on interleaved pairs `(2i, 2i + 1)` "
+                 "(the layout is read off the model's own rotary code); `glm`, `glm4`: partial",
+                 "as above", "supported"),
+    Architecture(("cohere2",), "RoPE, interleaved, sliding layers only", "interleaved RoPE on sliding layers; "
+                 "global layers without RoPE", "as above; global layers' keys never move",
+                 "supported if `sliding_window ≥ C + 1`"),
+    Architecture(("gptj",), "RoPE, interleaved, from a table", "partial RoPE (`rotary_dim`) on interleaved pairs, "
+                 "angles from a fixed table of `n_positions` positions", "as above",
+                 "supported if `C + max(chunk_size, 256) < n_positions`; `original` only for streams of at most "
+                 "`n_positions` tokens"),
+    Architecture(("gpt_oss",), "RoPE", "RoPE (YaRN); a learned sink logit per head; 128-token sliding layers",
+                 "as above; the learned sink logits join every softmax of the chunked attention too",
+                 "supported if `C ≤ 127` (its sliding window, 128, must hold `C + 1` keys)"),
     Architecture(("gpt2",), ABSOLUTE, "learned absolute embeddings",
                  "token `t` is read at position `min(t, C)` / `t`; a key keeps the embedding it was read with",
                  "supported if `C < n_positions`; `original` only for streams of at most `n_positions` tokens"),
 )
 SUPPORTED_ARCHITECTURES = {name: arch.scheme for arch in ARCHITECTURES for name in arch.model_types}
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention with a window of at least C + 1 tokens")
-# RoPE variants whose inv_freq the model rewrites in place depending on the longest position seen.
-SEQUENCE_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """Model types known not to stream exactly here, and why (each tested in tests/test_architectures.py)."""
+
+    model_types: tuple[str, ...]
+    positions: str
+    reason: str
+
+
+REFUSED_ARCHITECTURES = (
+    Refusal(("falcon",), "RoPE (or ALiBi)",
+            "its attention runs inside FalconAttention (SDPA or eager), not through transformers' attention "
+            "interface, so the chunked path cannot give each query its visible keys and sink rotation"),
+    Refusal(("stablelm",), "partial RoPE",
+            "StableLmDecoderLayer does not pass the forward's keyword arguments on to its attention, so the chunked "
+            "path's plan never reaches the attention function"),
+    Refusal(("bloom", "mpt"), "ALiBi",
+            "ALiBi is added inside the model's own attention code (no attention interface), from the key's index in "
+            "the attention mask: neither the chunked path's visible sets nor text-position distances can reach it "
+            "without copying model code"),
+    Refusal(("deepseek_v2", "deepseek_v3"), "RoPE on a decoupled key part (MLA)",
+            "multi-head latent attention caches the compressed latent as keys and the rotary part of the key as "
+            "values, so re-rotating the cache's keys would move the wrong tensor"),
+)
+REFUSED_REASONS = {name: refusal.reason for refusal in REFUSED_ARCHITECTURES for name in refusal.model_types}
+# trust_positions=rope: an unlisted model type is accepted after a self-check on its own weights.
+TRUST_POSITIONS = ("rope",)
 
 
 def supported_list() -> str:
@@ -58,19 +120,34 @@ def supported_list() -> str:
 
 
 def support_table() -> str:
-    """The README's support table, generated from the registry."""
+    """The README's support table, generated from the registry (supported rows, then the known refusals)."""
     lines = ["| model_type | positions | `shifted` / `original` there | status |", "|---|---|---|---|"]
     for arch in ARCHITECTURES:
         types = ", ".join(f"`{name}`" for name in arch.model_types)
         lines.append(f"| {types} | {arch.positions} | {arch.modes} | {arch.status} |")
+    for refusal in REFUSED_ARCHITECTURES:
+        types = ", ".join(f"`{name}`" for name in refusal.model_types)
+        lines.append(f"| {types} | {refusal.positions} | — | refused: {refusal.reason} |")
     return "\n".join(lines)
 
 
-def check_model_supported(model, settings: StreamingSettings | None = None) -> None:
+def check_trust_positions(value) -> str | None:
+    """The ``trust_positions`` model arg, validated before anything loads."""
+    if value is None or value in TRUST_POSITIONS:
+        return value
+    raise ValueError(
+        f"trust_positions must be one of {', '.join(TRUST_POSITIONS)}; got {value!r} (it accepts an unlisted "
+        "model type whose positions enter only through rotate_half RoPE, after a start-up self-check)"
+    )
+
+
+def check_model_supported(model, settings: StreamingSettings | None = None, trust_positions: str | None = None) -> None:
     """Raise a clear ``NotImplementedError`` for models a sink+window cache cannot serve exactly.
 
     Sliding-window layers are accepted only with ``settings`` whose ``C + 1`` keys per step fit inside
     the window (the window then never masks a key the cache holds); without ``settings`` they are refused.
+    ``trust_positions="rope"`` accepts a model type not in the registry if it passes every structural
+    check here and ``self_check`` on its own weights.
     """
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
@@ -85,10 +162,20 @@ def check_model_supported(model, settings: StreamingSettings | None = None) -> N
             "sliding-window or hybrid layers cannot be trimmed to a sink+window cache. "
             f"Supported: decoder-only models whose every layer is one of {SUPPORTED_LAYER_TYPES}"
         )
-    if config.model_type not in SUPPORTED_ARCHITECTURES:
+    trusted = config.model_type not in SUPPORTED_ARCHITECTURES
+    if config.model_type in REFUSED_REASONS or (trusted and trust_positions is None):
+        why = REFUSED_REASONS.get(config.model_type, "its position scheme and attention path are not verified")
         raise NotImplementedError(
-            f"streaming_lm does not support model_type {config.model_type!r}: its position scheme and attention "
-            f"path are not verified. Supported model types: {supported_list()}"
+            f"streaming_lm does not support model_type {config.model_type!r}: {why}. "
+            f"Supported model types: {supported_list()}"
+            + ("" if config.model_type in REFUSED_REASONS else
+               "; or pass trust_positions=rope to accept a RoPE model after a start-up self-check")
+        )
+    if not type(model).is_backend_compatible():
+        raise NotImplementedError(
+            f"{config.model_type} ({type(model).__name__}) does not run its attention through transformers' "
+            "attention interface with the forward's keyword arguments (_supports_attention_backend is False), "
+            "so the chunked path cannot reach it"
         )
     text = config.get_text_config(decoder=True)
     if getattr(text, "use_bidirectional_attention", False) or getattr(text, "attention_chunk_size", None):
@@ -110,8 +197,17 @@ def check_model_supported(model, settings: StreamingSettings | None = None) -> N
                 f"inside the window ({why}). Supported: decoder-only models whose every layer is one of "
                 f"{SUPPORTED_LAYER_TYPES}"
             )
-    shift = find_rotary(model)  # raises for local/global or sequence-dependent RoPE
-    if shift is None:
+    shift = find_rotary(model)  # raises for rotary embeddings that differ other than by layer type
+    limit = rotary_position_limit(model)
+    if limit is not None:
+        check_rotary_reach(model, settings, limit)
+    if trusted:
+        if shift is None:
+            raise NotImplementedError(
+                f"trust_positions=rope: {config.model_type} has no rotary embedding (no inv_freq buffer)"
+            )
+        self_check(model, shift, settings)
+    elif shift is None:
         if SUPPORTED_ARCHITECTURES[config.model_type] != ABSOLUTE:
             raise NotImplementedError(f"{config.model_type}: no rotary embedding found; supported: {supported_list()}")
         limit = getattr(text, "max_position_embeddings", None)
@@ -123,54 +219,140 @@ def check_model_supported(model, settings: StreamingSettings | None = None) -> N
             )
 
 
-def find_rotary(model) -> RotaryShift | None:
-    """The model's RoPE frequencies, or None for a model without rotary embeddings.
+def check_rotary_reach(model, settings: StreamingSettings | None, limit: int) -> None:
+    """Rotary positions exist, with fixed frequencies, only below ``limit``: the streaming paths must stay there.
 
-    Raises when layers use different frequencies (e.g. local/global RoPE), which one
-    shared shift cannot serve, or frequencies that change with the sequence length.
+    Chunks read at local positions up to C + chunk_size, decoding steps up to C + REBASE_EVERY; with
+    positions=original the stream itself is limited (``positions.position_limit``).
     """
-    found = [
-        buf
+    model_type = model.config.model_type
+    if rotary_table(model) is not None:
+        what = f"{model_type} reads its rotary angles from a table of positions 0..{limit - 1}"
+    else:
+        kind = sorted(rope_types(model.config) & set(SEQUENCE_DEPENDENT_ROPE))[0]
+        what = (f"{model_type} uses rope_type {kind!r}, whose frequencies change with the sequence length once "
+                f"positions reach {limit} (keys rotated before could not be moved with fixed frequencies)")
+    if settings is None:
+        raise NotImplementedError(f"{what}; the cache settings were not given, so the positions reached are unknown")
+    extra = max(settings.chunk_size, REBASE_EVERY)
+    reach = settings.capacity + extra
+    if reach >= limit:
+        largest = limit - 1 - extra
+        fits = f"start_size + recent_size <= {largest}" if largest >= 1 else "no cache size (the limit is too small)"
+        raise NotImplementedError(
+            f"{what}, but the streaming paths reach position C + max(chunk_size, {REBASE_EVERY}) = {reach}. "
+            f"Supported: {fits} (and, with positions=original, streams of at most {limit} tokens)"
+        )
+
+
+def layers_without_rope(text_config) -> list[int]:
+    """Layers that skip RoPE: their keys carry no position, and no rotary shift may move them. Known from the
+    config only for the model types read here; under ``trust_positions`` the self-check catches the rest."""
+    flags = getattr(text_config, "no_rope_layers", None)  # SmolLM3, Llama 4: 0 marks a layer without RoPE
+    if flags is not None:
+        return [i for i, flag in enumerate(flags) if not flag]
+    # modeling_cohere2 rotates only on sliding layers; modeling_exaone4 too, once a window is set.
+    if text_config.model_type == "cohere2" or (text_config.model_type == "exaone4" and text_config.sliding_window):
+        return [i for i, kind in enumerate(text_config.layer_types) if kind != "sliding_attention"]
+    return []
+
+
+# The self-check's cache (C = 8, three chunks cross evictions) and its tolerance on per-token log-probs.
+SELF_CHECK = StreamingSettings(start_size=2, recent_size=6, chunk_size=5)
+SELF_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # half precision: 0.1
+
+
+def self_check(model, shift: RotaryShift, settings: StreamingSettings | None = None) -> None:
+    """``trust_positions=rope``: prove on the model's own weights what tests/test_architectures.py proves per type.
+
+    C + 1 random tokens through the chunked path equal the dense model (positions and the attention path);
+    on a stream of 3 C tokens the chunked path (which re-rotates keys and rotates sink queries with ``shift``)
+    equals the token loop in both position modes (with ``original`` the token loop rotates nothing, so a
+    wrong layout or frequency shows). Raises ``NotImplementedError`` with the largest difference.
+    """
+    check = SELF_CHECK
+    if settings is not None:  # never larger than the user's cache: its windows were checked against that
+        check = dataclasses.replace(check, start_size=min(check.start_size, settings.start_size),
+                                    recent_size=min(check.recent_size, settings.recent_size))
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    ids = torch.randint(vocab, (3 * check.capacity,), generator=torch.Generator().manual_seed(0))
+    short = ids[: check.capacity + 1]
+    tolerance = SELF_CHECK_TOLERANCE.get(model.dtype, 0.1)
+    with torch.inference_mode():
+        logits = model(input_ids=short[None].to(model.device)).logits[0].float()
+    dense = torch.log_softmax(logits, -1)[:-1].gather(-1, short[1:, None].to(logits.device))[:, 0]
+    runs = [("C + 1 tokens, chunked vs dense", score(model, short, check, shift).logprobs, dense)]
+    for positions in ("original", "shifted"):
+        modes = dataclasses.replace(check, positions=positions)
+        runs.append((f"{ids.numel()} tokens, positions={positions}, chunked vs token loop",
+                     score(model, ids, modes, shift).logprobs,
+                     score(model, ids, dataclasses.replace(modes, method="token"), shift).logprobs))
+    for what, got, expected in runs:
+        difference = float((got.to(expected.device) - expected).abs().max())
+        if not difference <= tolerance:
+            raise NotImplementedError(
+                f"trust_positions=rope: {model.config.model_type} failed the start-up self-check ({what}: log-probs "
+                f"differ by up to {difference:.3g} > {tolerance:g}); its positions or attention are not those of "
+                f"a supported RoPE model. Supported model types: {supported_list()}"
+            )
+
+
+def find_rotary(model) -> RotaryShift | LayerShifts | None:
+    """The model's RoPE frequencies and layout, or None for a model without rotary embeddings.
+
+    One ``RotaryShift`` when every layer rotates alike; a ``LayerShifts`` when layers differ by their layer
+    type (``<layer_type>_inv_freq`` buffers: Gemma 3's local and global RoPE) or skip RoPE
+    (``layers_without_rope``). Raises for different frequencies not tied to layer types. For dynamic and
+    longrope RoPE these are the frequencies below ``rotary_position_limit`` (``check_rotary_reach``).
+    """
+    # dynamic/longrope rewrite inv_freq in place past their limit and restore it below: read the frequencies of
+    # positions below it, which check_rotary_reach keeps every path to.
+    changing = bool(rope_types(model.config) & set(SEQUENCE_DEPENDENT_ROPE))
+    named = {
+        name.replace("original_inv_freq", "inv_freq"): buf
         for name, buf in model.named_buffers()
-        if name.endswith("inv_freq") and not name.endswith("original_inv_freq")
-    ]
+        if name.endswith("inv_freq") and name.endswith("original_inv_freq") == changing
+    }
+    found = list(named.values()) or sinusoid_table_frequencies(model)
     if not found:
         return None
     model_type = getattr(model.config, "model_type", type(model).__name__)
+    layout = rotary_layout(model)
+    text = model.config.get_text_config(decoder=True)
+    skipped = set(layers_without_rope(text))
     first = found[0]
-    if any(b.shape != first.shape or not torch.equal(b, first) for b in found[1:]):
-        rotary_types = ", ".join(name for name, scheme in SUPPORTED_ARCHITECTURES.items() if scheme != ABSOLUTE)
-        raise NotImplementedError(
-            f"{model_type} ({type(model).__name__}) uses several different rotary embeddings "
-            "(e.g. separate local and global RoPE); streaming_lm supports one rotary embedding shared by "
-            f"every layer ({rotary_types}; gemma3_text only when its local and global RoPE coincide)"
-        )
-    changing = sorted(rope_types(model.config) & set(SEQUENCE_DEPENDENT_ROPE))
-    if changing:
-        raise NotImplementedError(
-            f"{model_type} uses rope_type {changing[0]!r}, whose frequencies change with the sequence length: "
-            "keys rotated once cannot be moved with fixed frequencies. Supported: rotary embeddings with fixed "
-            f"frequencies (rope_type default, linear, llama3, yarn, ...; not {', '.join(SEQUENCE_DEPENDENT_ROPE)})"
-        )
-    return RotaryShift(first)
+    if all(b.shape == first.shape and torch.equal(b, first) for b in found[1:]):
+        if not skipped:
+            return RotaryShift(first, layout)
+        by_layer = [first] * text.num_hidden_layers
+    else:
+        # Frequencies per layer type, as the model's rotary module names them (Gemma 3, Olmo 3).
+        by_type = {name.rsplit(".", 1)[-1].removesuffix("_inv_freq"): buf for name, buf in named.items()}
+        layer_types = getattr(text, "layer_types", None)
+        if len(by_type) != len(named) or not layer_types or not set(layer_types) <= set(by_type):
+            raise NotImplementedError(
+                f"{model_type} ({type(model).__name__}) uses several different rotary embeddings that are not tied "
+                "to its layer types; streaming_lm supports one rotary embedding per layer type (<layer_type>_inv_freq)"
+            )
+        by_layer = [by_type[kind] for kind in layer_types]
+    shifts = {}  # one shift (and its memoised tables) per distinct frequency buffer
+    layers = []
+    for i, freq in enumerate(by_layer):
+        layers.append(None if i in skipped else shifts.setdefault(id(freq), RotaryShift(freq, layout)))
+    return LayerShifts(layers)
+
+
+def sinusoid_table_frequencies(model) -> list[torch.Tensor]:
+    """GPT-J keeps no ``inv_freq``: the row of position 1 of its [sin | cos] table gives the frequencies back
+    (all at most 1 < pi, so atan2 returns them to float32 precision)."""
+    table = rotary_table(model)
+    if table is None:
+        return []
+    sin, cos = table[1].double().chunk(2)
+    return [torch.atan2(sin, cos).float()]
 
 
 def rope_types(config) -> set[str]:
     """The ``rope_type`` s a config names (one, or one per layer type as in Gemma3)."""
-    params = getattr(config.get_text_config(decoder=True), "rope_parameters", None) or {}
-    groups = [params] if "rope_type" in params else [p for p in params.values() if isinstance(p, dict)]
+    groups = rope_groups(config.get_text_config(decoder=True))
     return {group.get("rope_type", "default") for group in groups}
-
-
-def num_decoder_layers(model) -> int:
-    return model.config.get_text_config(decoder=True).num_hidden_layers
-
-
-def forward_takes(model, name: str) -> bool:
-    """Whether ``model.forward`` has a parameter ``name`` (inspect once per stream, not per pass)."""
-    return name in inspect.signature(model.forward).parameters
-
-
-def cache_kwarg(model) -> str:
-    """transformers 5 is renaming ``past_key_values`` to ``cache``; use whichever forward takes."""
-    return "cache" if forward_takes(model, "cache") else "past_key_values"

@@ -29,7 +29,8 @@ from helpers.reference import (
 )
 
 from streaming_lm import StreamingHFLM
-from streaming_lm.support import SUPPORTED_ARCHITECTURES, check_model_supported, find_rotary
+from streaming_lm.rotary import LayerShifts
+from streaming_lm.support import REFUSED_ARCHITECTURES, SUPPORTED_ARCHITECTURES, check_model_supported, find_rotary
 from streaming_lm.scoring import score
 from streaming_lm.settings import StreamingSettings
 from streaming_lm.streams import open_stream
@@ -65,18 +66,72 @@ ARCHITECTURES = {
     "phi3": (lambda v: transformers.Phi3Config(
         **_decoder(v), sliding_window=WINDOW + 16,
         rope_parameters=_one_rope() | {"partial_rotary_factor": 0.5}), 8),
+    # Frequencies fixed below original_max_position_embeddings (short factors), YaRN-like attention factor.
+    "phi3-longrope": (lambda v: transformers.Phi3Config(
+        **_decoder(v) | {"max_position_embeddings": 4096}, original_max_position_embeddings=512,
+        rope_parameters=_one_rope() | {
+            "rope_type": "longrope", "short_factor": [1.0 + i / 8 for i in range(8)], "long_factor": [4.0] * 8}), 16),
+    "llama-dynamic": (lambda v: transformers.LlamaConfig(  # fixed below max_position_embeddings
+        **_decoder(v), rope_parameters=_one_rope() | {"rope_type": "dynamic", "factor": 2.0}), 16),
     # Layers alternate sliding / full; a soft-cap small enough to matter in a tiny model.
     "gemma2": (lambda v: transformers.Gemma2Config(
         **_decoder(v), head_dim=16, sliding_window=WINDOW, attn_logit_softcapping=1.0), 16),
     "gemma3": (lambda v: transformers.Gemma3TextConfig(
         **_decoder(v), head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
         rope_parameters={"sliding_attention": _one_rope(), "full_attention": _one_rope()}), 16),
+    # As released: local RoPE base 10k on sliding layers, 1M on global ones (one shift per layer).
+    "gemma3-local-global": (lambda v: transformers.Gemma3TextConfig(
+        **_decoder(v), head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": _one_rope(), "full_attention": _one_rope(1e6)}), 16),
     "gpt_neox": (lambda v: transformers.GPTNeoXConfig(**_decoder(v)), 4),  # rotary_pct 0.25
+    "phi": (lambda v: transformers.PhiConfig(**_decoder(v), qk_layernorm=True), 8),  # phi-2: partial 0.5
+    "olmo": (lambda v: transformers.OlmoConfig(**_decoder(v), clip_qkv=2.0), 16),
+    "olmo2": (lambda v: transformers.Olmo2Config(**_decoder(v)), 16),  # q/k RMSNorm over all heads
+    "olmo3": (lambda v: transformers.Olmo3Config(
+        **_decoder(v), sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]), 16),
+    # Every multiplier away from 1, so that dropping one would show.
+    "granite": (lambda v: transformers.GraniteConfig(
+        **_decoder(v), embedding_multiplier=2.0, attention_multiplier=0.5, residual_multiplier=0.7,
+        logits_scaling=3.0), 16),
+    "starcoder2": (lambda v: transformers.Starcoder2Config(**_decoder(v), sliding_window=WINDOW), 16),
+    "ministral": (lambda v: transformers.MinistralConfig(
+        **_decoder(v), head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]), 16),
+    "exaone4": (lambda v: transformers.Exaone4Config(
+        **_decoder(v), sliding_window=None, layer_types=["full_attention"] * 2), 16),
+    # Layers without RoPE (their keys never move): exaone4's global layers, smollm3's no_rope_layers.
+    "exaone4-hybrid": (lambda v: transformers.Exaone4Config(
+        **_decoder(v), sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]), 16),
+    "smollm3": (lambda v: transformers.SmolLM3Config(**_decoder(v), no_rope_layers=[1, 0]), 16),
+    # MoE: every token routed alone, so chunking cannot change the experts a token meets.
+    "mixtral": (lambda v: transformers.MixtralConfig(**_decoder(v), num_local_experts=4, num_experts_per_tok=2), 16),
+    "qwen2_moe": (lambda v: transformers.Qwen2MoeConfig(
+        **_decoder(v), num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=32), 16),
+    "qwen3_moe": (lambda v: transformers.Qwen3MoeConfig(
+        **_decoder(v), head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), 16),
+    # Interleaved pairs (2i, 2i + 1); cohere with its logit scale, glm/glm4 partial (half of each head).
+    "cohere": (lambda v: transformers.CohereConfig(**_decoder(v), logit_scale=0.5, use_qk_norm=True), 16),
+    "helium": (lambda v: transformers.HeliumConfig(**_decoder(v), head_dim=16), 16),
+    "glm": (lambda v: transformers.GlmConfig(**_decoder(v), head_dim=16), 8),
+    "glm4": (lambda v: transformers.Glm4Config(**_decoder(v), head_dim=16), 8),
+    "cohere2": (lambda v: transformers.Cohere2Config(  # interleaved RoPE on sliding layers, none on global ones
+        **_decoder(v), sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"], logit_scale=1.0), 16),
+    "gptj": (lambda v: transformers.GPTJConfig(
+        vocab_size=v, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=512, initializer_range=0.1,
+        bos_token_id=1, eos_token_id=2), 8),
+    # Learned sink logits in every softmax, YaRN RoPE, MoE; its released window (128) shrunk like the others.
+    "gpt_oss": (lambda v: transformers.GptOssConfig(
+        **_decoder(v), head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"], rope_parameters={
+            "rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            "truncate": False, "original_max_position_embeddings": 16}), 16),
     "gpt2": (lambda v: transformers.GPT2Config(
         vocab_size=v, n_embd=64, n_layer=2, n_head=4, n_positions=512, initializer_range=0.1,
         bos_token_id=1, eos_token_id=2), None),
 }
-SLIDING = {"mistral-window", "phi3", "gemma2", "gemma3"}
+INTERLEAVED = {"cohere", "cohere2", "helium", "glm", "glm4", "gptj"}  # the layout RotaryShift must read off the model
+SLIDING = {"mistral-window", "phi3", "gemma2", "gemma3", "gemma3-local-global", "olmo3", "starcoder2", "ministral",
+           "exaone4-hybrid", "cohere2", "gpt_oss"}
 NAIVE_SHIFTED = {"llama", "mistral", "mistral-window", "qwen2"}  # the layer layout reference.py re-implements
 
 
@@ -105,29 +160,57 @@ def ids():
     return torch.randint(3, 128, (LONG,))
 
 
+@pytest.fixture(scope="module")
+def token_loop(model, ids):
+    """The reference token loop on the long stream, once per architecture and position mode (it is the slow part)."""
+    done = {}
+
+    def run(positions):
+        if positions not in done:
+            done[positions] = score_stream(model, ids, settings(positions), find_rotary(model))
+        return done[positions]
+    return run
+
+
 def test_every_supported_model_type_is_covered():
     covered = {ARCHITECTURES[name][0](128).model_type for name in ARCHITECTURES}
     assert covered == set(SUPPORTED_ARCHITECTURES)
 
 
+def rotary_layers(shift):
+    """(layer, its shift) for every rotary layer: one shift serves all, LayerShifts one per layer."""
+    if isinstance(shift, LayerShifts):
+        return [(i, layer) for i, layer in enumerate(shift.layers) if layer is not None]
+    return [(None, shift)]
+
+
 def test_accepted_with_its_position_scheme(arch, model):
     check_model_supported(model, settings())
-    shift = find_rotary(model)
+    shift = rotary_layers(find_rotary(model))[0][1]
     assert (shift.rotary_dim if shift is not None else None) == ARCHITECTURES[arch][1]
+    if shift is not None:
+        assert shift.layout == ("interleaved" if arch in INTERLEAVED else "rotate_half")
 
 
 @pytest.mark.parametrize("rotary_arch", [name for name in ARCHITECTURES if ARCHITECTURES[name][1] is not None])
 def test_rotary_shift_moves_keys_like_the_model(rotary_arch, one_thread):
     """A key the model rotated to p, moved by d, equals the model's own rotation to p + d (tail included)."""
     model = build(rotary_arch)
-    shift = find_rotary(model)
+    layer, shift = rotary_layers(find_rotary(model))[-1]  # per-layer shifts: the last rotary layer's
     rotary = next(module for name, module in model.named_modules() if name.endswith("rotary_emb"))
     apply = sys.modules[type(model).__module__].apply_rotary_pos_emb
-    extra = {"layer_type": "full_attention"} if "layer_type" in inspect.signature(rotary.forward).parameters else {}
+    extra = {}
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        extra["layer_type"] = model.config.layer_types[layer] if layer is not None else "full_attention"
 
     def model_rotation(x, positions):
         cos, sin = rotary(x, positions[None], **extra)
-        return apply(x, x, cos, sin)[0]
+        rot = shift.rotary_dim  # phi's attention hands apply_rotary_pos_emb the rotary part of each head only
+        if rotary_arch == "gptj":  # its module returns (sin, cos); apply(tensor, sin, cos) on [batch, seq, heads, dim]
+            turned = apply(x[..., :rot].transpose(1, 2), cos, sin).transpose(1, 2)
+        else:
+            turned = apply(x[..., :rot], x[..., :rot], cos, sin)[0]
+        return torch.cat((turned, x[..., rot:]), dim=-1)
 
     torch.manual_seed(2)
     x = torch.randn(1, 2, 6, 16)
@@ -154,8 +237,8 @@ def test_short_stream_equals_dense(model, ids, positions):
 
 
 @pytest.mark.parametrize("positions", ["shifted", "original"])
-def test_long_stream_chunked_equals_token_and_stays_bounded(model, ids, positions):
-    token = score_stream(model, ids, settings(positions), find_rotary(model))
+def test_long_stream_chunked_equals_token_and_stays_bounded(model, ids, positions, token_loop):
+    token = token_loop(positions)
     chunked = score_stream_chunked(model, ids, settings(positions), find_rotary(model), CHUNK)
     for scored in (token, chunked):
         assert scored.evicted == LONG - 1 - CAPACITY > 0
@@ -167,20 +250,20 @@ def test_long_stream_chunked_equals_token_and_stays_bounded(model, ids, position
 
 
 @pytest.mark.parametrize("positions", ["shifted", "original"])
-def test_decode_steps_equal_the_token_loop(model, ids, positions, monkeypatch):
+def test_decode_steps_equal_the_token_loop(model, ids, positions, token_loop, monkeypatch):
     """Generation's path (chunked read, then RingWindowCache steps with frame resets) gives the token loop's numbers."""
     monkeypatch.setattr(static, "REBASE_EVERY", 6)
     stream = open_stream(model, settings(positions), find_rotary(model))
     logits = torch.cat([stream.read(ids[:25])] + [stream.step(int(token))[None] for token in ids[25:-1]])
     stepped = torch.log_softmax(logits, -1).gather(-1, ids[1:, None])[:, 0]
-    token = score_stream(model, ids, settings(positions), find_rotary(model))
+    token = token_loop(positions)
     torch.testing.assert_close(stepped, token.logprobs, rtol=0, atol=TOL)
     assert stream.evicted == token.evicted and stream.max_held == CAPACITY
 
 
-def test_original_equals_masked_single_pass(model, ids):
+def test_original_equals_masked_single_pass(model, ids, token_loop):
     """positions=original (position t, also for learned absolute positions) is one masked dense pass."""
-    token = score_stream(model, ids, settings("original"), find_rotary(model))
+    token = token_loop("original")
     reference = original_positions_logprobs(model, ids, START, RECENT)
     torch.testing.assert_close(token.logprobs, reference, rtol=0, atol=TOL)
 
@@ -199,9 +282,8 @@ def absolute_shifted_logprobs(model, ids, start, recent):
     return torch.log_softmax(logits, -1)[:-1].gather(-1, ids[1:, None])[:, 0]
 
 
-def test_shifted_positions(arch, model, ids):
-    shifted = score_stream(model, ids, settings("shifted"), find_rotary(model))
-    original = score_stream(model, ids, settings("original"), find_rotary(model))
+def test_shifted_positions(arch, model, ids, token_loop):
+    shifted, original = token_loop("shifted"), token_loop("original")
     # Up to step C both modes use position t; from then on the query sits at C instead of t.
     torch.testing.assert_close(shifted.logprobs[:CAPACITY], original.logprobs[:CAPACITY], rtol=0, atol=TOL)
     assert (shifted.logprobs[CAPACITY:] - original.logprobs[CAPACITY:]).abs().max() > 1e-2
@@ -232,8 +314,9 @@ def test_shifted_equals_the_one_layer_reference(rotary_arch, ids, one_thread):
     that needs no knowledge of its layer code: with one layer, step t is a fresh pass over what is held."""
     config = ARCHITECTURES[rotary_arch][0](128)
     config.num_hidden_layers = 1
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:1]
+    for per_layer in ("layer_types", "no_rope_layers"):
+        if getattr(config, per_layer, None):
+            setattr(config, per_layer, getattr(config, per_layer)[:1])
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     shifted = score_stream(model, ids, settings("shifted"), find_rotary(model))
@@ -275,14 +358,14 @@ REFUSED = {
         lambda: transformers.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, state_size=4), settings(),
         r"mamba has cache layers of kind \['LinearAttentionLayer'\]",
     ),
+    "gpt_oss with C = 128 (window 128)": (
+        lambda: transformers.GptOssConfig(**_BASE, head_dim=16, num_local_experts=2, num_experts_per_tok=1),
+        StreamingSettings(4, 124), r"gpt_oss has sliding-window attention layers \(DynamicSlidingWindowLayer, "
+                                   r"window 128 tokens\).*use start_size \+ recent_size <= 127",
+    ),
     "gemma2 without settings": (
         lambda: transformers.Gemma2Config(**_BASE, head_dim=16, sliding_window=WINDOW), None,
         r"gemma2 has sliding-window .*the cache settings were not given.*Supported: decoder-only models",
-    ),
-    "gemma3 local and global RoPE": (
-        lambda: transformers.Gemma3TextConfig(
-            **_BASE, head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
-        settings(), r"gemma3_text \(Gemma3ForCausalLM\) uses several different rotary embeddings.*supports one",
     ),
     "gemma3 bidirectional": (
         lambda: transformers.Gemma3TextConfig(
@@ -290,32 +373,48 @@ REFUSED = {
             layer_types=["sliding_attention", "full_attention"]),
         settings(), r"gemma3_text with bidirectional or chunked attention .*Supported: causal decoders",
     ),
-    "llama dynamic RoPE": (
+    "llama dynamic RoPE, C + 256 >= 512": (
         lambda: transformers.LlamaConfig(
-            **_BASE, rope_parameters=_one_rope() | {"rope_type": "dynamic", "factor": 2.0}),
-        settings(), r"llama uses rope_type 'dynamic', whose frequencies change with the sequence length",
+            **_BASE | {"max_position_embeddings": 512}, rope_parameters=_one_rope() | {"rope_type": "dynamic", "factor": 2.0}),
+        StreamingSettings(4, 296), r"llama uses rope_type 'dynamic', whose frequencies change with the sequence length "
+                                   r"once positions reach 512 .*= 556\. Supported: start_size \+ recent_size <= 255",
     ),
-    "phi3 longrope": (
-        lambda: transformers.Phi3Config(**_BASE, rope_parameters=_one_rope() | {
-            "rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
-            "original_max_position_embeddings": 128}),
-        settings(), r"phi3 uses rope_type 'longrope'.*Supported: rotary embeddings with fixed frequencies",
+    "phi3 longrope, C + 256 >= 384": (
+        lambda: transformers.Phi3Config(**_BASE, original_max_position_embeddings=384, rope_parameters=_one_rope() | {
+            "rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}),
+        StreamingSettings(4, 196), r"phi3 uses rope_type 'longrope', whose frequencies change with the sequence length "
+                                   r"once positions reach 384 .*Supported: start_size \+ recent_size <= 127",
     ),
     "gpt2 positions < C": (
         lambda: transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=CAPACITY),
         settings(), r"gpt2 has learned absolute positions 0\.\.19, but streaming positions reach C = 20",
     ),
-    "gptj (interleaved RoPE)": (
-        lambda: transformers.GPTJConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=2, rotary_dim=8),
-        settings(), "does not support model_type 'gptj'.*" + SUPPORTED_LIST,
+    "gptj table shorter than C + 256": (
+        lambda: transformers.GPTJConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=2, rotary_dim=8, n_positions=256),
+        settings(), r"gptj reads its rotary angles from a table of positions 0\.\.255, but the streaming paths reach "
+                    r"position C \+ max\(chunk_size, 256\) = 276",
     ),
     "bloom (ALiBi)": (
         lambda: transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2),
         settings(), "does not support model_type 'bloom'.*" + SUPPORTED_LIST,
     ),
-    "smollm3 (NoPE layers)": (
-        lambda: transformers.SmolLM3Config(**_BASE), settings(),
-        "does not support model_type 'smollm3'.*" + SUPPORTED_LIST,
+    "falcon (attention outside the interface)": (
+        lambda: transformers.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2),
+        settings(), "does not support model_type 'falcon': its attention runs inside FalconAttention.*" + SUPPORTED_LIST,
+    ),
+    "stablelm (kwargs dropped)": (
+        lambda: transformers.StableLmConfig(**_BASE), settings(),
+        "does not support model_type 'stablelm': StableLmDecoderLayer does not pass.*" + SUPPORTED_LIST,
+    ),
+    "mpt (ALiBi)": (
+        lambda: transformers.MptConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2), settings(),
+        "does not support model_type 'mpt': ALiBi is added inside the model's own attention code.*" + SUPPORTED_LIST,
+    ),
+    "deepseek_v3 (MLA)": (
+        lambda: transformers.DeepseekV3Config(
+            **_BASE, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+            n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=2),
+        settings(), "does not support model_type 'deepseek_v3': multi-head latent attention caches.*" + SUPPORTED_LIST,
     ),
 }
 
@@ -327,6 +426,53 @@ def test_unsupported_is_refused_with_what_is_supported(case, one_thread):
     model = transformers.AutoModelForCausalLM.from_config(config())
     with pytest.raises(NotImplementedError, match=message):
         check_model_supported(model, given)
+    with pytest.raises(NotImplementedError, match=message):  # a known refusal is not overridden
+        check_model_supported(model, given, trust_positions="rope")
+
+
+def test_every_known_refusal_is_tested():
+    tested = {REFUSED[case][0]().model_type for case in REFUSED}
+    assert all(set(refusal.model_types) & tested for refusal in REFUSED_ARCHITECTURES)
+
+
+@pytest.mark.parametrize("case, error", [
+    ("falcon (attention outside the interface)", r"0 of 1 layers ran the chunked attention function"),
+    ("stablelm (kwargs dropped)", r"streaming_lm_chunked attention called without a streaming_plan"),
+])
+def test_the_chunked_path_cannot_reach_their_attention(case, error, one_thread):
+    """The reasons given for falcon and stablelm, shown: the chunked path fails loudly instead of silently."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(REFUSED[case][0]()).eval()
+    ids = torch.randint(3, 64, (CAPACITY + 4,))
+    with pytest.raises(RuntimeError, match=error):
+        score_stream_chunked(model, ids, settings(), find_rotary(model), CHUNK)
+
+
+# --- trust_positions=rope: an unlisted type accepted after a self-check on its own weights -----------
+
+class _Exaone4Copy(transformers.Exaone4Config):
+    """A new model type no structural check knows: exaone4's hybrid layers under another name."""
+
+    model_type = "exaone4_copy"
+
+
+def test_trusted_unlisted_type_passes_the_self_check(one_thread):
+    """arcee (not listed: llama attention, ReLU² MLP) streams exactly, so the self-check accepts it."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.ArceeConfig(**_BASE)).eval()
+    with pytest.raises(NotImplementedError, match="does not support model_type 'arcee'.*trust_positions=rope"):
+        check_model_supported(model, settings())
+    check_model_supported(model, settings(), trust_positions="rope")
+
+
+def test_trusted_unlisted_type_failing_the_self_check_is_refused(one_thread):
+    """Global layers without RoPE under an unknown name: only running the model can tell, and the self-check does."""
+    config = _Exaone4Copy(**_BASE, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = transformers.Exaone4ForCausalLM(config).eval()
+    with pytest.raises(NotImplementedError, match=r"trust_positions=rope: exaone4_copy failed the start-up self-check "
+                                                  r"\(\d+ tokens, positions=original, chunked vs token loop"):
+        check_model_supported(model, settings(), trust_positions="rope")
 
 
 # --- through lm-eval ------------------------------------------------------------------------------
@@ -357,6 +503,17 @@ def test_adapter_equals_dense_hf(name, tmp_path, one_thread):
     assert streamed == pytest.approx(float(reference), rel=1e-5)
 
 
+def test_adapter_trusts_an_unlisted_rope_type_after_its_self_check(tmp_path, one_thread):
+    config = transformers.ArceeConfig(**_BASE | {"vocab_size": len(tiny_tokenizer())})
+    folder = save_tiny(tmp_path / "arcee", config)
+    with pytest.raises(NotImplementedError, match="does not support model_type 'arcee'"):
+        StreamingHFLM(pretrained=str(folder), **ADAPTER)
+    lm = StreamingHFLM(pretrained=str(folder), trust_positions="rope", **ADAPTER)
+    dense = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer)
+    (expected,) = dense.loglikelihood_rolling(rolling(SHORT_TEXT))
+    assert lm.loglikelihood_rolling(rolling(SHORT_TEXT))[0] == pytest.approx(expected, rel=1e-5)
+
+
 def test_adapter_refuses_an_unsupported_model_type_at_construction(tmp_path):
     config = transformers.BloomConfig(vocab_size=len(tiny_tokenizer()), hidden_size=32, n_layer=1, n_head=2)
     folder = save_tiny(tmp_path / "bloom", config)
@@ -379,3 +536,14 @@ def test_original_positions_beyond_learned_ones_are_refused(one_thread):
     with pytest.raises(ValueError, match=message):
         stream.step(int(ids[-1]))
     assert score(model, ids, StreamingSettings(START, RECENT, "shifted"), None).evicted > 0  # shifted streams on
+
+
+def test_original_positions_beyond_fixed_rope_frequencies_are_refused(one_thread):
+    """longrope switches frequencies past original_max_position_embeddings: positions=original stops there."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Phi3Config(
+        **_BASE, original_max_position_embeddings=CAPACITY + 10, rope_parameters=_one_rope() | {
+            "rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8})).eval()
+    ids = torch.randint(3, 64, (CAPACITY + 11,))
+    with pytest.raises(ValueError, match=r"but phi3 has fixed RoPE frequencies at positions 0\.\.29 only"):
+        score(model, ids, StreamingSettings(START, RECENT, "original", method="token"), find_rotary(model))

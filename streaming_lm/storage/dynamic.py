@@ -11,7 +11,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ..policy import EvictionPolicy
-from ..rotary import RotaryShift
+from ..rotary import LayerShifts, RotaryShift
 from .accounting import KVAccounting
 
 
@@ -65,8 +65,9 @@ class EvictingDynamicLayer(DynamicLayer):
 class EvictingDynamicCache(KVAccounting, Cache):
     """A ``Cache`` of ``EvictingDynamicLayer`` s, one per decoder layer."""
 
-    def __init__(self, num_layers: int, policy: EvictionPolicy, shift: RotaryShift | None):
-        super().__init__(layers=[EvictingDynamicLayer(policy, shift) for _ in range(num_layers)])
+    def __init__(self, num_layers: int, policy: EvictionPolicy, shift: RotaryShift | LayerShifts | None):
+        super().__init__(layers=[EvictingDynamicLayer(policy, shift.for_layer(i) if shift is not None else None)
+                                 for i in range(num_layers)])
         self.policy = policy
 
     @property

@@ -12,7 +12,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..policy import ScoredPolicy
-from ..rotary import RotaryShift
+from ..rotary import LayerShifts, RotaryShift
 from .accounting import KVAccounting
 
 
@@ -109,8 +109,10 @@ class ScoredDynamicLayer(DynamicLayer):
 class ScoredDynamicCache(KVAccounting, Cache):
     """A ``Cache`` of ``ScoredDynamicLayer`` s, one per decoder layer."""
 
-    def __init__(self, num_layers: int, policy: ScoredPolicy, shift: RotaryShift | None, rows: bool = False):
-        super().__init__(layers=[ScoredDynamicLayer(policy, shift, rows) for _ in range(num_layers)])
+    def __init__(self, num_layers: int, policy: ScoredPolicy, shift: RotaryShift | LayerShifts | None,
+                 rows: bool = False):
+        super().__init__(layers=[ScoredDynamicLayer(policy, shift.for_layer(i) if shift is not None else None, rows)
+                                 for i in range(num_layers)])
         self.policy = policy
 
     @property

@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ..policy import EvictionPolicy
 from ..positions import first_recent, query_position
-from ..rotary import RotaryShift
+from ..rotary import LayerShifts, RotaryShift
 from ..settings import StreamingSettings
 from .accounting import KVAccounting
 
@@ -39,9 +39,10 @@ REBASE_EVERY = 256  # frame resets: one window rotation per 256 tokens; position
 class EvictingStaticLayer(DynamicLayer):
     """One layer's slots: ``keys``/``values`` hold ``S`` sink slots then ``W + 1`` others."""
 
-    def __init__(self, owner: EvictingStaticCache, keys: torch.Tensor, values: torch.Tensor, sink_keys: torch.Tensor):
+    def __init__(self, owner: EvictingStaticCache, keys: torch.Tensor, values: torch.Tensor, sink_keys: torch.Tensor,
+                 shift: RotaryShift | None):
         super().__init__()
-        self.owner = owner
+        self.owner, self.shift = owner, shift  # this layer's shift (None: no RoPE here, nothing moves)
         self.keys, self.values, self.sink_keys = keys, values, sink_keys
         self.is_initialized = True
         self.device = keys.device
@@ -53,8 +54,9 @@ class EvictingStaticLayer(DynamicLayer):
         self.values[..., slot : slot + 1, :] = value_states
         if slot < owner.start_size:  # a sink: keep it as computed, to re-rotate later
             self.sink_keys[..., slot : slot + 1, :] = key_states
-        if owner.sink_cos is not None:
-            self.keys[..., : owner.start_size, :] = owner.shift.rotate_by(self.sink_keys, owner.sink_cos, owner.sink_sin)
+        if owner.sink_delta and self.shift is not None:
+            cos, sin = self.shift.cos_sin(owner.sink_delta, self.device)  # memoised per delta
+            self.keys[..., : owner.start_size, :] = self.shift.rotate_by(self.sink_keys, cos, sin)
         return self.keys[..., : owner.attended, :], self.values[..., : owner.attended, :]
 
     def get_seq_length(self) -> int:
@@ -67,8 +69,8 @@ class EvictingStaticLayer(DynamicLayer):
 class EvictingStaticCache(KVAccounting, Cache):
     """A ``Cache`` for one-token steps; build it from a filled dynamic cache with ``from_dynamic``."""
 
-    def __init__(self, policy: EvictionPolicy, settings: StreamingSettings, shift: RotaryShift | None, n: int,
-                 base: int, layers_kv, slot_of: dict[int, int]):
+    def __init__(self, policy: EvictionPolicy, settings: StreamingSettings, shift: RotaryShift | LayerShifts | None,
+                 n: int, base: int, layers_kv, slot_of: dict[int, int]):
         self.policy, self.settings, self.start_size = policy, settings, settings.start_size
         self.rotating = shift is not None and settings.positions == "shifted"
         self.shift = shift
@@ -76,13 +78,15 @@ class EvictingStaticCache(KVAccounting, Cache):
         self.held = len(slot_of)
         self.evicted = n - self.held
         self.write_slot = self.attended = 0
-        self.sink_cos = self.sink_sin = None
+        self.sink_delta = 0  # the sinks' extra rotation this step (0: none)
         self._slot_of = slot_of  # token -> slot, for every token held
         self._free = sorted(set(range(policy.capacity + 1)) - set(slot_of.values()))  # a heap
-        super().__init__(layers=[EvictingStaticLayer(self, *kv) for kv in layers_kv])
+        super().__init__(layers=[EvictingStaticLayer(self, *kv, shift.for_layer(i) if shift is not None else None)
+                                 for i, kv in enumerate(layers_kv)])
 
     @classmethod
-    def from_dynamic(cls, cache, n: int, settings: StreamingSettings, shift: RotaryShift | None) -> EvictingStaticCache:
+    def from_dynamic(cls, cache, n: int, settings: StreamingSettings,
+                     shift: RotaryShift | LayerShifts | None) -> EvictingStaticCache:
         """Move a dynamic cache filled by the chunked path (recent token ``s`` rotated to ``S + s - r0``) into slots."""
         policy, start, capacity = cache.policy, settings.start_size, settings.capacity
         held = policy.held_index(n).tolist()
@@ -94,13 +98,15 @@ class EvictingStaticCache(KVAccounting, Cache):
         else:
             rotate = 0
         layers_kv = []
-        for layer in cache.layers:
+        for i, layer in enumerate(cache.layers):
             keys, values = layer.keys, layer.values
+            layer_shift = shift.for_layer(i) if shift is not None else None
             shape = (*keys.shape[:-2], capacity + 1, keys.shape[-1])
             slot_keys, slot_values = keys.new_zeros(shape), values.new_zeros(shape)
             slot_keys[..., :sinks, :] = keys[..., :sinks, :]
             slot_keys[..., start : start + len(held) - sinks, :] = (
-                shift.rotate(keys[..., sinks:, :], rotate) if rotate else keys[..., sinks:, :]
+                layer_shift.rotate(keys[..., sinks:, :], rotate) if rotate and layer_shift is not None
+                else keys[..., sinks:, :]
             )
             slot_values[..., :sinks, :] = values[..., :sinks, :]
             slot_values[..., start : start + len(held) - sinks, :] = values[..., sinks:, :]
@@ -138,16 +144,16 @@ class EvictingStaticCache(KVAccounting, Cache):
         self.attended = self.held + 1
         position = query_position(t, self.settings)
         if not self.rotating:
-            self.sink_cos = None
+            self.sink_delta = 0
             return position
         if t - self.base > self.settings.capacity + REBASE_EVERY:
             self._rebase(t - self.settings.capacity)
         # Sink j must sit at distance p(t) - j from the query at t - base.
         delta = t - self.base - position
         if delta and start:
-            self.sink_cos, self.sink_sin = self.shift.cos_sin(delta, self.layers[0].keys.device)
+            self.sink_delta = delta
         else:
-            self.sink_cos = None
+            self.sink_delta = 0
             if 0 < start <= t:  # sinks back at their own positions (after a rebase or before any eviction)
                 for layer in self.layers:
                     layer.keys[..., :start, :] = layer.sink_keys
@@ -166,5 +172,6 @@ class EvictingStaticCache(KVAccounting, Cache):
     def _rebase(self, new_base: int) -> None:
         delta = new_base - self.base
         for layer in self.layers:
-            layer.keys[..., self.start_size :, :] = self.shift.rotate(layer.keys[..., self.start_size :, :], -delta)
+            if layer.shift is not None:
+                layer.keys[..., self.start_size :, :] = layer.shift.rotate(layer.keys[..., self.start_size :, :], -delta)
         self.base = new_base

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..scores import ContinuationScore, StreamScore, check_evicted, target_logprobs
-from ..support import cache_kwarg, forward_takes
+from ..forward_args import cache_kwarg, forward_takes
 
 
 class Stream(ABC):

@@ -18,8 +18,9 @@ import dataclasses
 import torch
 from transformers import AttentionInterface
 
+from ..forward_args import num_decoder_layers
 from ..positions import check_positions_fit, first_recent, query_position
-from ..rotary import RotaryShift
+from ..rotary import LayerShifts, RotaryShift
 from .base import as_ids, attention
 from .decode import DecodeStream
 from .token import TokenStream
@@ -35,27 +36,36 @@ class ChunkPlan:
     allowed: torch.Tensor  # bool [Q, K]: query t may attend key column k
     n_sink: int  # the first n_sink key columns are sinks
     query_shift: torch.Tensor  # long [Q]: p(t) - L(t), the extra rotation for sink logits
-    shift: RotaryShift | None
+    shift: RotaryShift | LayerShifts | None  # for_layer(module.layer_idx): the layer's own
+    calls: int = 0  # layers whose attention ran here: a model that bypasses the function must not pass silently
 
 
 def _chunk_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     plan: ChunkPlan | None = kwargs.get(PLAN_KWARG)
     if plan is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention called without a {PLAN_KWARG}")
+    plan.calls += 1
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
     # Grouped-query attention without copying keys: fold each group's heads into the rows.
     rows = query.reshape(batch, kv_heads, group * q_len, dim)
     logits = torch.matmul(rows, key.transpose(-1, -2)) * scaling
-    if plan.n_sink and plan.shift is not None and bool(plan.query_shift.any()):
-        sink_query = plan.shift.rotate(query, plan.query_shift).reshape(batch, kv_heads, group * q_len, dim)
+    shift = plan.shift.for_layer(getattr(module, "layer_idx", None)) if plan.shift is not None else None
+    if plan.n_sink and shift is not None and bool(plan.query_shift.any()):
+        sink_query = shift.rotate(query, plan.query_shift).reshape(batch, kv_heads, group * q_len, dim)
         logits[..., : plan.n_sink] = torch.matmul(sink_query, key[..., : plan.n_sink, :].transpose(-1, -2)) * scaling
     softcap = kwargs.get("softcap")
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     logits = logits.masked_fill(~plan.allowed.repeat(group, 1), float("-inf"))
+    learned = kwargs.get("s_aux")  # gpt-oss: a learned logit per head joins every softmax, then is dropped
+    if learned is not None:
+        column = learned.to(logits.dtype).view(1, kv_heads, group, 1, 1).expand(batch, -1, -1, q_len, 1)
+        logits = torch.cat((logits, column.reshape(batch, kv_heads, group * q_len, 1)), dim=-1)
     weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(value.dtype)
+    if learned is not None:
+        weights = weights[..., :-1]
     out = torch.matmul(weights, value).reshape(batch, heads, q_len, dim)
     return out.transpose(1, 2).contiguous(), None
 
@@ -86,6 +96,7 @@ class ChunkedStream(TokenStream):
     def __init__(self, model, settings, shift, batch_size: int = 1):
         super().__init__(model, settings, shift)
         self._decoder: DecodeStream | None = None  # once the stream steps
+        self._layers = num_decoder_layers(model)
 
     def read_passes(self, ids, last_only: bool = False):
         ids = as_ids(ids, self.model.device)
@@ -101,6 +112,11 @@ class ChunkedStream(TokenStream):
                 plan, positions = plan_chunk(first + a, first + b, self, ids.device)
                 logits = self.model(input_ids=ids[None, a:b], position_ids=positions[None], **kwargs,
                                     **{PLAN_KWARG: plan}).logits
+                if plan.calls < self._layers:
+                    raise RuntimeError(
+                        f"{type(self.model).__name__}: {plan.calls} of {self._layers} layers ran the chunked attention "
+                        "function; the others computed attention in model code that cannot see the chunk's plan"
+                    )
                 self.max_held = max(self.max_held, *self.cache.held_tokens())
                 self.n = first + b
                 yield a, logits[0].float()

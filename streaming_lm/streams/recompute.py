@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..policy import policy_for
 from ..scores import ContinuationScore, StreamScore, target_logprobs
 from ..settings import StreamingSettings
-from ..support import forward_takes
+from ..forward_args import forward_takes
 from .base import Stream, as_ids
 
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 
+from ..forward_args import num_decoder_layers
 from ..positions import check_positions_fit
 from ..storage import ScoredDynamicCache
 from ..storage.scored import step_scores, victims
-from ..support import num_decoder_layers
 from .base import as_ids, attention, forward_kwargs
 from .token import TokenStream
 from .weights import CACHE_KWARG

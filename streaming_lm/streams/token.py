@@ -11,8 +11,8 @@ from ..policy import policy_for
 from ..positions import check_positions_fit, position_limit, query_position
 from ..rotary import RotaryShift
 from ..settings import StreamingSettings
+from ..forward_args import num_decoder_layers
 from ..storage import EvictingDynamicCache, ScoredDynamicCache
-from ..support import num_decoder_layers
 from .base import CachedStream, as_ids, attention, forward_kwargs
 from .weights import ATTENTION_NAME, CACHE_KWARG
 

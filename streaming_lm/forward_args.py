@@ -1,0 +1,23 @@
+"""What a model's forward takes: its decoder depth and keyword arguments (no streaming logic).
+
+Kept apart from ``support`` so that the support checks can run the streams (its start-up self-check)
+while the streams still ask these questions without an import cycle.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+
+def num_decoder_layers(model) -> int:
+    return model.config.get_text_config(decoder=True).num_hidden_layers
+
+
+def forward_takes(model, name: str) -> bool:
+    """Whether ``model.forward`` has a parameter ``name`` (inspect once per stream, not per pass)."""
+    return name in inspect.signature(model.forward).parameters
+
+
+def cache_kwarg(model) -> str:
+    """transformers 5 is renaming ``past_key_values`` to ``cache``; use whichever forward takes."""
+    return "cache" if forward_takes(model, "cache") else "past_key_values"
