@@ -138,6 +138,7 @@ def walk(trie: Trie, open_stream: Callable[[], Stream], visit: Callable[[Stream,
             visit(stream, node.members)
         for k, child in enumerate(reversed(node.children)):
             todo.append((child, stream, k == 0))  # pushed first, popped last: the last child takes the state
+        stream = parent = None  # a finished state must not outlive its turn (it would count while the next forks)
     if root_children == 0:
         stats.max_alive = 0
     return stats
