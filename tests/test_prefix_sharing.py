@@ -84,6 +84,20 @@ def test_every_context_is_visited_once_with_exactly_its_tokens():
     assert (stats.requests, stats.contexts) == (7, 6)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_random_contexts_read_each_distinct_prefix_once(seed):
+    """Property: an ideal trie reads each distinct non-empty prefix of the contexts exactly once."""
+    import random
+
+    rng = random.Random(seed)
+    contexts = [[rng.randrange(3) for _ in range(rng.randrange(1, 12))] for _ in range(60)]
+    trie, stats, seen = record_walk(contexts)
+    assert stats.tokens_read == len({tuple(c[:k]) for c in contexts for k in range(1, len(c) + 1)})
+    assert sorted(seen.values()) == sorted({tuple(c) for c in contexts})
+    assert sorted(i for members in seen for i in members) == list(range(len(contexts)))
+    assert Recorder.most == stats.max_alive <= trie.branch_depth + 2
+
+
 def test_without_sharing_only_identical_contexts_are_read_once():
     contexts = few_shot(5) + few_shot(2)
     trie, stats, seen = record_walk(contexts, share=False)

@@ -116,29 +116,28 @@ def walk(trie: Trie, open_stream: Callable[[], Stream], visit: Callable[[Stream,
     """
     stats = WalkStats(trie.requests, 0, 0, 0, 0, 0)
     # (node, the parent's stream, whether this node may take that stream over instead of forking it)
-    todo: list[tuple[Node, Stream, bool]] = [(child, None, False) for child in reversed(trie.root.children)]
-    root_children = len(todo)
+    todo: list[tuple[Node, Stream | None, bool]] = [(child, None, False) for child in reversed(trie.root.children)]
+    waiting = 0  # states kept on the stack for children still to come (one per such node)
     while todo:
         node, parent, owned = todo.pop()
         if parent is None:
             stream = open_stream()
         elif owned:
-            stream = parent
+            stream, waiting = parent, waiting - 1
         else:
             stream, stats.forks = parent.fork(), stats.forks + 1
         edge = node.ref[stream.n : node.depth]
         stream.extend(list(edge))
         stats.tokens_read += len(edge)
-        # States alive: those waiting on the stack, this one, and the visitor's branch.
-        waiting = {id(s) for _, s, _ in todo if s is not None}
-        stats.max_alive = max(stats.max_alive, len(waiting | {id(stream)}) + (1 if node.members else 0))
+        # Alive: the waiting states, this one, and the visitor's branch.
+        stats.max_alive = max(stats.max_alive, waiting + 1 + (1 if node.members else 0))
         if node.members:
             stats.contexts += 1
             stats.tokens_unshared += node.depth
             visit(stream, node.members)
+        if node.children:
+            waiting += 1
         for k, child in enumerate(reversed(node.children)):
             todo.append((child, stream, k == 0))  # pushed first, popped last: the last child takes the state
         stream = parent = None  # a finished state must not outlive its turn (it would count while the next forks)
-    if root_children == 0:
-        stats.max_alive = 0
     return stats
