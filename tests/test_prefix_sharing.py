@@ -8,8 +8,10 @@ Every result must equal the unshared computation: each distinct context read fro
 - ``chunked``: the unshared read of a context cuts it into chunks from its first token; sharing starts a
   new chunk at every branch point, so the chunks differ and so does float rounding (different matmul
   shapes). Compared at 1e-5 relative, the bound docs/semantics.md gives for chunked vs token, with an
-  absolute floor of 1e-5 per scored token. A separate test puts every branch point on the chunk grid:
-  then the chunks are the same and the numbers are bit-exact, so the tolerance hides nothing but rounding.
+  absolute floor of 1e-5 per scored token (seen: about 3e-8). A separate test puts every branch point on
+  the chunk grid: then the chunks are the same and the numbers are bit-exact, so the tolerance hides
+  nothing but rounding. (The chunked path also reads a context's continuations as the rows of one batch,
+  with or without sharing; that test therefore gives the unshared run the same continuations together.)
 """
 
 import dataclasses
@@ -191,9 +193,11 @@ def test_chunked_is_bit_exact_when_every_branch_point_is_on_the_chunk_grid(tiny,
              for a in (" yes", " no, not at all")]
     got, stats = score_requests(model, pairs, settings, shift)
     assert stats.tokens_read == 24 + 3 * 8
-    for (context, continuation), scored in zip(pairs, got, strict=True):
-        (expected,) = score_continuations(model, context, [continuation], settings, shift)
-        assert_same(scored, expected, exact=True, n_tokens=len(continuation))
+    # Unshared, each context with all its continuations (they are read as one batch either way).
+    for k in range(0, len(pairs), 2):
+        expected = score_continuations(model, pairs[k][0], [pairs[k][1], pairs[k + 1][1]], settings, shift)
+        for scored, reference, (_, continuation) in zip(got[k : k + 2], expected, pairs[k : k + 2], strict=True):
+            assert_same(scored, reference, exact=True, n_tokens=len(continuation))
 
 
 @pytest.mark.parametrize(("method", "positions"), VARIANTS)
@@ -230,3 +234,22 @@ def test_adapter_returns_lm_evals_order_and_the_unshared_numbers(tiny):
     assert lm.loglikelihood(requests) == got and lm.generate_until(gens) == generated
     assert shared.tokens_read < lm.prefix_stats.tokens_read == shared.tokens_unshared
     assert len(set(got)) == len(got)  # distinct numbers: the order is checked, not a constant
+
+
+@pytest.mark.parametrize("positions", ["shifted", "original"])
+def test_chunked_reads_a_contexts_continuations_as_one_batch_with_the_one_row_numbers(tiny, positions):
+    """More continuations than CONTINUATION_ROWS, of mixed lengths (one token: no pass at all), evicting."""
+    from helpers.engine import score_stream
+    from streaming_lm.streams import chunked
+
+    model, tokenizer = tiny
+    shift, settings = find_rotary(model), settings_for("chunked", positions, chunk_size=8)
+    context = tokenizer.encode("A context longer than the cache: 0123456789")
+    continuations = [tokenizer.encode(" " + "abcdefghijklmnopqrstuvwxyz"[: k % 13]) for k in range(chunked.CONTINUATION_ROWS + 3)]
+    got = score_continuations(model, context, continuations, settings, shift)
+    for continuation, scored in zip(continuations, got, strict=True):
+        (alone,) = score_continuations(model, context, [continuation], settings, shift)
+        assert_same(scored, alone, exact=False, n_tokens=len(continuation))
+        reference = score_stream(model, context + continuation, settings, shift)  # the token loop
+        assert scored.logprob == pytest.approx(float(reference.logprobs[-len(continuation):].double().sum()), abs=5e-4)
+        assert scored.evicted == reference.evicted

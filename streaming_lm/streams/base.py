@@ -107,11 +107,11 @@ class Stream(ABC):
                 # Reading mutates the state: each continuation gets its own copy of the context state.
                 branch = self.fork()
                 logits = torch.cat((last, branch.read(continuation[:-1])))
-            results.append(_continuation_score(logits, continuation, branch.evicted, self.n, self.settings))
+            results.append(continuation_score(logits, continuation, branch.evicted, self.n, self.settings))
         return results
 
 
-def _continuation_score(logits, continuation, evicted: int, n_context: int, settings) -> ContinuationScore:
+def continuation_score(logits, continuation, evicted: int, n_context: int, settings) -> ContinuationScore:
     target = torch.as_tensor(continuation, dtype=torch.long, device=logits.device)
     if settings is not None:
         check_evicted(n_context + len(continuation), evicted, settings)
