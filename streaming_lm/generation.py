@@ -17,6 +17,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 from .rotary import RotaryShift
 from .settings import StreamingSettings
 from .streams import open_stream
+from .streams.shared import Trie, WalkStats, walk
 
 # transformers' defaults for sampling when neither the request nor the model's generation config
 # sets them (GenerationConfig._get_default_generation_params): do_sample=True means top_k=50 there too.
@@ -92,6 +93,38 @@ def generate(
     if len(context) == 0:
         raise ValueError("generation needs at least one context token")
     stream = open_stream(model, settings, shift)
-    logits = stream.read(context, last_only=True)[-1]
+    stream.extend(context)
+    return _generate_after_context(stream, max_new_tokens, decode_kwargs)
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    context: Sequence[int]  # token ids, at least one
+    max_new_tokens: int
+    decode_kwargs: dict = dataclasses.field(default_factory=dict)  # pick, eos_token_ids, stop (``decode``)
+
+
+def generate_requests(
+    model, requests: Sequence[GenerationRequest], settings: StreamingSettings, shift: RotaryShift | None,
+    share: bool = True, on_result: Callable[[int, Generation], None] | None = None,
+) -> tuple[list[Generation], WalkStats]:
+    """``generate`` for every request, in the order given; contexts' common prefixes are read once
+    (``streams.shared``; ``share=False``: only identical contexts are). ``on_result(index, generation)``."""
+    results: list = [None] * len(requests)
+
+    def visit(stream, members):
+        for i in members:
+            # Decoding changes the state; the context's state stays for the requests after this one.
+            results[i] = _generate_after_context(stream.fork(), requests[i].max_new_tokens, requests[i].decode_kwargs)
+            if on_result is not None:
+                on_result(i, results[i])
+
+    trie = Trie([request.context for request in requests], share=share)
+    stats = walk(trie, lambda: open_stream(model, settings, shift), visit)
+    return results, stats
+
+
+def _generate_after_context(stream, max_new_tokens: int, decode_kwargs: dict) -> Generation:
+    logits = stream.last_logits()[-1]
     tokens = decode(stream, logits, max_new_tokens, **decode_kwargs) if max_new_tokens > 0 else []
     return Generation(tokens, stream.evicted, stream.max_held)

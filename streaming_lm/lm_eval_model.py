@@ -23,8 +23,8 @@ from lm_eval.models.utils_hf import stop_sequences_criteria
 from tqdm.auto import tqdm
 
 from . import settings as settings_mod
-from .continuation import score_continuations
-from .generation import SAMPLING_DEFAULTS, greedy, generate, sampler
+from .continuation import score_requests
+from .generation import SAMPLING_DEFAULTS, GenerationRequest, generate_requests, greedy, sampler
 from .offline_models import resolve_pretrained
 from .policy import policy_class
 from .scoring import score
@@ -58,6 +58,11 @@ class StreamingHFLM(HFLM):
     ``policy``, ``heavy_size``; docs/semantics.md, docs/policies.md) and ``trust_positions=rope``
     (``support.check_model_supported``). Every other argument is HFLM's.
     """
+
+    # Read common context prefixes once across a run's requests (same numbers; docs/requests.md). False
+    # reads every distinct context from an empty stream: the baseline of scripts/bench_prefix.py.
+    share_prefixes = True
+    prefix_stats = None  # the last loglikelihood / generate_until call's streams.shared.WalkStats
 
     def __init__(self, pretrained, **kwargs) -> None:
         pretrained, kwargs = resolve_pretrained(pretrained, kwargs)  # pretrained=smollm2: offline_models
@@ -120,39 +125,34 @@ class StreamingHFLM(HFLM):
         """``loglikelihood`` after HFLM's own tokenisation (``TemplateLM.loglikelihood``).
 
         Each request is the stream ``context + continuation`` from an empty cache, with no
-        ``max_length`` truncation; requests with the same context tokens stream it once.
+        ``max_length`` truncation; common context prefixes are read once (``continuation.score_requests``).
         """
         self._warn_batch_size()
-        by_context: dict[tuple, list[int]] = {}
-        for i, (_, context, continuation) in enumerate(requests):
-            by_context.setdefault(tuple(context), []).append(i)
-        results: list = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="streaming loglikelihood")
-        for context, members in by_context.items():
-            continuations = [requests[i][2] for i in members]
-            scores = score_continuations(self.model, list(context), continuations, self.streaming, self.rotary)
-            for i, scored in zip(members, scores, strict=True):
-                answer = (scored.logprob, scored.is_greedy)
-                results[i] = answer
-                self._evicted += scored.evicted
-                self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
-            bar.update(len(members))
+
+        def done(i, scored):
+            self._evicted += scored.evicted
+            self.cache_hook.add_partial("loglikelihood", requests[i][0], (scored.logprob, scored.is_greedy))
+            bar.update(1)
+
+        pairs = [(context, continuation) for _, context, continuation in requests]
+        scores, stats = score_requests(self.model, pairs, self.streaming, self.rotary, self.share_prefixes, done)
         bar.close()
-        self._log_done("loglikelihood", len(requests))
-        return results
+        self._log_done("loglikelihood", len(requests), stats)
+        return [(scored.logprob, scored.is_greedy) for scored in scores]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy or sampled generation, the context streamed in and the cache trimmed after every token.
 
         Stop sequences, ``max_gen_toks``, EOS and post-processing are HFLM's; the context is not
-        left-truncated to ``max_length - max_gen_toks``.
+        left-truncated to ``max_length - max_gen_toks``. Common context prefixes are read once.
         """
         self._warn_batch_size()
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         eos_ids = self.model.generation_config.eos_token_id
         eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
-        results = []
-        for request in tqdm(requests, disable=disable_tqdm or self.rank != 0, desc="streaming generate_until"):
+        prepared, untils = [], []
+        for request in requests:
             context, gen_kwargs = request.args
             kwargs = dict(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks))
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
@@ -162,16 +162,22 @@ class StreamingHFLM(HFLM):
             context_ids = self.tok_batch_encode([context])[0][0].tolist() or [self.prefix_token_id]
             # lm-eval's stop-sequence check, given only the generated ids (it skips the context anyway).
             criteria = stop_sequences_criteria(self.tokenizer, until, 0, 1)
-            stop = lambda tokens: bool(criteria(torch.tensor([tokens]), None).all())  # noqa: E731
-            out = generate(
-                self.model, context_ids, self.streaming, self.rotary, max_gen_toks,
-                pick=pick, eos_token_ids=eos_ids, stop=stop,
-            )
+            stop = lambda tokens, criteria=criteria: bool(criteria(torch.tensor([tokens]), None).all())  # noqa: E731
+            prepared.append(GenerationRequest(context_ids, max_gen_toks,
+                                              dict(pick=pick, eos_token_ids=eos_ids, stop=stop)))
+            untils.append(until)
+        results: list = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="streaming generate_until")
+
+        def done(i, out):
             self._evicted += out.evicted
-            text = self._postprocess(out.tokens, until)
-            results.append(text)
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-        self._log_done("generate_until", len(requests))
+            results[i] = self._postprocess(out.tokens, untils[i])
+            self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
+            bar.update(1)
+
+        _, stats = generate_requests(self.model, prepared, self.streaming, self.rotary, self.share_prefixes, done)
+        bar.close()
+        self._log_done("generate_until", len(requests), stats)
         return results
 
     def _picker(self, kwargs: dict):
@@ -223,10 +229,13 @@ class StreamingHFLM(HFLM):
             # Same numbers either way: each request is one stream, scored on its own.
             eval_logger.warning("streaming_hf scores one stream at a time; batch_size=%s is not used", self.batch_size)
 
-    def _log_done(self, kind: str, n: int) -> None:
+    def _log_done(self, kind: str, n: int, stats) -> None:
+        self.prefix_stats = stats
         eval_logger.info(
-            "streaming_hf: %d %s requests with cache %s; %d tokens evicted so far",
-            n, kind, self.streaming.as_dict(), self._evicted,
+            "streaming_hf: %d %s requests with cache %s; %d tokens evicted so far; shared prefixes: %d context "
+            "tokens read instead of %d, at most %d stream states alive",
+            n, kind, self.streaming.as_dict(), self._evicted, stats.tokens_read, stats.tokens_unshared,
+            stats.max_alive,
         )
 
     def barrier(self) -> None:

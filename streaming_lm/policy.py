@@ -47,6 +47,10 @@ class EvictionPolicy(ABC):
     def held(self, n: int) -> Runs:
         """Token indices held after reading tokens ``0 .. n-1``: at most ``capacity`` of them, ascending."""
 
+    def evicted_count(self, n: int) -> int:
+        """Tokens evicted after reading ``n`` tokens: each token read is either held or was evicted once."""
+        return n - sum(b - a for a, b in self.held(n))
+
     def held_index(self, n: int) -> torch.Tensor:
         """``held(n)`` as a tensor of token indices."""
         return torch.cat([torch.arange(a, b) for a, b in self.held(n)])

@@ -65,7 +65,20 @@ class Stream(ABC):
     def read(self, ids, last_only: bool = False) -> torch.Tensor:
         """Read tokens and return the float32 logits after each ([len, vocab]; [1, vocab] if last_only)."""
         out = [logits for _, logits in self.read_passes(ids, last_only)]
-        return out[-1][-1:] if last_only else torch.cat(out)
+        self._last = out[-1][-1:]
+        return self._last if last_only else torch.cat(out)
+
+    def extend(self, ids) -> None:
+        """Read context tokens of which only the last one's logits matter (``last_logits``): a context, or a
+        piece of one shared by several requests (``streams.shared``)."""
+        self.read(ids, last_only=True)
+
+    def last_logits(self) -> torch.Tensor:
+        """The float32 logits [1, vocab] after the last token read by ``read`` or ``extend``."""
+        last = getattr(self, "_last", None)
+        if last is None:
+            raise RuntimeError("last_logits() before any token was read")
+        return last
 
     @torch.inference_mode()
     def score(self, ids, progress: bool = False) -> StreamScore:
@@ -82,9 +95,12 @@ class Stream(ABC):
 
     @torch.inference_mode()
     def score_continuations(self, context, continuations) -> list[ContinuationScore]:
-        """Each continuation after ``context``, as the stream ``context + continuation``: the context is read
-        once, every continuation from a fork of that state."""
-        last = self.read(context, last_only=True)  # the logits that predict the first continuation token
+        """Each continuation after ``context``, as the stream ``tokens read so far + context + continuation``:
+        the context is read once, every continuation from a fork of that state. ``context`` may be empty
+        when the stream has read it already (``streams.shared``); the stream is left after the context."""
+        if len(context):
+            self.extend(context)
+        last = self.last_logits()  # predicts the first continuation token
         results = []
         for continuation in continuations:
             branch, logits = self, last
@@ -92,11 +108,11 @@ class Stream(ABC):
                 # Reading mutates the state: each continuation gets its own copy of the context state.
                 branch = self.fork()
                 logits = torch.cat((last, branch.read(continuation[:-1])))
-            results.append(_continuation_score(logits, continuation, branch.evicted, len(context), self.settings))
+            results.append(continuation_score(logits, continuation, branch.evicted, self.n, self.settings))
         return results
 
 
-def _continuation_score(logits, continuation, evicted: int, n_context: int, settings) -> ContinuationScore:
+def continuation_score(logits, continuation, evicted: int, n_context: int, settings) -> ContinuationScore:
     target = torch.as_tensor(continuation, dtype=torch.long, device=logits.device)
     if settings is not None:
         check_evicted(n_context + len(continuation), evicted, settings)

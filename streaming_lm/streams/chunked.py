@@ -21,11 +21,15 @@ from transformers import AttentionInterface
 from ..forward_args import num_decoder_layers
 from ..positions import check_positions_fit, first_recent, query_position
 from ..rotary import LayerShifts, RotaryShift
-from .base import as_ids, attention
+from ..scores import ContinuationScore
+from .base import as_ids, attention, continuation_score
 from .decode import DecodeStream
 from .token import TokenStream
 
 ATTENTION_NAME = "streaming_lm_chunked"
+# Continuations of one context read in one pass (a batch): that many copies of the context state while
+# they are read (docs/requests.md's memory bound).
+CONTINUATION_ROWS = 8
 PLAN_KWARG = "streaming_plan"
 
 
@@ -104,14 +108,21 @@ class ChunkedStream(TokenStream):
             for i, token in enumerate(ids.tolist()):
                 yield i, self.step(token)[None]
             return
-        check_positions_fit(self.model, self.n + ids.numel(), self._limit)
+        for a, logits in self._read_rows(ids[None], last_only):
+            yield a, logits[0]
+
+    def _read_rows(self, rows: torch.Tensor, last_only: bool = False):
+        """Read ``rows`` ([B, L] token ids; B > 1 only on a state that is thrown away after, see
+        ``score_continuations``): yields ``(offset, float32 logits [B, q, vocab])`` per chunk of L."""
+        width = rows.shape[1]
+        check_positions_fit(self.model, self.n + width, self._limit)
         kwargs, chunk, first = self._kwargs[last_only], self.settings.chunk_size, self.n
         with attention(self.model, ATTENTION_NAME):
-            for a in range(0, ids.numel(), chunk):
-                b = min(a + chunk, ids.numel())
-                plan, positions = plan_chunk(first + a, first + b, self, ids.device)
-                logits = self.model(input_ids=ids[None, a:b], position_ids=positions[None], **kwargs,
-                                    **{PLAN_KWARG: plan}).logits
+            for a in range(0, width, chunk):
+                b = min(a + chunk, width)
+                plan, positions = plan_chunk(first + a, first + b, self, rows.device)
+                logits = self.model(input_ids=rows[:, a:b], position_ids=positions.expand(rows.shape[0], -1),
+                                    **kwargs, **{PLAN_KWARG: plan}).logits
                 if plan.calls < self._layers:
                     raise RuntimeError(
                         f"{type(self.model).__name__}: {plan.calls} of {self._layers} layers ran the chunked attention "
@@ -119,7 +130,41 @@ class ChunkedStream(TokenStream):
                     )
                 self.max_held = max(self.max_held, *self.cache.held_tokens())
                 self.n = first + b
-                yield a, logits[0].float()
+                yield a, logits.float()
+
+    @torch.inference_mode()
+    def score_continuations(self, context, continuations) -> list[ContinuationScore]:
+        """As ``Stream.score_continuations``, but the continuations of a context are read together, up to
+        ``CONTINUATION_ROWS`` per forward pass as the rows of a batch (right-padded: a row's padding comes
+        after its tokens, so no real token sees it). A pass of a few tokens costs about as much as reading
+        the weights once, so this is what makes multiple choice fast; the numbers are the one-row ones to
+        float rounding (other matmul shapes), as chunking is."""
+        if self._decoder is not None:
+            return super().score_continuations(context, continuations)
+        if len(context):
+            self.extend(context)
+        last, n = self.last_logits(), self.n
+        results: list = [None] * len(continuations)
+        longer = sorted((i for i, c in enumerate(continuations) if len(c) > 1), key=lambda i: -len(continuations[i]))
+        for i, continuation in enumerate(continuations):
+            if len(continuation) == 1:
+                results[i] = continuation_score(last, continuation, self.evicted, n, self.settings)
+        for start in range(0, len(longer), CONTINUATION_ROWS):
+            batch = longer[start : start + CONTINUATION_ROWS]  # longest first: rows of similar length together
+            width = len(continuations[batch[0]]) - 1
+            rows = torch.tensor([[*continuations[i][:-1], *[continuations[i][0]] * (width + 1 - len(continuations[i]))]
+                                 for i in batch], dtype=torch.long, device=self.model.device)
+            branch = self.fork()
+            branch.cache.expand_batch(len(batch))
+            logits = torch.cat([out for _, out in branch._read_rows(rows)], dim=1)
+            del branch  # B copies of the state: gone before the next batch
+            for r, i in enumerate(batch):
+                continuation = continuations[i]
+                # The row's evictions are those of its own stream (the padding read after it is not its).
+                evicted = self.policy.evicted_count(n + len(continuation) - 1)
+                results[i] = continuation_score(torch.cat((last, logits[r, : len(continuation) - 1])), continuation,
+                                                evicted, n, self.settings)
+        return results
 
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:

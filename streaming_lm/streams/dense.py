@@ -28,6 +28,7 @@ class DenseStream(CachedStream):
         out = self.model(input_ids=ids, position_ids=positions, **self._kwargs[last_only])
         self.n += ids.shape[1]
         logits = out.logits[0].float()
+        self._last = logits[-1:]
         return logits[-1:] if last_only else logits
 
     def step(self, token: int) -> torch.Tensor:

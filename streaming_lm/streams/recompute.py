@@ -49,6 +49,7 @@ class RecomputeStream(Stream):
         self.policy = policy_for(settings)
         self.ids = torch.empty(0, dtype=torch.long, device=model.device)
         self.max_held = 0
+        self._last = None
         self._can_keep = forward_takes(model, "logits_to_keep")
 
     @property
@@ -89,6 +90,19 @@ class RecomputeStream(Stream):
     def step(self, token: int) -> torch.Tensor:
         return self.read([token], last_only=True)[-1]
 
+    def extend(self, ids) -> None:
+        """Only recorded: with no cache there is nothing to share, and the windows that score a continuation
+        depend on where it ends (``score_continuations`` computes them from the whole stream)."""
+        self.ids = torch.cat((self.ids, as_ids(ids, self.model.device)))
+        self._last = None
+
+    @torch.inference_mode()
+    def last_logits(self) -> torch.Tensor:
+        """The pass over the window ending at the last token (what ``read(..., last_only=True)`` computes)."""
+        if self._last is None:
+            self._last = self._logits(self._window(self.ids, self.n - 1)[None], 1)[0]
+        return self._last
+
     @torch.inference_mode()
     def _score_groups(self, ids: torch.Tensor, first_scored: int = 0, progress: bool = False):
         """log p and argmax hits of ``ids[1:]``; only groups holding a position ``>= first_scored`` are computed
@@ -127,12 +141,16 @@ class RecomputeStream(Stream):
         return StreamScore(logprobs, self.evicted, min(self.n, self.settings.capacity), greedy)
 
     def score_continuations(self, context, continuations) -> list[ContinuationScore]:
-        """Each continuation's entries of ``score`` on ``context + continuation`` (whole-stream groups)."""
-        first = len(context) - 1  # the position whose logits predict the first continuation token
+        """Each continuation's entries of ``score`` on ``tokens read + context + continuation`` (whole-stream
+        groups); the stream is left after the context."""
+        if len(context):
+            self.extend(context)
+        first = self.n - 1  # the position whose logits predict the first continuation token
         results = []
         for continuation in continuations:
             branch = self.fork()
-            ids = torch.as_tensor([*context, *continuation], dtype=torch.long, device=self.model.device)
+            tail = torch.as_tensor(list(continuation), dtype=torch.long, device=self.model.device)
+            ids = torch.cat((self.ids, tail))
             logprobs, greedy = branch._score_groups(ids, first_scored=first)
             results.append(ContinuationScore(float(logprobs[first:].double().sum()), bool(greedy[first:].all()),
                                              branch.evicted))
