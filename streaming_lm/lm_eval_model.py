@@ -26,6 +26,7 @@ from . import settings as settings_mod
 from .continuation import score_requests
 from .generation import SAMPLING_DEFAULTS, GenerationRequest, generate_requests, greedy, sampler
 from .offline_models import resolve_pretrained
+from .policy import policy_class
 from .scoring import score
 from .streams import uses_batch_size
 from .support import check_model_supported, find_rotary
@@ -52,8 +53,8 @@ class StreamingHFLM(HFLM):
     """``HFLM`` whose every request type is computed through a bounded streaming cache.
 
     Extra model args: the fields of ``StreamingSettings`` (``settings.KNOBS``: ``start_size``,
-    ``recent_size`` or ``compression_ratio``, ``positions``, ``method``, ``chunk_size``, ``stride``;
-    docs/semantics.md). Every other argument is HFLM's.
+    ``recent_size`` or ``compression_ratio``, ``positions``, ``method``, ``chunk_size``, ``stride``,
+    ``policy``, ``heavy_size``; docs/semantics.md, docs/policies.md). Every other argument is HFLM's.
     """
 
     # Read common context prefixes once across a run's requests (same numbers; docs/requests.md). False
@@ -68,6 +69,7 @@ class StreamingHFLM(HFLM):
         _refuse_misspelt_args(kwargs)
         self._max_length_arg = kwargs.get("max_length")
         self.streaming = settings_mod.resolve(**self._streaming_args, max_length=self._max_length_arg)
+        policy_class(self.streaming.policy)  # a plug-in policy is imported and checked before the model loads
         super().__init__(pretrained, **kwargs)
         accelerator = getattr(self, "accelerator", None)
         if accelerator is not None and accelerator.num_processes > 1 and self.world_size == 1:

@@ -1,10 +1,9 @@
-"""The lm-eval adapter on a tiny local checkpoint: arguments, dense equality, refusals."""
+"""The lm-eval adapter on a tiny local checkpoint: arguments, dense equality (refusals: tests/test_bad_inputs.py)."""
 
 import pytest
-import transformers
 from lm_eval.models.huggingface import HFLM
 
-from helpers.models import rolling
+from helpers.requests import rolling
 from streaming_lm.support import find_rotary
 from helpers.engine import score_stream
 
@@ -22,75 +21,6 @@ def streaming(tiny_dir, **kwargs):
     return StreamingHFLM(pretrained=str(tiny_dir), device="cpu", dtype="float32", **kwargs)
 
 
-BAD_ARGS = [
-    (dict(start_size=-1), "start_size must be an integer >= 0"),
-    (dict(start_size=2.5), "start_size must be an integer >= 0"),
-    (dict(start_size="four"), "start_size must be an integer >= 0"),
-    (dict(recent_size=0), "recent_size must be an integer >= 1"),
-    (dict(recent_size=-3), "recent_size must be an integer >= 1"),
-    (dict(recent_size=10.5), "recent_size must be an integer >= 1"),
-    (dict(recent_size=16, compression_ratio=0.5), "either recent_size or compression_ratio"),
-    (dict(compression_ratio=1.0), r"compression_ratio must be in \[0, 1\)"),
-    (dict(compression_ratio=-0.1), r"compression_ratio must be in \[0, 1\)"),
-    (dict(compression_ratio="half"), r"compression_ratio must be a number in \[0, 1\)"),
-    (dict(compression_ratio=0.99, max_length=100), "recent_size must be >= 1"),
-    (dict(positions="absolute"), "positions must be one of shifted, original"),
-    (dict(method="fast"), "method must be one of chunked, token"),
-    (dict(chunk_size=0), "chunk_size must be an integer >= 1"),
-    (dict(chunk_size=1.5), "chunk_size must be an integer >= 1"),
-]
-
-
-@pytest.mark.parametrize("kwargs,message", BAD_ARGS)
-def test_bad_arguments_fail_before_loading(kwargs, message):
-    # The path does not exist: reaching the loader would raise a different error.
-    with pytest.raises(ValueError, match=message):
-        StreamingHFLM(pretrained="/nonexistent/model", **kwargs)
-
-
-def test_ratio_without_max_length_fails_before_weights_load(tmp_path, monkeypatch):
-    from helpers.models import save_tiny
-
-    config = transformers.LlamaConfig(
-        vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
-    )
-    model_dir = save_tiny(tmp_path / "short", config)
-
-    def no_weights(*args, **kwargs):
-        raise AssertionError("weights were loaded before the arguments were checked")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
-    # max_length 16, ratio 0.5 -> C = 8 = start_size: no recent token left.
-    with pytest.raises(ValueError, match="recent_size must be >= 1"):
-        StreamingHFLM(pretrained=str(model_dir), device="cpu", start_size=8, compression_ratio=0.5)
-
-
-def test_ratio_uses_the_given_max_length(tmp_path):
-    from helpers.models import save_tiny
-
-    config = transformers.LlamaConfig(
-        vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
-    )
-    model_dir = save_tiny(tmp_path / "short", config)
-    # The config alone (16) would leave no recent token; the max_length given (1000) governs.
-    lm = StreamingHFLM(pretrained=str(model_dir), device="cpu", start_size=8, compression_ratio=0.5, max_length=1000)
-    assert (lm.streaming.capacity, lm.streaming.recent_size) == (500, 492)
-
-
-def test_unsupported_model_fails_after_loading(tmp_path):
-    from helpers.models import save_tiny
-
-    config = transformers.MistralConfig(
-        vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, sliding_window=8,
-    )
-    model_dir = save_tiny(tmp_path / "mistral", config)
-    with pytest.raises(NotImplementedError, match="sliding-window"):
-        streaming(model_dir)
-
-
 def test_compression_ratio_sets_the_budget(tiny_dir):
     lm = streaming(tiny_dir, start_size=4, compression_ratio=0.75, max_length=200)
     assert (lm.streaming.capacity, lm.streaming.recent_size) == (50, 46)
@@ -102,7 +32,8 @@ def test_defaults_and_results_config(tiny_dir):
     info = lm.get_model_info()["streaming"]
     assert info | {"evicted_tokens": 0} == {
         "start_size": 4, "recent_size": 1020, "positions": "shifted", "method": "chunked",
-        "compression_ratio": None, "chunk_size": 128, "stride": None, "capacity": 1024, "evicted_tokens": 0,
+        "compression_ratio": None, "chunk_size": 128, "stride": None, "policy": "sink_window", "heavy_size": 0,
+        "capacity": 1024, "evicted_tokens": 0,
     }
 
 

@@ -3,7 +3,7 @@
 For each model type of ``streaming_lm.support.SUPPORTED_ARCHITECTURES``: a stream of C + 1 tokens gives
 the dense model's numbers (token loop and chunked path), the chunked path gives the token loop's numbers
 on a stream of 4.5 C tokens in both position modes, the cache stays within C, ``original`` equals the
-independent masked single pass of tests/reference.py, ``shifted`` is what docs/semantics.md says, and the
+independent masked single pass of tests/helpers/reference.py, ``shifted`` is what docs/semantics.md says, and the
 lm-eval adapter equals dense ``hf`` on a short request. The weights are drawn with a larger spread than
 transformers' default (0.02), so that attention is sharp and positions change log-probs by O(1).
 """
@@ -16,7 +16,8 @@ import pytest
 import torch
 import transformers
 from lm_eval.models.huggingface import HFLM
-from helpers.models import rolling, save_tiny, tiny_tokenizer
+from helpers.models import save_tiny, tiny_tokenizer
+from helpers.requests import rolling
 from helpers.engine import score_stream, score_stream_chunked
 from helpers.reference import (
     dense_logprobs,
@@ -24,6 +25,7 @@ from helpers.reference import (
     perplexity,
     shifted_llama_logprobs,
     shifted_one_layer_logprobs,
+    sink_window_mask,
 )
 
 from streaming_lm import StreamingHFLM
@@ -190,9 +192,7 @@ def absolute_shifted_logprobs(model, ids, start, recent):
     masked dense pass with position ids min(s, C) is the token loop.
     """
     n = ids.numel()
-    t, s = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    allowed = (s <= t) & ((s < start) | (s >= t - recent))
-    mask = torch.zeros(n, n).masked_fill(~allowed, float("-inf"))[None, None]
+    mask = sink_window_mask(n, start, recent)
     position_ids = torch.arange(n).clamp(max=start + recent)[None]
     with torch.no_grad():
         logits = model(ids[None], attention_mask=mask, position_ids=position_ids).logits[0].float()
@@ -205,13 +205,25 @@ def test_shifted_positions(arch, model, ids):
     # Up to step C both modes use position t; from then on the query sits at C instead of t.
     torch.testing.assert_close(shifted.logprobs[:CAPACITY], original.logprobs[:CAPACITY], rtol=0, atol=TOL)
     assert (shifted.logprobs[CAPACITY:] - original.logprobs[CAPACITY:]).abs().max() > 1e-2
-    if find_rotary(model) is None:
-        reference = absolute_shifted_logprobs(model, ids, START, RECENT)
-    elif arch in NAIVE_SHIFTED:
-        reference = shifted_llama_logprobs(model, ids, START, RECENT)
-    else:
-        return
+
+
+# Full-depth references for positions=shifted, where one exists: learned absolute positions (one masked pass)
+# and the Llama layer layout that reference.py re-implements. Every rotary architecture, these included, is
+# also checked against the one-layer reference below.
+FULL_SHIFTED_REFERENCE = {"gpt2": absolute_shifted_logprobs} | {name: shifted_llama_logprobs for name in NAIVE_SHIFTED}
+
+
+@pytest.mark.parametrize("name", sorted(FULL_SHIFTED_REFERENCE))
+def test_shifted_equals_the_full_reference(name, ids, one_thread):
+    model = build(name)
+    shifted = score_stream(model, ids, settings("shifted"), find_rotary(model))
+    reference = FULL_SHIFTED_REFERENCE[name](model, ids, START, RECENT)
     torch.testing.assert_close(shifted.logprobs, reference, rtol=0, atol=TOL)
+
+
+def test_every_architecture_has_a_shifted_reference():
+    one_layer = {name for name in ARCHITECTURES if ARCHITECTURES[name][1] is not None}
+    assert set(FULL_SHIFTED_REFERENCE) | one_layer == set(ARCHITECTURES)
 
 
 @pytest.mark.parametrize("rotary_arch", [name for name in ARCHITECTURES if ARCHITECTURES[name][1] is not None])
@@ -254,6 +266,14 @@ REFUSED = {
         lambda: transformers.MistralConfig(**_BASE, sliding_window=CAPACITY), settings(),
         r"mistral has sliding-window attention layers \(DynamicSlidingWindowLayer, window 20 tokens\).*"
         r"here C = 20; use start_size \+ recent_size <= 19",
+    ),
+    "mistral without settings": (  # a sliding window with no cache settings to compare it against
+        lambda: transformers.MistralConfig(**_BASE, sliding_window=16), None,
+        r"mistral has sliding-window attention layers \(DynamicSlidingWindowLayer.*Supported",
+    ),
+    "mamba (recurrent)": (
+        lambda: transformers.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, state_size=4), settings(),
+        r"mamba has cache layers of kind \['LinearAttentionLayer'\]",
     ),
     "gemma2 without settings": (
         lambda: transformers.Gemma2Config(**_BASE, head_dim=16, sliding_window=WINDOW), None,

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from lm_eval.api.instance import Instance
+
+from helpers.requests import generations, pairs, rolling
 
 import streaming_lm.streams.base
 import streaming_lm.tools.bench_eval
@@ -39,6 +40,8 @@ class Case:
     names: tuple[str, ...]  # the argument and its allowed values, somewhere in the message
     run: Callable  # run(ctx) must raise
     loads: str = "nothing"  # what may load before the error: "nothing", "config" (no weights), "model"
+    # More inputs of the same README row: (run, exact start of its message[, names if not the case's]).
+    also: tuple[tuple, ...] = ()
 
 
 # ---------------------------------------------------------------- helpers used by the cases
@@ -53,18 +56,18 @@ def on_model(name):
                                      recent_size=60)
 
 
-def loglikelihood(*pairs):
-    return lambda ctx: ctx.lm().loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+def loglikelihood(*items):
+    return lambda ctx: ctx.lm().loglikelihood(pairs(*items))
 
 
 def gpt2_original_long(ctx):
     lm = StreamingHFLM(pretrained=str(ctx.checkpoint("gpt2-32")), device="cpu", start_size=4, recent_size=16,
                        positions="original")
-    lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("x" * 40,), 0)])
+    lm.loglikelihood_rolling(rolling("x" * 40))
 
 
 def generate(gen_kwargs):
-    return lambda ctx: ctx.lm().generate_until([Instance("generate_until", {}, ("Hello", gen_kwargs), 0)])
+    return lambda ctx: ctx.lm().generate_until(generations(("Hello", gen_kwargs)))
 
 
 def no_eviction(ctx):
@@ -72,7 +75,7 @@ def no_eviction(ctx):
     # builds its own dense cache; the stream then ends without a single eviction.
     ctx.monkeypatch.setattr(streaming_lm.streams.base, "cache_kwarg", lambda model: "not_the_cache")
     lm = ctx.lm(method="token", start_size=4, recent_size=16)
-    lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("x" * 40,), 0)], disable_tqdm=True)
+    lm.loglikelihood_rolling(rolling("x" * 40), disable_tqdm=True)
 
 
 def smollm2_not_installed(ctx):
@@ -137,15 +140,18 @@ CASES = [
     Case("start_size-negative", "ValueError", "start_size must be an integer >= 0, got -1", ("start_size", ">= 0"),
          model_args(start_size=-1)),
     Case("start_size-not-an-integer", "ValueError", "start_size must be an integer >= 0, got 2.5",
-         ("start_size", ">= 0"), model_args(start_size=2.5)),
+         ("start_size", ">= 0"), model_args(start_size=2.5),
+         also=((model_args(start_size="four"), "start_size must be an integer >= 0, got 'four'"),)),
     Case("recent_size-zero", "ValueError", "recent_size must be an integer >= 1, got 0", ("recent_size", ">= 1"),
-         model_args(recent_size=0)),
+         model_args(recent_size=0), also=((model_args(recent_size=-3), "recent_size must be an integer >= 1, got -3"),)),
     Case("recent_size-not-an-integer", "ValueError", "recent_size must be an integer >= 1, got 'many'",
-         ("recent_size", ">= 1"), model_args(recent_size="many")),
+         ("recent_size", ">= 1"), model_args(recent_size="many"),
+         also=((model_args(recent_size=10.5), "recent_size must be an integer >= 1, got 10.5"),)),
     Case("recent_size-and-compression_ratio", "ValueError", "give either recent_size or compression_ratio, not both",
          ("recent_size", "compression_ratio"), model_args(recent_size=16, compression_ratio=0.5)),
     Case("compression_ratio-out-of-range", "ValueError", "compression_ratio must be in [0, 1), got 1.0",
-         ("compression_ratio", "[0, 1)"), model_args(compression_ratio=1.0)),
+         ("compression_ratio", "[0, 1)"), model_args(compression_ratio=1.0),
+         also=((model_args(compression_ratio=-0.1), "compression_ratio must be in [0, 1), got -0.1"),)),
     Case("compression_ratio-not-a-number", "ValueError", "compression_ratio must be a number in [0, 1), got 'half'",
          ("compression_ratio", "[0, 1)"), model_args(compression_ratio="half")),
     Case("compression_ratio-no-recent-token", "ValueError",
@@ -164,15 +170,45 @@ CASES = [
     Case("method-unknown", "ValueError", "method must be one of chunked, token, recompute",
          ("method", "chunked", "token", "recompute"), model_args(method="fast")),
     Case("stride-zero", "ValueError", "stride must be an integer >= 1, got 0", ("stride", ">= 1"),
-         model_args(method="recompute", stride=0)),
+         model_args(method="recompute", stride=0),
+         also=((model_args(method="recompute", stride="two"), "stride must be an integer >= 1, got 'two'"),)),
     Case("stride-above-recent_size", "ValueError", "stride must be an integer in [1, recent_size=8], got 9",
-         ("stride", "recent_size"), model_args(method="recompute", recent_size=8, stride=9)),
+         ("stride", "recent_size"), model_args(method="recompute", recent_size=8, stride=9),
+         # the recent_size a compression_ratio leaves (C = 50 of max_length 100, W = 46) bounds stride too
+         also=((model_args(method="recompute", compression_ratio=0.5, stride=60, max_length=100),
+                "stride must be an integer in [1, recent_size=46], got 60"),)),
     Case("stride-without-recompute", "ValueError", "stride applies to method=recompute only; got stride=4 with "
-         "method=chunked", ("stride", "method=recompute"), model_args(stride=4)),
+         "method=chunked", ("stride", "method=recompute"), model_args(stride=4),
+         also=((model_args(method="chunked", stride=4), "stride applies to method=recompute only; got stride=4 with "
+                "method=chunked"),)),
     Case("recompute-positions-original", "ValueError", "positions=original does not apply to method=recompute",
          ("positions", "shifted"), model_args(method="recompute", positions="original")),
     Case("chunk_size-zero", "ValueError", "chunk_size must be an integer >= 1, got 0", ("chunk_size", ">= 1"),
-         model_args(chunk_size=0)),
+         model_args(chunk_size=0), also=((model_args(chunk_size=1.5), "chunk_size must be an integer >= 1, got 1.5"),)),
+    Case("policy-unknown", "ValueError",
+         "policy must be one of sink_window, tova, h2o, knorm or package.module:Class; got 'lru'",
+         ("policy", "sink_window", "tova", "h2o", "knorm"), model_args(policy="lru")),
+    Case("policy-plugin-missing-module", "ValueError", "policy=no_such_module:Policy: cannot import module",
+         ("policy", "no_such_module"), model_args(policy="no_such_module:Policy"),
+         also=((model_args(policy="json:Missing"), "policy=json:Missing: module 'json' has no attribute 'Missing'",
+                ("policy", "Missing")),)),
+    Case("policy-plugin-not-a-policy", "ValueError",
+         "policy=json:JSONDecoder: JSONDecoder must subclass streaming_lm.policy.ScoredPolicy",
+         ("policy", "ScoredPolicy", "score"), model_args(policy="json:JSONDecoder")),
+    Case("heavy_size-with-sink_window", "ValueError", "heavy_size applies to scored policies",
+         ("heavy_size", "sink_window"), model_args(heavy_size=16)),
+    Case("heavy_size-negative", "ValueError", "heavy_size must be an integer >= 0, got -1", ("heavy_size", ">= 0"),
+         model_args(policy="tova", heavy_size=-1)),
+    Case("policy-empty-cache", "ValueError", "start_size + recent_size + heavy_size must be >= 1",
+         ("start_size", "recent_size", "heavy_size"), model_args(policy="tova", start_size=0)),
+    Case("policy-heavy_size-and-compression_ratio", "ValueError",
+         "give either heavy_size or compression_ratio, not both", ("heavy_size", "compression_ratio"),
+         model_args(policy="h2o", heavy_size=8, compression_ratio=0.5)),
+    Case("policy-method-without-exact-path", "ValueError",
+         "method=chunked has no exact path for policy=tova with positions=shifted; use method=token",
+         ("method", "policy", "positions", "token"), model_args(policy="tova", positions="shifted", method="chunked")),
+    Case("policy-recompute", "ValueError", "method=recompute re-encodes the sink+window tokens: it applies to "
+         "policy=sink_window only", ("method", "policy", "sink_window"), model_args(policy="knorm", method="recompute")),
     Case("misspelt-arg", "ValueError", "unknown model arg 'recent_sise'; did you mean 'recent_size'?",
          ("recent_sise", "recent_size", "start_size", "chunk_size"), model_args(recent_sise=60)),
     Case("pretrained-smollm2-not-installed", "ModuleNotFoundError",
@@ -230,6 +266,11 @@ CASES = [
          ("--compression-ratio", "[0, 1)"), throughput("--compression-ratio", "1.5")),
     Case("throughput-ratio-no-recent-token", "exit 2", "--compression-ratio=0.99 with max_length=100 gives a cache",
          ("--recent-size must be >= 1",), throughput("--compression-ratio", "0.99", "--max-length", "100")),
+    Case("throughput-ratio-no-recent-token-config", "exit 1", "--compression-ratio: compression_ratio=0.5 with "
+         "max_length=16 gives a cache of 8 tokens, which leaves recent_size=0", ("recent_size must be >= 1",),
+         lambda ctx: tools.throughput.main(["--pretrained", str(ctx.checkpoint("llama-16")), "--start-size", "8",
+                                            "--compression-ratio", "0.5"]),
+         loads="config"),
     Case("throughput-positions", "exit 2", "argument --positions: invalid choice: 'sideways'",
          ("--positions", "shifted", "original"), throughput("--positions", "sideways")),
     Case("throughput-dtype", "exit 2", "argument --dtype: invalid choice: 'float8'", ("--dtype", "bfloat16"),
@@ -277,7 +318,17 @@ CASES = [
          ("--compression-ratios", "numbers"), compare_cli("--recent-sizes", "DROP", "--compression-ratios", "half")),
     Case("compare-bad-setting", "exit 2",
          "bad grid setting (start_size=4 recent_size=0 positions=shifted): recent_size must be an integer >= 1",
-         ("recent_size", ">= 1"), compare_cli("--recent-sizes", "16,0")),
+         ("recent_size", ">= 1"), compare_cli("--recent-sizes", "16,0"),
+         also=((compare_cli("--start-sizes", "4,-1"), "bad grid setting (start_size=-1 recent_size=16 positions=shifted): "
+                "start_size must be an integer >= 0, got -1", ("start_size", ">= 0")),
+               (compare_cli("--recent-sizes", "DROP", "--compression-ratios", "0.5,1.5"), "bad grid setting (start_size=4 "
+                "compression_ratio=1.5 positions=shifted): compression_ratio must be in [0, 1), got 1.5",
+                ("compression_ratio", "[0, 1)")),
+               (compare_cli("--strides", "4"), "bad grid setting (start_size=4 recent_size=16 positions=shifted stride=4): "
+                "stride applies to method=recompute only", ("stride", "method=recompute")),
+               (compare_cli("--method", "recompute", "--strides", "4,64"), "bad grid setting (start_size=4 recent_size=16 "
+                "positions=shifted method=recompute stride=64): stride must be an integer in [1, recent_size=16], got 64",
+                ("stride", "recent_size")))),
     Case("compare-bad-positions", "exit 2", "bad grid setting (start_size=4 recent_size=16 positions=sideways)",
          ("positions", "shifted", "original"), compare_cli("--positions", "sideways")),
     Case("compare-bad-method", "exit 2", "bad grid setting (start_size=4 recent_size=16 positions=shifted "
@@ -417,11 +468,13 @@ def test_rejected(case, tmp_path, monkeypatch, capsys, checkpoints, tiny_model):
     if case.loads == "config":
         checkpoints("llama-16")  # built before the loaders are refused
     refuse_loading(monkeypatch, case.loads)
-    kind, message = failure(case, ctx, capsys)
-    assert kind == case.error, message
-    assert re.match(message_pattern(case.message), message), message
-    for name in case.names:
-        assert name in message, (name, message)
+    for run, expected, *names in [(case.run, case.message), *case.also]:
+        kind, message = failure(dataclasses.replace(case, run=run), ctx, capsys)
+        assert kind == case.error, message
+        assert re.match(message_pattern(expected), message), message
+        for name in (names[0] if names else case.names):
+            assert name in message, (name, message)
+    assert not (tmp_path / "out").exists()  # refused before anything was written (compare's --output-dir)
 
 
 # ---------------------------------------------------------------- the README table

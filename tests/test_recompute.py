@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
 from helpers.reference import dense_logprobs
-from helpers.models import rolling, tiny_llama
+from helpers.models import tiny_llama
+from helpers.requests import generations, pairs, rolling
 from streaming_lm import StreamingHFLM
 from streaming_lm.streams.recompute import RecomputeStream, prediction_groups
 from streaming_lm.settings import StreamingSettings, resolve
@@ -145,35 +145,26 @@ def test_loglikelihood_and_generation_follow_the_definition(tiny_dir):
     lm = StreamingHFLM(pretrained=hf.model, tokenizer=hf.tokenizer, device="cpu", start_size=2,
                        recent_size=20, method="recompute", stride=4)
     context, continuation = TEXT[:90], TEXT[90:110]
-    [(logprob, _)] = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])
+    [(logprob, _)] = lm.loglikelihood(pairs((context, continuation)))
     ids = torch.tensor(hf.tok_encode(context + continuation))  # byte tokenizer: no merges across the cut
     n_context = len(hf.tok_encode(context))
     expected = naive_recompute(hf.model, ids, 2, 20, 4)[n_context - 1 :].double().sum()
     assert logprob == pytest.approx(float(expected), rel=1e-5)
-    [text] = lm.generate_until([Instance("generate_until", {}, (TEXT[:40], {"max_gen_toks": 30, "until": []}), 0)])
-    assert isinstance(text, str) and lm.get_model_info()["streaming"]["evicted_tokens"] > 0
-
-
-BAD = [
-    (dict(method="recompute", stride=0), "stride must be an integer >= 1, got 0"),
-    (dict(method="recompute", stride="two"), "stride must be an integer >= 1"),
-    (dict(method="recompute", recent_size=8, stride=9), r"stride must be an integer in \[1, recent_size=8\], got 9"),
-    (dict(method="chunked", stride=4), "stride applies to method=recompute only"),
-    (dict(stride=4), "stride applies to method=recompute only"),
-    (dict(method="recompute", positions="original"), "positions=original does not apply to method=recompute"),
-]
-
-
-@pytest.mark.parametrize("kwargs,message", BAD)
-def test_bad_stride_fails_before_loading(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        StreamingHFLM(pretrained="/nonexistent/model", **kwargs)
+    [text] = lm.generate_until(generations((TEXT[:40], {"max_gen_toks": 30, "until": []})))
+    assert lm.get_model_info()["streaming"]["evicted_tokens"] > 0
+    # Greedy decoding, each token predicted from a fresh pass over the sinks and the last W tokens read.
+    ids = hf.tok_encode(TEXT[:40])
+    for _ in range(30):
+        window = ids if len(ids) <= 22 else ids[:2] + ids[-20:]
+        with torch.no_grad():
+            ids = ids + [int(hf.model(torch.tensor([window])).logits[0, -1].argmax())]
+        if ids[-1] == lm.eot_token_id:
+            break
+    assert text and text == lm.tok_decode(ids[len(hf.tok_encode(TEXT[:40])):])
 
 
 def test_stride_is_checked_against_a_ratio_budget():
     assert resolve(method="recompute", compression_ratio=0.5, stride=40).stride == 40  # max_length unknown yet
     with pytest.raises(ValueError, match=r"stride must be an integer in \[1, recent_size=46\], got 60"):
         resolve(method="recompute", compression_ratio=0.5, start_size=4, stride=60, max_length=100)
-    with pytest.raises(ValueError, match=r"recent_size=46\], got 60"):
-        StreamingHFLM(pretrained="/nonexistent/model", method="recompute", compression_ratio=0.5, stride=60,
-                      max_length=100)
+    # streaming_hf's model args: test_bad_inputs.py, case stride-above-recent_size

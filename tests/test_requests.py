@@ -9,16 +9,19 @@
 """
 
 
+import dataclasses
+
 import pytest
 import torch
 from lm_eval import simple_evaluate
-from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
 from helpers.local_tasks import MC_YAML, write_task
 from helpers.models import streaming
+from helpers.requests import generations, pairs
 from helpers.engine import score_stream
+from helpers.reference import sink_window_mask
 from streaming_lm.continuation import score_continuations
 from streaming_lm.generation import generate
 from streaming_lm.support import find_rotary
@@ -70,9 +73,11 @@ def task_manager(tmp_path_factory):
     return TaskManager(include_path=str(root), include_defaults=False)  # indexing lm-eval's own tasks takes seconds
 
 
-def evaluate(lm, task, task_manager):
+def evaluate(lm, task, task_manager, with_arguments=False):
     out = simple_evaluate(model=lm, tasks=[task], task_manager=task_manager, bootstrap_iters=0, log_samples=True)
     samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+    if with_arguments:  # the requests lm-eval built, one list per document
+        return out["results"][task], [s["resps"] for s in samples], [s["arguments"] for s in samples]
     return out["results"][task], [s["resps"] for s in samples]
 
 
@@ -100,8 +105,9 @@ def test_multiple_choice_task_equals_hf_with_a_large_cache(tiny, hf, task_manage
 
 
 def test_multiple_choice_task_with_a_small_cache_evicts(tiny, hf, task_manager):
+    model, _ = tiny
     lm = streaming(tiny, **SMALL, chunk_size=8)
-    got, got_resps = evaluate(lm, "tiny_mc", task_manager)
+    got, got_resps, arguments = evaluate(lm, "tiny_mc", task_manager, with_arguments=True)
     _, dense_resps = evaluate(hf, "tiny_mc", task_manager)
     assert lm.get_model_info()["streaming"]["evicted_tokens"] > 0
     assert 0.0 <= got["acc,none"] <= 1.0
@@ -110,6 +116,14 @@ def test_multiple_choice_task_with_a_small_cache_evicts(tiny, hf, task_manager):
     # The long questions no longer fit: their numbers must move away from the dense ones.
     diffs = [abs(a[0] - b[0]) for a, b in zip(flat(got_resps), flat(dense_resps))]
     assert max(diffs) > 0.05
+    # ... to the token loop's on each stream context + continuation, as lm-eval built the requests.
+    settings = StreamingSettings(SMALL["start_size"], SMALL["recent_size"])
+    requests = [args for doc in arguments for args in doc]
+    assert len(requests) == len(lls)
+    for (context, continuation), ll in zip(requests, lls, strict=True):
+        ctx, cont = encode_like_hflm(lm, context, continuation)
+        reference = score_stream(model, ctx + cont, settings, find_rotary(model))
+        assert ll == pytest.approx(float(reference.logprobs[-len(cont):].double().sum()), abs=5e-4)
 
 
 def requests_for_reference():
@@ -138,11 +152,11 @@ def encode_like_hflm(lm, context, continuation):
 def test_loglikelihood_equals_token_loop_on_the_concatenated_stream(tiny, positions, method):
     model, _ = tiny
     lm = streaming(tiny, **SMALL, positions=positions, method=method, chunk_size=8)
-    pairs = requests_for_reference()
-    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    items = requests_for_reference()
+    got = lm.loglikelihood(pairs(*items))
     settings = StreamingSettings(SMALL["start_size"], SMALL["recent_size"], positions)
     evicted = 0
-    for (context, continuation), (ll, _) in zip(pairs, got, strict=True):
+    for (context, continuation), (ll, _) in zip(items, got, strict=True):
         ctx, cont = encode_like_hflm(lm, context, continuation)
         reference = score_stream(model, ctx + cont, settings, find_rotary(model))
         evicted += reference.evicted
@@ -189,13 +203,13 @@ def test_generation_task_equals_hf_with_a_large_cache(tiny, hf, task_manager):
 def test_stop_sequences_and_max_gen_toks_as_hf(tiny, hf):
     lm = streaming(tiny, start_size=4, recent_size=1020)
     prompt = "Q: Name a colour.\nA:"
-    (free,) = hf.generate_until([Instance("generate_until", {}, (prompt, {"until": [], "max_gen_toks": 30}), 0)])
+    (free,) = hf.generate_until(generations((prompt, {"until": [], "max_gen_toks": 30})))
     stop = free[10:12]
-    requests = [
-        Instance("generate_until", {}, (prompt, {"until": [stop], "max_gen_toks": 30}), 0),
-        Instance("generate_until", {}, (prompt, {"until": stop, "max_new_tokens": 7, "do_sample": False}), 1),
-        Instance("generate_until", {}, (prompt, {"max_gen_toks": 5, "temperature": 0.0}), 2),
-    ]
+    requests = generations(
+        (prompt, {"until": [stop], "max_gen_toks": 30}),
+        (prompt, {"until": stop, "max_new_tokens": 7, "do_sample": False}),
+        (prompt, {"max_gen_toks": 5, "temperature": 0.0}),
+    )
     assert lm.generate_until(requests) == hf.generate_until(requests)
     assert lm.generate_until(requests)[0] == free.split(stop)[0]
 
@@ -204,10 +218,7 @@ def masked_greedy(model, context, n_new, start, recent):
     """Greedy decoding under positions="original": one dense pass per token with the sink+window mask."""
     ids = list(context)
     for _ in range(n_new):
-        n = len(ids)
-        t, s = torch.arange(n)[:, None], torch.arange(n)[None, :]
-        allowed = (s <= t) & ((s < start) | (s >= t - recent))
-        mask = torch.zeros(n, n).masked_fill(~allowed, float("-inf"))[None, None]
+        mask = sink_window_mask(len(ids), start, recent)
         with torch.no_grad():
             logits = model(torch.tensor(ids)[None], attention_mask=mask).logits[0, -1]
         ids.append(int(logits.argmax()))
@@ -236,32 +247,32 @@ def test_long_generation_evicts_stays_bounded_and_follows_the_definition(tiny, m
 
 
 def test_generate_until_with_a_small_cache(tiny):
+    model, _ = tiny
     lm = streaming(tiny, **SMALL)
-    request = Instance("generate_until", {}, (LONG, {"until": ["never"], "max_gen_toks": 50}), 0)
-    (text,) = lm.generate_until([request])
-    assert isinstance(text, str) and text
-    assert lm.get_model_info()["streaming"]["evicted_tokens"] > 0
+    (text,) = lm.generate_until(generations((LONG, {"until": ["never"], "max_gen_toks": 50})))
+    assert text and lm.get_model_info()["streaming"]["evicted_tokens"] > 0
+    # The text is greedy decoding on the token loop (the adapter decodes from static slots), shifted positions.
+    context = lm.tok_batch_encode([LONG])[0][0].tolist()
+    token_loop = dataclasses.replace(lm.streaming, method="token")
+    tokens = generate(model, context, token_loop, find_rotary(model), 50, eos_token_ids=[lm.eot_token_id]).tokens
+    assert text == lm.tok_decode(tokens).split("never")[0]
 
 
-def test_sampling_and_unsupported_kwargs(tiny):
+def test_sampling(tiny):
     lm = streaming(tiny, **SMALL)
     torch.manual_seed(0)
-    sampled = lm.generate_until([
-        Instance("generate_until", {}, ("Hello", {"do_sample": True, "temperature": 0.8, "max_gen_toks": 20}), 0),
-        Instance("generate_until", {}, ("Hello", {"do_sample": True, "temperature": 1.5, "top_p": 0.9,
-                                                  "top_k": 5, "max_gen_toks": 20}), 1),
-    ])
+    sampled = lm.generate_until(generations(
+        ("Hello", {"do_sample": True, "temperature": 0.8, "max_gen_toks": 20}),
+        ("Hello", {"do_sample": True, "temperature": 1.5, "top_p": 0.9, "top_k": 5, "max_gen_toks": 20}),
+    ))
     assert all(isinstance(s, str) for s in sampled)
-    with pytest.raises(NotImplementedError, match="num_beams"):
-        lm.generate_until([Instance("generate_until", {}, ("Hello", {"num_beams": 4}), 0)])
-    with pytest.raises(ValueError, match="temperature > 0"):
-        lm.generate_until([Instance("generate_until", {}, ("Hello", {"do_sample": True, "temperature": 0.0}), 0)])
+    # Refused kwargs (num_beams, do_sample without temperature): test_bad_inputs.py, cases generate-*.
 
 
 def test_never_falls_back_to_dense(tiny, monkeypatch):
     lm = streaming(tiny, **SMALL)
-    loglikelihood = [Instance("loglikelihood", {}, (LONG, " yes"), 0)]
-    generation = [Instance("generate_until", {}, (LONG, {"max_gen_toks": 30}), 0)]
+    loglikelihood = pairs((LONG, " yes"))
+    generation = generations((LONG, {"max_gen_toks": 30}))
     expected = lm.loglikelihood(loglikelihood), lm.generate_until(generation)
 
     def dense(*args, **kwargs):

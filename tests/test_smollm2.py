@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
+from helpers.requests import rolling
 from helpers.reference import dense_logprobs, original_positions_logprobs, perplexity, shifted_llama_logprobs
 from helpers.engine import score_stream, score_stream_chunked
 
@@ -41,7 +41,7 @@ def test_short_stream_equals_dense_hf(smollm2, excerpt_text, positions, method):
     model, tokenizer = smollm2
     text = excerpt_text[:700]
     n_tokens = len(tokenizer(text, add_special_tokens=False).input_ids) + 1
-    request = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    request = rolling(text)
     dense = HFLM(pretrained=model, tokenizer=tokenizer, device="cpu")
     lm = StreamingHFLM(pretrained=model, tokenizer=tokenizer, device="cpu", start_size=4,
                        recent_size=n_tokens - 5, positions=positions, method=method, chunk_size=100)

@@ -1,14 +1,15 @@
-"""streaming_lm.tools.throughput (scripts/throughput.py) on the tiny local checkpoint: JSON, PNG, the table,
-bad arguments."""
+"""streaming_lm.tools.throughput (scripts/throughput.py) on the tiny local checkpoint: JSON, PNG, the table
+(bad arguments: tests/test_bad_inputs.py, cases throughput-*)."""
 
 import json
-import re
 from pathlib import Path
 
 import pytest
-import torch
-import transformers
+from helpers.engine import score_stream
+from helpers.models import streaming
+from helpers.reference import perplexity
 
+from streaming_lm.support import find_rotary
 from streaming_lm.tools import throughput
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,7 +19,7 @@ EXCERPT = REPO / "tests" / "data" / "wikitext-excerpt.txt"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_runs_and_writes_json_and_png(tiny_dir, tmp_path, capsys):
+def test_runs_and_writes_json_and_png(tiny_dir, tiny, tmp_path, capsys):
     out_json, out_png = tmp_path / "t.json", tmp_path / "t.png"
     results = throughput.main([
         "--pretrained", str(tiny_dir), "--prompt-file", str(EXCERPT), "--prompt-tokens", "16",
@@ -41,6 +42,10 @@ def test_runs_and_writes_json_and_png(tiny_dir, tmp_path, capsys):
     # With a cache larger than prompt + generation, greedy tokens would be the dense ones; here they evict.
     assert saved["ppl"]["streaming"]["evicted"] == 120 - 1 - 32
     assert saved["ppl"]["streaming"]["ppl"] != saved["ppl"]["dense"]["ppl"]
+    # ... and the streaming PPL is the token loop's on the same 120 ids.
+    lm = streaming(tiny, start_size=4, recent_size=28)
+    scored = score_stream(lm.model, lm.rolling_ids(EXCERPT.read_text())[:120], lm.streaming, find_rotary(lm.model))
+    assert saved["ppl"]["streaming"]["ppl"] == pytest.approx(perplexity(scored.logprobs), rel=1e-5)
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert results["cache"]["capacity"] == 32
 
@@ -51,36 +56,3 @@ def test_large_cache_generates_the_dense_tokens(tiny_dir):
         "--recent-size", "200", "--new-tokens", "40", "--ppl-tokens", "0",
     ])
     assert results["decode"]["streaming"]["tokens"] == results["decode"]["dense"]["tokens"]
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--recent-size", "0"], "--recent-size must be an integer >= 1"),
-    (["--start-size", "-1"], "--start-size must be an integer >= 0"),
-    (["--recent-size", "8", "--compression-ratio", "0.5"], "either --recent-size or --compression-ratio"),
-    (["--compression-ratio", "1.5"], r"--compression-ratio must be in \[0, 1\)"),
-    (["--new-tokens", "1"], "--new-tokens must be an integer >= 2"),
-    (["--prompt-file", "/nonexistent.txt"], "--prompt-file: no such file"),
-    (["--device", "cuda:7"], "CUDA is not available"),
-])
-def test_bad_arguments_fail_before_loading(monkeypatch, capsys, argv, message):
-    def no_load(*args, **kwargs):
-        raise AssertionError("the model was loaded before the arguments were checked")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_load)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CUDA refusal runs on GPU machines too
-    with pytest.raises(SystemExit) as exit_info:
-        throughput.main(["--pretrained", "/nonexistent/model", *argv])
-    assert exit_info.value.code == 2
-    assert re.search(message, capsys.readouterr().err)
-
-
-def test_ratio_budget_is_the_adapters(tiny_dir, monkeypatch):
-    """max_length comes from the model (through StreamingHFLM): a budget leaving no recent token stops the run
-    before the weights load."""
-    def no_weights(*args, **kwargs):
-        raise AssertionError("the weights were loaded before the budget was checked")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
-    with pytest.raises(SystemExit, match=r"^--compression-ratio: compression_ratio=0.9995 with max_length=4096 "):
-        throughput.main(["--pretrained", str(tiny_dir), "--prompt-file", str(EXCERPT), "--compression-ratio", "0.9995"])

@@ -18,6 +18,10 @@ import pytest
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
 
+from helpers.engine import token_loop_loglikelihood
+from helpers.reference import lm_eval_words, word_perplexity
+from streaming_lm import StreamingHFLM
+
 REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "tasks"
 SAMPLE = TASKS / "wikitext_streaming" / "sample" / "wikitext-2-raw-test-excerpt.txt"
@@ -32,11 +36,6 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 def articles_of(text):
     """Articles of a wiki.test.raw-style text: split before lines ' = Title = '."""
     return re.split(r"\n(?= = [^=].* = (?:\n|$))", text)
-
-
-def lm_eval_words(text):
-    """len(re.split(r'\\s+', text)), i.e. words plus one empty field per whitespace end."""
-    return len(text.split()) + text[:1].isspace() + text[-1:].isspace()
 
 
 def expected_target(text):
@@ -208,8 +207,13 @@ def test_e2e_hf(dense_result):
 
 
 @pytest.mark.slow
-def test_e2e_streaming_hf_differs_from_dense(smollm2_dir, dense_result, tmp_path_factory):
+def test_e2e_streaming_hf_is_the_token_loop(smollm2_dir, dense_result, tmp_path_factory):
     args = f"pretrained={smollm2_dir},dtype=float32,start_size=4,recent_size=252"
     res = run_lm_eval("streaming_hf", args, tmp_path_factory.mktemp("streaming"))
     check_consistent(res)
     assert res["word_perplexity,none"] != pytest.approx(dense_result["word_perplexity,none"], rel=1e-6)
+    # The number itself: the engine's token loop on the scored target, over the words lm-eval counts.
+    doc = only_doc(load_task("wikitext_streaming_sample", max_words=CAP))
+    lm = StreamingHFLM(pretrained=str(smollm2_dir), device="cpu", dtype="float32", start_size=4, recent_size=252)
+    expected = word_perplexity([token_loop_loglikelihood(lm, doc["target"])], [lm_eval_words(doc["page"])])
+    assert res["word_perplexity,none"] == pytest.approx(expected, rel=1e-5)

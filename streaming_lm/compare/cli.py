@@ -54,7 +54,13 @@ def parser() -> argparse.ArgumentParser:
     grid.add_argument("--start-sizes", "--start_sizes", default=str(settings_mod.DEFAULT_START_SIZE))
     grid.add_argument("--recent-sizes", "--recent_sizes", default=None)
     grid.add_argument("--compression-ratios", "--compression_ratios", default=None)
-    grid.add_argument("--positions", default="shifted", help="shifted, original, or shifted,original for both")
+    grid.add_argument("--positions", default=None,
+                      help="shifted, original, or shifted,original for both (default: each policy's own)")
+    grid.add_argument("--policies", default=None,
+                      help=f"eviction policies, from {', '.join(settings_mod.POLICIES)} or package.module:Class "
+                      "(default sink_window)")
+    grid.add_argument("--heavy-sizes", "--heavy_sizes", default=None,
+                      help="heavy_size of the scored policies (C = start + recent + heavy); sink_window ignores it")
     grid.add_argument("--method", default=None, help="streaming_hf method; default: the model's own")
     grid.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", default=None,
                       help="streaming_hf chunk_size (speed only); default: the model's own")
@@ -103,6 +109,8 @@ def compare(args: argparse.Namespace) -> dict[str, Path]:
         common.get("max_length"),
         args.chunk_size,
         _split(args.strides, str, "--strides"),
+        _split(args.policies, str, "--policies"),
+        _split(args.heavy_sizes, str, "--heavy-sizes"),
     )
     tasks = [t for t in _split(args.tasks, str, "--tasks") if t]
     metadata = _metadata(args.metadata)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 
 from .. import settings as settings_mod
 from .errors import CompareError
@@ -27,13 +28,19 @@ class Run:
 
 
 # Knobs with their own place in a run name; every other knob in settings.RESULT_KNOBS is appended when set.
-_NAMED_KNOBS = ("start_size", "recent_size", "compression_ratio", "positions", "method")
+_NAMED_KNOBS = ("start_size", "recent_size", "compression_ratio", "positions", "method", "policy", "heavy_size")
 
 
 def knob(stream: dict, name: str):
-    """A run's value for a knob: its own, else the user default (recent_size: DEFAULT_RECENT_SIZE)."""
+    """A run's value for a knob: its own, else the default the model would use."""
     value = stream.get(name, settings_mod.ARG_DEFAULTS[name])
-    return settings_mod.DEFAULT_RECENT_SIZE if name == "recent_size" and value is None else value
+    if value is not None:
+        return value
+    policy = stream.get("policy", settings_mod.DEFAULT_POLICY)
+    scored = policy != "sink_window"
+    defaults = {"recent_size": 0 if scored else settings_mod.DEFAULT_RECENT_SIZE, "heavy_size": 0,
+                "positions": settings_mod.default_positions(policy)}
+    return defaults.get(name)
 
 
 def other_knobs(stream: dict) -> dict:
@@ -49,7 +56,12 @@ def run_name(model: str, stream: dict) -> str:
         size = f"cr{float(stream['compression_ratio']):g}"
     else:
         size = f"r{knob(stream, 'recent_size')}"
-    name = f"streaming_s{knob(stream, 'start_size')}_{size}_{knob(stream, 'positions')}"
+    policy = str(knob(stream, "policy"))
+    # sink_window runs keep the names they had before policies existed; a plug-in path becomes a folder name.
+    prefix = "streaming" if policy == "sink_window" else "streaming_" + re.sub(r"[^\w]+", "-", policy)
+    if (policy != "sink_window" or stream.get("heavy_size") is not None) and stream.get("compression_ratio") is None:
+        size += f"_h{knob(stream, 'heavy_size')}"
+    name = f"{prefix}_s{knob(stream, 'start_size')}_{size}_{knob(stream, 'positions')}"
     # The method is named only when chosen, so the model's default can change without renaming runs.
     name += f"_{stream['method']}" if stream.get("method") else ""
     return name + "".join(f"_{k}{v}" for k, v in other_knobs(stream).items())
@@ -69,7 +81,7 @@ def _split(text: str | None, convert, flag: str) -> list:
 
 def build_grid(
     start_sizes, recent_sizes, compression_ratios, positions, method=None, max_length=None, chunk_size=None,
-    strides=(),
+    strides=(), policies=(), heavy_sizes=(),
 ) -> list[Run]:
     """The baseline plus one run per setting, every setting validated by ``settings.resolve``."""
     if recent_sizes and compression_ratios:
@@ -79,8 +91,15 @@ def build_grid(
         raise CompareError("give --recent-sizes or --compression-ratios (comma-separated lists)")
     size_key, sizes = ("recent_size", recent_sizes) if recent_sizes else ("compression_ratio", compression_ratios)
     runs = [Run(BASELINE, {})]
-    for pos, start, size, stride in itertools.product(positions, start_sizes, sizes, strides or [None]):
-        stream = {"start_size": start, size_key: size, "positions": pos}
+    combos = itertools.product(policies or [None], positions or [None], start_sizes, sizes, strides or [None],
+                               heavy_sizes or [None])
+    for policy, pos, start, size, stride, heavy in combos:
+        stream = {"start_size": start, size_key: size,
+                  "positions": pos or settings_mod.default_positions(policy or settings_mod.DEFAULT_POLICY)}
+        if policy not in (None, settings_mod.DEFAULT_POLICY):
+            stream["policy"] = policy
+            if heavy is not None:
+                stream["heavy_size"] = heavy
         if method is not None:
             stream["method"] = method
         if stride is not None:
@@ -93,7 +112,7 @@ def build_grid(
             shown = " ".join(f"{k}={v}" for k, v in stream.items())
             raise CompareError(f"bad grid setting ({shown}): {error}") from None
         # Pass the validated values on, so "04" and 4 are one run with one name.
-        for key in ("start_size", "recent_size", "stride"):
+        for key in ("start_size", "recent_size", "stride", "heavy_size"):
             if key in stream:
                 stream[key] = getattr(resolved, key)
         runs.append(Run("streaming_hf", stream))

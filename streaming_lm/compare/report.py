@@ -139,7 +139,8 @@ def write_plot(path: Path, results: list[Result]) -> bool:
             value = dict(((t, m), v) for t, m, v in metrics(r.data)).get((task, metric))
             if value is not None:
                 s = r.stream
-                label = f"S={knob(s, 'start_size')} {knob(s, 'positions')}"
+                label = "" if knob(s, "policy") == "sink_window" else f"{knob(s, 'policy')} W={knob(s, 'recent_size')} "
+                label += f"S={knob(s, 'start_size')} {knob(s, 'positions')}"
                 label += f" {s['method']}" if s.get("method") else ""
                 label += "".join(f" {k}={v}" for k, v in other_knobs(s).items())  # e.g. one line per stride
                 lines.setdefault(label, []).append((r.capacity, value))
@@ -154,7 +155,7 @@ def write_plot(path: Path, results: list[Result]) -> bool:
                 if base is not None:
                     ax.axhline(base, color="black", linestyle="--", label="dense (hf)")
                     shown.append(base)
-        ax.set(title=task, xlabel="cache size C = start_size + recent_size", ylabel=metric)
+        ax.set(title=task, xlabel="cache size C = start_size + recent_size (+ heavy_size)", ylabel=metric)
         if shown and min(shown) > 0 and max(shown) > 10 * min(shown):
             ax.set_yscale("log")  # without sinks perplexity can grow by orders of magnitude
         ax.legend(fontsize="small")

@@ -60,12 +60,12 @@ class Result:
 
     @property
     def capacity(self) -> int | None:
-        """C = start_size + recent_size as the model resolved it (known after a ratio run too)."""
+        """C = start_size + recent_size + heavy_size as the model resolved it (known after a ratio run too)."""
         if self.model == BASELINE:
             return None
         capacity = self.data.get("config", {}).get("streaming", {}).get("capacity")
         if capacity is None and self.stream.get("compression_ratio") is None:
-            capacity = int(knob(self.stream, "start_size")) + int(knob(self.stream, "recent_size"))
+            capacity = sum(int(knob(self.stream, k)) for k in ("start_size", "recent_size", "heavy_size"))
         return capacity
 
 
@@ -73,7 +73,8 @@ def plot_key(result: Result):
     """The order of runs in the table and the plot (here, not in report, so reading needs no report import)."""
     s = result.stream
     start = int(knob(s, "start_size"))
-    return knob(s, "positions"), s.get("method") or "", start, s.get("stride") or 0, result.capacity or 0
+    return (knob(s, "policy"), knob(s, "positions"), s.get("method") or "", start, s.get("stride") or 0,
+            result.capacity or 0)
 
 
 def load_result(path: Path) -> Result:

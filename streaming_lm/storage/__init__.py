@@ -4,6 +4,7 @@
   after every pass (the token loop and the chunked path);
 - ``EvictingStaticCache``: preallocated slots for one-token decode steps, freeing the slot of
   whatever the policy evicts (no copies per token);
+- ``ScoredDynamicCache``: per key/value head, the tokens a scored policy keeps (token loop);
 - ``DenseCache``: transformers' ``DynamicCache``, nothing evicted (the dense baseline).
 
 All three answer the same accounting questions (``KVAccounting``).
@@ -11,9 +12,10 @@ All three answer the same accounting questions (``KVAccounting``).
 
 from .accounting import KVAccounting
 from .dynamic import DenseCache, EvictingDynamicCache, EvictingDynamicLayer
+from .scored import ScoredDynamicCache, ScoredDynamicLayer
 from .static import EvictingStaticCache, EvictingStaticLayer
 
 __all__ = [
     "KVAccounting", "DenseCache", "EvictingDynamicCache", "EvictingDynamicLayer", "EvictingStaticCache",
-    "EvictingStaticLayer",
+    "EvictingStaticLayer", "ScoredDynamicCache", "ScoredDynamicLayer",
 ]

@@ -4,6 +4,7 @@
 |---|---|---|
 | token loop (``method="token"``) | token.py | one token per pass, the reference |
 | chunked (``method="chunked"``) | chunked.py | ``chunk_size`` tokens per pass; decodes through decode.py |
+| chunked, scored policies | scored_chunked.py | ``chunk_size`` tokens per pass, attention rows in order |
 | decode | decode.py | one token per pass from preallocated slots |
 | recompute (``method="recompute"``) | recompute.py | a fresh dense pass per window, no cache |
 | dense baseline (``settings=None``) | dense.py | transformers' own cache, nothing evicted |
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+from ..policy import policy_class
 from ..rotary import RotaryShift
 from ..settings import StreamingSettings
 from .base import Stream
@@ -18,6 +20,7 @@ from .chunked import ChunkedStream
 from .decode import DecodeStream
 from .dense import DenseStream
 from .recompute import RecomputeStream
+from .scored_chunked import ScoredChunkedStream
 from .token import TokenStream
 
 PATHS = {"token": TokenStream, "chunked": ChunkedStream, "recompute": RecomputeStream}
@@ -32,7 +35,10 @@ def open_stream(model, settings: StreamingSettings | None, shift: RotaryShift | 
     """
     if settings is None:
         return DenseStream(model)
-    return PATHS[settings.method](model, settings, shift, batch_size)
+    path = PATHS[settings.method]
+    if path is ChunkedStream and not policy_class(settings.policy).index_only:
+        path = ScoredChunkedStream  # the chunked path of scored policies decides row by row
+    return path(model, settings, shift, batch_size)
 
 
 def uses_batch_size(settings: StreamingSettings) -> bool:
@@ -41,4 +47,4 @@ def uses_batch_size(settings: StreamingSettings) -> bool:
 
 
 __all__ = ["Stream", "open_stream", "uses_batch_size", "TokenStream", "ChunkedStream", "DecodeStream", "RecomputeStream",
-           "DenseStream", "PATHS"]
+           "ScoredChunkedStream", "DenseStream", "PATHS"]

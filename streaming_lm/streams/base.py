@@ -7,6 +7,7 @@ Rolling scoring (``score``), continuations (``score_continuations``) and generat
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -117,6 +118,33 @@ def continuation_score(logits, continuation, evicted: int, n_context: int, setti
         check_evicted(n_context + len(continuation), evicted, settings)
     chosen = target_logprobs(logits, target)
     return ContinuationScore(float(chosen.double().sum()), bool((logits.argmax(-1) == target).all()), evicted)
+
+
+@contextlib.contextmanager
+def attention(model, name: str):
+    """Route the model's attention through the registered function ``name``, restoring it afterwards."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+class CachedStream(Stream):
+    """A path that keeps a cache storage in ``self.cache``: its accounting is the storage's."""
+
+    cache = None
+
+    @property
+    def evicted(self) -> int:
+        return self.cache.evicted_tokens
+
+    def kv_bytes(self) -> int:
+        return self.cache.held_bytes()
+
+    def kv_allocated_bytes(self) -> int:
+        return self.cache.allocated_bytes()
 
 
 def forward_kwargs(model, cache) -> tuple[dict, dict]:

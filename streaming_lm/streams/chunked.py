@@ -13,7 +13,6 @@ Decoding (``step``) hands the state over to a ``DecodeStream`` (static slots, de
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import torch
@@ -22,7 +21,7 @@ from transformers import AttentionInterface
 from ..positions import check_positions_fit, first_recent, query_position
 from ..rotary import RotaryShift
 from ..scores import ContinuationScore
-from .base import as_ids, continuation_score
+from .base import as_ids, attention, continuation_score
 from .decode import DecodeStream
 from .token import TokenStream
 
@@ -68,16 +67,6 @@ def _chunk_attention(module, query, key, value, attention_mask, scaling, dropout
 AttentionInterface.register(ATTENTION_NAME, _chunk_attention)
 
 
-@contextlib.contextmanager
-def chunk_attention(model):
-    """Route the model's attention through the chunk attention, restoring it afterwards."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-
 
 def plan_chunk(a: int, b: int, stream: ChunkedStream, device):
     """Key columns, mask, local positions and sink rotations for queries a..b-1."""
@@ -102,16 +91,6 @@ class ChunkedStream(TokenStream):
         super().__init__(model, settings, shift)
         self._decoder: DecodeStream | None = None  # once the stream steps
 
-    @property
-    def evicted(self) -> int:
-        return self._decoder.evicted if self._decoder else self.cache.evicted_tokens
-
-    def kv_bytes(self) -> int:
-        return self._decoder.kv_bytes() if self._decoder else self.cache.held_bytes()
-
-    def kv_allocated_bytes(self) -> int:
-        return self._decoder.kv_allocated_bytes() if self._decoder else self.cache.allocated_bytes()
-
     def read_passes(self, ids, last_only: bool = False):
         ids = as_ids(ids, self.model.device)
         if self._decoder is not None:
@@ -127,7 +106,7 @@ class ChunkedStream(TokenStream):
         width = rows.shape[1]
         check_positions_fit(self.model, self.n + width, self._limit)
         kwargs, chunk, first = self._kwargs[last_only], self.settings.chunk_size, self.n
-        with chunk_attention(self.model):
+        with attention(self.model, ATTENTION_NAME):
             for a in range(0, width, chunk):
                 b = min(a + chunk, width)
                 plan, positions = plan_chunk(first + a, first + b, self, rows.device)
@@ -178,6 +157,7 @@ class ChunkedStream(TokenStream):
             if self.n == 0:  # the slots take their shapes from a filled cache: read the first token as a chunk
                 return self.read([token])[-1]
             self._decoder = DecodeStream.from_dynamic(self)
+            self.cache = self._decoder.cache  # accounting (evicted, bytes) is the decode slots' from now on
         logits = self._decoder.step(token)
         self.n, self.max_held = self._decoder.n, self._decoder.max_held
         return logits

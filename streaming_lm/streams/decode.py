@@ -6,10 +6,10 @@ import torch
 
 from ..positions import check_positions_fit
 from ..storage import EvictingStaticCache
-from .base import Stream, as_ids, forward_kwargs
+from .base import CachedStream, as_ids, forward_kwargs
 
 
-class DecodeStream(Stream):
+class DecodeStream(CachedStream):
     """The token loop's numbers for one-token steps, continuing a stream another path has read."""
 
     def __init__(self, model, settings, shift, cache: EvictingStaticCache, limit, max_held: int):
@@ -26,16 +26,6 @@ class DecodeStream(Stream):
 
     def _shared(self):
         return (self.shift, self.cache.policy)
-
-    @property
-    def evicted(self) -> int:
-        return self.cache.evicted_tokens
-
-    def kv_bytes(self) -> int:
-        return self.cache.held_bytes()
-
-    def kv_allocated_bytes(self) -> int:
-        return self.cache.allocated_bytes()
 
     def read_passes(self, ids, last_only: bool = False):
         for i, token in enumerate(as_ids(ids, self.model.device).tolist()):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 
 from ..storage import DenseCache
-from .base import Stream, forward_kwargs
+from .base import CachedStream, forward_kwargs
 
 
-class DenseStream(Stream):
+class DenseStream(CachedStream):
     def __init__(self, model):
         self.model = model
         self.cache = DenseCache(config=model.config)
@@ -17,15 +17,8 @@ class DenseStream(Stream):
         self._kwargs = forward_kwargs(model, self.cache)
 
     @property
-    def evicted(self) -> int:
-        return 0
-
-    @property
     def max_held(self) -> int:
         return self.n
-
-    def kv_bytes(self) -> int:
-        return self.cache.held_bytes()
 
     @torch.inference_mode()
     def read(self, ids, last_only: bool = False) -> torch.Tensor:

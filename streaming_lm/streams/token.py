@@ -3,18 +3,21 @@ after every step. The reference every faster path is tested against (docs/semant
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..policy import policy_for
 from ..positions import check_positions_fit, position_limit, query_position
 from ..rotary import RotaryShift
 from ..settings import StreamingSettings
-from ..storage import EvictingDynamicCache
+from ..storage import EvictingDynamicCache, ScoredDynamicCache
 from ..support import num_decoder_layers
-from .base import Stream, as_ids, forward_kwargs
+from .base import CachedStream, as_ids, attention, forward_kwargs
+from .weights import ATTENTION_NAME, CACHE_KWARG
 
 
-class TokenStream(Stream):
+class TokenStream(CachedStream):
     """``method="token"``: an ``EvictingDynamicCache`` in the settings' own position mode."""
 
     # Original positions keep every key's phase; only shifted slots need re-rotation on eviction.
@@ -24,24 +27,19 @@ class TokenStream(Stream):
         self.model, self.settings, self.shift = model, settings, shift
         self.policy = policy_for(settings)
         rotate = shift if (self.frame_rotates or settings.positions == "shifted") else None
-        self.cache = EvictingDynamicCache(num_decoder_layers(model), self.policy, rotate)
+        storage = EvictingDynamicCache if self.policy.index_only else ScoredDynamicCache
+        self.cache = storage(num_decoder_layers(model), self.policy, rotate)
         self._limit = position_limit(model, settings, shift is not None)
         self.n = 0
         self.max_held = 0
         self._kwargs = forward_kwargs(model, self.cache)
+        # A policy that scores by attention gets this step's weights from our attention function.
+        self._weights = not self.policy.index_only and self.policy.needs_attention
+        if self._weights:
+            self._kwargs = tuple(kwargs | {CACHE_KWARG: self.cache} for kwargs in self._kwargs)
 
     def _shared(self):
         return (self.shift, self.policy)
-
-    @property
-    def evicted(self) -> int:
-        return self.cache.evicted_tokens
-
-    def kv_bytes(self) -> int:
-        return self.cache.held_bytes()
-
-    def kv_allocated_bytes(self) -> int:
-        return self.cache.allocated_bytes()
 
     def read_passes(self, ids, last_only: bool = False):
         ids = as_ids(ids, self.model.device)
@@ -54,7 +52,8 @@ class TokenStream(Stream):
         check_positions_fit(self.model, self.n + 1, self._limit)
         ids = torch.tensor([[token]], device=self.model.device)
         position = torch.tensor([[query_position(self.n, self.settings)]], device=ids.device)
-        out = self.model(input_ids=ids, position_ids=position, **self._kwargs[False])
+        with attention(self.model, ATTENTION_NAME) if self._weights else contextlib.nullcontext():
+            out = self.model(input_ids=ids, position_ids=position, **self._kwargs[False])
         self.n += 1
         self.max_held = max(self.max_held, *self.cache.held_tokens())
         return out.logits[0, -1].float()

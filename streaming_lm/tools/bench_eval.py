@@ -46,6 +46,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     p.add_argument("--recompute_start_size", "--recompute-start-size", type=int,
                    help="recompute's start_size (default --start_size; 0 gives the plain sliding window of C tokens)")
     p.add_argument("--batch_size", "--batch-size", type=int, default=1, help="recompute windows per forward pass")
+    p.add_argument("--caches", default="",
+                   help="more caches, comma-separated POLICY:S+W+H (e.g. tova:0+0+256,h2o:0+128+128): each is scored "
+                   "with the token loop and, where one serves it, the chunked path; default positions per policy")
     p.add_argument("--json", type=Path, help="also write the results here")
     return p, flags
 
@@ -55,6 +58,24 @@ def parse_args(argv=None):
     if args.recent_size is None and args.compression_ratio is None:
         args.recent_size = settings.DEFAULT_RECENT_SIZE
     return args
+
+
+def parse_caches(text: str) -> dict[str, dict]:
+    """``POLICY:S+W+H`` entries -> {row name: streaming_hf args}: a token-loop row each, and a chunked row where the
+    policy has an exact chunked path. Validated before anything loads."""
+    rows = {}
+    for entry in (e.strip() for e in text.split(",") if e.strip()):
+        policy, _, sizes = entry.partition(":")
+        try:
+            start, recent, heavy = (int(v) for v in (sizes.split("+") + ["0"])[:3])
+        except ValueError:
+            sys.exit(f"--caches: {entry!r} is not POLICY:S+W+H (e.g. tova:0+0+256)")
+        knobs = dict(policy=policy, start_size=start, recent_size=recent, heavy_size=heavy)
+        resolved = settings.resolve(**knobs)  # fails before loading
+        for method in ("token", "chunked"):
+            if method == "token" or settings.default_method(policy, resolved.positions) == "chunked":
+                rows[f"{policy} {start}+{recent}+{heavy} {method}"] = knobs | {"method": method}
+    return rows
 
 
 def bare_token_loop(model, ids) -> float:
@@ -91,6 +112,8 @@ def main(argv=None) -> dict:
             settings.resolve(**knobs)  # fails before loading
             recompute_args[f"recompute:{stride}"] = knobs | {"batch_size": args.batch_size}
         methods = [m for m in methods if m != "recompute"] + list(recompute_args)
+    cache_args = parse_caches(args.caches)
+    methods += list(cache_args)
     model_args = simple_parse_args_string(args.model_args)
     if args.pretrained:
         model_args["pretrained"] = args.pretrained
@@ -129,6 +152,8 @@ def main(argv=None) -> dict:
             lm = dense
         elif method in recompute_args:
             lm = StreamingHFLM(**shared, **recompute_args[method])
+        elif method in cache_args:
+            lm = StreamingHFLM(**shared, **cache_args[method])
         else:
             lm = StreamingHFLM(**shared, **streaming_args, method=method)
         started = time.perf_counter()
@@ -142,15 +167,18 @@ def main(argv=None) -> dict:
             **({"max_length": dense.max_length} if method == "dense" else {}),
             **({k: getattr(lm.streaming, k) for k in ("start_size", "recent_size", "stride")}
                if method in recompute_args else {}),
+            **({k: getattr(lm.streaming, k) for k in ("policy", "start_size", "recent_size", "heavy_size", "positions",
+                                                       "method")} if method in cache_args else {}),
         }
     speed = {m: r["tokens_per_s"] for m, r in results["methods"].items()}
     if "chunked" in speed:
         results["ratios"] = {f"chunked/{m}": speed["chunked"] / speed[m] for m in ("token", "dense") if m in speed}
 
     print(f"\n{n_scored} tokens of {Path(text_file).name}; cache {streaming_args}")
-    print(f"{'method':<14}{'tokens/s':>12}{'seconds':>10}{'PPL':>12}")
+    width = max(14, *(len(m) + 2 for m in results["methods"]))
+    print(f"{'method':<{width}}{'tokens/s':>12}{'seconds':>10}{'PPL':>12}")
     for method, r in results["methods"].items():
-        print(f"{method:<14}{r['tokens_per_s']:>12.1f}{r['seconds']:>10.1f}{r['ppl']:>12.4f}")
+        print(f"{method:<{width}}{r['tokens_per_s']:>12.1f}{r['seconds']:>10.1f}{r['ppl']:>12.4f}")
     for name, ratio in results.get("ratios", {}).items():
         print(f"{name}: {ratio:.2f}x")
     if args.json:

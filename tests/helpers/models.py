@@ -87,16 +87,3 @@ def streaming(tiny, **kwargs):
     model, tokenizer = tiny
     return StreamingHFLM(pretrained=model, tokenizer=tokenizer, **kwargs)
 
-
-def rolling(*texts):
-    """lm-eval rolling requests, one per text."""
-    from lm_eval.api.instance import Instance
-
-    return [Instance("loglikelihood_rolling", {}, (text,), i) for i, text in enumerate(texts)]
-
-
-def pairs(*items):
-    """lm-eval loglikelihood requests, one per (context, continuation)."""
-    from lm_eval.api.instance import Instance
-
-    return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(items)]

@@ -5,6 +5,9 @@ Nothing here imports streaming_lm: these re-derive the definition from scratch.
 
 from __future__ import annotations
 
+import math
+import re
+
 import torch
 
 
@@ -15,15 +18,22 @@ def dense_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, -1)[:-1].gather(-1, ids[1:, None])[:, 0]
 
 
-def original_positions_logprobs(model, ids: torch.Tensor, start: int, recent: int) -> torch.Tensor:
-    """positions="original" in one pass: allowed(t, s) = s <= t and (s < S or s >= t - W)."""
-    n = ids.numel()
+def sink_window_allowed(n: int, start: int, recent: int) -> torch.Tensor:
+    """bool [n, n], the suite's one reference mask: allowed(t, s) = s <= t and (s < S or s >= t - W)."""
     t = torch.arange(n)[:, None]
     s = torch.arange(n)[None, :]
-    allowed = (s <= t) & ((s < start) | (s >= t - recent))
-    mask = torch.zeros(n, n).masked_fill(~allowed, float("-inf"))[None, None]
+    return (s <= t) & ((s < start) | (s >= t - recent))
+
+
+def sink_window_mask(n: int, start: int, recent: int) -> torch.Tensor:
+    """``sink_window_allowed`` as an additive attention mask [1, 1, n, n] (0 or -inf) for one dense pass."""
+    return torch.zeros(n, n).masked_fill(~sink_window_allowed(n, start, recent), float("-inf"))[None, None]
+
+
+def original_positions_logprobs(model, ids: torch.Tensor, start: int, recent: int) -> torch.Tensor:
+    """positions="original" in one pass with the sink+window mask."""
     with torch.no_grad():
-        logits = model(ids[None], attention_mask=mask).logits[0].float()
+        logits = model(ids[None], attention_mask=sink_window_mask(ids.numel(), start, recent)).logits[0].float()
     return torch.log_softmax(logits, -1)[:-1].gather(-1, ids[1:, None])[:, 0]
 
 
@@ -81,6 +91,16 @@ def shifted_llama_logprobs(model, ids: torch.Tensor, start: int, recent: int) ->
 
 def perplexity(logprobs: torch.Tensor) -> float:
     return float(torch.exp(-logprobs.double().mean()))
+
+
+def lm_eval_words(text: str) -> int:
+    """lm-eval's word count, ``len(re.split(r"\\s+", text))``: words plus one empty field per whitespace end."""
+    return len(re.split(r"\s+", text))
+
+
+def word_perplexity(logliks, words) -> float:
+    """lm-eval's ``word_perplexity`` (weighted_perplexity) over documents: exp(-sum log-likelihood / sum words)."""
+    return math.exp(-sum(logliks) / sum(words))
 
 
 @torch.no_grad()

@@ -1,0 +1,119 @@
+"""A growing cache for scored policies: per key/value head, the held tokens and their scores.
+
+After every step (one token per pass: the token loop) a layer whose heads hold more than ``C`` tokens
+evicts, per head (or per layer), the unprotected token of lowest score; ties go to the older token
+(shared/docs/eviction-policies.md). Slots stay in token order, so with ``positions="shifted"`` a key's
+slot is its position: the keys after an evicted one are rotated back by one.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from ..policy import ScoredPolicy
+from ..rotary import RotaryShift
+from .accounting import KVAccounting
+
+
+def step_scores(policy: ScoredPolicy, keys, values, attention, totals, heads: int) -> torch.Tensor:
+    """float32 [kv_heads, K]: the score of every key column after one step (``totals`` is accumulated in place)."""
+    score = policy.score(keys, values, attention).float()
+    score = score.expand(heads, -1) if score.dim() == 1 else score
+    if policy.accumulate:
+        totals += score
+        return totals
+    return score
+
+
+# Scores this close (relative) are a tie. A repeated token's layer-0 keys are equal but for float rounding,
+# and that rounding differs between a one-token and a many-token pass: without a margin the token loop and the
+# chunked path would break such ties differently (docs/policies.md).
+TIE = 1e-5
+
+
+def victims(score: torch.Tensor, tokens: torch.Tensor, t: int, policy: ScoredPolicy,
+            dead: torch.Tensor | None = None) -> torch.Tensor:
+    """The column each head evicts after step t: the lowest-scored unprotected held token (ties: the older).
+
+    Protected: the first S tokens and the last W read (shared/docs/eviction-policies.md). Columns are in
+    token order, so the first column within ``TIE`` of the lowest score is the oldest of the tied tokens.
+    """
+    settings = policy.settings
+    protected = (tokens < settings.start_size) | (tokens > t - settings.recent_size)
+    if dead is not None:
+        protected = protected | dead
+    score = score.masked_fill(protected, float("inf"))
+    low = score.min(dim=1, keepdim=True).values
+    return (score <= low + TIE * low.abs()).to(torch.uint8).argmax(dim=1)
+
+
+class ScoredDynamicLayer(DynamicLayer):
+    def __init__(self, policy: ScoredPolicy, shift: RotaryShift | None, rows: bool = False):
+        super().__init__()
+        self.policy, self.shift = policy, shift
+        self.rows = rows  # the chunked path decides row by row in its attention function (keep)
+        self.seen = 0  # tokens read into this layer: the token of this step is seen - 1
+        self.evicted = 0
+        self.tokens: torch.Tensor | None = None  # long [kv_heads, K]: the token held in each slot
+        self.totals: torch.Tensor | None = None  # float32 [kv_heads, K]: accumulated scores (accumulate)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if key_states.shape[0] != 1:
+            raise ValueError("a scored policy's cache reads one stream at a time")
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        heads, count = keys.shape[1], key_states.shape[-2]
+        new = torch.arange(self.seen, self.seen + count, device=keys.device).expand(heads, -1)
+        self.tokens = new if self.tokens is None else torch.cat((self.tokens, new), dim=1)
+        if self.policy.accumulate:
+            zero = torch.zeros((heads, count), dtype=torch.float32, device=keys.device)
+            self.totals = zero if self.totals is None else torch.cat((self.totals, zero), dim=1)
+        self.seen += count
+        if not self.policy.needs_attention and not self.rows:
+            self.after_attention(None)  # the score reads keys only: decide now, attention sees all C + 1
+        return keys, values
+
+    def after_attention(self, attention: torch.Tensor | None) -> None:
+        """Token loop: this step's attention weights (float32 [query_heads, K], or None) are in; score and evict."""
+        policy = self.policy
+        if not policy.accumulate and self.keys.shape[-2] <= policy.capacity:
+            return
+        score = step_scores(policy, self.keys[0], self.values[0], attention, self.totals, self.tokens.shape[0])
+        if self.keys.shape[-2] <= policy.capacity:
+            return
+        victim = victims(score, self.tokens, self.seen - 1, policy)  # [kv_heads]
+        slots = torch.arange(self.tokens.shape[1], device=victim.device)
+        self.keep(slots[None, :] != victim[:, None], rotate=True)
+
+    def keep(self, alive: torch.Tensor, rotate: bool = False) -> None:
+        """Keep the columns ``alive`` marks (bool [kv_heads, K], as many per head); with ``rotate`` (shifted
+        positions, one eviction) every key after a dropped one moves back one position."""
+        keep = alive.nonzero()[:, 1].reshape(alive.shape[0], -1)  # [kv_heads, kept], in token order
+        keys = self.keys.gather(2, keep[None, :, :, None].expand(*self.keys.shape[:2], -1, self.keys.shape[-1]))
+        if rotate and self.shift is not None:
+            # Shifted: positions are slots, so every key after the evicted one moves back by one.
+            moved = keep > torch.arange(keep.shape[1], device=keep.device)[None, :]
+            keys = torch.where(moved[None, :, :, None], self.shift.rotate(keys, -1), keys)
+        self.evicted += alive.shape[1] - keep.shape[1]
+        self.keys = keys
+        self.values = self.values.gather(2, keep[None, :, :, None].expand(*self.values.shape[:2], -1,
+                                                                          self.values.shape[-1]))
+        self.tokens = self.tokens.gather(1, keep)
+        if self.totals is not None:
+            self.totals = self.totals.gather(1, keep)
+
+    def get_max_length(self) -> int:
+        return self.policy.capacity
+
+
+class ScoredDynamicCache(KVAccounting, Cache):
+    """A ``Cache`` of ``ScoredDynamicLayer`` s, one per decoder layer."""
+
+    def __init__(self, num_layers: int, policy: ScoredPolicy, shift: RotaryShift | None, rows: bool = False):
+        super().__init__(layers=[ScoredDynamicLayer(policy, shift, rows) for _ in range(num_layers)])
+        self.policy = policy
+
+    @property
+    def evicted_tokens(self) -> int:
+        """Tokens evicted so far per head (the same at every layer and head)."""
+        return self.layers[0].evicted

@@ -1,0 +1,93 @@
+"""The chunked path of scored policies (``method="chunked"``, original positions): many tokens per pass,
+the token loop's numbers.
+
+In a causal model the inputs of layer l for a chunk of queries do not depend on layer l's evictions:
+the model still runs layer by layer, and inside each layer's attention (a function registered with
+transformers' ``AttentionInterface``) the rows are taken in order. Row t attends to the tokens its head
+held before step t plus t itself; its softmax weights score the held tokens and the policy's victim is
+dropped before row t + 1 (storage/scored.py's rule). Projections and MLPs run once per chunk; only the
+attention rows are sequential. With original positions every key keeps the rotation it was read with,
+so nothing moves.
+"""
+
+from __future__ import annotations
+
+
+import torch
+from transformers import AttentionInterface
+
+from ..positions import check_positions_fit
+from ..storage import ScoredDynamicCache
+from ..storage.scored import step_scores, victims
+from ..support import num_decoder_layers
+from .base import as_ids, attention, forward_kwargs
+from .token import TokenStream
+from .weights import CACHE_KWARG
+
+ATTENTION_NAME = "streaming_lm_scored_rows"
+
+
+def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    layer = kwargs[CACHE_KWARG].layers[module.layer_idx]
+    policy = layer.policy
+    _, heads, q_len, dim = query.shape
+    kv_heads, columns = key.shape[1], key.shape[2]
+    group, first = heads // kv_heads, columns - q_len  # columns 0..first-1: held before this chunk
+    # Every row's logits at once (they do not depend on evictions); only the masks are sequential.
+    logits = torch.matmul(query[0].float().reshape(kv_heads, group * q_len, dim), key[0].float().transpose(-1, -2))
+    logits = (logits * scaling).reshape(kv_heads, group, q_len, columns)
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    alive = torch.zeros((kv_heads, columns), dtype=torch.bool, device=key.device)
+    alive[:, :first] = True
+    weights = torch.empty_like(logits)
+    t0 = layer.seen - q_len
+    # A score that reads neither attention nor history (key-norm) is the same for every row: once per chunk.
+    fixed = None if policy.needs_attention or policy.accumulate else \
+        step_scores(policy, key[0], value[0], None, None, kv_heads)
+    for r in range(q_len):
+        alive[:, first + r] = True
+        row = torch.softmax(logits[:, :, r].masked_fill(~alive[:, None, :], float("-inf")), dim=-1)
+        weights[:, :, r] = row
+        if policy.accumulate or int(alive[0].sum()) > policy.capacity:
+            attention = row.reshape(heads, columns) if policy.needs_attention else None
+            score = fixed if fixed is not None else \
+                step_scores(policy, key[0], value[0], attention, layer.totals, kv_heads)
+            if int(alive[0].sum()) > policy.capacity:
+                victim = victims(score, layer.tokens, t0 + r, policy, dead=~alive)
+                alive[torch.arange(kv_heads), victim] = False
+    out = torch.matmul(weights.to(value.dtype).reshape(kv_heads, group * q_len, columns), value[0])
+    layer.keep(alive)
+    return out.reshape(1, heads, q_len, -1).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, _rows_attention)
+
+
+
+class ScoredChunkedStream(TokenStream):
+    """``method="chunked"`` for a scored policy (positions=original): ``chunk_size`` tokens per pass."""
+
+    def __init__(self, model, settings, shift, batch_size: int = 1):
+        super().__init__(model, settings, shift)
+        if settings.positions != "original":
+            raise ValueError("the scored chunked path serves positions=original only")
+        self.cache = ScoredDynamicCache(num_decoder_layers(model), self.policy, None, rows=True)
+        self._kwargs = tuple(kwargs | {CACHE_KWARG: self.cache} for kwargs in forward_kwargs(model, self.cache))
+
+    def read_passes(self, ids, last_only: bool = False):
+        ids = as_ids(ids, self.model.device)
+        check_positions_fit(self.model, self.n + ids.numel(), self._limit)
+        kwargs, chunk, first = self._kwargs[last_only], self.settings.chunk_size, self.n
+        with attention(self.model, ATTENTION_NAME):
+            for a in range(0, ids.numel(), chunk):
+                b = min(a + chunk, ids.numel())
+                positions = torch.arange(first + a, first + b, device=ids.device)[None]
+                logits = self.model(input_ids=ids[None, a:b], position_ids=positions, **kwargs).logits
+                self.max_held = max(self.max_held, *self.cache.held_tokens())
+                self.n = first + b
+                yield a, logits[0].float()
+
+    def step(self, token: int) -> torch.Tensor:
+        return self.read([token])[-1]

@@ -1,0 +1,39 @@
+"""Attention that also hands its weights to a scored policy's cache (the token loop of TOVA, H2O, ...).
+
+One query per pass: the weights over the ``C + 1`` held keys cost what the model's own attention costs,
+so nothing falls back to eager attention for the whole model. Registered with transformers'
+``AttentionInterface``; no model code is copied or patched.
+"""
+
+from __future__ import annotations
+
+
+import torch
+from transformers import AttentionInterface
+
+ATTENTION_NAME = "streaming_lm_weights"
+CACHE_KWARG = "streaming_scored_cache"
+
+
+def _weights_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    cache = kwargs.get(CACHE_KWARG)
+    if cache is None:
+        raise RuntimeError(f"{ATTENTION_NAME} attention called without a {CACHE_KWARG}")
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    if batch != 1 or q_len != 1:
+        raise ValueError("scored policies read one token per pass")
+    # Each key/value head's query heads as rows; logits and softmax in float32 (eviction-policies.md).
+    rows = query.float().reshape(kv_heads, heads // kv_heads, dim)
+    logits = torch.matmul(rows, key[0].float().transpose(-1, -2)) * scaling
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    weights = torch.softmax(logits, dim=-1)  # [kv_heads, group, K]
+    out = torch.matmul(weights.to(value.dtype), value[0]).reshape(1, heads, 1, -1)
+    cache.layers[module.layer_idx].after_attention(weights.reshape(heads, -1))
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, _weights_attention)
+

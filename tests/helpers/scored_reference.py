@@ -1,0 +1,99 @@
+"""A deliberately naive reference for scored eviction policies (shared/docs/eviction-policies.md).
+
+Nothing here imports streaming_lm. Step t re-runs the model over the whole prefix x_0..x_t with an eager
+attention function written here: row s of layer l, head h attends exactly to the tokens that head held
+before step s plus s itself, at their original positions or (shifted) at their ranks 0..|K|-1, so every
+key and value is the one computed at its own step. Row t's softmax weights then score the held tokens,
+and the lowest-scored unprotected token of each head (or layer) is dropped.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+
+NAME = "test_scored_reference"
+
+
+def _rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., seq, dim] (rotate_half layout, every dim rotary) by per-position deltas [seq]."""
+    angles = delta.double()[:, None] * inv_freq.double()[None, :]
+    cos, sin = torch.cat((angles, angles), -1).cos().float(), torch.cat((angles, angles), -1).sin().float()
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+@torch.no_grad()
+def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: int, heavy: int,
+                    positions: str) -> torch.Tensor:
+    capacity = start + recent + heavy
+    config = model.config
+    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+    group = config.num_attention_heads // kv_heads
+    inv_freq = model.model.rotary_emb.inv_freq
+    visible: dict = {}  # (layer, head, s) -> tokens row s attends to
+    held = [[[] for _ in range(kv_heads)] for _ in range(layers)]
+    totals = [[{} for _ in range(kv_heads)] for _ in range(layers)]  # h2o: accumulated attention per token
+    last: dict = {}  # layer -> (weights per kv head [group, K], keys per kv head [K, dim]) of the newest row
+
+    def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        layer, q_len = module.layer_idx, query.shape[2]
+        out = torch.zeros_like(query[0].transpose(0, 1))  # [q_len, heads, dim]
+        rows = {}
+        for h in range(kv_heads):
+            for s in range(q_len):
+                tokens = visible[(layer, h, s)]
+                index = torch.tensor(tokens)
+                q = query[0, h * group : (h + 1) * group, s : s + 1]  # rotated at s by the model
+                k = key[0, h, index]  # rotated at their own indices
+                if positions == "shifted":
+                    q = _rotate(q, torch.tensor([len(tokens) - 1 - s]), inv_freq)
+                    k = _rotate(k, torch.arange(len(tokens)) - index, inv_freq)
+                logits = (q @ k.T)[:, 0] * scaling
+                if kwargs.get("softcap") is not None:
+                    logits = torch.tanh(logits / kwargs["softcap"]) * kwargs["softcap"]
+                weights = torch.softmax(logits.float(), -1)
+                out[s, h * group : (h + 1) * group] = weights @ value[0, h, index]
+                if s == q_len - 1:
+                    rows[h] = (weights, key[0, h, index])
+        last[layer] = rows
+        return out[None], None
+
+    AttentionInterface.register(NAME, attention)
+    previous = config._attn_implementation
+    model.set_attn_implementation(NAME)
+    out = []
+    try:
+        for t in range(ids.numel() - 1):
+            for layer in range(layers):
+                for h in range(kv_heads):
+                    visible[(layer, h, t)] = held[layer][h] + [t]
+            logits = model(ids[None, : t + 1], position_ids=torch.arange(t + 1)[None], use_cache=False).logits
+            out.append(torch.log_softmax(logits[0, -1].float(), -1)[ids[t + 1]])
+            for layer in range(layers):
+                rows = last[layer]
+                tova = torch.stack([rows[h][0] for h in range(kv_heads)]).mean((0, 1))  # all heads of the layer
+                for h in range(kv_heads):
+                    tokens = visible[(layer, h, t)]
+                    weights, keys = rows[h]
+                    if policy == "h2o":
+                        for i, j in enumerate(tokens):
+                            totals[layer][h][j] = totals[layer][h].get(j, 0.0) + float(weights[:, i].sum())
+                        score = [totals[layer][h][j] for j in tokens]
+                    elif policy == "tova":
+                        score = tova.tolist()
+                    elif policy == "knorm":
+                        score = (-keys.norm(dim=-1)).tolist()
+                    else:
+                        raise ValueError(policy)
+                    if len(tokens) > capacity:
+                        # Protected: the sinks and the last W tokens; ties (within a relative 1e-5: float
+                        # rounding) go to the older token.
+                        candidates = [i for i, j in enumerate(tokens) if j >= start and j <= t - recent]
+                        low = min(score[i] for i in candidates)
+                        victim = min(i for i in candidates if score[i] <= low + 1e-5 * abs(low))
+                        tokens = tokens[:victim] + tokens[victim + 1 :]
+                    held[layer][h] = tokens
+    finally:
+        model.set_attn_implementation(previous)
+    return torch.stack(out)
