@@ -22,7 +22,7 @@ import pytest
 from helpers.models import streaming
 from streaming_lm.continuation import score_continuations, score_requests
 from streaming_lm.generation import GenerationRequest, generate, generate_requests
-from streaming_lm.settings import StreamingSettings
+from streaming_lm.settings import StreamingSettings, resolve
 from streaming_lm.streams.shared import Trie, walk
 from streaming_lm.support import find_rotary
 
@@ -151,14 +151,19 @@ def mc_requests(tokenizer):
     return pairs
 
 
-# recompute has no position modes (its windows sit at 0..C-1); its variants are strides instead.
+# recompute has no position modes (its windows sit at 0..C-1); its variants are strides instead. Scored
+# policies (policy:positions) keep per-head scores in their state: a fork must carry them too.
 VARIANTS = [("token", "shifted"), ("token", "original"), ("chunked", "shifted"), ("chunked", "original"),
-            ("recompute", 1), ("recompute", 3)]
+            ("recompute", 1), ("recompute", 3), ("token", "h2o:shifted"), ("chunked", "tova:original")]
 
 
 def settings_for(method, variant, chunk_size=8):
     if method == "recompute":
         return StreamingSettings(**SMALL, method=method, stride=variant)
+    if ":" in str(variant):
+        policy, positions = variant.split(":")
+        return resolve(start_size=2, recent_size=6, heavy_size=8, policy=policy, positions=positions, method=method,
+                       chunk_size=chunk_size)
     return StreamingSettings(**SMALL, positions=variant, method=method, chunk_size=chunk_size)
 
 

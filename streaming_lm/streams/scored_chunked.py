@@ -29,6 +29,8 @@ ATTENTION_NAME = "streaming_lm_scored_rows"
 
 def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     layer = kwargs[CACHE_KWARG].layers[module.layer_idx]
+    if kwargs.get("s_aux") is not None:  # gpt_oss's learned sink logits are not in a scored policy's weights yet
+        raise NotImplementedError("scored policies do not support attention with learned sink logits (gpt_oss)")
     policy = layer.policy
     _, heads, q_len, dim = query.shape
     kv_heads, columns = key.shape[1], key.shape[2]
