@@ -20,11 +20,7 @@ from transformers import AttentionInterface
 
 from ..forward_args import num_decoder_layers
 from ..positions import check_positions_fit, first_recent, query_position
-<<<<<<< HEAD
 from ..rotary import LayerShifts, RotaryShift
-=======
-from ..rotary import RotaryShift
->>>>>>> prefix-15
 from ..scores import ContinuationScore
 from .base import as_ids, attention, continuation_score
 from .decode import DecodeStream
@@ -127,14 +123,11 @@ class ChunkedStream(TokenStream):
                 plan, positions = plan_chunk(first + a, first + b, self, rows.device)
                 logits = self.model(input_ids=rows[:, a:b], position_ids=positions.expand(rows.shape[0], -1),
                                     **kwargs, **{PLAN_KWARG: plan}).logits
-<<<<<<< HEAD
                 if plan.calls < self._layers:
                     raise RuntimeError(
                         f"{type(self.model).__name__}: {plan.calls} of {self._layers} layers ran the chunked attention "
                         "function; the others computed attention in model code that cannot see the chunk's plan"
                     )
-=======
->>>>>>> prefix-15
                 self.max_held = max(self.max_held, *self.cache.held_tokens())
                 self.n = first + b
                 yield a, logits.float()
