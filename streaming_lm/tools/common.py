@@ -15,9 +15,13 @@ from .. import settings
 # Found relative to a checkout (the package folder sits in the repository root): the full WikiText-2
 # test text next to the repository when present, else the excerpt the repository ships.
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_TEXTS = (
-    REPO.parent / "shared" / "data" / "wikitext-2-raw-test.txt",
-    REPO / "tasks" / "wikitext_streaming" / "sample" / "wikitext-2-raw-test-excerpt.txt",
+# An installed (non-editable) package sits in site-packages: then the checkout is the working directory.
+_ROOTS = (REPO, Path.cwd())
+DEFAULT_TEXTS = tuple(
+    path
+    for root in _ROOTS
+    for path in (root.parent / "shared" / "data" / "wikitext-2-raw-test.txt",
+                 root / "tasks" / "wikitext_streaming" / "sample" / "wikitext-2-raw-test-excerpt.txt")
 )
 
 # The field's annotation ("int", "float | None", "str") gives the flag's type.
