@@ -25,11 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-from .common import DEFAULT_TEXTS, REPO
+from .common import DEFAULT_TEXTS, repo_file
 
 SHOTS = 3
 QUESTION = "Question: Which words come next in the passage?\nAnswer:"
-STREAMEVAL = REPO / "tasks" / "streameval" / "utils.py"
+STREAMEVAL = "tasks/streameval/utils.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +85,7 @@ def streameval_requests(n_queries: int):
     """``n_queries`` streameval queries (a query after every line about the line 10 back: short streams)."""
     from lm_eval.api.instance import Instance
 
-    spec = importlib.util.spec_from_file_location("streameval_utils", STREAMEVAL)
+    spec = importlib.util.spec_from_file_location("streameval_utils", repo_file(STREAMEVAL))
     utils = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(utils)
     docs = utils.make_docs(num_lines=n_queries + 9, query_interval=1, answer_distance=10, seed=0)

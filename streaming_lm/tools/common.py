@@ -29,6 +29,15 @@ FIELDS = {field.name: field for field in dataclasses.fields(settings.StreamingSe
 TYPES = {name: {"int": int, "float": float, "str": str}[str(field.type).split(" ")[0]] for name, field in FIELDS.items()}
 
 
+def repo_file(relative: str) -> Path:
+    """A file of the checkout (tasks/..., the shipped excerpt), wherever the package is installed."""
+    found = [root / relative for root in _ROOTS if (root / relative).exists()]
+    if not found:
+        raise FileNotFoundError(f"{relative}: not under {' or '.join(str(root) for root in _ROOTS)}; "
+                                "run from a checkout of streaming-lm")
+    return found[0]
+
+
 def default_text() -> Path | None:
     return next((path for path in DEFAULT_TEXTS if path.exists()), None)
 
