@@ -23,7 +23,7 @@ from helpers.requests import generations, pairs
 from helpers.engine import score_stream
 from helpers.reference import sink_window_mask
 from streaming_lm.continuation import score_continuations
-from streaming_lm.generation import generate
+from streaming_lm.generation import generate, sampler
 from streaming_lm.support import find_rotary
 from streaming_lm.settings import StreamingSettings
 
@@ -258,15 +258,33 @@ def test_generate_until_with_a_small_cache(tiny):
     assert text == lm.tok_decode(tokens).split("never")[0]
 
 
-def test_sampling(tiny):
+def test_sampling_reaches_the_sampler(tiny):
+    """The request's sampling kwargs arrive: top_k=1 is greedy; a seed repeats; another seed differs."""
     lm = streaming(tiny, **SMALL)
+    greedy_text = lm.generate_until(generations(("Hello", {"max_gen_toks": 20})))
+    assert lm.generate_until(generations(
+        ("Hello", {"do_sample": True, "temperature": 1.5, "top_k": 1, "max_gen_toks": 20}))) == greedy_text
+    hot = generations(*[("Hello", {"do_sample": True, "temperature": 1.5, "top_p": 0.95, "max_gen_toks": 20})] * 4)
     torch.manual_seed(0)
-    sampled = lm.generate_until(generations(
-        ("Hello", {"do_sample": True, "temperature": 0.8, "max_gen_toks": 20}),
-        ("Hello", {"do_sample": True, "temperature": 1.5, "top_p": 0.9, "top_k": 5, "max_gen_toks": 20}),
-    ))
-    assert all(isinstance(s, str) for s in sampled)
+    first = lm.generate_until(hot)
+    torch.manual_seed(0)
+    assert lm.generate_until(hot) == first
+    assert len(set(first)) > 1, "four samples at temperature 1.5 were all the same: not sampling"
     # Refused kwargs (num_beams, do_sample without temperature): test_bad_inputs.py, cases generate-*.
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    # probabilities of tokens 0..3 under softmax(logits / T), kept by top-k / top-p, renormalised
+    ({"temperature": 1.0, "top_k": 0, "top_p": 1.0}, [0.5, 0.3, 0.2, 0.0]),
+    ({"temperature": 0.5, "top_k": 0, "top_p": 1.0}, [25 / 38, 9 / 38, 4 / 38, 0.0]),
+    ({"temperature": 1.0, "top_k": 2, "top_p": 1.0}, [0.625, 0.375, 0.0, 0.0]),
+    ({"temperature": 1.0, "top_k": 0, "top_p": 0.6}, [0.625, 0.375, 0.0, 0.0]),
+])
+def test_sampler_distribution(kwargs, expected):
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2, 0.0]))
+    pick = sampler(**kwargs, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(torch.tensor([pick(logits) for _ in range(4000)]), minlength=4)
+    assert torch.allclose(counts / 4000, torch.tensor(expected), atol=0.03)
 
 
 def test_never_falls_back_to_dense(tiny, monkeypatch):
