@@ -24,6 +24,7 @@ from ..rotary import LayerShifts, RotaryShift
 from ..scores import ContinuationScore
 from .base import as_ids, attention, continuation_score
 from .decode import DecodeStream
+from .logits import grouped_rows, soft_capped
 from .token import TokenStream
 
 ATTENTION_NAME = "streaming_lm_chunked"
@@ -52,17 +53,13 @@ def _chunk_attention(module, query, key, value, attention_mask, scaling, dropout
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
-    # Grouped-query attention without copying keys: fold each group's heads into the rows.
-    rows = query.reshape(batch, kv_heads, group * q_len, dim)
+    rows = grouped_rows(query, kv_heads)
     logits = torch.matmul(rows, key.transpose(-1, -2)) * scaling
     shift = plan.shift.for_layer(getattr(module, "layer_idx", None)) if plan.shift is not None else None
     if plan.n_sink and shift is not None and bool(plan.query_shift.any()):
-        sink_query = shift.rotate(query, plan.query_shift).reshape(batch, kv_heads, group * q_len, dim)
+        sink_query = grouped_rows(shift.rotate(query, plan.query_shift), kv_heads)
         logits[..., : plan.n_sink] = torch.matmul(sink_query, key[..., : plan.n_sink, :].transpose(-1, -2)) * scaling
-    softcap = kwargs.get("softcap")
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    logits = logits.masked_fill(~plan.allowed.repeat(group, 1), float("-inf"))
+    logits = soft_capped(logits, kwargs.get("softcap")).masked_fill(~plan.allowed.repeat(group, 1), float("-inf"))
     learned = kwargs.get("s_aux")  # gpt-oss: a learned logit per head joins every softmax, then is dropped
     if learned is not None:
         column = learned.to(logits.dtype).view(1, kv_heads, group, 1, 1).expand(batch, -1, -1, q_len, 1)

@@ -21,6 +21,7 @@ from ..positions import check_positions_fit
 from ..storage import ScoredDynamicCache
 from ..storage.scored import step_scores, victims
 from .base import as_ids, attention, forward_kwargs
+from .logits import grouped_rows, refuse_learned_sinks, soft_capped
 from .token import TokenStream
 from .weights import CACHE_KWARG
 
@@ -29,18 +30,14 @@ ATTENTION_NAME = "streaming_lm_scored_rows"
 
 def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     layer = kwargs[CACHE_KWARG].layers[module.layer_idx]
-    if kwargs.get("s_aux") is not None:  # gpt_oss's learned sink logits are not in a scored policy's weights yet
-        raise NotImplementedError("scored policies do not support attention with learned sink logits (gpt_oss)")
+    refuse_learned_sinks(kwargs)
     policy = layer.policy
     _, heads, q_len, dim = query.shape
     kv_heads, columns = key.shape[1], key.shape[2]
     group, first = heads // kv_heads, columns - q_len  # columns 0..first-1: held before this chunk
     # Every row's logits at once (they do not depend on evictions); only the masks are sequential.
-    logits = torch.matmul(query[0].float().reshape(kv_heads, group * q_len, dim), key[0].float().transpose(-1, -2))
-    logits = (logits * scaling).reshape(kv_heads, group, q_len, columns)
-    softcap = kwargs.get("softcap")
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
+    logits = torch.matmul(grouped_rows(query.float(), kv_heads)[0], key[0].float().transpose(-1, -2))
+    logits = soft_capped((logits * scaling).reshape(kv_heads, group, q_len, columns), kwargs.get("softcap"))
     alive = torch.zeros((kv_heads, columns), dtype=torch.bool, device=key.device)
     alive[:, :first] = True
     weights = torch.empty_like(logits)

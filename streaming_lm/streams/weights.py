@@ -11,14 +11,15 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 
+from .logits import grouped_rows, refuse_learned_sinks, soft_capped
+
 ATTENTION_NAME = "streaming_lm_weights"
 CACHE_KWARG = "streaming_scored_cache"
 
 
 def _weights_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     cache = kwargs.get(CACHE_KWARG)
-    if kwargs.get("s_aux") is not None:  # gpt_oss's learned sink logits are not in a scored policy's weights yet
-        raise NotImplementedError("scored policies do not support attention with learned sink logits (gpt_oss)")
+    refuse_learned_sinks(kwargs)
     if cache is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention called without a {CACHE_KWARG}")
     batch, heads, q_len, dim = query.shape
@@ -26,11 +27,8 @@ def _weights_attention(module, query, key, value, attention_mask, scaling, dropo
     if batch != 1 or q_len != 1:
         raise ValueError("scored policies read one token per pass")
     # Each key/value head's query heads as rows; logits and softmax in float32 (eviction-policies.md).
-    rows = query.float().reshape(kv_heads, heads // kv_heads, dim)
-    logits = torch.matmul(rows, key[0].float().transpose(-1, -2)) * scaling
-    softcap = kwargs.get("softcap")
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
+    rows = grouped_rows(query.float(), kv_heads)[0]
+    logits = soft_capped(torch.matmul(rows, key[0].float().transpose(-1, -2)) * scaling, kwargs.get("softcap"))
     weights = torch.softmax(logits, dim=-1)  # [kv_heads, group, K]
     out = torch.matmul(weights.to(value.dtype), value[0]).reshape(1, heads, 1, -1)
     cache.layers[module.layer_idx].after_attention(weights.reshape(heads, -1))
