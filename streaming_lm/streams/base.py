@@ -124,6 +124,9 @@ def continuation_score(logits, continuation, evicted: int, n_context: int, setti
 def attention(model, name: str):
     """Route the model's attention through the registered function ``name``, restoring it afterwards."""
     previous = model.config._attn_implementation
+    if previous == name:  # nested (a token loop's steps inside its read): switching costs milliseconds a pass
+        yield
+        return
     model.set_attn_implementation(name)
     try:
         yield

@@ -44,15 +44,19 @@ class TokenStream(CachedStream):
     def read_passes(self, ids, last_only: bool = False):
         ids = as_ids(ids, self.model.device)
         check_positions_fit(self.model, self.n + ids.numel(), self._limit)
-        for i, token in enumerate(ids.tolist()):
-            yield i, self.step(token)[None]
+        with self._attention():
+            for i, token in enumerate(ids.tolist()):
+                yield i, self.step(token)[None]
+
+    def _attention(self):
+        return attention(self.model, ATTENTION_NAME) if self._weights else contextlib.nullcontext()
 
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:
         check_positions_fit(self.model, self.n + 1, self._limit)
         ids = torch.tensor([[token]], device=self.model.device)
         position = torch.tensor([[query_position(self.n, self.settings)]], device=ids.device)
-        with attention(self.model, ATTENTION_NAME) if self._weights else contextlib.nullcontext():
+        with self._attention():
             out = self.model(input_ids=ids, position_ids=position, **self._kwargs[False])
         self.n += 1
         self.max_held = max(self.max_held, *self.cache.held_tokens())
