@@ -337,6 +337,15 @@ def test_gemma2_softcap_is_exercised(one_thread):
     assert (dense_logprobs(capped, ids) - dense_logprobs(uncapped, ids)).abs().max() > 50 * TOL
 
 
+@pytest.mark.parametrize("method", ["token", "chunked"])
+def test_scored_policies_refuse_learned_sink_logits(method, one_thread):
+    """gpt_oss's per-head sink logit joins every softmax; a scored policy's weights would leave it out."""
+    model = build("gpt_oss")
+    tova = StreamingSettings(2, 8, "original", method, chunk_size=8, policy="tova", heavy_size=8)
+    with pytest.raises(NotImplementedError, match="learned sink logits"):
+        score(model, torch.randint(3, 128, (40,)), tova, find_rotary(model))
+
+
 # --- refusals -------------------------------------------------------------------------------------
 
 SUPPORTED_LIST = "Supported model types: llama .*gpt2 \\(learned absolute positions\\)"
