@@ -367,6 +367,24 @@ REFUSED = {
         lambda: transformers.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, state_size=4), settings(),
         r"mamba has cache layers of kind \['LinearAttentionLayer'\]",
     ),
+    "jamba (hybrid: Mamba and attention)": (
+        lambda: transformers.JambaConfig(
+            **_BASE, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+            num_experts=2, mamba_d_state=4, mamba_expand=1, mamba_dt_rank=4),
+        settings(), r"jamba has cache layers of kind \['DynamicLayer', 'LinearAttentionLayer'\]",
+    ),
+    "falcon_h1 (hybrid: Mamba and attention in one layer)": (
+        lambda: transformers.FalconH1Config(**_BASE, head_dim=16, mamba_d_ssm=32, mamba_n_heads=2, mamba_d_head=16,
+                                            mamba_d_state=4, mamba_n_groups=1, mamba_chunk_size=16),
+        settings(), r"falcon_h1 has cache layers of kind \['LinearAttentionAndFullAttentionLayer'\]",
+    ),
+    "qwen3_next (hybrid: linear attention)": (
+        lambda: transformers.Qwen3NextConfig(
+            **_BASE, head_dim=16, linear_num_value_heads=2, linear_num_key_heads=1, linear_key_head_dim=8,
+            linear_value_head_dim=8, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
+            shared_expert_intermediate_size=16, layer_types=["linear_attention", "full_attention"]),
+        settings(), r"qwen3_next has cache layers of kind \['DynamicLayer', 'LinearAttentionLayer'\]",
+    ),
     "gpt_oss with C = 128 (window 128)": (
         lambda: transformers.GptOssConfig(**_BASE, head_dim=16, num_local_experts=2, num_experts_per_tok=1),
         StreamingSettings(4, 124), r"gpt_oss has sliding-window attention layers \(DynamicSlidingWindowLayer, "
@@ -437,6 +455,18 @@ def test_unsupported_is_refused_with_what_is_supported(case, one_thread):
         check_model_supported(model, given)
     with pytest.raises(NotImplementedError, match=message):  # a known refusal is not overridden
         check_model_supported(model, given, trust_positions="rope")
+
+
+def test_chunked_attention_is_refused_even_when_trusted(one_thread):
+    """llama4_text is unlisted; trust_positions=rope does not let its chunked attention (attention_chunk_size)
+    through: a query there sees only its own chunk, not a sink+window set."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Llama4TextConfig(
+        **_BASE, head_dim=16, intermediate_size_mlp=64, num_local_experts=2, attention_chunk_size=64))
+    with pytest.raises(NotImplementedError, match="does not support model_type 'llama4_text'.*not verified"):
+        check_model_supported(model, settings())
+    with pytest.raises(NotImplementedError, match="llama4_text with bidirectional or chunked attention"):
+        check_model_supported(model, settings(), trust_positions="rope")
 
 
 def test_every_known_refusal_is_tested():
