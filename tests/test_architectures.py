@@ -9,6 +9,7 @@ transformers' default (0.02), so that attention is sharp and positions change lo
 """
 
 import copy
+import dataclasses
 import inspect
 import sys
 
@@ -266,6 +267,34 @@ def test_original_equals_masked_single_pass(model, ids, token_loop):
     token = token_loop("original")
     reference = original_positions_logprobs(model, ids, START, RECENT)
     torch.testing.assert_close(token.logprobs, reference, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("positions", ["shifted", "original"])
+def test_scored_storage_without_heavy_slots_is_the_sink_window(arch, model, ids, positions, token_loop):
+    """TOVA with no heavy slots evicts what sink+window evicts (the oldest unprotected token), but through the
+    scored storage (per-head token lists, shifted re-rotation) and the weights attention function (grouped heads,
+    soft-capping): on every architecture it must give the proven token loop's numbers."""
+    tova = dataclasses.replace(settings(positions), method="token", policy="tova", heavy_size=0)
+    if arch == "gpt_oss":  # its learned sink logits are not in the weights (test_scored_policies_refuse_...)
+        with pytest.raises(NotImplementedError, match="learned sink logits"):
+            score(model, ids, tova, find_rotary(model))
+        return
+    scored = score(model, ids, tova, find_rotary(model))
+    assert scored.evicted == token_loop(positions).evicted and scored.max_held == CAPACITY
+    torch.testing.assert_close(scored.logprobs, token_loop(positions).logprobs, rtol=0, atol=TOL)
+
+
+def test_scored_chunked_equals_the_scored_token_loop(arch, model, ids):
+    """With heavy slots (scores decide), the scored chunked path (original positions) equals the scored token loop."""
+    if arch == "gpt_oss":
+        return  # refused on both paths: test_scored_policies_refuse_learned_sink_logits
+    tova = StreamingSettings(START, RECENT // 2, "original", "token", chunk_size=CHUNK, policy="tova",
+                             heavy_size=RECENT - RECENT // 2)
+    short = ids[: 2 * CAPACITY + CHUNK]  # 26 evictions are enough here
+    token = score(model, short, tova, find_rotary(model))
+    chunked = score(model, short, dataclasses.replace(tova, method="chunked"), find_rotary(model))
+    assert token.evicted == chunked.evicted == len(short) - 1 - CAPACITY
+    torch.testing.assert_close(chunked.logprobs, token.logprobs, rtol=0, atol=TOL)
 
 
 def absolute_shifted_logprobs(model, ids, start, recent):
