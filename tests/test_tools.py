@@ -48,3 +48,16 @@ def test_errors_name_the_flags():
 def test_default_text_is_found_from_the_checkout():
     assert common.default_text() in common.DEFAULT_TEXTS
     assert common.DEFAULT_TEXTS[-1].is_file()  # the shipped excerpt
+
+
+def test_gpu_check_runs_on_cpu(one_thread, tmp_path):
+    """scripts/gpu_check.py (the GPU machine's one call) as a CPU smoke run: its exactness checks pass, and
+    each timed streaming path really evicted."""
+    from streaming_lm.tools import gpu_check
+
+    results = gpu_check.main(["--device", "cpu", "--shape", "small", "--tokens", "300", "--recent_size", "60",
+                              "--chunk_size", "64", "--token_seconds", "60", "--json", str(tmp_path / "r.json")])
+    assert results["checks"] and all(row["ok"] for row in results["checks"])
+    dense, chunked, token = results["timings"]
+    assert dense["tokens"] == chunked["tokens"] == token["tokens"] == 300
+    assert chunked["evicted"] == token["evicted"] == 300 - 64 > 0
