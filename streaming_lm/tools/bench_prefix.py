@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import DEFAULT_TEXTS, repo_file
+from .common import EXCERPT, repo_file
 
 SHOTS = 3
 QUESTION = "Question: Which words come next in the passage?\nAnswer:"
@@ -81,14 +81,19 @@ def mc_requests(docs: list[dict]):
     return requests, shots
 
 
+def streameval_utils():
+    """tasks/streameval/utils.py: the task's own generator and scoring."""
+    spec = importlib.util.spec_from_file_location("streameval_utils", repo_file(STREAMEVAL))
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    return utils
+
+
 def streameval_requests(n_queries: int):
     """``n_queries`` streameval queries (a query after every line about the line 10 back: short streams)."""
     from lm_eval.api.instance import Instance
 
-    spec = importlib.util.spec_from_file_location("streameval_utils", repo_file(STREAMEVAL))
-    utils = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(utils)
-    docs = utils.make_docs(num_lines=n_queries + 9, query_interval=1, answer_distance=10, seed=0)
+    docs = streameval_utils().make_docs(num_lines=n_queries + 9, query_interval=1, answer_distance=10, seed=0)
     gen_kwargs = {"until": [">", "\n"], "max_gen_toks": 16, "do_sample": False}  # streameval.yaml's
     return [Instance("generate_until", doc, (doc["context"], dict(gen_kwargs)), i) for i, doc in enumerate(docs)], docs
 
@@ -101,8 +106,10 @@ def sample_indices(n: int, k: int) -> list[int]:
 
 
 def row(seconds, stats, answers, docs) -> dict:
+    score = streameval_utils().process_results  # the task's exact match
+    matches = [score(doc, [answer])["exact_match"] for answer, doc in zip(answers, docs, strict=True)]
     return {"seconds": seconds, "context_tokens_read": stats.tokens_read, "max_states_alive": stats.max_alive,
-            "exact_match": sum(a.strip() == d["answer"] for a, d in zip(answers, docs, strict=True)) / len(docs)}
+            "exact_match": sum(matches) / len(docs)}
 
 
 def timed(fn):
@@ -130,7 +137,7 @@ def main(argv=None) -> dict:
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
 
     if "mc" not in skip:
-        text = next(path for path in DEFAULT_TEXTS[1:] if path.exists()).read_text(encoding="utf-8")
+        text = repo_file(EXCERPT).read_text(encoding="utf-8")
         requests, shots = mc_requests(mc_docs(text, args.docs, args.passage_words))
         contexts = [len(base.tok_encode(r.args[0])) for r in requests[::4]]
         mc = {"documents": args.docs, "requests": len(requests), "prefix_tokens": len(base.tok_encode(shots)),

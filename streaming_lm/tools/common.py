@@ -17,11 +17,9 @@ from .. import settings
 REPO = Path(__file__).resolve().parents[2]
 # An installed (non-editable) package sits in site-packages: then the checkout is the working directory.
 _ROOTS = (REPO, Path.cwd())
+EXCERPT = "tasks/wikitext_streaming/sample/wikitext-2-raw-test-excerpt.txt"  # relative to a checkout
 DEFAULT_TEXTS = tuple(
-    path
-    for root in _ROOTS
-    for path in (root.parent / "shared" / "data" / "wikitext-2-raw-test.txt",
-                 root / "tasks" / "wikitext_streaming" / "sample" / "wikitext-2-raw-test-excerpt.txt")
+    path for root in _ROOTS for path in (root.parent / "shared" / "data" / "wikitext-2-raw-test.txt", root / EXCERPT)
 )
 
 # The field's annotation ("int", "float | None", "str") gives the flag's type.
