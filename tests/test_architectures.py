@@ -275,7 +275,7 @@ def test_scored_storage_without_heavy_slots_is_the_sink_window(arch, model, ids,
     scored storage (per-head token lists, shifted re-rotation) and the weights attention function (grouped heads,
     soft-capping): on every architecture it must give the proven token loop's numbers."""
     tova = dataclasses.replace(settings(positions), method="token", policy="tova", heavy_size=0)
-    if arch == "gpt_oss":  # its learned sink logits are not in the weights (test_scored_policies_refuse_...)
+    if arch == "gpt_oss":  # its learned sink logits are not in a scored policy's weights: refused, not ignored
         with pytest.raises(NotImplementedError, match="learned sink logits"):
             score(model, ids, tova, find_rotary(model))
         return
@@ -286,11 +286,14 @@ def test_scored_storage_without_heavy_slots_is_the_sink_window(arch, model, ids,
 
 def test_scored_chunked_equals_the_scored_token_loop(arch, model, ids):
     """With heavy slots (scores decide), the scored chunked path (original positions) equals the scored token loop."""
-    if arch == "gpt_oss":
-        return  # refused on both paths: test_scored_policies_refuse_learned_sink_logits
     tova = StreamingSettings(START, RECENT // 2, "original", "token", chunk_size=CHUNK, policy="tova",
                              heavy_size=RECENT - RECENT // 2)
     short = ids[: 2 * CAPACITY + CHUNK]  # 26 evictions are enough here
+    if arch == "gpt_oss":  # refused on both paths (learned sink logits), not a vacuous pass
+        for method in ("token", "chunked"):
+            with pytest.raises(NotImplementedError, match="learned sink logits"):
+                score(model, short, dataclasses.replace(tova, method=method), find_rotary(model))
+        return
     token = score(model, short, tova, find_rotary(model))
     chunked = score(model, short, dataclasses.replace(tova, method="chunked"), find_rotary(model))
     assert token.evicted == chunked.evicted == len(short) - 1 - CAPACITY
@@ -364,15 +367,6 @@ def test_gemma2_softcap_is_exercised(one_thread):
     uncapped.load_state_dict(capped.state_dict())
     ids = torch.randint(3, 128, (CAPACITY + 1,))
     assert (dense_logprobs(capped, ids) - dense_logprobs(uncapped, ids)).abs().max() > 50 * TOL
-
-
-@pytest.mark.parametrize("method", ["token", "chunked"])
-def test_scored_policies_refuse_learned_sink_logits(method, one_thread):
-    """gpt_oss's per-head sink logit joins every softmax; a scored policy's weights would leave it out."""
-    model = build("gpt_oss")
-    tova = StreamingSettings(2, 8, "original", method, chunk_size=8, policy="tova", heavy_size=8)
-    with pytest.raises(NotImplementedError, match="learned sink logits"):
-        score(model, torch.randint(3, 128, (40,)), tova, find_rotary(model))
 
 
 # --- refusals -------------------------------------------------------------------------------------
