@@ -3,17 +3,25 @@
 import pytest
 
 from streaming_lm import settings
-from streaming_lm.tools import bench_eval, common, throughput
+from streaming_lm.tools import bench_eval, bench_prefix, common, gpu_check, throughput
 
 VALUE = {int: "3", float: "0.25", str: None}
 
 
-@pytest.mark.parametrize("tool", [throughput, bench_eval], ids=["throughput", "bench_eval"])
+TOOLS = {throughput: ["--pretrained", "x"], bench_eval: ["--pretrained", "x"], bench_prefix: [], gpu_check: []}
+UNDERSCORES = {bench_eval, bench_prefix, gpu_check}  # tools that also take --start_size
+FIXED = {gpu_check: {"method"}}  # knobs a tool sets itself, with no flag (gpu_check times chunked and token)
+
+
+@pytest.mark.parametrize("tool", list(TOOLS), ids=lambda tool: tool.__name__.rsplit(".", 1)[-1])
 def test_every_knob_reaches_the_parser(tool):
     parser, flags = tool.build_parser()
     assert set(flags) == set(settings.KNOBS)
     options = parser._option_string_actions
     for knob, flag in flags.items():
+        if knob in FIXED.get(tool, ()):
+            assert not any(option.dest == knob for option in options.values())
+            continue
         assert flag in options, (knob, flag)
         if options[flag].dest != knob:  # a list flag of the tool's own (bench_eval's --methods, --strides)
             continue
@@ -24,9 +32,9 @@ def test_every_knob_reaches_the_parser(tool):
         assert action.choices == metadata["choices"] and action.help == metadata["help"]
         spellings = [o for o in options if options[o] is action]
         for spelling in spellings:  # bench_eval: --start_size and --start-size
-            parsed = parser.parse_args(["--pretrained", "x", spelling, value])
+            parsed = parser.parse_args([*TOOLS[tool], spelling, value])
             assert getattr(parsed, knob) == action.type(value), spelling
-        assert len(spellings) == (2 if tool is bench_eval and "_" in knob else 1)
+        assert len(spellings) == (2 if tool in UNDERSCORES and "_" in knob else 1)
 
 
 def test_new_knob_flags_default_to_the_settings():

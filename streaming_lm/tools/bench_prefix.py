@@ -25,14 +25,14 @@ import sys
 import time
 from pathlib import Path
 
-from .common import EXCERPT, repo_file
+from .common import EXCERPT, add_knob_flags, knob_args, repo_file, resolve_flags
 
 SHOTS = 3
 QUESTION = "Question: Which words come next in the passage?\nAnswer:"
 STREAMEVAL = "tasks/streameval/utils.py"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_args", "--model-args", default="", help="lm-eval style: pretrained=...,dtype=...")
     p.add_argument("--device", default="cpu")
@@ -42,12 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, default=100, help="streameval queries (default 100)")
     p.add_argument("--unshared_sample", "--unshared-sample", type=int, default=5,
                    help="streameval queries timed without sharing, evenly spaced (default 5; 0: all)")
-    p.add_argument("--start_size", "--start-size", type=int, default=4)
-    p.add_argument("--recent_size", "--recent-size", type=int, default=1020)
-    p.add_argument("--chunk_size", "--chunk-size", type=int, default=128)
+    flags = add_knob_flags(p, underscores=True)  # streaming_hf's cache: one flag per settings knob
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: mc, streameval")
     p.add_argument("--json", type=Path, help="also write the results here")
-    return p
+    return p, flags
 
 
 def mc_docs(text: str, n_docs: int, passage_words: int, seed: int = 0) -> list[dict]:
@@ -119,7 +117,9 @@ def timed(fn):
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser, flags = build_parser()
+    args = parser.parse_args(argv)
+    resolve_flags(parser, args, flags)  # a bad cache fails here, before the model loads
     from lm_eval.models.huggingface import HFLM
     from lm_eval.utils import simple_parse_args_string
 
@@ -132,7 +132,7 @@ def main(argv=None) -> dict:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     base = HFLM(device=args.device, **model_args)
     shared = dict(pretrained=base.model, tokenizer=base.tokenizer, device=args.device)
-    lm = StreamingHFLM(**shared, start_size=args.start_size, recent_size=args.recent_size, chunk_size=args.chunk_size)
+    lm = StreamingHFLM(**shared, **knob_args(args))
     results: dict = {"cache": lm.streaming.as_dict()}
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
 

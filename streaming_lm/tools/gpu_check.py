@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from .common import add_knob_flags, knob_args, resolve_flags
+
 SHAPES = {  # LlamaConfig fields
     "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=32),
@@ -30,18 +32,17 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_la
 TOL = 2e-5  # float32 log-probabilities, chunked vs token loop (the tests' tolerance)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama-2-7b")
     p.add_argument("--tokens", type=int, default=16384, help="stream length for the timings (default 16384)")
-    p.add_argument("--start_size", "--start-size", type=int, default=4)
-    p.add_argument("--recent_size", "--recent-size", type=int, default=1020)
-    p.add_argument("--chunk_size", "--chunk-size", type=int, default=512)
+    # The cache: one flag per settings knob; method is the rows' (chunked, then the token loop).
+    flags = add_knob_flags(p, underscores=True, defaults={"chunk_size": 512}, covered={"method": "method"})
     p.add_argument("--token_seconds", "--token-seconds", type=float, default=120.0,
                    help="stop the token loop after this many seconds (default 120)")
     p.add_argument("--json", type=Path, help="also write the results here")
-    return p
+    return p, flags
 
 
 def _sync(device) -> None:
@@ -88,7 +89,7 @@ def timings(args) -> list[dict]:
     import torch
     import transformers
 
-    from ..settings import StreamingSettings
+    from ..settings import resolve
     from ..streams import open_stream
     from ..support import find_rotary
 
@@ -119,9 +120,8 @@ def timings(args) -> list[dict]:
     with torch.inference_mode():
         model(input_ids=ids[None, :64], logits_to_keep=1)  # warm-up (kernels, allocator)
         run("dense, one pass", lambda: (model(input_ids=ids[None], logits_to_keep=1), (args.tokens, 0))[1])
-        settings = StreamingSettings(args.start_size, args.recent_size, "shifted", "chunked",
-                                     chunk_size=args.chunk_size)
-        cache = f"{args.start_size}+{args.recent_size}"
+        settings = resolve(**knob_args(args), method="chunked")
+        cache = f"{settings.policy} {settings.start_size}+{settings.recent_size}+{settings.heavy_size}"
 
         def chunked():
             stream = open_stream(model, settings, shift)
@@ -129,11 +129,10 @@ def timings(args) -> list[dict]:
                 pass
             return stream.n, stream.evicted
 
-        run(f"chunked {cache} (chunk {args.chunk_size})", chunked)
+        run(f"chunked {cache} (chunk {settings.chunk_size})", chunked)
 
         def token_loop():
-            stream = open_stream(model, StreamingSettings(args.start_size, args.recent_size, "shifted", "token"),
-                                 shift)
+            stream = open_stream(model, resolve(**knob_args(args), method="token"), shift)
             t, n = time.perf_counter(), 0
             for n, _ in enumerate(stream.read_passes(ids), start=1):
                 if time.perf_counter() - t > args.token_seconds:
@@ -148,7 +147,10 @@ def timings(args) -> list[dict]:
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser, flags = build_parser()
+    args = parser.parse_args(argv)
+    for method in ("chunked", "token"):
+        resolve_flags(parser, args, flags, method=method)  # a bad cache fails here, before any model is built
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.device(args.device).type == "cuda" else args.device
