@@ -203,6 +203,34 @@ def test_adaptive_keeps_the_safeguard_and_the_layer_total():
     assert torch.equal(keep[0], keep_top(scores[:1], 4)[0])
 
 
+def test_adaptive_safeguard_is_at_least_one_token():
+    """kvpress floors the safeguard at one token when alpha > 0 (int(3 · 0.2) = 0 becomes 1)."""
+    scores = torch.randn(2, 10, generator=torch.Generator().manual_seed(1))
+    scores[0] -= 10
+    assert adaptive_head_keep(scores, 3, 0.2)[1].tolist() == [1, 5]
+    assert adaptive_head_keep(scores, 3, 0.0)[1].tolist() == [0, 6]
+
+
+def test_window_larger_than_budget_keeps_its_newest():
+    """SnapKV's window scores +inf; a budget below the window keeps the window's newest tokens (the tie rule;
+    kvpress's topk picks any of them)."""
+    gen = torch.Generator().manual_seed(0)
+    scores = snapkv_scores(torch.randn(4, 4, 8, generator=gen), torch.randn(2, 12, 8, generator=gen), 3)
+    assert uniform_keep(scores, 3).tolist() == [[False] * 9 + [True] * 3] * 2
+
+
+def test_tova_at_an_event_is_the_policy_score_of_the_last_query():
+    """tova_scores is policy.TOVA's every-token score, taken once from the last token's query, with that
+    token kept."""
+    from streaming_lm.policy import TOVA
+
+    layer = LAYERS[1]
+    attention = window_attention(layer["q_post"][:, -1:], layer["keys"])[:, 0]
+    policy_score = TOVA.score(None, layer["keys"], layer["values"], attention)
+    ours = tova_scores(layer["q_post"][:, -1:], layer["keys"])
+    assert torch.equal(ours[0, :-1], policy_score[:-1]) and torch.isinf(ours[:, -1]).all()
+
+
 @pytest.mark.parametrize("layers", [1, 2, 7, 32])
 @pytest.mark.parametrize("n,ratio,window", [(1000, 0.5, 64), (4096, 0.7, 64), (300, 0.9, 8), (100, 0.3, 4)])
 def test_pyramid_budgets_shape(layers, n, ratio, window):
