@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from streaming_lm.compression.budgets import adaptive_head_keep, kept_count, pyramid_layer_budgets, uniform_keep
-from streaming_lm.compression.checks import check_snapkv
+from streaming_lm.compression.checks import check_expected_attention, check_pyramid, check_snapkv
 from streaming_lm.compression.duo import duo_keep, load_duo_pattern, streaming_heads
 from streaming_lm.compression.expected_attention import expected_attention_scores, mean_rotation
 from streaming_lm.compression.snapkv import snapkv_scores, window_attention
@@ -308,6 +308,11 @@ PATTERN_OK = "0.1\t0.9\n0.3\t0.2"
     (lambda: snapkv_scores(torch.randn(4, 8, 16), torch.randn(2, 8, 16)), ("window_size", "segment")),
     (lambda: pyramid_layer_budgets(100, 4, ratio=0.5, beta=0), ("beta", ">= 1")),
     (lambda: pyramid_layer_budgets(100, 4, ratio=0.5, beta=0.5), ("beta", ">= 1")),
+    (lambda: check_pyramid(64, True), ("beta", ">= 1")),
+    (lambda: check_pyramid(0, 20), ("window_size", ">= 1")),
+    (lambda: check_expected_attention(n_future_positions=0), ("n_future_positions", ">= 1")),
+    (lambda: check_expected_attention(epsilon=float("nan")), ("epsilon", "finite")),
+    (lambda: check_expected_attention(n_sink=2.5), ("n_sink", "integer")),
     (lambda: pyramid_layer_budgets(100, 4), ("compression_ratio", "budget")),
     (lambda: pyramid_layer_budgets(100, 4, ratio=0.5, budget=10), ("compression_ratio", "budget")),
     (lambda: pyramid_layer_budgets(100, 4, ratio=1.0), ("compression_ratio", "[0, 1)")),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_fraction, check_int
+from .checks import check_fraction, check_int, check_pyramid
 from .ties import evict_lowest, keep_top
 
 
@@ -33,9 +33,7 @@ def pyramid_layer_budgets(n: int, layers: int, *, ratio: float | None = None, bu
     """
     check_int("n", n, 1)
     check_int("layers", layers, 1)
-    check_int("window_size", window_size, 1)
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 1:
-        raise ValueError(f"beta must be a number >= 1 (the pyramid's steepness); got {beta!r}")
+    check_pyramid(window_size, beta)
     if (ratio is None) == (budget is None):
         raise ValueError(f"layer_budgets=pyramid needs either compression_ratio or a token budget, not both or "
                          f"neither (got ratio={ratio!r}, budget={budget!r})")

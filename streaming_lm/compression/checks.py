@@ -35,3 +35,19 @@ def check_snapkv(window_size, kernel_size, segment_length: int | None = None) ->
     if segment_length is not None and segment_length <= window_size:
         raise ValueError(f"window_size must be smaller than the segment it observes: window_size={window_size}, "
                          f"segment of {segment_length} tokens (lower window_size or use longer segments)")
+
+
+def check_pyramid(window_size, beta) -> None:
+    """PyramidKV's knobs: ``window_size >= 1`` and ``beta >= 1`` (the pyramid's steepness, as kvpress)."""
+    check_int("window_size", window_size, 1)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 1:
+        raise ValueError(f"beta must be a number >= 1 (the pyramid's steepness); got {beta!r}")
+
+
+def check_expected_attention(n_future_positions=512, n_sink=4, epsilon=0.0) -> None:
+    """Expected Attention's knobs: ``n_future_positions >= 1``, ``n_sink >= 0``, a finite ``epsilon >= 0``."""
+    check_int("n_future_positions", n_future_positions, 1)
+    check_int("n_sink", n_sink, 0)
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) \
+            or epsilon < 0:
+        raise ValueError(f"epsilon must be a finite number >= 0; got {epsilon!r}")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..rotary import HALF, LAYOUTS
-from .checks import check_int
+from .checks import check_expected_attention, check_int
 
 
 def mean_rotation(inv_freq: torch.Tensor, first_position: int, count: int, head_dim: int,
@@ -64,9 +64,7 @@ def expected_attention_scores(queries: torch.Tensor, query_index: torch.Tensor, 
     without ``use_covariance`` the second term is left out), softmax over the non-sink keys, mean over the
     query heads of each key/value head, then with ``use_vnorm`` ``(score + epsilon)·‖v‖``.
     """
-    check_int("n_sink", n_sink, 0)
-    if not math.isfinite(epsilon) or epsilon < 0:
-        raise ValueError(f"epsilon must be a finite number >= 0; got {epsilon!r}")
+    check_expected_attention(n_sink=n_sink, epsilon=epsilon)
     heads, _, d = queries.shape
     kv_heads, n, _ = keys.shape
     if heads % kv_heads:
