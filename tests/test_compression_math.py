@@ -170,6 +170,9 @@ def test_evict_lowest_is_one_by_one(seed):
     score[:, -3:] = float("inf")
     for count in (0, 1, 7, 20, 37, 39, 40):
         assert torch.equal(evict_lowest(score, count), naive_evict(score, count)), count
+    chain = 1 + torch.randint(0, 60, (2, 150), generator=gen).float() * 0.3 * TIE  # one long near-tie chain
+    for count in (1, 75, 149):
+        assert torch.equal(evict_lowest(chain, count), naive_evict(chain, count)), count
 
 
 def test_oldest_of_tied_goes():

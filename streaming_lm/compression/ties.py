@@ -14,11 +14,16 @@ import torch
 TIE = 1e-5
 
 
+def tied_with_lowest(score: torch.Tensor) -> torch.Tensor:
+    """bool [..., n]: the scores of each row within ``TIE`` relative of the row's lowest."""
+    low = score.min(dim=-1, keepdim=True).values
+    return score <= low + TIE * low.abs()
+
+
 def lowest_oldest(score: torch.Tensor) -> torch.Tensor:
     """long [...]: per row of ``score`` [..., n], the column of the lowest score; among scores within ``TIE``
     relative of it, the leftmost (the oldest token: columns are in token order)."""
-    low = score.min(dim=-1, keepdim=True).values
-    return (score <= low + TIE * low.abs()).to(torch.uint8).argmax(dim=-1)
+    return tied_with_lowest(score).to(torch.uint8).argmax(dim=-1)
 
 
 def _evict_row(score: torch.Tensor, count: int) -> torch.Tensor:
@@ -26,7 +31,9 @@ def _evict_row(score: torch.Tensor, count: int) -> torch.Tensor:
 
     In ascending order the scores fall into clusters separated by gaps wider than the tie margin. A later
     cluster is never tied with the lowest while an earlier one has a token left (``x + TIE·|x|`` grows with x),
-    so whole clusters go in order and only the cluster straddling the cut needs the step-by-step rule.
+    so whole clusters go in order and only the cluster straddling the cut needs the step-by-step rule. There,
+    while a token of the lowest score remains the tied set stays put, so one round evicts, oldest first, the
+    tied tokens up to the youngest of the lowest score: a round per distinct lowest value, not per token.
     """
     n = score.numel()
     keep = torch.ones(n, dtype=torch.bool, device=score.device)
@@ -43,10 +50,16 @@ def _evict_row(score: torch.Tensor, count: int) -> torch.Tensor:
     stop = int(later.min()) if later.numel() else n
     keep[order[:start]] = False
     cluster = order[start:stop].sort().values  # the straddling cluster's columns, oldest first
-    for _ in range(count - start):
-        victim = int(lowest_oldest(score[cluster]))
-        keep[cluster[victim]] = False
-        cluster = torch.cat((cluster[:victim], cluster[victim + 1:]))
+    left = count - start
+    while left > 0:
+        rest = score[cluster]
+        tied = tied_with_lowest(rest)
+        tied[int((rest == rest.min()).nonzero().max()) + 1:] = False
+        victims = tied.nonzero().flatten()[:left]
+        keep[cluster[victims]] = False
+        tied[:] = False
+        tied[victims] = True
+        cluster, left = cluster[~tied], left - victims.numel()
     return keep
 
 
