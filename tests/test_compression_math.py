@@ -276,6 +276,26 @@ def test_mean_rotation_is_the_mean_of_the_model_rotations(layout):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rope", [{"rope_type": "default"}, {"rope_type": "yarn", "factor": 4.0,
+                                                              "original_max_position_embeddings": 64},
+                                  {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}])
+def test_mean_rotation_matches_the_model_rotary_module(rope):
+    """With the module's inv_freq and attention_scaling (yarn scales cos and sin), R̄x is the mean over the
+    positions of transformers' own rotation of x (apply_rotary_pos_emb)."""
+    import transformers
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=16, max_position_embeddings=256,
+                                      rope_parameters={**rope, "rope_theta": 10000.0})
+    rotary = LlamaRotaryEmbedding(config)
+    x = torch.randn(1, 1, 1, 16).expand(1, 1, 40, 16)
+    cos, sin = rotary(x, torch.arange(100, 140)[None])
+    expected = apply_rotary_pos_emb(x, x, cos, sin)[0][0, 0].mean(0)
+    rotation = mean_rotation(rotary.inv_freq, 100, 40, 16, attention_scaling=rotary.attention_scaling)
+    torch.testing.assert_close(rotation @ x[0, 0, 0], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_expected_attention_ignores_sink_queries_and_keeps_sinks():
     gen = torch.Generator().manual_seed(0)
     queries, keys, values = (torch.randn(s, generator=gen) for s in ((4, 12, 8), (2, 12, 8), (2, 12, 8)))
