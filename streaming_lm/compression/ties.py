@@ -57,9 +57,9 @@ def _evict_row(score: torch.Tensor, count: int) -> torch.Tensor:
         tied[int((rest == rest.min()).nonzero().max()) + 1:] = False
         victims = tied.nonzero().flatten()[:left]
         keep[cluster[victims]] = False
-        tied[:] = False
-        tied[victims] = True
-        cluster, left = cluster[~tied], left - victims.numel()
+        gone = torch.zeros_like(tied)
+        gone[victims] = True
+        cluster, left = cluster[~gone], left - victims.numel()
     return keep
 
 
