@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from ..compression.ties import lowest_oldest
 from ..policy import ScoredPolicy
 from ..rotary import LayerShifts, RotaryShift
 from .accounting import KVAccounting
@@ -43,9 +44,7 @@ def victims(score: torch.Tensor, tokens: torch.Tensor, t: int, policy: ScoredPol
     protected = (tokens < settings.start_size) | (tokens > t - settings.recent_size)
     if dead is not None:
         protected = protected | dead
-    score = score.masked_fill(protected, float("inf"))
-    low = score.min(dim=1, keepdim=True).values
-    return (score <= low + TIE * low.abs()).to(torch.uint8).argmax(dim=1)
+    return lowest_oldest(score.masked_fill(protected, float("inf")))
 
 
 class ScoredDynamicLayer(DynamicLayer):

@@ -1,0 +1,84 @@
+"""DuoAttention: retrieval heads hold everything, streaming heads only sinks and a recent window.
+
+Xiao et al., *DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads*, 2024,
+https://arxiv.org/abs/2410.10819. A pattern is a folder in DuoAttention's format (its ``attn_patterns/``):
+``config.json`` with ``sink_size`` and ``recent_size``, and ``full_attention_heads.tsv``, one row per layer
+and one tab-separated column per key/value head (the learned gate, clipped to [0, 1]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .checks import check_fraction, check_int
+
+FORMAT = ("a folder with config.json (integers sink_size >= 0, recent_size >= 1) and full_attention_heads.tsv "
+          "(one row per layer, one tab-separated number per key/value head), as DuoAttention's attn_patterns/")
+
+
+@dataclasses.dataclass(frozen=True)
+class DuoPattern:
+    sink_size: int
+    recent_size: int
+    head_scores: torch.Tensor  # float64 [layers, kv_heads], clipped to [0, 1]
+
+
+def _bad(folder, why: str) -> ValueError:
+    return ValueError(f"pattern={folder}: {why}; expected {FORMAT}")
+
+
+def load_duo_pattern(folder, layers: int | None = None, kv_heads: int | None = None) -> DuoPattern:
+    """Read a DuoAttention pattern folder; with ``layers``/``kv_heads`` (the model's), check its shape."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise _bad(folder, "no such folder")
+    try:
+        config = json.loads((root / "config.json").read_text())
+        text = (root / "full_attention_heads.tsv").read_text()
+    except (OSError, json.JSONDecodeError) as error:
+        raise _bad(folder, f"cannot read it ({error})") from None
+    sizes = {}
+    for key, minimum in (("sink_size", 0), ("recent_size", 1)):
+        value = config.get(key) if isinstance(config, dict) else None
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise _bad(folder, f"config.json {key} must be an integer >= {minimum}, got {value!r}")
+        sizes[key] = value
+    try:
+        rows = [[float(cell) for cell in line.split("\t")] for line in text.splitlines() if line.strip()]
+    except ValueError as error:
+        raise _bad(folder, f"full_attention_heads.tsv holds a non-number ({error})") from None
+    if not rows or len({len(row) for row in rows}) != 1 or not all(map(math.isfinite, sum(rows, []))):
+        raise _bad(folder, "full_attention_heads.tsv must be a non-empty table of finite numbers, every row "
+                           "as long")
+    scores = torch.tensor(rows, dtype=torch.float64).clamp(0, 1)
+    expected = (layers, kv_heads)
+    if any(e is not None and e != a for e, a in zip(expected, scores.shape)):
+        raise ValueError(f"pattern={folder}: full_attention_heads.tsv is {tuple(scores.shape)} (layers, key/value "
+                         f"heads) but the model has {expected}: a pattern belongs to the model it was trained on")
+    return DuoPattern(sizes["sink_size"], sizes["recent_size"], scores)
+
+
+def streaming_heads(head_scores: torch.Tensor, head_compression_ratio: float) -> torch.Tensor:
+    """bool [layers, kv_heads]: the ``round(h·layers·kv_heads)`` lowest-scored (layer, head) pairs.
+
+    Equal scores: the earlier pair in row-major order (lower layer, then lower head) becomes streaming first.
+    """
+    h = check_fraction("head_compression_ratio", head_compression_ratio)
+    count = round(head_scores.numel() * h)
+    mask = torch.zeros(head_scores.numel(), dtype=torch.bool)
+    mask[torch.sort(head_scores.flatten(), stable=True).indices[:count]] = True
+    return mask.reshape(head_scores.shape)
+
+
+def duo_keep(n: int, streaming: torch.Tensor, sink_size: int, recent_size: int) -> torch.Tensor:
+    """bool [kv_heads, n]: a streaming head (``streaming`` bool [kv_heads], one layer's) keeps the first
+    ``sink_size`` and the last ``recent_size`` of its ``n`` held tokens; every other head keeps all."""
+    check_int("n", n, 0)
+    index = torch.arange(n)
+    window = (index < sink_size) | (index >= n - recent_size)
+    return window[None, :] | ~streaming.bool()[:, None]

@@ -1,0 +1,91 @@
+"""Expected Attention: score each held key by the attention future queries are expected to pay it.
+
+Devoto et al., *Expected Attention: KV Cache Compression by Estimating Attention from Future Queries
+Distribution*, 2025, https://arxiv.org/abs/2510.00636
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..rotary import HALF, LAYOUTS
+from .checks import check_expected_attention, check_int
+
+
+def mean_rotation(inv_freq: torch.Tensor, first_position: int, count: int, head_dim: int,
+                  layout: str = HALF, attention_scaling: float = 1.0) -> torch.Tensor:
+    """float32 [head_dim, head_dim]: the mean of the RoPE matrices of positions ``first_position ..
+    first_position + count - 1`` (``R x`` rotates ``x`` as the model rotates a query at that position).
+
+    ``inv_freq`` [rotary_dim / 2] and ``attention_scaling`` are the model's rotary module's (transformers'
+    ``rotary_emb.inv_freq`` / ``.attention_scaling``, which already fold in theta and RoPE scaling); angles are
+    computed as the model computes them (float32 position times float32 frequency). ``layout``: ``rotate_half``
+    pairs feature ``i`` with ``i + rotary_dim/2`` (Llama, Mistral, Qwen), ``interleaved`` pairs ``2i`` and
+    ``2i + 1``. Features beyond ``rotary_dim`` are not rotated.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+    check_int("n_future_positions", count, 1)
+    check_int("first_position", first_position, 0)
+    inv_freq = inv_freq.detach().float().cpu()
+    half = inv_freq.numel()
+    if 2 * half > head_dim:
+        raise ValueError(f"inv_freq has {half} frequencies: more than head_dim={head_dim} features can pair")
+    positions = torch.arange(first_position, first_position + count, dtype=torch.float32)
+    angles = positions[:, None] * inv_freq[None, :]  # [count, half]
+    cos = (angles.cos() * attention_scaling).mean(0)
+    sin = (angles.sin() * attention_scaling).mean(0)
+    first = torch.arange(half) if layout == HALF else 2 * torch.arange(half)
+    second = first + half if layout == HALF else first + 1
+    rotation = torch.eye(head_dim)
+    rotation[first, first], rotation[second, second] = cos, cos
+    rotation[first, second], rotation[second, first] = -sin, sin
+    return rotation
+
+
+def expected_attention_scores(queries: torch.Tensor, query_index: torch.Tensor, keys: torch.Tensor,
+                              values: torch.Tensor, rotation: torch.Tensor, *, n_sink: int = 4,
+                              use_covariance: bool = True, use_vnorm: bool = True, epsilon: float = 0.0,
+                              scale: float | None = None) -> torch.Tensor:
+    """float32 [kv_heads, n]: the expected attention of every held key; the first ``n_sink`` score ``+inf``.
+
+    - ``queries`` [query_heads, N, d]: the segment's queries *before* RoPE, ``query_index`` [N] their stream
+      indices; those with index ``< n_sink`` are left out of the statistics.
+    - ``keys``, ``values`` [kv_heads, n, d] as held (keys after RoPE); the first ``n_sink`` held tokens are the
+      stream's first ``n_sink`` (never evicted) and are kept.
+    - ``rotation`` [d, d]: ``mean_rotation`` over the next ``n_future_positions`` positions from the position
+      of the next token.
+
+    Per query head: ``μ``, ``Σ`` (divided by N) of the queries, ``μ' = Rμ``, ``Σ' = RΣRᵀ``; for each non-sink key
+    ``z = s·k·μ' + s²·kᵀΣ'k / 2`` with ``s = scale`` (default ``1/sqrt(d)``, giving ``k·μ'/√d + kᵀΣ'k/(2d)``;
+    without ``use_covariance`` the second term is left out), softmax over the non-sink keys, mean over the
+    query heads of each key/value head, then with ``use_vnorm`` ``(score + epsilon)·‖v‖``.
+    """
+    check_expected_attention(n_sink=n_sink, epsilon=epsilon)
+    heads, _, d = queries.shape
+    kv_heads, n, _ = keys.shape
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
+    if n <= n_sink:
+        raise ValueError(f"expected_attention needs more held tokens ({n}) than n_sink={n_sink}")
+    observed = queries[:, query_index >= n_sink].float()
+    if observed.shape[1] == 0:
+        raise ValueError(f"expected_attention needs a query at stream index >= n_sink={n_sink} in the segment")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    rotation = rotation.float()
+    mean = observed.mean(dim=1)  # [heads, d]
+    held = keys[:, n_sink:].float()
+    grouped = held.repeat_interleave(heads // kv_heads, dim=0)  # [heads, n', d]
+    logits = scale * torch.einsum("hnd,hd->hn", grouped, mean @ rotation.T)
+    if use_covariance:
+        centered = observed - mean[:, None, :]
+        cov = torch.einsum("hsi,hsj->hij", centered, centered) / observed.shape[1]
+        cov = rotation @ cov @ rotation.T
+        logits = logits + scale * scale / 2 * torch.einsum("hni,hij,hnj->hn", grouped, cov, grouped)
+    score = torch.softmax(logits, dim=-1).reshape(kv_heads, heads // kv_heads, -1).mean(dim=1)
+    if use_vnorm:
+        score = (score + epsilon) * values[:, n_sink:].float().norm(dim=-1)
+    return F.pad(score, (n_sink, 0), value=float("inf"))
