@@ -54,9 +54,9 @@ class Architecture:
 
 def _falcon_variant(config) -> str | None:
     if getattr(config, "alibi", False):
-        return ("falcon with alibi=True (no released Falcon checkpoint uses it; transformers' Falcon adds that bias "
-                "differently in its eager and SDPA attention) is not proven here; Falcon with RoPE (alibi=False) is "
-                "supported")
+        return ("falcon with alibi=True (the RefinedWeb models, falcon-rw-1b/7b): transformers' Falcon adds that bias "
+                "once in its SDPA attention and twice in its eager one (their logits differ), so there is no one model "
+                "to stream exactly; Falcon with RoPE (alibi=False: falcon-7b, -40b, -180b) is supported")
     return None
 
 
@@ -105,7 +105,8 @@ ARCHITECTURES = (
     # The StreamingLLM paper's own models: attention in model code that reads the cache it is given.
     Architecture(("falcon",), "RoPE", "RoPE; `new_decoder_architecture` (40B/180B: grouped keys/values) or "
                  "multi-query with `parallel_attn` (7B)", "as above",
-                 f"supported on the token loop ({TOKEN_LOOP_STATUS}); `alibi=True` refused", TOKEN_LOOP_PATHS,
+                 f"supported on the token loop ({TOKEN_LOOP_STATUS}); `alibi=True` (falcon-rw) refused: "
+                 "transformers' eager and SDPA attention add that bias differently", TOKEN_LOOP_PATHS,
                  "its attention runs inside FalconAttention (SDPA or eager), not through transformers' attention "
                  "interface, so the chunked path cannot give each query its visible keys and sink rotation",
                  _falcon_variant),
