@@ -1,7 +1,8 @@
 """Which models a streaming cache serves exactly: the one registry, its checks and the forward's kwargs.
 
 Every "supported types" message, the README's support table (``support_table()``, checked by
-tests/test_support.py) and tests/test_architectures.py's coverage come from ``ARCHITECTURES``.
+tests/test_support.py) and the coverage of tests/test_architectures.py (the chunked path's types) and
+tests/test_token_loop_architectures.py (the token loop's) come from ``ARCHITECTURES``.
 """
 
 from __future__ import annotations
