@@ -22,7 +22,6 @@ from .rotary import (
     rotary_position_limit,
     rotary_table,
 )
-from .policy import policy_class
 from .scoring import score
 from .settings import StreamingSettings
 from .storage.static import REBASE_EVERY
@@ -35,8 +34,8 @@ ALL_PATHS = ("token", "chunked", "decode", "recompute")
 # (and its steps, which generate_until decodes with) and the cache-free recompute windows serve it; the
 # chunked path's attention function and the decode slots' order-free keys cannot.
 TOKEN_LOOP_PATHS = ("token", "recompute")
-TOKEN_LOOP_STATUS = ("the default `method` falls back to it, `generate_until` steps through it; policies `sink_window`, "
-                     "`knorm`: `tova`, `h2o` refused, their attention weights never leave the model's code")
+TOKEN_LOOP_STATUS = ("the default `method` falls back to it, `generate_until` steps through it; every policy: `tova`, "
+                     "`h2o` read the weights the model returns with `output_attentions`")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,8 +269,9 @@ def fall_back_to_token_loop(model, settings: StreamingSettings, method_given: bo
 
 
 def check_architecture_settings(model, arch: Architecture, settings: StreamingSettings | None) -> None:
-    """What a registry row says beyond its type: refused variants, the paths and position modes serving it, the
-    policies its attention can serve (attention in model code hands no weights to a scored policy)."""
+    """What a registry row says beyond its type: refused variants, the paths and position modes serving it.
+    (A scored policy's weights come from the model's outputs where attention runs in model code: every type
+    with ``own_attention`` returns them with ``output_attentions``, tests/test_token_loop_architectures.py.)"""
     config = model.config
     variant = arch.refused_variant(config) if arch.refused_variant is not None else None
     if variant:
@@ -295,13 +295,6 @@ def check_architecture_settings(model, arch: Architecture, settings: StreamingSe
         raise NotImplementedError(
             f"mpt builds its ALiBi bias for at most max_seq_len = {limit} keys, but a step attends to C + 1 = "
             f"{settings.capacity + 1}. Supported: start_size + recent_size <= {limit - 1}"
-        )
-    if arch.own_attention and getattr(policy_class(settings.policy), "needs_attention", False):
-        raise NotImplementedError(
-            f"policy={settings.policy} scores by this step's attention weights, which streaming_lm computes in its "
-            f"own attention function; {config.model_type} computes attention in its own code (no attention "
-            "interface), so the weights never reach the policy. Policies that serve it: sink_window, knorm (and "
-            "plug-ins with needs_attention = False)"
         )
 
 

@@ -245,9 +245,6 @@ CASES = [
     Case("model-mpt-max_seq_len", "NotImplementedError",
          "mpt builds its ALiBi bias for at most max_seq_len = 48 keys, but a step attends to C + 1 = 65",
          ("max_seq_len", "start_size + recent_size <= 47"), on_model("mpt-48"), loads="model"),
-    Case("model-policy-needs-attention-weights", "NotImplementedError",
-         "policy=tova scores by this step's attention weights",
-         ("policy=tova", "falcon", "sink_window", "knorm"), on_model("falcon", policy="tova"), loads="model"),
     # requests
     Case("loglikelihood-empty-continuation", "ValueError", "context and every continuation need at least one token",
          ("continuation", "at least one token"), loglikelihood(("a context", "")), loads="model"),

@@ -3,8 +3,8 @@
 Their attention runs in model code that the chunked path's attention function cannot reach, but it reads
 keys and values from the cache it is given: the token loop serves them. Each case is checked against a plain
 loop written here, with nothing from streaming_lm: one token per pass through the model's own attention, and
-transformers' own ``DynamicCache`` cut after every step (to the first S and last W tokens; by key norm for
-``knorm``). Falcon takes its positions through ``position_ids`` (``original``: the text's; ``shifted``: cache
+transformers' own ``DynamicCache`` cut after every step (to the first S and last W tokens; for a scored policy,
+the lowest-scored unprotected token, scored from keys or from the weights the model returns). Falcon takes its positions through ``position_ids`` (``original``: the text's; ``shifted``: cache
 slots, the kept recent keys re-rotated back by one slot per eviction, docs/semantics.md); MPT and BLOOM bias
 attention by the distance in cache slots, which is ``shifted`` itself.
 """
@@ -81,14 +81,15 @@ def test_every_token_loop_type_is_covered():
 class PlainLoop:
     """One token per pass through the model's own attention; transformers' DynamicCache cut after each step."""
 
-    def __init__(self, model, start, recent, positions="shifted", heavy=0, knorm=False):
-        self.model, self.start, self.recent, self.positions, self.knorm = model, start, recent, positions, knorm
+    def __init__(self, model, start, recent, positions="shifted", heavy=0, policy="sink_window"):
+        self.model, self.start, self.recent, self.positions, self.policy = model, start, recent, positions, policy
         self.capacity = start + recent + heavy
         self.cache = transformers.DynamicCache(config=model.config)
         rotary = getattr(model.transformer, "rotary_emb", None)
         self.inv_freq = rotary.inv_freq if model.config.model_type == "falcon" else None
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.tokens = {}  # layer -> long [heads, K]: the token in each slot
+        self.totals = {}  # h2o: layer -> float [heads, K], attention summed while held
         self.t = 0
 
     @torch.no_grad()
@@ -96,21 +97,37 @@ class PlainLoop:
         t, kwargs = self.t, {self.cache_arg: self.cache, "use_cache": True}
         if self.inv_freq is not None:
             kwargs["position_ids"] = torch.tensor([[min(t, self.capacity) if self.positions == "shifted" else t]])
-        logits = self.model(torch.tensor([[token]]), **kwargs).logits[0, -1].float()
+        out = self.model(torch.tensor([[token]]), output_attentions=self.policy in ("tova", "h2o"), **kwargs)
         for i, layer in enumerate(self.cache.layers):
             heads = layer.keys.shape[1]
             self.tokens[i] = torch.cat((self.tokens.get(i, torch.empty(heads, 0, dtype=torch.long)),
                                         torch.full((heads, 1), t)), dim=1)
+            score = self._score(i, layer, out.attentions[i][0, :, -1].float() if out.attentions else None)
             if layer.keys.shape[-2] > self.capacity:
-                self._cut(i, layer, t)
+                self._cut(i, layer, t, score)
         self.t += 1
-        return logits
+        return out.logits[0, -1].float()
 
-    def _cut(self, i, layer, t):
+    def _score(self, i, layer, weights):
+        """[heads, K]: knorm -||k||; tova this step's weights averaged over the layer's query heads; h2o the
+        weights of the head's query heads, summed over every step the token was held."""
+        heads = layer.keys.shape[1]
+        if self.policy == "knorm":
+            return -layer.keys[0].float().norm(dim=-1)
+        if self.policy == "tova":
+            return weights.mean(0).expand(heads, -1)
+        if self.policy == "h2o":
+            step = weights.reshape(heads, -1, weights.shape[-1]).sum(1)
+            held = self.totals.get(i, torch.zeros(heads, 0))
+            self.totals[i] = torch.cat((held, torch.zeros(heads, 1)), dim=1) + step
+            return self.totals[i]
+        return None
+
+    def _cut(self, i, layer, t, score):
         keys, values, tokens = layer.keys, layer.values, self.tokens[i]
-        if self.knorm:  # per head: the unprotected key of largest norm goes
+        if score is not None:  # per head: the lowest-scored unprotected token goes
             protected = (tokens < self.start) | (tokens > t - self.recent)
-            scores = (-keys[0].float().norm(dim=-1)).masked_fill(protected, float("inf"))
+            scores = score.masked_fill(protected, float("inf"))
             # Ties (scores within a relative 1e-5, docs/policies.md: a repeated token's layer-0 keys differ only by
             # rotation) go to the older token, the first such column.
             low = scores.min(dim=1, keepdim=True).values
@@ -121,6 +138,8 @@ class PlainLoop:
         keep = (slots[None, :] != victim[:, None]).nonzero()[:, 1].reshape(keys.shape[1], -1)  # [heads, K - 1]
         index = keep[None, :, :, None].expand(1, -1, -1, keys.shape[-1])
         keys, values, tokens = keys.gather(2, index), values.gather(2, index), tokens.gather(1, keep)
+        if i in self.totals:
+            self.totals[i] = self.totals[i].gather(1, keep)
         if self.positions == "shifted" and self.inv_freq is not None:
             # Positions are slots: every key after the evicted one moves back one slot, so rotate it by -1.
             moved = (keep > torch.arange(keep.shape[1])[None, :])[None, :, :, None]
@@ -171,14 +190,16 @@ def test_decode_steps_equal_the_token_loop(models, ids, name, positions):
     assert stream.evicted == LONG - 1 - CAPACITY and stream.max_held == CAPACITY
 
 
+@pytest.mark.parametrize("policy", ["knorm", "tova", "h2o"])
 @pytest.mark.parametrize("name, positions", CASES)
-def test_knorm_equals_the_plain_loop(models, ids, name, positions):
-    """Key-norm needs keys only, so it serves these types: per head, the largest-norm unprotected key goes."""
-    model = models[name]
-    knorm = StreamingSettings(START, RECENT // 2, positions, "token", policy="knorm", heavy_size=RECENT - RECENT // 2)
-    check_model_supported(model, knorm)
-    scored = score(model, ids, knorm, find_rotary(model))
-    reference = PlainLoop(model, START, RECENT // 2, positions, heavy=RECENT - RECENT // 2, knorm=True).logprobs(ids)
+def test_scored_policies_equal_the_plain_loop(models, ids, name, positions, policy):
+    """Key-norm scores keys; TOVA and H2O the weights these models return with output_attentions (their attention
+    never calls streaming_lm's weights function)."""
+    model, heavy = models[name], RECENT - RECENT // 2
+    scored_settings = StreamingSettings(START, RECENT // 2, positions, "token", policy=policy, heavy_size=heavy)
+    check_model_supported(model, scored_settings)
+    scored = score(model, ids, scored_settings, find_rotary(model))
+    reference = PlainLoop(model, START, RECENT // 2, positions, heavy=heavy, policy=policy).logprobs(ids)
     assert scored.evicted == LONG - 1 - CAPACITY
     torch.testing.assert_close(scored.logprobs, reference, rtol=0, atol=TOL)
     sink_window = PlainLoop(model, START, RECENT, positions).logprobs(ids)
@@ -206,9 +227,6 @@ REFUSALS = [
     ("mpt", settings("original"), r"positions=original cannot serve mpt \(ALiBi\)"),
     ("mpt", StreamingSettings(4, 124, method="token"),
      r"mpt builds its ALiBi bias for at most max_seq_len = 128 keys, but a step attends to C \+ 1 = 129"),
-    ("falcon-40b-style", StreamingSettings(0, 0, "original", "token", policy="tova", heavy_size=8),
-     r"policy=tova scores by this step's attention weights.*falcon computes attention in its own code"),
-    ("bloom", StreamingSettings(0, 4, "shifted", "token", policy="h2o", heavy_size=8), r"policy=h2o scores by"),
 ]
 
 
