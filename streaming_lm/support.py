@@ -50,6 +50,7 @@ class Architecture:
     paths: tuple[str, ...] = ALL_PATHS  # the paths that serve it (tested per path)
     own_attention: str = ""  # where attention runs, if in model code: why no chunked path serves it
     refused_variant: Callable | None = None  # config -> reason a released variant of the type is refused, or None
+    max_keys: str = ""  # the config field, where set, bounding the keys one step attends to (a bias table's length)
 
 
 def _falcon_variant(config) -> str | None:
@@ -116,7 +117,8 @@ ARCHITECTURES = (
                  f"supported on the token loop with `positions=shifted` ({TOKEN_LOOP_STATUS}); mpt if "
                  "`C + 1 ≤ max_seq_len`", TOKEN_LOOP_PATHS,
                  "ALiBi is added inside the model's own attention code (no attention interface), by the key's index "
-                 "in the cache, so the chunked path cannot give each query its own visible keys and distances"),
+                 "in the cache, so the chunked path cannot give each query its own visible keys and distances",
+                 max_keys="max_seq_len"),  # mpt's bias table; bloom builds its bias for any length
 )
 ARCHITECTURE_OF = {name: arch for arch in ARCHITECTURES for name in arch.model_types}
 SUPPORTED_ARCHITECTURES = {name: arch.scheme for arch in ARCHITECTURES for name in arch.model_types}
@@ -290,11 +292,11 @@ def check_architecture_settings(model, arch: Architecture, settings: StreamingSe
             "the key's distance in cache slots, inside its own code, where text positions cannot reach. Use "
             "positions=shifted (sinks at slots 0..S-1, the paper's setting for ALiBi models)"
         )
-    limit = getattr(config, "max_seq_len", None) if config.model_type == "mpt" else None
+    limit = getattr(config, arch.max_keys, None) if arch.max_keys else None
     if limit is not None and settings.capacity + 1 > limit:
         raise NotImplementedError(
-            f"mpt builds its ALiBi bias for at most max_seq_len = {limit} keys, but a step attends to C + 1 = "
-            f"{settings.capacity + 1}. Supported: start_size + recent_size <= {limit - 1}"
+            f"{config.model_type} builds its {arch.scheme} bias for at most {arch.max_keys} = {limit} keys, but a step "
+            f"attends to C + 1 = {settings.capacity + 1}. Supported: start_size + recent_size <= {limit - 1}"
         )
 
 
