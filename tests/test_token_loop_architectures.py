@@ -3,10 +3,11 @@
 Their attention runs in model code that the chunked path's attention function cannot reach, but it reads
 keys and values from the cache it is given: the token loop serves them. Each case is checked against a plain
 loop written here, with nothing from streaming_lm: one token per pass through the model's own attention, and
-transformers' own ``DynamicCache`` cut after every step (to the first S and last W tokens; for a scored policy,
-the lowest-scored unprotected token, scored from keys or from the weights the model returns). Falcon takes its positions through ``position_ids`` (``original``: the text's; ``shifted``: cache
-slots, the kept recent keys re-rotated back by one slot per eviction, docs/semantics.md); MPT and BLOOM bias
-attention by the distance in cache slots, which is ``shifted`` itself.
+transformers' own ``DynamicCache`` cut after every step (to the first S and last W tokens; for a scored
+policy, per head the lowest-scored unprotected token, scored from the keys or from the weights the model
+returns). Falcon takes its positions through ``position_ids`` (``original``: the text's; ``shifted``: cache
+slots, the kept keys behind an evicted one re-rotated back by one slot, docs/semantics.md); MPT and BLOOM
+bias attention by the distance in cache slots, which is ``shifted`` itself.
 """
 
 import dataclasses
@@ -58,8 +59,8 @@ def build(name, vocab=64):
     return transformers.AutoModelForCausalLM.from_config(ARCHITECTURES[name](vocab)).eval()
 
 
-def settings(positions="shifted", **extra):
-    return StreamingSettings(START, RECENT, positions, method="token", **extra)
+def settings(positions="shifted"):
+    return StreamingSettings(START, RECENT, positions, method="token")
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +300,8 @@ def test_adapter_falls_back_to_the_token_loop_and_says_so(name, adapters):
     model_type = lm.model.config.model_type
     assert len(fallback) == 1 and f"the chunked path cannot serve model_type '{model_type}'" in fallback[0]
     assert lm.streaming.method == "token" and lm.get_model_info()["streaming"]["method"] == "token"
-    with pytest.raises(NotImplementedError, match=f"method=chunked cannot serve model_type '{model_type}'.*method=token"):
+    refusal = f"method=chunked cannot serve model_type '{model_type}'.*method=token"
+    with pytest.raises(NotImplementedError, match=refusal):
         StreamingHFLM(pretrained=str(folder), method="chunked", **ADAPTER)
 
 
