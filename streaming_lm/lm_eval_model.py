@@ -29,7 +29,7 @@ from .offline_models import resolve_pretrained
 from .policy import policy_class
 from .scoring import score
 from .streams import uses_batch_size
-from .support import check_model_supported, check_trust_positions, find_rotary
+from .support import check_model_supported, check_trust_positions, fall_back_to_token_loop, find_rotary
 
 # Under lm-eval's logger, so its CLI shows our lines with its own.
 eval_logger = logging.getLogger("lm_eval.models.streaming_hf")
@@ -82,6 +82,11 @@ class StreamingHFLM(HFLM):
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         if self._streaming_args["compression_ratio"] is not None:
             self.streaming = settings_mod.resolve(**self._streaming_args, max_length=self.max_length)
+        # A type no chunked path serves reads with the token loop by default (same numbers), and says so.
+        self.streaming, fallback = fall_back_to_token_loop(self.model, self.streaming,
+                                                           self._streaming_args["method"] is not None)
+        if fallback:
+            eval_logger.warning(fallback)
         check_model_supported(self.model, self.streaming, self._trust_positions)
         self.rotary = find_rotary(self.model)
         self._evicted = 0

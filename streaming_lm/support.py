@@ -1,12 +1,14 @@
 """Which models a streaming cache serves exactly: the one registry, its checks and the forward's kwargs.
 
 Every "supported types" message, the README's support table (``support_table()``, checked by
-tests/test_support.py) and tests/test_architectures.py's coverage come from ``ARCHITECTURES``.
+tests/test_support.py) and the coverage of tests/test_architectures.py (the chunked path's types) and
+tests/test_token_loop_architectures.py (the token loop's) come from ``ARCHITECTURES``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
@@ -25,6 +27,15 @@ from .settings import StreamingSettings
 from .storage.static import REBASE_EVERY
 
 ABSOLUTE = "learned absolute positions"
+ALIBI = "ALiBi"
+# The execution paths (streams/): the three methods, and the decode slots that continue a chunked read.
+ALL_PATHS = ("token", "chunked", "decode", "recompute")
+# Attention in the model's own code, reading keys and values from the cache it is given: the token loop
+# (and its steps, which generate_until decodes with) and the cache-free recompute windows serve it; the
+# chunked path's attention function and the decode slots' order-free keys cannot.
+TOKEN_LOOP_PATHS = ("token", "recompute")
+TOKEN_LOOP_STATUS = ("the default `method` falls back to it, `generate_until` steps through it; every policy: `tova`, "
+                     "`h2o` read the weights the model returns with `output_attentions`")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +43,22 @@ class Architecture:
     """One row of the support table: model types proven alike on tiny random models."""
 
     model_types: tuple[str, ...]
-    scheme: str  # how positions reach the model, in short (error messages); ABSOLUTE or a kind of RoPE
+    scheme: str  # how positions reach the model, in short (error messages); ABSOLUTE, ALIBI or a kind of RoPE
     positions: str  # the README's longer account of it
     modes: str  # what shifted / original mean there
     status: str
+    paths: tuple[str, ...] = ALL_PATHS  # the paths that serve it (tested per path)
+    own_attention: str = ""  # where attention runs, if in model code: why no chunked path serves it
+    refused_variant: Callable | None = None  # config -> reason a released variant of the type is refused, or None
+    max_keys: str = ""  # the config field, where set, bounding the keys one step attends to (a bias table's length)
+
+
+def _falcon_variant(config) -> str | None:
+    if getattr(config, "alibi", False):
+        return ("falcon with alibi=True (the RefinedWeb models, falcon-rw-1b/7b): transformers' Falcon adds that bias "
+                "once in its SDPA attention and twice in its eager one (their logits differ), so there is no one model "
+                "to stream exactly; Falcon with RoPE (alibi=False: falcon-7b, -40b, -180b) is supported")
+    return None
 
 
 ARCHITECTURES = (
@@ -80,7 +103,24 @@ ARCHITECTURES = (
     Architecture(("gpt2",), ABSOLUTE, "learned absolute embeddings",
                  "token `t` is read at position `min(t, C)` / `t`; a key keeps the embedding it was read with",
                  "supported if `C < n_positions`; `original` only for streams of at most `n_positions` tokens"),
+    # The StreamingLLM paper's own models: attention in model code that reads the cache it is given.
+    Architecture(("falcon",), "RoPE", "RoPE; `new_decoder_architecture` (40B/180B: grouped keys/values) or "
+                 "multi-query with `parallel_attn` (7B)", "as above",
+                 f"supported on the token loop ({TOKEN_LOOP_STATUS}); `alibi=True` (falcon-rw) refused: "
+                 "transformers' eager and SDPA attention add that bias differently", TOKEN_LOOP_PATHS,
+                 "its attention runs inside FalconAttention (SDPA or eager), not through transformers' attention "
+                 "interface, so the chunked path cannot give each query its visible keys and sink rotation",
+                 _falcon_variant),
+    Architecture(("mpt", "bloom"), ALIBI, "ALiBi: attention biased by the key's distance in cache slots",
+                 "`shifted`: the bias by slot distance, sink `j` at `min(t, C) − j` (the paper's setting for ALiBi); "
+                 "`original` refused (text distances cannot reach the model's bias)",
+                 f"supported on the token loop with `positions=shifted` ({TOKEN_LOOP_STATUS}); mpt if "
+                 "`C + 1 ≤ max_seq_len`", TOKEN_LOOP_PATHS,
+                 "ALiBi is added inside the model's own attention code (no attention interface), by the key's index "
+                 "in the cache, so the chunked path cannot give each query its own visible keys and distances",
+                 max_keys="max_seq_len"),  # mpt's bias table; bloom builds its bias for any length
 )
+ARCHITECTURE_OF = {name: arch for arch in ARCHITECTURES for name in arch.model_types}
 SUPPORTED_ARCHITECTURES = {name: arch.scheme for arch in ARCHITECTURES for name in arch.model_types}
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention with a window of at least C + 1 tokens")
 
@@ -95,16 +135,9 @@ class Refusal:
 
 
 REFUSED_ARCHITECTURES = (
-    Refusal(("falcon",), "RoPE (or ALiBi)",
-            "its attention runs inside FalconAttention (SDPA or eager), not through transformers' attention "
-            "interface, so the chunked path cannot give each query its visible keys and sink rotation"),
     Refusal(("stablelm",), "partial RoPE",
             "StableLmDecoderLayer does not pass the forward's keyword arguments on to its attention, so the chunked "
             "path's plan never reaches the attention function"),
-    Refusal(("bloom", "mpt"), "ALiBi",
-            "ALiBi is added inside the model's own attention code (no attention interface), from the key's index in "
-            "the attention mask: neither the chunked path's visible sets nor text-position distances can reach it "
-            "without copying model code"),
     Refusal(("deepseek_v2", "deepseek_v3"), "RoPE on a decoupled key part (MLA)",
             "multi-head latent attention caches the compressed latent as keys and the rotary part of the key as "
             "values, so re-rotating the cache's keys would move the wrong tensor"),
@@ -121,13 +154,13 @@ def supported_list() -> str:
 
 def support_table() -> str:
     """The README's support table, generated from the registry (supported rows, then the known refusals)."""
-    lines = ["| model_type | positions | `shifted` / `original` there | status |", "|---|---|---|---|"]
+    lines = ["| model_type | positions | `shifted` / `original` there | paths | status |", "|---|---|---|---|---|"]
     for arch in ARCHITECTURES:
         types = ", ".join(f"`{name}`" for name in arch.model_types)
-        lines.append(f"| {types} | {arch.positions} | {arch.modes} | {arch.status} |")
+        lines.append(f"| {types} | {arch.positions} | {arch.modes} | {', '.join(arch.paths)} | {arch.status} |")
     for refusal in REFUSED_ARCHITECTURES:
         types = ", ".join(f"`{name}`" for name in refusal.model_types)
-        lines.append(f"| {types} | {refusal.positions} | — | refused: {refusal.reason} |")
+        lines.append(f"| {types} | {refusal.positions} | — | — | refused: {refusal.reason} |")
     return "\n".join(lines)
 
 
@@ -171,7 +204,10 @@ def check_model_supported(model, settings: StreamingSettings | None = None, trus
             + ("" if config.model_type in REFUSED_REASONS else
                "; or pass trust_positions=rope to accept a RoPE model after a start-up self-check")
         )
-    if not type(model).is_backend_compatible():
+    arch = ARCHITECTURE_OF.get(config.model_type)
+    if arch is not None:
+        check_architecture_settings(model, arch, settings)
+    if (arch is None or "chunked" in arch.paths) and not type(model).is_backend_compatible():
         raise NotImplementedError(
             f"{config.model_type} ({type(model).__name__}) does not run its attention through transformers' "
             "attention interface with the forward's keyword arguments (_supports_attention_backend is False), "
@@ -207,7 +243,7 @@ def check_model_supported(model, settings: StreamingSettings | None = None, trus
                 f"trust_positions=rope: {config.model_type} has no rotary embedding (no inv_freq buffer)"
             )
         self_check(model, shift, settings)
-    elif shift is None:
+    elif shift is None and SUPPORTED_ARCHITECTURES[config.model_type] != ALIBI:
         if SUPPORTED_ARCHITECTURES[config.model_type] != ABSOLUTE:
             raise NotImplementedError(f"{config.model_type}: no rotary embedding found; supported: {supported_list()}")
         limit = getattr(text, "max_position_embeddings", None)
@@ -217,6 +253,51 @@ def check_model_supported(model, settings: StreamingSettings | None = None, trus
                 f"C = {settings.capacity}. Supported: start_size + recent_size <= {limit - 1} (and, with "
                 f"positions=original, streams of at most {limit} tokens)"
             )
+
+
+def fall_back_to_token_loop(model, settings: StreamingSettings, method_given: bool
+                            ) -> tuple[StreamingSettings, str | None]:
+    """The default method on a type no chunked path serves: the token loop, which gives the same numbers.
+
+    Returns the settings to run and the line to log when they changed (None: unchanged). A method the user
+    named is kept, and ``check_model_supported`` refuses it if it cannot serve the type (naming method=token).
+    """
+    arch = ARCHITECTURE_OF.get(model.config.model_type)
+    if method_given or arch is None or settings.method in arch.paths:
+        return settings, None
+    line = (f"streaming_hf: the {settings.method} path cannot serve model_type {model.config.model_type!r} "
+            f"({arch.own_attention}); reading with method=token instead: the same numbers, one token per pass")
+    return dataclasses.replace(settings, method="token"), line
+
+
+def check_architecture_settings(model, arch: Architecture, settings: StreamingSettings | None) -> None:
+    """What a registry row says beyond its type: refused variants, the paths and position modes serving it.
+    (A scored policy's weights come from the model's outputs where attention runs in model code: every type
+    with ``own_attention`` returns them with ``output_attentions``, tests/test_token_loop_architectures.py.)"""
+    config = model.config
+    variant = arch.refused_variant(config) if arch.refused_variant is not None else None
+    if variant:
+        raise NotImplementedError(f"streaming_lm does not support {variant}. Supported model types: {supported_list()}")
+    if settings is None:
+        return
+    if settings.method not in arch.paths:
+        raise NotImplementedError(
+            f"method={settings.method} cannot serve model_type {config.model_type!r}: {arch.own_attention}. Use "
+            f"method=token (the same numbers, one token per pass); paths serving {config.model_type}: "
+            f"{', '.join(arch.paths)}"
+        )
+    if arch.scheme == ALIBI and settings.positions != "shifted":
+        raise NotImplementedError(
+            f"positions={settings.positions} cannot serve {config.model_type} (ALiBi): the model biases attention by "
+            "the key's distance in cache slots, inside its own code, where text positions cannot reach. Use "
+            "positions=shifted (sinks at slots 0..S-1, the paper's setting for ALiBi models)"
+        )
+    limit = getattr(config, arch.max_keys, None) if arch.max_keys else None
+    if limit is not None and settings.capacity + 1 > limit:
+        raise NotImplementedError(
+            f"{config.model_type} builds its {arch.scheme} bias for at most {arch.max_keys} = {limit} keys, but a step "
+            f"attends to C + 1 = {settings.capacity + 1}. Supported: start_size + recent_size <= {limit - 1}"
+        )
 
 
 def check_rotary_reach(model, settings: StreamingSettings | None, limit: int) -> None:

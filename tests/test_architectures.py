@@ -1,6 +1,7 @@
 """Every supported architecture on a tiny random model, and a clear refusal of the rest (issue #7).
 
-For each model type of ``streaming_lm.support.SUPPORTED_ARCHITECTURES``: a stream of C + 1 tokens gives
+For each model type the chunked path serves (``streaming_lm.support.ARCHITECTURES``; the token-loop-only
+types are in test_token_loop_architectures.py): a stream of C + 1 tokens gives
 the dense model's numbers (token loop and chunked path), the chunked path gives the token loop's numbers
 on a stream of 4.5 C tokens in both position modes, the cache stays within C, ``original`` equals the
 independent masked single pass of tests/helpers/reference.py, ``shifted`` is what docs/semantics.md says, and the
@@ -31,7 +32,7 @@ from helpers.reference import (
 
 from streaming_lm import StreamingHFLM
 from streaming_lm.rotary import LayerShifts
-from streaming_lm.support import REFUSED_ARCHITECTURES, SUPPORTED_ARCHITECTURES, check_model_supported, find_rotary
+from streaming_lm.support import ARCHITECTURE_OF, REFUSED_ARCHITECTURES, check_model_supported, find_rotary
 from streaming_lm.scoring import score
 from streaming_lm.settings import StreamingSettings
 from streaming_lm.streams import open_stream
@@ -174,8 +175,9 @@ def token_loop(model, ids):
 
 
 def test_every_supported_model_type_is_covered():
+    """Every type the chunked path serves is proven here; the token-loop-only types in test_token_loop_architectures."""
     covered = {ARCHITECTURES[name][0](128).model_type for name in ARCHITECTURES}
-    assert covered == set(SUPPORTED_ARCHITECTURES)
+    assert covered == {name for name, arch in ARCHITECTURE_OF.items() if "chunked" in arch.paths}
 
 
 def rotary_layers(shift):
@@ -444,21 +446,9 @@ REFUSED = {
         settings(), r"gptj reads its rotary angles from a table of positions 0\.\.255, but the streaming paths reach "
                     r"position C \+ max\(chunk_size, 256\) = 276",
     ),
-    "bloom (ALiBi)": (
-        lambda: transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2),
-        settings(), "does not support model_type 'bloom'.*" + SUPPORTED_LIST,
-    ),
-    "falcon (attention outside the interface)": (
-        lambda: transformers.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2),
-        settings(), "does not support model_type 'falcon': its attention runs inside FalconAttention.*" + SUPPORTED_LIST,
-    ),
     "stablelm (kwargs dropped)": (
         lambda: transformers.StableLmConfig(**_BASE), settings(),
         "does not support model_type 'stablelm': StableLmDecoderLayer does not pass.*" + SUPPORTED_LIST,
-    ),
-    "mpt (ALiBi)": (
-        lambda: transformers.MptConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2), settings(),
-        "does not support model_type 'mpt': ALiBi is added inside the model's own attention code.*" + SUPPORTED_LIST,
     ),
     "deepseek_v3 (MLA)": (
         lambda: transformers.DeepseekV3Config(
@@ -497,14 +487,16 @@ def test_every_known_refusal_is_tested():
     assert all(set(refusal.model_types) & tested for refusal in REFUSED_ARCHITECTURES)
 
 
-@pytest.mark.parametrize("case, error", [
-    ("falcon (attention outside the interface)", r"0 of 1 layers ran the chunked attention function"),
-    ("stablelm (kwargs dropped)", r"streaming_lm_chunked attention called without a streaming_plan"),
-])
-def test_the_chunked_path_cannot_reach_their_attention(case, error, one_thread):
-    """The reasons given for falcon and stablelm, shown: the chunked path fails loudly instead of silently."""
+@pytest.mark.parametrize("config, error", [
+    (lambda: transformers.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2),
+     r"0 of 1 layers ran the chunked attention function"),
+    (REFUSED["stablelm (kwargs dropped)"][0], r"streaming_lm_chunked attention called without a streaming_plan"),
+], ids=["falcon", "stablelm"])
+def test_the_chunked_path_cannot_reach_their_attention(config, error, one_thread):
+    """Why falcon is served by the token loop only and stablelm is refused, shown: the chunked path fails loudly
+    instead of silently (support.check_model_supported refuses method=chunked on falcon before it gets here)."""
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(REFUSED[case][0]()).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config()).eval()
     ids = torch.randint(3, 64, (CAPACITY + 4,))
     with pytest.raises(RuntimeError, match=error):
         score_stream_chunked(model, ids, settings(), find_rotary(model), CHUNK)
@@ -577,9 +569,9 @@ def test_adapter_trusts_an_unlisted_rope_type_after_its_self_check(tmp_path, one
 
 
 def test_adapter_refuses_an_unsupported_model_type_at_construction(tmp_path):
-    config = transformers.BloomConfig(vocab_size=len(tiny_tokenizer()), hidden_size=32, n_layer=1, n_head=2)
-    folder = save_tiny(tmp_path / "bloom", config)
-    with pytest.raises(NotImplementedError, match="does not support model_type 'bloom'.*" + SUPPORTED_LIST):
+    config = transformers.StableLmConfig(**_BASE | {"vocab_size": len(tiny_tokenizer())})
+    folder = save_tiny(tmp_path / "stablelm", config)
+    with pytest.raises(NotImplementedError, match="does not support model_type 'stablelm'.*" + SUPPORTED_LIST):
         StreamingHFLM(pretrained=str(folder), **ADAPTER)
 
 

@@ -232,6 +232,19 @@ CASES = [
          "trust_positions=rope: hunyuan_v1_dense failed the start-up self-check",
          ("positions=original", "chunked vs token loop", "Supported model types"),
          on_model("hunyuan-qk-norm", trust_positions="rope"), loads="model"),
+    Case("model-chunked-own-attention", "NotImplementedError",
+         "method=chunked cannot serve model_type 'falcon': its attention runs inside FalconAttention",
+         ("method=chunked", "method=token", "paths serving falcon: token, recompute"),
+         on_model("falcon", method="chunked"), loads="model",
+         also=((on_model("mpt", method="chunked"), "method=chunked cannot serve model_type 'mpt': ALiBi is added",
+                ("method=chunked", "method=token", "paths serving mpt: token, recompute")),)),
+    Case("model-falcon-alibi", "NotImplementedError", "streaming_lm does not support falcon with alibi=True",
+         ("alibi=True", "alibi=False", "Supported model types"), on_model("falcon-alibi"), loads="model"),
+    Case("model-alibi-positions-original", "NotImplementedError", "positions=original cannot serve mpt (ALiBi)",
+         ("positions=original", "positions=shifted"), on_model("mpt", positions="original"), loads="model"),
+    Case("model-mpt-max_seq_len", "NotImplementedError",
+         "mpt builds its ALiBi bias for at most max_seq_len = 48 keys, but a step attends to C + 1 = 65",
+         ("max_seq_len", "start_size + recent_size <= 47"), on_model("mpt-48"), loads="model"),
     # requests
     Case("loglikelihood-empty-continuation", "ValueError", "context and every continuation need at least one token",
          ("continuation", "at least one token"), loglikelihood(("a context", "")), loads="model"),
@@ -400,6 +413,13 @@ def checkpoints(tmp_path_factory):
         "gpt2-32": lambda: transformers.GPT2Config(vocab_size=258, n_embd=32, n_layer=1, n_head=2, n_positions=32),
         "llama-dynamic": lambda: transformers.LlamaConfig(**TINY, max_position_embeddings=300,
                                                           rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+        "falcon": lambda: transformers.FalconConfig(vocab_size=258, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2),
+        "falcon-alibi": lambda: transformers.FalconConfig(vocab_size=258, hidden_size=32, num_hidden_layers=1,
+                                                          num_attention_heads=2, alibi=True, multi_query=False,
+                                                          parallel_attn=False),
+        "mpt": lambda: transformers.MptConfig(vocab_size=258, d_model=32, n_layers=1, n_heads=2, max_seq_len=256),
+        "mpt-48": lambda: transformers.MptConfig(vocab_size=258, d_model=32, n_layers=1, n_heads=2, max_seq_len=48),
     }
     made = {}
 

@@ -14,7 +14,7 @@ from ..settings import StreamingSettings
 from ..forward_args import num_decoder_layers
 from ..storage import EvictingDynamicCache, ScoredDynamicCache
 from .base import CachedStream, as_ids, attention, forward_kwargs
-from .weights import ATTENTION_NAME, CACHE_KWARG
+from .weights import ATTENTION_NAME, CACHE_KWARG, hand_over, weights_from_outputs
 
 
 class TokenStream(CachedStream):
@@ -33,10 +33,15 @@ class TokenStream(CachedStream):
         self.n = 0
         self.max_held = 0
         self._kwargs = forward_kwargs(model, self.cache)
-        # A policy that scores by attention gets this step's weights from our attention function.
-        self._weights = not self.policy.index_only and self.policy.needs_attention
+        # A policy that scores by attention gets this step's weights from our attention function, or, where
+        # attention runs in model code, from the weights the model returns.
+        weights = not self.policy.index_only and self.policy.needs_attention
+        self._returned = weights and weights_from_outputs(model)
+        self._weights = weights and not self._returned
         if self._weights:
             self._kwargs = tuple(kwargs | {CACHE_KWARG: self.cache} for kwargs in self._kwargs)
+        if self._returned:
+            self._kwargs = tuple(kwargs | {"output_attentions": True} for kwargs in self._kwargs)
 
     def _shared(self):
         return (self.shift, self.policy)
@@ -58,6 +63,8 @@ class TokenStream(CachedStream):
         position = torch.tensor([[query_position(self.n, self.settings)]], device=ids.device)
         with self._attention():
             out = self.model(input_ids=ids, position_ids=position, **self._kwargs[False])
+        if self._returned:
+            hand_over(self.cache, out.attentions)
         self.n += 1
         self.max_held = max(self.max_held, *self.cache.held_tokens())
         return out.logits[0, -1].float()

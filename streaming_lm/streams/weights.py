@@ -37,3 +37,19 @@ def _weights_attention(module, query, key, value, attention_mask, scaling, dropo
 
 AttentionInterface.register(ATTENTION_NAME, _weights_attention)
 
+
+def weights_from_outputs(model) -> bool:
+    """Whether a step's weights must come from the model's outputs (``output_attentions``) instead: its attention
+    runs in its own code, which never calls ``_weights_attention`` (Falcon, MPT, BLOOM; support.py says which).
+    Layers evict only after their own attention, so every layer's eviction can wait for the end of the pass."""
+    return not type(model).is_backend_compatible()
+
+
+def hand_over(cache, attentions) -> None:
+    """The weights a model returned ([1, query_heads, 1, K] per layer) to each layer of a scored cache, in float32."""
+    if attentions is None or len(attentions) != len(cache.layers):  # never evict on weights a model did not give
+        raise RuntimeError("the model returned no attention weights for every layer (output_attentions=True); a "
+                           "policy that scores by attention cannot run on it")
+    for layer, weights in zip(cache.layers, attentions):
+        layer.after_attention(weights[0, :, -1].float())
+
