@@ -85,9 +85,12 @@ def test_niah_documents_offline(name, word_tokenizer_dir):
 
 
 def test_global_random_state_is_put_back(word_tokenizer_dir):
+    cwe = utils().cwe
+    cwe(tokenizer=str(word_tokenizer_dir), num_samples=1)  # imports lm-eval's modules, whose import draws
     state, numpy_state = random.getstate(), np.random.get_state()[1].copy()
-    utils().cwe(tokenizer=str(word_tokenizer_dir), num_samples=1)  # global random, numpy and cwe's own RNG
+    first = cwe(tokenizer=str(word_tokenizer_dir), num_samples=1)  # global random, numpy and cwe's own RNG
     assert random.getstate() == state and (np.random.get_state()[1] == numpy_state).all()
+    assert cwe(tokenizer=str(word_tokenizer_dir), num_samples=1)["test"][0] == first["test"][0]
 
 
 def test_group_lists_every_task():

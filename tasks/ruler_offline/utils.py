@@ -35,13 +35,13 @@ METRIC = "string_match_all"  # RULER's score for NIAH, VT, CWE and FWE: share of
 def _ruler(module: str):
     """``lm_eval.tasks.ruler.<module>``; its imports (wonderwords, nltk, scipy) are the ``ruler`` extra."""
     try:
-        if module == "prepare_niah":
+        if module == "niah_utils":
             import nltk
 
-            # Its import downloads punkt when missing, which only essay haystacks use: no network here.
+            # prepare_niah's import downloads punkt when missing, which only essay haystacks use: no network.
             download, nltk.download = nltk.download, lambda *args, **kwargs: False
             try:
-                return importlib.import_module("lm_eval.tasks.ruler.prepare_niah")
+                return importlib.import_module("lm_eval.tasks.ruler.niah_utils")
             finally:
                 nltk.download = download
         return importlib.import_module(f"lm_eval.tasks.ruler.{module}")
@@ -103,25 +103,26 @@ def _seeded(seed: int, rng: random.Random | None):
         np.random.set_state(states[1])
 
 
-def _dataset(generate, metadata: dict, rng: random.Random | None = None) -> dict[str, datasets.Dataset]:
+def _dataset(module: str, generate, metadata: dict) -> dict[str, datasets.Dataset]:
+    """``generate(module, tokenizer, max_seq_length, num_samples)`` with lm-eval's ``module``, seeded."""
     opts = options(**metadata)
     tok = tokenizer(metadata)
-    with _seeded(opts["seed"], rng):
-        docs = generate(tok, opts["max_seq_length"], opts["num_samples"])
+    ruler = _ruler(module)  # imported before seeding: the import draws from the global random
+    with _seeded(opts["seed"], getattr(ruler, "RNG", None)):  # cwe_utils.RNG: cwe's own random.Random
+        docs = generate(ruler, tok, opts["max_seq_length"], opts["num_samples"])
     return {"test": datasets.Dataset.from_list(docs, split=datasets.Split.TEST)}
 
 
 def _niah(haystack: str, **needles):
     """A NIAH task on a synthetic haystack: ``repeat`` (noise sentences) or ``needle`` (decoy needles)."""
 
-    def generate(tok, max_seq_length, num_samples):
-        prepare_niah = _ruler("prepare_niah")
-        return prepare_niah.generate_samples(
-            prepare_niah.get_haystack(type_haystack=haystack), TOKENIZER=tok, max_seq_length=max_seq_length,
-            template=_ruler("niah_utils").TEMPLATE, type_haystack=haystack, num_samples=num_samples, **needles,
+    def generate(niah_utils, tok, max_seq_length, num_samples):
+        return niah_utils.generate_samples(
+            niah_utils.get_haystack(type_haystack=haystack), TOKENIZER=tok, max_seq_length=max_seq_length,
+            template=niah_utils.TEMPLATE, type_haystack=haystack, num_samples=num_samples, **needles,
         )
 
-    return lambda **metadata: _dataset(generate, metadata)
+    return lambda **metadata: _dataset("niah_utils", generate, metadata)
 
 
 # As lm-eval's niah_single_1, niah_multikey_2 and niah_multikey_3 (niah_utils.py).
@@ -130,32 +131,31 @@ niah_multikey_2 = _niah("needle", type_needle_k="words", type_needle_v="numbers"
 niah_multikey_3 = _niah("needle", type_needle_k="uuids", type_needle_v="uuids")
 
 
-def _vt(tok, max_seq_length, num_samples):
-    sys_vartrack_w_noise_random = _ruler("vt_utils").sys_vartrack_w_noise_random
+def _vt(vt_utils, tok, max_seq_length, num_samples):
     # As vt_utils.get_dataset: one 500-token in-context example, then the samples.
-    example = sys_vartrack_w_noise_random(tokenizer=tok, num_samples=1, max_seq_length=500, incremental=5)[0]
-    return sys_vartrack_w_noise_random(tokenizer=tok, num_samples=num_samples, max_seq_length=max_seq_length,
-                                       icl_example=example)
+    example = vt_utils.sys_vartrack_w_noise_random(tokenizer=tok, num_samples=1, max_seq_length=500, incremental=5)[0]
+    return vt_utils.sys_vartrack_w_noise_random(tokenizer=tok, num_samples=num_samples, max_seq_length=max_seq_length,
+                                                icl_example=example)
 
 
-def _cwe(tok, max_seq_length, num_samples):
-    return _ruler("cwe_utils").sys_word_pair_random(num_samples=num_samples, max_seq_length=max_seq_length, tokenizer=tok)
+def _cwe(cwe_utils, tok, max_seq_length, num_samples):
+    return cwe_utils.sys_word_pair_random(num_samples=num_samples, max_seq_length=max_seq_length, tokenizer=tok)
 
 
-def _fwe(tok, max_seq_length, num_samples):
-    return _ruler("fwe_utils").sys_kwext(tokenizer=tok, max_seq_length=max_seq_length, num_samples=num_samples)
+def _fwe(fwe_utils, tok, max_seq_length, num_samples):
+    return fwe_utils.sys_kwext(tokenizer=tok, max_seq_length=max_seq_length, num_samples=num_samples)
 
 
 def vt(**metadata):
-    return _dataset(_vt, metadata)
+    return _dataset("vt_utils", _vt, metadata)
 
 
 def cwe(**metadata):
-    return _dataset(_cwe, metadata, _ruler("cwe_utils").RNG)
+    return _dataset("cwe_utils", _cwe, metadata)
 
 
 def fwe(**metadata):
-    return _dataset(_fwe, metadata)
+    return _dataset("fwe_utils", _fwe, metadata)
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
