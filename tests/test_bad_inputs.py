@@ -275,6 +275,15 @@ CASES = [
     Case("task-answer_distance-beyond-stream", "ValueError",
          "answer_distance must be <= num_lines (--metadata), got answer_distance=20 with num_lines=10",
          ("answer_distance", "num_lines"), task("streameval", num_lines=10)),
+    # tasks in tasks/ruler_offline
+    Case("task-max_seq_length-below-1024", "ValueError", "max_seq_length must be an integer >= 1024 (--metadata), got 512",
+         ("max_seq_length", ">= 1024"), task("ruler_offline_vt", max_seq_length=512),
+         also=((task("ruler_offline_vt", max_seq_lengths=[4096]),
+                "the ruler_offline tasks take one max_seq_length (--metadata), not lm-eval's max_seq_lengths",
+                ("max_seq_length",)),)),
+    Case("task-ruler-no-tokenizer", "ValueError",
+         "the ruler_offline tasks size their prompts in tokens: give --model_args pretrained=... or --metadata",
+         ("pretrained", "tokenizer"), task("ruler_offline_fwe")),
     # scripts/throughput.py
     Case("throughput-recent-size", "exit 2", "--recent-size must be an integer >= 1, got 0", ("--recent-size", ">= 1"),
          throughput("--recent-size", "0")),
@@ -376,6 +385,8 @@ CASES = [
          ("--from-results", "results_*.json"), compare_cli("--from-results", "TMP", base=False)),
     Case("compare-reference", "exit 2", "--reference PATH: row 1 needs task, metric and a numeric value",
          ("--reference", "task, metric"), bad_reference),
+    Case("compare-plot-x", "exit 2", "argument --plot-x/--plot_x: invalid choice: 'ratio'",
+         ("--plot-x", "compression_ratio"), compare_cli("--plot-x", "ratio")),
 ]
 
 

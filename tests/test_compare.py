@@ -195,11 +195,11 @@ def test_png_is_valid_and_optional(grid, tmp_path, monkeypatch, capsys):
 # ---------------------------------------------------------------- every knob reaches compare
 
 
-def write_results(folder, model, model_args, value):
+def write_results(folder, model, model_args, value, task="tiny_rolling", metric="word_perplexity"):
     """A results file as plain lm_eval writes it, in a folder not named after the run."""
     folder.mkdir(parents=True)
     data = {"config": {"model": model, "model_args": {"pretrained": "m"} | model_args},
-            "results": {"tiny_rolling": {"word_perplexity,none": value}}}
+            "results": {task: {f"{metric},none": value}}}
     (folder / "results_2026-01-01T00-00-00.000000.json").write_text(json.dumps(data))
 
 
@@ -261,3 +261,28 @@ def test_a_policy_grid_names_each_policy_and_heavy_size():
         "streaming_h2o_s0_r64_h32_original", "streaming_h2o_s0_r64_h64_original"]
     assert runs[2].stream == {"start_size": 0, "recent_size": 64, "positions": "original", "policy": "tova",
                               "heavy_size": 32}
+
+
+def test_plot_of_a_metric_against_compression_ratio_one_line_per_policy(tmp_path, monkeypatch, capsys):
+    # kvpress's plot: accuracy against compression ratio, one line per method, from results files alone.
+    accuracy = {"sink_window": [0.9, 0.5, 0.1], "knorm": [0.8, 0.6, 0.4]}
+    write_results(tmp_path / "runs" / "dense", "hf", {}, 1.0, "ruler_offline_vt", "string_match_all")
+    for policy, values in accuracy.items():
+        for ratio, value in zip((0.75, 0.25, 0.5), (values[2], values[0], values[1])):  # any order on disk
+            args = {"compression_ratio": ratio} | ({"policy": policy} if policy != "sink_window" else {})
+            write_results(tmp_path / "runs" / f"{policy}{ratio}", "streaming_hf", args, value, "ruler_offline_vt",
+                          "string_match_all")
+    write_results(tmp_path / "runs" / "sized", "streaming_hf", {"recent_size": 16}, 0.3, "ruler_offline_vt",
+                  "string_match_all")  # has no ratio: not on this plot
+    results = compare.load_results_dir(tmp_path / "runs")
+    lines = compare.plot_lines(results, "ruler_offline_vt", "string_match_all", "compression_ratio")
+    assert lines == {"S=4 shifted": list(zip((0.25, 0.5, 0.75), accuracy["sink_window"])),
+                     "knorm W=0 S=4 original": list(zip((0.25, 0.5, 0.75), accuracy["knorm"]))}
+    assert compare.plot_lines(results, "ruler_offline_vt", "string_match_all") == {"S=4 shifted": [(20, 0.3)]}
+
+    pytest.importorskip("matplotlib")
+    refuse_evaluation(monkeypatch)
+    compare.main(["--from-results", str(tmp_path / "runs"), "-o", str(tmp_path / "out"),
+                  "--plot-metric", "string_match_all", "--plot-x", "compression_ratio"])
+    assert (tmp_path / "out" / "comparison.png").read_bytes().startswith(PNG_MAGIC)
+    assert "runs without a compression_ratio are left out of the plot" in capsys.readouterr().err

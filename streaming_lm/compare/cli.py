@@ -11,7 +11,7 @@ from .. import settings as settings_mod
 from ..offline_models import resolve_pretrained
 from .errors import CompareError, say
 from .grid import _split, build_grid
-from .report import load_reference, write_outputs
+from .report import PLOT_X, load_reference, write_outputs
 from .results import load_results_dir
 from .run import run_grid
 
@@ -71,6 +71,11 @@ def parser() -> argparse.ArgumentParser:
     out.add_argument("--from-results", "--from_results", type=Path, default=None,
                      help="build the comparison from existing lm-eval results files instead of running")
     out.add_argument("--reference", type=Path, default=None, help="CSV or JSON of task, metric, value, source")
+    out.add_argument("--plot-metric", "--plot_metric", default=None,
+                     help="metric drawn in comparison.png, e.g. string_match_all (default: each task's main metric)")
+    out.add_argument("--plot-x", "--plot_x", choices=tuple(PLOT_X), default="capacity",
+                     help="x axis of comparison.png: the cache size C (default) or the compression ratio of "
+                     "--compression-ratios runs; one line per other setting (policy, start size, positions)")
     return p
 
 
@@ -79,7 +84,8 @@ def compare(args: argparse.Namespace) -> dict[str, Path]:
     if args.from_results is not None:
         if args.tasks or args.pretrained:
             raise CompareError("--from-results reads existing results: drop --pretrained and --tasks")
-        return write_outputs(args.output_dir or args.from_results, load_results_dir(args.from_results), reference)
+        return write_outputs(args.output_dir or args.from_results, load_results_dir(args.from_results), reference,
+                             args.plot_metric, args.plot_x)
 
     from lm_eval.utils import simple_parse_args_string
 
@@ -117,7 +123,7 @@ def compare(args: argparse.Namespace) -> dict[str, Path]:
     say(f"{len(runs)} runs ({', '.join(r.name for r in runs)}) into {args.output_dir}")
     results = run_grid(runs, args.output_dir, common, tasks, args.include_path, args.limit, args.device,
                        args.batch_size, metadata)
-    return write_outputs(args.output_dir, results, reference)
+    return write_outputs(args.output_dir, results, reference, args.plot_metric, args.plot_x)
 
 
 def main(argv: list[str] | None = None) -> None:

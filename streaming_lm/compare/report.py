@@ -118,8 +118,36 @@ def markdown(columns: list[str], rows: list[dict], results: list[Result]) -> str
 # ---------------------------------------------------------------- the plot
 
 
-def write_plot(path: Path, results: list[Result]) -> bool:
-    """Main metric of each task against C, one line per start size / positions; False without matplotlib."""
+# What the plot's x axis can be: the cache size C, or the compression ratio of ratio runs (kvpress's plot).
+PLOT_X = {"capacity": "cache size C = start_size + recent_size (+ heavy_size)", "compression_ratio": "compression ratio"}
+
+
+def x_value(result: Result, x: str):
+    """The run's value on the plot's x axis, None where it has none (a recent_size run has no ratio)."""
+    if x == "capacity":
+        return result.capacity
+    ratio = result.stream.get("compression_ratio")
+    return None if ratio is None else float(ratio)  # a CLI-written results file keeps it as a string
+
+
+def plot_lines(results: list[Result], task: str, metric: str, x: str = "capacity") -> dict[str, list]:
+    """{label: [(x, value), ...]}: one line per setting other than x (policy, start size, positions, ...)."""
+    lines: dict[str, list] = {}
+    for r in sorted((r for r in results if r.model != BASELINE and x_value(r, x) is not None), key=plot_key):
+        value = dict(((t, m), v) for t, m, v in metrics(r.data)).get((task, metric))
+        if value is not None:
+            s = r.stream
+            label = "" if knob(s, "policy") == "sink_window" else f"{knob(s, 'policy')} W={knob(s, 'recent_size')} "
+            label += f"S={knob(s, 'start_size')} {knob(s, 'positions')}"
+            label += f" {s['method']}" if s.get("method") else ""
+            label += "".join(f" {k}={v}" for k, v in other_knobs(s).items())  # e.g. one line per stride
+            lines.setdefault(label, []).append((x_value(r, x), value))
+    return {label: sorted(points) for label, points in lines.items()}
+
+
+def write_plot(path: Path, results: list[Result], metric: str | None = None, x: str = "capacity") -> bool:
+    """``metric`` (default: each task's main one) against ``x`` (a PLOT_X key), one line per other setting
+    (policy, start size, positions, ...), the dense baseline dashed; False without matplotlib."""
     try:
         import matplotlib
 
@@ -128,22 +156,15 @@ def write_plot(path: Path, results: list[Result]) -> bool:
     except ImportError:
         say("matplotlib is not installed: skipping comparison.png (pip install 'streaming-lm[plot]')")
         return False
-    tasks = list(dict.fromkeys(t for r in results for t, _, _ in metrics(r.data)))
+    tasks = list(dict.fromkeys(t for r in results for t, m, _ in metrics(r.data) if metric in (None, m)))
+    if any(r.model != BASELINE and x_value(r, x) is None for r in results):
+        say(f"comparison.png: runs without a {x} are left out of the plot")
     ncols = min(3, len(tasks)) or 1
     nrows = math.ceil(len(tasks) / ncols) or 1
     fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.8 * nrows), squeeze=False)
     for ax, task in zip(axes.flat, tasks):
-        metric = main_metric(results, task)
-        lines: dict[str, list] = {}
-        for r in sorted((r for r in results if r.model != BASELINE and r.capacity), key=plot_key):
-            value = dict(((t, m), v) for t, m, v in metrics(r.data)).get((task, metric))
-            if value is not None:
-                s = r.stream
-                label = "" if knob(s, "policy") == "sink_window" else f"{knob(s, 'policy')} W={knob(s, 'recent_size')} "
-                label += f"S={knob(s, 'start_size')} {knob(s, 'positions')}"
-                label += f" {s['method']}" if s.get("method") else ""
-                label += "".join(f" {k}={v}" for k, v in other_knobs(s).items())  # e.g. one line per stride
-                lines.setdefault(label, []).append((r.capacity, value))
+        shown_metric = metric or main_metric(results, task)
+        lines = plot_lines(results, task, shown_metric, x)
         for label, points in lines.items():
             # original-position lines dotted: with start_size=0 they coincide with the shifted ones.
             style = dict(marker="s", linestyle=":") if "original" in label else dict(marker="o")
@@ -151,11 +172,11 @@ def write_plot(path: Path, results: list[Result]) -> bool:
         shown = [v for points in lines.values() for _, v in points]
         for r in results:
             if r.model == BASELINE:
-                base = dict(((t, m), v) for t, m, v in metrics(r.data)).get((task, metric))
+                base = dict(((t, m), v) for t, m, v in metrics(r.data)).get((task, shown_metric))
                 if base is not None:
                     ax.axhline(base, color="black", linestyle="--", label="dense (hf)")
                     shown.append(base)
-        ax.set(title=task, xlabel="cache size C = start_size + recent_size (+ heavy_size)", ylabel=metric)
+        ax.set(title=task, xlabel=PLOT_X[x], ylabel=shown_metric)
         if shown and min(shown) > 0 and max(shown) > 10 * min(shown):
             ax.set_yscale("log")  # without sinks perplexity can grow by orders of magnitude
         ax.legend(fontsize="small")
@@ -167,14 +188,15 @@ def write_plot(path: Path, results: list[Result]) -> bool:
     return True
 
 
-def write_outputs(output_dir: Path, results: list[Result], reference: dict | None) -> dict[str, Path]:
+def write_outputs(output_dir: Path, results: list[Result], reference: dict | None, plot_metric: str | None = None,
+                  plot_x: str = "capacity") -> dict[str, Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     columns, rows = build_table(results, reference)
     written = {"csv": output_dir / "comparison.csv", "md": output_dir / "comparison.md"}
     write_csv(written["csv"], columns, rows)
     text = markdown(columns, rows, results)
     written["md"].write_text(text, encoding="utf-8")
-    if write_plot(output_dir / "comparison.png", results):
+    if write_plot(output_dir / "comparison.png", results, plot_metric, plot_x):
         written["png"] = output_dir / "comparison.png"
     print(text)
     return written
