@@ -37,7 +37,8 @@ The prefill's hidden states do not depend on the press (a layer's cache is compr
 the dense prefill runs once per (context, Q) and each press's own `forward_hook` is then called on every layer with
 that prefill's recorded arguments and a copy of the dense cache: exactly the calls kvpress makes during its prefill,
 without 90 prefills. `--check-pipeline` re-runs a few cases through kvpress's KVPressTextGenerationPipeline._forward
-end to end and asserts the same cache, greedy tokens and log-probabilities.
+end to end and asserts the same greedy tokens and log-probabilities (within 1e-5; they come out identical).
+On one busy CPU thread the whole run takes about 15 minutes.
 """
 
 from __future__ import annotations
