@@ -1,6 +1,6 @@
 """``streaming_hf``: lm-eval's ``HFLM`` scored through a sink+window streaming cache.
 
-Thin adapter: it maps lm-eval requests onto the engine (``streaming_lm.scoring`` for rolling
+Thin adapter: it maps lm-eval requests onto the engine (``streaming_lm.rolling`` for rolling
 log-likelihoods, ``.continuation`` for ``loglikelihood``, ``.generation`` for ``generate_until``)
 and leaves loading, tokenisation and everything else to ``HFLM``.
 """
@@ -27,14 +27,13 @@ from .continuation import score_requests
 from .generation import SAMPLING_DEFAULTS, GenerationRequest, generate_requests, greedy, sampler
 from .offline_models import resolve_pretrained
 from .policy import policy_class
-from .scoring import score
+from .rolling import score
 from .streams import uses_batch_size
-from .support import check_model_supported, check_trust_positions, find_rotary
+from .rotary import find_rotary
+from .support import check_model_supported, check_trust_positions
 
 # Under lm-eval's logger, so its CLI shows our lines with its own.
 eval_logger = logging.getLogger("lm_eval.models.streaming_hf")
-
-MODEL_NAME = "streaming_hf"
 
 
 def _refuse_misspelt_args(kwargs: dict) -> None:

@@ -97,15 +97,14 @@ class ScoredPolicy:
     """Evicts by a score; implement ``score`` (the shape of kvpress's ``ScorerPress.score``).
 
     Class attributes: ``needs_attention`` (``score`` reads this step's attention weights: the token loop
-    then computes them in its own attention function), ``per_head`` (each key/value head evicts on its
-    own; False: the whole layer evicts one token), ``accumulate`` (a held token's score is the sum of its
-    scores over every step since it was read, as H2O's).
+    then computes them in its own attention function), ``accumulate`` (a held token's score is the sum of
+    its scores over every step since it was read, as H2O's). Whether heads decide alone follows from the
+    shape ``score`` returns.
     """
 
     name = "scored"
     index_only = False
     needs_attention = True
-    per_head = True
     accumulate = False
 
     def __init__(self, settings: StreamingSettings):
@@ -113,7 +112,8 @@ class ScoredPolicy:
         self.capacity = settings.capacity
 
     def score(self, keys: torch.Tensor, values: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
-        """Scores of the held tokens of one layer (low goes first): [kv_heads, K], or [K] when not ``per_head``.
+        """Scores of the held tokens of one layer (low goes first): [kv_heads, K] (each key/value head evicts on its
+        own), or [K] (the whole layer evicts one token).
 
         ``keys``/``values``: [kv_heads, K, head_dim] as held (this step's token last); ``attention``: float32
         [query_heads, K], this step's softmax weights (None unless ``needs_attention``). Query head ``q``
@@ -129,7 +129,6 @@ class TOVA(ScoredPolicy):
     """
 
     name = "tova"
-    per_head = False
 
     def score(self, keys, values, attention):
         return attention.mean(0)

@@ -4,7 +4,7 @@ import pytest
 from lm_eval.models.huggingface import HFLM
 
 from helpers.requests import rolling
-from streaming_lm.support import find_rotary
+from streaming_lm.rotary import find_rotary
 from helpers.engine import score_stream
 
 from streaming_lm import StreamingHFLM

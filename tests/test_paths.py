@@ -23,7 +23,7 @@ import streaming_lm.policy
 from streaming_lm.policy import POLICIES
 from streaming_lm.settings import StreamingSettings
 from streaming_lm.streams import open_stream
-from streaming_lm.support import find_rotary
+from streaming_lm.rotary import find_rotary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,10 +19,10 @@ from streaming_lm import settings
 from streaming_lm.continuation import score_continuations
 from streaming_lm.generation import generate
 from streaming_lm.policy import ScoredPolicy
-from streaming_lm.scoring import score
+from streaming_lm.rolling import score
 from streaming_lm.settings import resolve
 from streaming_lm.streams import open_stream
-from streaming_lm.support import find_rotary
+from streaming_lm.rotary import find_rotary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,7 +36,6 @@ class OldestFirst(ScoredPolicy):
     """A plug-in for the tests: evicts the oldest unprotected token, i.e. a sink+window cache of W + H."""
 
     needs_attention = False
-    per_head = False
 
     def score(self, keys, values, attention):
         return torch.arange(keys.shape[1], dtype=torch.float32)

@@ -54,8 +54,6 @@ class EvictingDynamicLayer(DynamicLayer):
         self.keys = torch.cat(kept_keys, dim=-2)
         self.values = torch.cat(kept_values, dim=-2)
 
-    def get_max_length(self) -> int:
-        return self.policy.capacity
 
     def reset(self) -> None:
         super().reset()

@@ -102,8 +102,6 @@ class ScoredDynamicLayer(DynamicLayer):
         if self.totals is not None:
             self.totals = self.totals.gather(1, keep)
 
-    def get_max_length(self) -> int:
-        return self.policy.capacity
 
 
 class ScoredDynamicCache(KVAccounting, Cache):

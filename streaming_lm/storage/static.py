@@ -62,8 +62,6 @@ class EvictingStaticLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.owner.held
 
-    def get_max_length(self) -> int:
-        return self.owner.policy.capacity
 
 
 class EvictingStaticCache(KVAccounting, Cache):

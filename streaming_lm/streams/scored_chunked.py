@@ -20,9 +20,8 @@ from ..forward_args import num_decoder_layers
 from ..positions import check_positions_fit
 from ..storage import ScoredDynamicCache
 from ..storage.scored import step_scores, victims
-from .base import as_ids, attention, forward_kwargs
-from .logits import grouped_rows, refuse_learned_sinks, soft_capped
-from .token import TokenStream
+from .attention import attention_function, grouped_rows, refuse_learned_sinks, soft_capped
+from .base import EvictingStream, as_ids
 from .weights import CACHE_KWARG
 
 ATTENTION_NAME = "streaming_lm_scored_rows"
@@ -65,21 +64,24 @@ AttentionInterface.register(ATTENTION_NAME, _rows_attention)
 
 
 
-class ScoredChunkedStream(TokenStream):
+class ScoredChunkedStream(EvictingStream):
     """``method="chunked"`` for a scored policy (positions=original): ``chunk_size`` tokens per pass."""
 
     def __init__(self, model, settings, shift, batch_size: int = 1):
-        super().__init__(model, settings, shift)
         if settings.positions != "original":
             raise ValueError("the scored chunked path serves positions=original only")
-        self.cache = ScoredDynamicCache(num_decoder_layers(model), self.policy, None, rows=True)
-        self._kwargs = tuple(kwargs | {CACHE_KWARG: self.cache} for kwargs in forward_kwargs(model, self.cache))
+        super().__init__(model, settings, shift)
+        self._kwargs = tuple(kwargs | {CACHE_KWARG: self.cache} for kwargs in self._kwargs)
+
+    def new_cache(self):
+        # Original positions: every key keeps the rotation it was read with, so the storage rotates nothing.
+        return ScoredDynamicCache(num_decoder_layers(self.model), self.policy, None, rows=True)
 
     def read_passes(self, ids, last_only: bool = False):
         ids = as_ids(ids, self.model.device)
         check_positions_fit(self.model, self.n + ids.numel(), self._limit)
         kwargs, chunk, first = self._kwargs[last_only], self.settings.chunk_size, self.n
-        with attention(self.model, ATTENTION_NAME):
+        with attention_function(self.model, ATTENTION_NAME):
             for a in range(0, ids.numel(), chunk):
                 b = min(a + chunk, ids.numel())
                 positions = torch.arange(first + a, first + b, device=ids.device)[None]

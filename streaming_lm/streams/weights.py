@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 
-from .logits import grouped_rows, refuse_learned_sinks, soft_capped
+from .attention import grouped_rows, refuse_learned_sinks, soft_capped
 
 ATTENTION_NAME = "streaming_lm_weights"
 CACHE_KWARG = "streaming_scored_cache"

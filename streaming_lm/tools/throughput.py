@@ -331,7 +331,7 @@ def main(argv=None) -> dict:
     lm = load(args)
     import torch
 
-    from ..scoring import score
+    from ..rolling import score
     from ..streams import open_stream
 
     torch.set_grad_enabled(False)

@@ -1,4 +1,5 @@
-"""What scoring returns, and the check that a stream really streamed."""
+"""Log-likelihoods of text (not eviction scores: those are policy.py's): what reading a stream returns, and the
+check that a stream really streamed."""
 
 from __future__ import annotations
 
