@@ -1,0 +1,27 @@
+"""Plug-in policies for the tests, declared as a user's would be (docs/policies.md): a ``ScoredPolicy`` with a
+``score`` and, here, parameters of its own."""
+
+from __future__ import annotations
+
+import torch
+
+from streaming_lm.policy import Param, ScoredPolicy
+
+
+def _not_zero(value: float) -> None:
+    if value == 0:
+        raise ValueError("step must not be 0")
+
+
+class Recency(ScoredPolicy):
+    """Scores by age: ``step * (position among the held tokens)``. ``step > 0`` evicts the oldest unprotected
+    token (a sink+window cache of W + H), ``step < 0`` the newest one."""
+
+    name = "recency"
+    needs_attention = False
+    params = (Param("step", float, 1.0, "score per slot of age (> 0: the oldest goes; < 0: the newest)",
+                    check=_not_zero),
+              Param("label", str, "plain", "a string parameter", choices=("plain", "fancy")))
+
+    def score(self, keys, values, attention):
+        return self.step * torch.arange(keys.shape[1], dtype=torch.float32)
