@@ -132,9 +132,13 @@ class EvictionPolicy(Policy, ABC):
             return [*runs[:-1], (runs[-1][0], n)]
         return [*runs, (event, n)]
 
+    def held_count(self, n: int) -> int:
+        """How many tokens ``held(n)`` holds."""
+        return sum(b - a for a, b in self.held(n))
+
     def evicted_count(self, n: int) -> int:
         """Tokens evicted after reading ``n`` tokens: each token read is either held or was evicted once."""
-        return n - sum(b - a for a, b in self.held(n))
+        return n - self.held_count(n)
 
     def held_index(self, n: int) -> torch.Tensor:
         """``held(n)`` as a tensor of token indices."""

@@ -57,8 +57,8 @@ class RotaryShift:
     def rotate(self, x: torch.Tensor, delta) -> torch.Tensor:
         """Rotate ``x`` of shape [..., seq, head_dim] by ``delta`` positions.
 
-        ``delta`` is an int (all positions alike) or a 1-D tensor with one delta per
-        sequence position. Computed in float32 at least, returned in ``x.dtype``.
+        ``delta`` is an int (all positions alike) or a tensor of deltas that broadcasts against ``x``'s
+        leading dimensions: one per sequence position, or one per head and position ([heads, seq]). Computed in float32 at least, returned in ``x.dtype``.
         """
         if isinstance(delta, int):
             if delta == 0:

@@ -1,9 +1,10 @@
 """A growing cache for scored policies: per key/value head, the held tokens and their scores.
 
-After every step (one token per pass: the token loop) a layer whose heads hold more than ``C`` tokens
-evicts, per head (or per layer), the unprotected token of lowest score; ties go to the older token
-(shared/docs/eviction-policies.md). Slots stay in token order, so with ``positions="shifted"`` a key's
-slot is its position: the keys after an evicted one are rotated back by one.
+At every event (after every ``evict_every`` steps; every step by default) a layer whose heads hold more than
+``C`` tokens evicts, per head (or per layer), the unprotected token of lowest score, again and again until
+``C`` are left, on the scores of the event's step; ties go to the older token (docs/policies.md). Between
+events a layer only adds tokens (and accumulates scores, H2O). Slots stay in token order, so with
+``positions="shifted"`` a key's slot is its position: the keys after evicted ones are rotated back by as many.
 """
 
 from __future__ import annotations
@@ -30,6 +31,17 @@ def step_scores(policy: ScoredPolicy, keys, values, attention, totals, heads: in
 # and that rounding differs between a one-token and a many-token pass: without a margin the token loop and the
 # chunked path would break such ties differently (docs/policies.md).
 TIE = 1e-5
+
+
+def compress(score: torch.Tensor, tokens: torch.Tensor, t: int, policy: ScoredPolicy,
+             alive: torch.Tensor) -> torch.Tensor:
+    """The event after step t: evict from the columns ``alive`` marks (bool [kv_heads, K], as many per head),
+    one lowest-scored unprotected token per head at a time, until ``capacity`` are left; returns the mask."""
+    alive = alive.clone()
+    heads = torch.arange(alive.shape[0], device=alive.device)
+    for _ in range(int(alive[0].sum()) - policy.capacity):
+        alive[heads, victims(score, tokens, t, policy, dead=~alive)] = False
+    return alive
 
 
 def victims(score: torch.Tensor, tokens: torch.Tensor, t: int, policy: ScoredPolicy,
@@ -74,26 +86,26 @@ class ScoredDynamicLayer(DynamicLayer):
         return keys, values
 
     def after_attention(self, attention: torch.Tensor | None) -> None:
-        """Token loop: this step's attention weights (float32 [query_heads, K], or None) are in; score and evict."""
-        policy = self.policy
-        if not policy.accumulate and self.keys.shape[-2] <= policy.capacity:
+        """Token loop: this step's attention weights (float32 [query_heads, K], or None) are in; score, and at an
+        event evict down to ``C``."""
+        policy, t = self.policy, self.seen - 1
+        over = self.keys.shape[-2] > policy.capacity and policy.schedule.event_after(t)
+        if not policy.accumulate and not over:
             return
         score = step_scores(policy, self.keys[0], self.values[0], attention, self.totals, self.tokens.shape[0])
-        if self.keys.shape[-2] <= policy.capacity:
-            return
-        victim = victims(score, self.tokens, self.seen - 1, policy)  # [kv_heads]
-        slots = torch.arange(self.tokens.shape[1], device=victim.device)
-        self.keep(slots[None, :] != victim[:, None], rotate=True)
+        if over:
+            alive = torch.ones(self.tokens.shape, dtype=torch.bool, device=self.tokens.device)
+            self.keep(compress(score, self.tokens, t, policy, alive), rotate=True)
 
     def keep(self, alive: torch.Tensor, rotate: bool = False) -> None:
         """Keep the columns ``alive`` marks (bool [kv_heads, K], as many per head); with ``rotate`` (shifted
-        positions, one eviction) every key after a dropped one moves back one position."""
+        positions) every key moves back by as many positions as tokens were dropped before it."""
         keep = alive.nonzero()[:, 1].reshape(alive.shape[0], -1)  # [kv_heads, kept], in token order
         keys = self.keys.gather(2, keep[None, :, :, None].expand(*self.keys.shape[:2], -1, self.keys.shape[-1]))
         if rotate and self.shift is not None:
-            # Shifted: positions are slots, so every key after the evicted one moves back by one.
-            moved = keep > torch.arange(keep.shape[1], device=keep.device)[None, :]
-            keys = torch.where(moved[None, :, :, None], self.shift.rotate(keys, -1), keys)
+            # Shifted: positions are slots, so every key moves back by the evictions before it.
+            moved = keep - torch.arange(keep.shape[1], device=keep.device)[None, :]
+            keys = torch.where((moved > 0)[None, :, :, None], self.shift.rotate(keys, -moved), keys)
         self.evicted += alive.shape[1] - keep.shape[1]
         self.keys = keys
         self.values = self.values.gather(2, keep[None, :, :, None].expand(*self.values.shape[:2], -1,

@@ -19,7 +19,7 @@ from transformers import AttentionInterface
 from ..forward_args import num_decoder_layers
 from ..positions import check_positions_fit
 from ..storage import ScoredDynamicCache
-from ..storage.scored import step_scores, victims
+from ..storage.scored import compress, step_scores
 from .attention import attention_function, grouped_rows, refuse_learned_sinks, soft_capped
 from .base import EvictingStream, as_ids
 from .weights import CACHE_KWARG
@@ -48,13 +48,13 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
         alive[:, first + r] = True
         row = torch.softmax(logits[:, :, r].masked_fill(~alive[:, None, :], float("-inf")), dim=-1)
         weights[:, :, r] = row
-        if policy.accumulate or int(alive[0].sum()) > policy.capacity:
+        over = int(alive[0].sum()) > policy.capacity and policy.schedule.event_after(t0 + r)
+        if policy.accumulate or over:
             attention = row.reshape(heads, columns) if policy.needs_attention else None
             score = fixed if fixed is not None else \
                 step_scores(policy, key[0], value[0], attention, layer.totals, kv_heads)
-            if int(alive[0].sum()) > policy.capacity:
-                victim = victims(score, layer.tokens, t0 + r, policy, dead=~alive)
-                alive[torch.arange(kv_heads), victim] = False
+            if over:
+                alive = compress(score, layer.tokens, t0 + r, policy, alive)
     out = torch.matmul(weights.to(value.dtype).reshape(kv_heads, group * q_len, columns), value[0])
     layer.keep(alive)
     return out.reshape(1, heads, q_len, -1).transpose(1, 2).contiguous(), None
