@@ -159,3 +159,20 @@ def test_no_event_beyond_the_budget_is_dense(model, ids, policy, params, budgets
                     find_rotary(model))
         assert got.evicted == 0
         torch.testing.assert_close(got.logprobs, dense, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("policy,params,budgets,every,positions",
+                         [case for case in cases_on("chunked") if case.values[4] == "original"])
+def test_requests_read_the_same_stream(model, ids, policy, params, budgets, every, positions):
+    """Continuations of one context (read as a batch on the chunked path, from forks elsewhere) are the whole
+    stream's numbers: events fall at the same token indices however the stream is split into reads."""
+    from streaming_lm.continuation import score_continuations
+
+    setting = settings_of(policy, params, budgets, every, positions, "chunked")
+    context, continuations = ids[:13].tolist(), [ids[13:].tolist(), ids[13:18].tolist(), ids[13:14].tolist()]
+    for continuation, got in zip(continuations, score_continuations(model, context, continuations, setting,
+                                                                       find_rotary(model)), strict=True):
+        whole = score(model, context + continuation, settings_of(policy, params, budgets, every, positions, "token"),
+                      find_rotary(model))
+        assert got.logprob == pytest.approx(float(whole.logprobs[len(context) - 1 :].double().sum()), abs=1e-4)
+        assert got.evicted == whole.evicted
