@@ -190,9 +190,10 @@ class ScoredPolicy(Policy):
     """Evicts by a score; implement ``score`` (the shape of kvpress's ``ScorerPress.score``).
 
     Class attributes: ``needs_attention`` (``score`` reads this step's attention weights: the token loop
-    then computes them in its own attention function), ``accumulate`` (a held token's score is the sum of
-    its scores over every step since it was read, as H2O's). Whether heads decide alone follows from the
-    shape ``score`` returns.
+    then computes them in its own attention function), ``needs_queries`` (``score`` also takes ``queries``,
+    the observation of the event: the segment's queries since the last event, as the attention saw them),
+    ``accumulate`` (a held token's score is the sum of its scores over every step since it was read, as
+    H2O's). Whether heads decide alone follows from the shape ``score`` returns.
     """
 
     name = "scored"
@@ -200,6 +201,7 @@ class ScoredPolicy(Policy):
     paths = {"token": BOTH}  # a plug-in runs on the token loop
     default_positions = "original"  # the policies' own papers and code
     needs_attention = True
+    needs_queries = False
     accumulate = False
 
     def score(self, keys: torch.Tensor, values: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
@@ -208,7 +210,9 @@ class ScoredPolicy(Policy):
 
         ``keys``/``values``: [kv_heads, K, head_dim] as held (this step's token last); ``attention``: float32
         [query_heads, K], this step's softmax weights (None unless ``needs_attention``). Query head ``q``
-        reads key/value head ``q // (query_heads // kv_heads)``.
+        reads key/value head ``q // (query_heads // kv_heads)``. With ``needs_queries`` it is called as
+        ``score(keys, values, attention, queries=...)``, ``queries`` float32 [query_heads, s, head_dim]: the
+        queries of the ``s`` steps since the last event, this one last (the whole segment at an event).
         """
         raise NotImplementedError
 

@@ -36,6 +36,8 @@ CASES = [
     pytest.param("h2o", {}, (1, 2, 5), 3, id="h2o-K3"),
     pytest.param("knorm", {}, (2, 0, 6), 5, id="knorm-K5"),
     pytest.param("helpers.policies:Recency", {"step": -1.0}, (1, 1, 6), 4, id="plugin-K4"),
+    # A method scored from the segment's observation (its queries), on the token loop and the chunked path.
+    pytest.param("helpers.policies:QueryAffinity", {}, (1, 1, 6), 4, id="queries-K4"),
 ]
 
 
@@ -154,7 +156,8 @@ def test_no_event_beyond_the_budget_is_dense(model, ids, policy, params, budgets
     """K at least the stream: the only segment is the whole stream, so nothing is evicted whatever C is (and with
     C >= n, whatever K is)."""
     dense = dense_logprobs(model, ids)
-    for every, budgets_used in ((N, budgets), (every, (0, N, 0) if policy == "sink_window" else (0, 0, N))):
+    whole = (0, N, 0) if policy_class(policy).index_only else (0, 0, N)  # C = N: a recent window, or heavy slots
+    for every, budgets_used in ((N, budgets), (every, whole)):
         got = score(model, ids, settings_of(policy, params, budgets_used, every, positions, method),
                     find_rotary(model))
         assert got.evicted == 0

@@ -17,9 +17,11 @@ from ..rotary import LayerShifts, RotaryShift
 from .accounting import KVAccounting
 
 
-def step_scores(policy: ScoredPolicy, keys, values, attention, totals, heads: int) -> torch.Tensor:
-    """float32 [kv_heads, K]: the score of every key column after one step (``totals`` is accumulated in place)."""
-    score = policy.score(keys, values, attention).float()
+def step_scores(policy: ScoredPolicy, keys, values, attention, totals, heads: int, queries=None) -> torch.Tensor:
+    """float32 [kv_heads, K]: the score of every key column after one step (``totals`` is accumulated in place;
+    ``queries``: the segment's, for a policy that ``needs_queries``)."""
+    observed = {"queries": queries} if policy.needs_queries else {}
+    score = policy.score(keys, values, attention, **observed).float()
     score = score.expand(heads, -1) if score.dim() == 1 else score
     if policy.accumulate:
         totals += score
@@ -69,6 +71,17 @@ class ScoredDynamicLayer(DynamicLayer):
         self.evicted = 0
         self.tokens: torch.Tensor | None = None  # long [kv_heads, K]: the token held in each slot
         self.totals: torch.Tensor | None = None  # float32 [kv_heads, K]: accumulated scores (accumulate)
+        # float32 [query_heads, s, head_dim]: the queries read since the last event (needs_queries)
+        self.queries: torch.Tensor | None = None
+
+    def observe(self, query: torch.Tensor) -> torch.Tensor | None:
+        """Add queries ([query_heads, s, head_dim]) to the segment's; returns the segment's so far (None unless
+        the policy ``needs_queries``)."""
+        if not self.policy.needs_queries:
+            return None
+        query = query.float()
+        self.queries = query if self.queries is None else torch.cat((self.queries, query), dim=1)
+        return self.queries
 
     def update(self, key_states, value_states, *args, **kwargs):
         if key_states.shape[0] != 1:
@@ -81,18 +94,23 @@ class ScoredDynamicLayer(DynamicLayer):
             zero = torch.zeros((heads, count), dtype=torch.float32, device=keys.device)
             self.totals = zero if self.totals is None else torch.cat((self.totals, zero), dim=1)
         self.seen += count
-        if not self.policy.needs_attention and not self.rows:
+        if not self.policy.needs_attention and not self.policy.needs_queries and not self.rows:
             self.after_attention(None)  # the score reads keys only: decide now, attention sees all C + 1
         return keys, values
 
-    def after_attention(self, attention: torch.Tensor | None) -> None:
-        """Token loop: this step's attention weights (float32 [query_heads, K], or None) are in; score, and at an
-        event evict down to ``C``."""
+    def after_attention(self, attention: torch.Tensor | None, query: torch.Tensor | None = None) -> None:
+        """Token loop: this step's attention weights (float32 [query_heads, K], or None) and query ([query_heads,
+        1, head_dim], or None) are in; score, and at an event evict down to ``C``."""
         policy, t = self.policy, self.seen - 1
-        over = self.keys.shape[-2] > policy.capacity and policy.schedule.event_after(t)
+        queries = self.observe(query) if query is not None else None
+        event = policy.schedule.event_after(t)
+        if event:
+            self.queries = None  # the next segment starts empty
+        over = self.keys.shape[-2] > policy.capacity and event
         if not policy.accumulate and not over:
             return
-        score = step_scores(policy, self.keys[0], self.values[0], attention, self.totals, self.tokens.shape[0])
+        score = step_scores(policy, self.keys[0], self.values[0], attention, self.totals, self.tokens.shape[0],
+                            queries)
         if over:
             alive = torch.ones(self.tokens.shape, dtype=torch.bool, device=self.tokens.device)
             self.keep(compress(score, self.tokens, t, policy, alive), rotate=True)

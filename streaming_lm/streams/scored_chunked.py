@@ -42,21 +42,31 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
     weights = torch.empty_like(logits)
     t0 = layer.seen - q_len
     # A score that reads neither attention nor history (key-norm) is the same for every row: once per chunk.
-    fixed = None if policy.needs_attention or policy.accumulate else \
+    fixed = None if policy.needs_attention or policy.needs_queries or policy.accumulate else \
         step_scores(policy, key[0], value[0], None, None, kv_heads)
+    segment = 0  # the first row of this chunk in the current segment (earlier rows: layer.queries)
     for r in range(q_len):
         alive[:, first + r] = True
         row = torch.softmax(logits[:, :, r].masked_fill(~alive[:, None, :], float("-inf")), dim=-1)
         weights[:, :, r] = row
-        over = int(alive[0].sum()) > policy.capacity and policy.schedule.event_after(t0 + r)
+        event = policy.schedule.event_after(t0 + r)
+        over = int(alive[0].sum()) > policy.capacity and event
         if policy.accumulate or over:
             attention = row.reshape(heads, columns) if policy.needs_attention else None
+            queries = None
+            if policy.needs_queries:  # the segment's queries: earlier chunks' (held by the layer), then these rows
+                mine = query[0, :, segment : r + 1].float()
+                queries = mine if layer.queries is None else torch.cat((layer.queries, mine), dim=1)
             score = fixed if fixed is not None else \
-                step_scores(policy, key[0], value[0], attention, layer.totals, kv_heads)
+                step_scores(policy, key[0], value[0], attention, layer.totals, kv_heads, queries)
             if over:
                 alive = compress(score, layer.tokens, t0 + r, policy, alive)
+        if event:
+            layer.queries, segment = None, r + 1
     out = torch.matmul(weights.to(value.dtype).reshape(kv_heads, group * q_len, columns), value[0])
     layer.keep(alive)
+    if segment < q_len:
+        layer.observe(query[0, :, segment:])  # the rest of the segment, for the next chunk's event
     return out.reshape(1, heads, q_len, -1).transpose(1, 2).contiguous(), None
 
 

@@ -24,7 +24,7 @@ class TokenStream(EvictingStream):
     def __init__(self, model, settings: StreamingSettings, shift: RotaryShift | None, batch_size: int = 1):
         super().__init__(model, settings, shift)
         # A policy that scores by attention gets this step's weights from our attention function.
-        self._weights = not self.policy.index_only and self.policy.needs_attention
+        self._weights = not self.policy.index_only and (self.policy.needs_attention or self.policy.needs_queries)
         if self._weights:
             self._kwargs = tuple(kwargs | {CACHE_KWARG: self.cache} for kwargs in self._kwargs)
 
