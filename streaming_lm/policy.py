@@ -107,8 +107,6 @@ class Policy:
         return "chunked" if positions in cls.paths.get("chunked", ()) else "token"
 
 
-
-
 class EvictionPolicy(Policy, ABC):
     """What a cache of ``capacity`` tokens keeps, from token indices alone; implement ``compressed``."""
 
@@ -119,7 +117,7 @@ class EvictionPolicy(Policy, ABC):
     @abstractmethod
     def compressed(self, n: int) -> Runs:
         """Token indices kept when an event falls after reading tokens ``0 .. n-1``: at most ``capacity`` of
-        them, ascending, and a subset of ``held(n)`` (an evicted token never comes back)."""
+        them, ascending, and among those held before the event (an evicted token never comes back)."""
 
     def held(self, n: int) -> Runs:
         """Token indices held after reading tokens ``0 .. n-1``: the last event's ``compressed`` set, then every
