@@ -7,7 +7,6 @@ import dataclasses
 
 import torch
 
-from .schedule import Schedule
 from .settings import StreamingSettings
 
 
@@ -39,7 +38,7 @@ def check_evicted(n_tokens: int, evicted: int, settings: StreamingSettings) -> N
     """A stream of ``n_tokens`` reads all but its last; once an event falls after more than C tokens were read
     (docs/semantics.md, "Events"), something must have been evicted."""
     read = n_tokens - 1
-    if Schedule(settings.evict_every).last_event(read) > settings.capacity and evicted == 0:
+    if settings.schedule.last_event(read) > settings.capacity and evicted == 0:
         raise NoEvictionError(
             f"a stream of {n_tokens} tokens passed a cache of {settings.capacity} tokens without a single "
             "eviction: the model did not use the streaming cache, so the result would be the dense one"

@@ -36,7 +36,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .schedule import Schedule
 from .values import as_bool, as_choice, as_float, as_int
 
 if TYPE_CHECKING:
@@ -97,7 +96,7 @@ class Policy:
     def __init__(self, settings):  # a settings.StreamingSettings (settings.py imports this module)
         self.settings = settings
         self.capacity = settings.capacity
-        self.schedule = Schedule(settings.evict_every)
+        self.schedule = settings.schedule
         for param in self.params:  # resolved by settings: every parameter is there, checked
             setattr(self, param.name, settings.policy_params[param.name])
 

@@ -19,7 +19,7 @@ def query_position(t, settings: StreamingSettings):
     ``evict_every=1``). ``t`` is an int or a tensor of steps."""
     if settings.positions != "shifted":
         return t
-    event = t - t % settings.evict_every
+    event = settings.schedule.last_event(t)
     if isinstance(t, torch.Tensor):
         return event.clamp(max=settings.capacity) + t - event
     return min(event, settings.capacity) + t - event
@@ -30,7 +30,7 @@ def first_recent(n: int, settings: StreamingSettings) -> int:
     ``evict_every=1``): the oldest recent (non-sink) token a sink+window layer holds after reading n tokens
     (while e < S it lies beyond the last event, and the recent run is what was read since). Also the origin of
     the chunked path's local frame."""
-    return max(settings.start_size, n - n % settings.evict_every - settings.recent_size)
+    return max(settings.start_size, settings.schedule.last_event(n) - settings.recent_size)
 
 
 def position_limit(model, settings: StreamingSettings, rotary: bool) -> int | None:

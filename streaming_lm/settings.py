@@ -13,6 +13,7 @@ import numbers
 import re
 
 from . import policy as policy_mod
+from .schedule import Schedule
 from .values import as_choice, as_int
 
 POSITIONS = ("shifted", "original")
@@ -94,6 +95,11 @@ class StreamingSettings:
     def capacity(self) -> int:
         """C: tokens held between steps."""
         return self.start_size + self.recent_size + self.heavy_size
+
+    @property
+    def schedule(self) -> Schedule:
+        """When the cache is compressed (schedule.py): after every ``evict_every`` tokens."""
+        return Schedule(self.evict_every)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self) | {"capacity": self.capacity}

@@ -269,7 +269,7 @@ def summarise(results: dict, settings) -> list[str]:
     # slot and the sinks' unrotated keys; a scored policy's cache: nothing).
     allocated_exact = round((settings.capacity + stream["kv_overhead_tokens"]) * bytes_per_token)
     # Between steps a layer holds C tokens, plus the segment read since the last event with evict_every = K > 1.
-    peak = settings.capacity + settings.evict_every - 1
+    peak = settings.capacity + settings.schedule.extra_slots() - 1
     results["kv_check"] = {
         "bytes_per_token": bytes_per_token, "capacity": settings.capacity,
         "streaming_peak_bytes": stream["peak_kv_bytes"], "streaming_peak_tokens": stream_tokens,
