@@ -68,7 +68,7 @@ class Param:
         if self.kind is bool:
             value = as_bool(self.name, value)
         elif self.kind is int:
-            value = as_int(self.name, value, -(2**63) if self.minimum is None else int(self.minimum))
+            value = as_int(self.name, value, None if self.minimum is None else int(self.minimum))
         elif self.kind is float:
             value = as_float(self.name, value, self.minimum)
         elif self.choices is not None:

@@ -6,18 +6,19 @@ from __future__ import annotations
 import numbers
 
 
-def as_int(name: str, value, minimum: int) -> int:
+def as_int(name: str, value, minimum: int | None) -> int:
     # lm-eval parses "4" as int and "4.5" as float; bool is an int subclass but never a size.
+    bound = "" if minimum is None else f" >= {minimum}"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
             value = int(value)
         else:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+            raise ValueError(f"{name} must be an integer{bound}, got {value!r}")
     value = int(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be an integer{bound}, got {value}")
     return value
 
 

@@ -5,6 +5,7 @@ its name there; the paths' own checks (tests/test_paths.py) run over ``streaming
 """
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -272,3 +273,23 @@ def test_parameters_are_grid_axes():
         compare.build_grid(["0"], ["4"], [], [], policies=["tova"], params={"window": ["1"]})
     with pytest.raises(CompareError, match="step must not be 0"):
         compare.build_grid(["0"], ["4"], [], [], policies=[PLUGIN], params={"step": ["0"]})
+
+
+@pytest.mark.parametrize("param,given,expected", [
+    (policy_mod.Param("w", int, 64, "", minimum=1), "32", 32),
+    (policy_mod.Param("w", int, 64, "", minimum=1), 0, "w must be an integer >= 1, got 0"),
+    (policy_mod.Param("w", int, 64, "", minimum=1), 2.5, "w must be an integer >= 1, got 2.5"),
+    (policy_mod.Param("r", float, 0.5, "", minimum=0.0), "0.25", 0.25),
+    (policy_mod.Param("r", float, 0.5, "", minimum=0.0), "half", "r must be a number >= 0.0, got 'half'"),
+    (policy_mod.Param("flag", bool, False, ""), "true", True),
+    (policy_mod.Param("flag", bool, False, ""), 1, "flag must be true or false, got 1"),
+    (policy_mod.Param("path", str, "", ""), "/a/b", "/a/b"),
+    (policy_mod.Param("path", str, "", ""), 3, "path must be a string, got 3"),
+])
+def test_a_parameter_is_parsed_as_its_kind(param, given, expected):
+    """lm-eval hands model args as int/float/bool/str, the compare grid as strings: one parse for both."""
+    if isinstance(expected, str) and expected.startswith(param.name + " must"):
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            param.parse(given)
+    else:
+        assert param.parse(given) == expected and type(param.parse(given)) is param.kind
