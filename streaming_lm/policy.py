@@ -1,58 +1,146 @@
-"""Eviction policies: which tokens a cache holds. The one place that decides what is visible.
+"""Eviction policies: which tokens a cache holds. The one place that decides what is visible, and the one
+registry of policies (``POLICIES``): what each one is and which parameters it takes.
 
-Two kinds (docs/policies.md; the team's definitions: shared/docs/eviction-policies.md):
+Two kinds (docs/policies.md; the team's definitions: shared/docs/eviction-policies.md and
+compression-methods.md):
 
 - **index-only** (``SinkWindow``): the held set is known from token indices alone;
-- **scored** (``ScoredPolicy``: TOVA, H2O, key-norm, user plug-ins): after every step the protected
-  tokens (the first ``S``, the last ``W``) stay and, once the cache is full, the held token with the
-  lowest score goes (ties: the older). A scored policy only says how to score held tokens; the storage
-  (storage/scored.py) applies the rule.
+- **scored** (``ScoredPolicy``: TOVA, H2O, key-norm, user plug-ins): at an event the protected tokens
+  (the first ``S``, the last ``W``) stay and, while the cache holds more than ``C``, the held token with
+  the lowest score goes (ties: the older). A scored policy only says how to score held tokens; the
+  storage (storage/scored.py) applies the rule.
 
-An index-only policy answers one question, ``held(n)``: the token indices a cache holds after reading
-``n`` tokens (between steps). Everything else follows from it and is derived here, once:
+Every policy class says what it is, on the class: ``name``, ``params`` (its own parameters, each a model
+arg: ``Param``), ``index_only``, ``paths`` (the methods, and their position modes, that serve it exactly) and
+``default_positions``. settings.py reads these before any model loads, so this module imports no torch at
+import time: the few methods that build tensors import it when they run.
 
+Events (docs/semantics.md "Events"; ``schedule.py``): a cache is compressed after every ``evict_every``
+tokens. An index-only policy answers one question, ``compressed(n)``: the token indices a layer keeps when an
+event falls after ``n`` tokens read (at most ``capacity``). Everything else follows from it and is derived
+here, once:
+
+- ``held(n)``: what a layer holds after reading ``n`` tokens: ``compressed(e)`` of the last event ``e <= n``,
+  plus the tokens ``e .. n-1`` read since (with ``evict_every=1``, ``compressed(n)`` itself);
 - step ``t`` attends to ``held(t) ∪ {t}`` (``visible_mask``, for the chunked path's mask);
 - after step ``t`` the cache keeps ``held(t + 1)`` (the dynamic storage's trim, the static storage's
-  free slot: ``evicted_after``);
+  free slots: ``evicted_after``);
 - ``method=recompute`` re-encodes ``held(end + 1)`` as the window that ends at ``end``.
-
-``index_only`` policies decide from token indices alone, so the chunked path can serve them; a
-policy that needs attention scores would set it False and run on the token loop only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+from .values import as_bool, as_choice, as_float, as_int
 
-from .positions import first_recent
-from .settings import StreamingSettings
+if TYPE_CHECKING:
+    import torch
+
+# Literal here (settings.py imports this module): settings.check_declarations holds them to settings.POSITIONS.
+BOTH = ("shifted", "original")
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One parameter of a policy, declared on its class (``params``): a model arg of its own
+    (``policy=<name>,<param>=<value>``), checked before any model loads, written in the results file under
+    ``config.streaming.policy_params`` and usable as a grid axis of ``compare`` (``--param``).
+
+    ``kind`` is ``int``, ``float``, ``bool`` or ``str``; ``minimum`` bounds a number, ``choices`` lists a
+    string's values; ``check`` (optional) raises ``ValueError`` for anything else it refuses.
+    """
+
+    name: str
+    kind: type
+    default: Any
+    help: str
+    minimum: float | None = None
+    choices: tuple[str, ...] | None = None
+    check: Callable[[Any], None] | None = None
+
+    def parse(self, value) -> Any:
+        """The value as ``kind`` (lm-eval passes "4" as 4; the grid passes strings); ValueError names it."""
+        if self.kind is bool:
+            value = as_bool(self.name, value)
+        elif self.kind is int:
+            value = as_int(self.name, value, None if self.minimum is None else int(self.minimum))
+        elif self.kind is float:
+            value = as_float(self.name, value, self.minimum)
+        elif self.choices is not None:
+            value = as_choice(self.name, value, self.choices)
+        elif not isinstance(value, str):
+            raise ValueError(f"{self.name} must be a string, got {value!r}")
+        if self.check is not None:
+            self.check(value)
+        return value
+
 
 Runs = list[tuple[int, int]]  # ascending, disjoint half-open ranges [a, b) of token indices
 
 
-class EvictionPolicy(ABC):
-    """What a cache of ``capacity`` tokens keeps; implement ``held``."""
+class Policy:
+    """What every policy declares on its class (settings.py reads it; see the module docstring)."""
 
-    name: str
-    index_only: bool = True
+    name: ClassVar[str]
+    params: ClassVar[tuple[Param, ...]] = ()
+    index_only: ClassVar[bool]
+    # method -> the position modes in which that path serves the policy exactly
+    paths: ClassVar[dict[str, tuple[str, ...]]]
+    default_positions: ClassVar[str]
 
-    def __init__(self, settings: StreamingSettings):
+    def __init__(self, settings):  # a settings.StreamingSettings (settings.py imports this module)
         self.settings = settings
         self.capacity = settings.capacity
+        self.schedule = settings.schedule
+        for param in self.params:  # resolved by settings: every parameter is there, checked
+            setattr(self, param.name, settings.policy_params[param.name])
+
+    @classmethod
+    def default_method(cls, positions: str) -> str:
+        """chunked where an exact chunked path serves the policy in this position mode, else the token loop."""
+        return "chunked" if positions in cls.paths.get("chunked", ()) else "token"
+
+
+class EvictionPolicy(Policy, ABC):
+    """What a cache of ``capacity`` tokens keeps, from token indices alone; implement ``compressed``."""
+
+    index_only = True
+    paths = {"token": BOTH, "chunked": BOTH, "recompute": ("shifted",)}
+    default_positions = "shifted"
 
     @abstractmethod
+    def compressed(self, n: int) -> Runs:
+        """Token indices kept when an event falls after reading tokens ``0 .. n-1``: at most ``capacity`` of
+        them, ascending, and among those held before the event (an evicted token never comes back)."""
+
     def held(self, n: int) -> Runs:
-        """Token indices held after reading tokens ``0 .. n-1``: at most ``capacity`` of them, ascending."""
+        """Token indices held after reading tokens ``0 .. n-1``: the last event's ``compressed`` set, then every
+        token read since (runs merged where they touch)."""
+        event = self.schedule.last_event(n)
+        runs = self.compressed(event)
+        if event == n:
+            return runs
+        if runs and runs[-1][1] == event:
+            return [*runs[:-1], (runs[-1][0], n)]
+        return [*runs, (event, n)]
+
+    def held_count(self, n: int) -> int:
+        """How many tokens ``held(n)`` holds."""
+        return sum(b - a for a, b in self.held(n))
 
     def evicted_count(self, n: int) -> int:
         """Tokens evicted after reading ``n`` tokens: each token read is either held or was evicted once."""
-        return n - sum(b - a for a, b in self.held(n))
+        return n - self.held_count(n)
 
     def held_index(self, n: int) -> torch.Tensor:
         """``held(n)`` as a tensor of token indices."""
+        import torch
+
         return torch.cat([torch.arange(a, b) for a, b in self.held(n)])
 
     def evicted_after(self, t: int) -> list[int]:
@@ -70,6 +158,8 @@ class EvictionPolicy(ABC):
 
     def visible_mask(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """bool [Q, K]: query token ``t`` sees key token ``j`` iff ``j ∈ held(t) ∪ {t}``."""
+        import torch
+
         runs = [self.held(int(t)) for t in queries]
         width = max(len(r) for r in runs)
         lo = torch.tensor([[a for a, _ in r] + [0] * (width - len(r)) for r in runs])
@@ -88,36 +178,38 @@ class SinkWindow(EvictionPolicy):
 
     name = "sink_window"
 
-    def held(self, n: int) -> Runs:
+    def compressed(self, n: int) -> Runs:
         sinks = min(self.settings.start_size, n)
-        return [(0, sinks), (min(first_recent(n, self.settings), n), n)]
+        return [(0, sinks), (min(max(self.settings.start_size, n - self.settings.recent_size), n), n)]
 
 
-class ScoredPolicy:
+class ScoredPolicy(Policy):
     """Evicts by a score; implement ``score`` (the shape of kvpress's ``ScorerPress.score``).
 
     Class attributes: ``needs_attention`` (``score`` reads this step's attention weights: the token loop
-    then computes them in its own attention function), ``per_head`` (each key/value head evicts on its
-    own; False: the whole layer evicts one token), ``accumulate`` (a held token's score is the sum of its
-    scores over every step since it was read, as H2O's).
+    then computes them in its own attention function), ``needs_queries`` (``score`` also takes ``queries``,
+    the observation of the event: the segment's queries since the last event, as the attention saw them),
+    ``accumulate`` (a held token's score is the sum of its scores over every step since it was read, as
+    H2O's). Whether heads decide alone follows from the shape ``score`` returns.
     """
 
     name = "scored"
     index_only = False
+    paths = {"token": BOTH}  # a plug-in runs on the token loop
+    default_positions = "original"  # the policies' own papers and code
     needs_attention = True
-    per_head = True
+    needs_queries = False
     accumulate = False
 
-    def __init__(self, settings: StreamingSettings):
-        self.settings = settings
-        self.capacity = settings.capacity
-
     def score(self, keys: torch.Tensor, values: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
-        """Scores of the held tokens of one layer (low goes first): [kv_heads, K], or [K] when not ``per_head``.
+        """Scores of the held tokens of one layer (low goes first): [kv_heads, K] (each key/value head evicts on its
+        own), or [K] (the whole layer evicts one token).
 
         ``keys``/``values``: [kv_heads, K, head_dim] as held (this step's token last); ``attention``: float32
         [query_heads, K], this step's softmax weights (None unless ``needs_attention``). Query head ``q``
-        reads key/value head ``q // (query_heads // kv_heads)``.
+        reads key/value head ``q // (query_heads // kv_heads)``. With ``needs_queries`` it is called as
+        ``score(keys, values, attention, queries=...)``, ``queries`` float32 [query_heads, s, head_dim]: the
+        queries of the ``s`` steps since the last event, this one last (the whole segment at an event).
         """
         raise NotImplementedError
 
@@ -129,7 +221,7 @@ class TOVA(ScoredPolicy):
     """
 
     name = "tova"
-    per_head = False
+    paths = {"token": BOTH, "chunked": ("original",)}
 
     def score(self, keys, values, attention):
         return attention.mean(0)
@@ -143,6 +235,7 @@ class H2O(ScoredPolicy):
     """
 
     name = "h2o"
+    paths = {"token": BOTH, "chunked": ("original",)}
     accumulate = True
 
     def score(self, keys, values, attention):
@@ -158,16 +251,17 @@ class KeyNorm(ScoredPolicy):
     """
 
     name = "knorm"
+    paths = {"token": BOTH, "chunked": ("original",)}
     needs_attention = False
 
     def score(self, keys, values, attention):
         return -keys.float().norm(dim=-1)
 
 
-POLICIES = {cls.name: cls for cls in (SinkWindow, TOVA, H2O, KeyNorm)}
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (SinkWindow, TOVA, H2O, KeyNorm)}
 
 
-def policy_class(name: str) -> type:
+def policy_class(name: str) -> type[Policy]:
     """The class a ``policy`` knob names: a built-in, or ``package.module:Class`` (a ``ScoredPolicy``).
 
     Called before any model loads, so a bad plug-in fails first."""
@@ -189,6 +283,6 @@ def policy_class(name: str) -> type:
     return cls
 
 
-def policy_for(settings: StreamingSettings) -> EvictionPolicy | ScoredPolicy:
-    """The policy the settings name."""
+def policy_for(settings) -> Policy:
+    """The policy the settings name, with its parameters."""
     return policy_class(settings.policy)(settings)

@@ -25,6 +25,7 @@ import streaming_lm.streams.base
 import streaming_lm.tools.bench_eval
 import streaming_lm.tools.throughput
 from streaming_lm import StreamingHFLM, compare, tools
+from streaming_lm import policy as policy_mod
 
 REPO = Path(__file__).resolve().parents[1]
 NOWHERE = "/nonexistent/model"
@@ -49,6 +50,19 @@ class Case:
 
 def model_args(**kwargs):
     return lambda ctx: StreamingHFLM(pretrained=NOWHERE, **kwargs)
+
+
+PLUGIN = "helpers.policies:Recency"  # a plug-in with parameters (tests/helpers/policies.py)
+
+
+def registered_policy_args(**kwargs):
+    """Model args with the plug-in registered as ``recency`` too, so that its parameters are known ones."""
+    def run(ctx):
+        from helpers.policies import Recency
+
+        ctx.monkeypatch.setitem(policy_mod.POLICIES, "recency", Recency)
+        return StreamingHFLM(pretrained=NOWHERE, **kwargs)
+    return run
 
 
 def on_model(name, **kwargs):
@@ -209,6 +223,19 @@ CASES = [
          ("method", "policy", "positions", "token"), model_args(policy="tova", positions="shifted", method="chunked")),
     Case("policy-recompute", "ValueError", "method=recompute re-encodes the sink+window tokens: it applies to "
          "policy=sink_window only", ("method", "policy", "sink_window"), model_args(policy="knorm", method="recompute")),
+    Case("policy-parameter-unknown", "ValueError", "policy=tova has no parameter 'step' (it is a parameter of recency)",
+         ("policy", "step", "its parameters"), registered_policy_args(policy="tova", step=2),
+         also=((model_args(policy=PLUGIN, stpe=2), f"policy={PLUGIN} has no parameter 'stpe'; did you mean 'step'?",
+                ("stpe", "step", "label")),)),
+    Case("policy-parameter-invalid", "ValueError", "step must not be 0", ("step",), model_args(policy=PLUGIN, step=0),
+         also=((model_args(policy=PLUGIN, label="odd"), "label must be one of plain, fancy; got 'odd'",
+                ("label", "plain", "fancy")),)),
+    Case("evict_every-zero", "ValueError", "evict_every must be an integer >= 1, got 0", ("evict_every", ">= 1"),
+         model_args(evict_every=0),
+         also=((model_args(evict_every=2.5), "evict_every must be an integer >= 1, got 2.5"),)),
+    Case("evict_every-with-recompute", "ValueError",
+         "evict_every applies to the cache methods (chunked, token); method=recompute keeps no cache",
+         ("evict_every", "recompute"), model_args(method="recompute", evict_every=4)),
     Case("misspelt-arg", "ValueError", "unknown model arg 'recent_sise'; did you mean 'recent_size'?",
          ("recent_sise", "recent_size", "start_size", "chunk_size"), model_args(recent_sise=60)),
     Case("trust_positions-unknown", "ValueError", "trust_positions must be one of rope; got 'alibi'",

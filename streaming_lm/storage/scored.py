@@ -1,9 +1,10 @@
 """A growing cache for scored policies: per key/value head, the held tokens and their scores.
 
-After every step (one token per pass: the token loop) a layer whose heads hold more than ``C`` tokens
-evicts, per head (or per layer), the unprotected token of lowest score; ties go to the older token
-(shared/docs/eviction-policies.md). Slots stay in token order, so with ``positions="shifted"`` a key's
-slot is its position: the keys after an evicted one are rotated back by one.
+At every event (after every ``evict_every`` steps; every step by default) a layer whose heads hold more than
+``C`` tokens evicts, per head (or per layer), the unprotected token of lowest score, again and again until
+``C`` are left, on the scores of the event's step; ties go to the older token (docs/policies.md). Between
+events a layer only adds tokens (and accumulates scores, H2O). Slots stay in token order, so with
+``positions="shifted"`` a key's slot is its position: the keys after evicted ones are rotated back by as many.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from ..rotary import LayerShifts, RotaryShift
 from .accounting import KVAccounting
 
 
-def step_scores(policy: ScoredPolicy, keys, values, attention, totals, heads: int) -> torch.Tensor:
-    """float32 [kv_heads, K]: the score of every key column after one step (``totals`` is accumulated in place)."""
-    score = policy.score(keys, values, attention).float()
+def step_scores(policy: ScoredPolicy, keys, values, attention, totals, heads: int, queries=None) -> torch.Tensor:
+    """float32 [kv_heads, K]: the score of every key column after one step (``totals`` is accumulated in place;
+    ``queries``: the segment's, for a policy that ``needs_queries``)."""
+    observed = {"queries": queries} if policy.needs_queries else {}
+    score = policy.score(keys, values, attention, **observed).float()
     score = score.expand(heads, -1) if score.dim() == 1 else score
     if policy.accumulate:
         totals += score
@@ -31,6 +34,17 @@ def step_scores(policy: ScoredPolicy, keys, values, attention, totals, heads: in
 # and that rounding differs between a one-token and a many-token pass: without a margin the token loop and the
 # chunked path would break such ties differently (docs/policies.md).
 TIE = 1e-5
+
+
+def compress(score: torch.Tensor, tokens: torch.Tensor, t: int, policy: ScoredPolicy,
+             alive: torch.Tensor) -> torch.Tensor:
+    """The event after step t: evict from the columns ``alive`` marks (bool [kv_heads, K], as many per head),
+    one lowest-scored unprotected token per head at a time, until ``capacity`` are left; returns the mask."""
+    alive = alive.clone()
+    heads = torch.arange(alive.shape[0], device=alive.device)
+    for _ in range(int(alive[0].sum()) - policy.capacity):
+        alive[heads, victims(score, tokens, t, policy, dead=~alive)] = False
+    return alive
 
 
 def victims(score: torch.Tensor, tokens: torch.Tensor, t: int, policy: ScoredPolicy,
@@ -56,6 +70,17 @@ class ScoredDynamicLayer(DynamicLayer):
         self.evicted = 0
         self.tokens: torch.Tensor | None = None  # long [kv_heads, K]: the token held in each slot
         self.totals: torch.Tensor | None = None  # float32 [kv_heads, K]: accumulated scores (accumulate)
+        # float32 [query_heads, s, head_dim]: the queries read since the last event (needs_queries)
+        self.queries: torch.Tensor | None = None
+
+    def observe(self, query: torch.Tensor) -> torch.Tensor | None:
+        """Add queries ([query_heads, s, head_dim]) to the segment's; returns the segment's so far (None unless
+        the policy ``needs_queries``)."""
+        if not self.policy.needs_queries:
+            return None
+        query = query.float()
+        self.queries = query if self.queries is None else torch.cat((self.queries, query), dim=1)
+        return self.queries
 
     def update(self, key_states, value_states, *args, **kwargs):
         if key_states.shape[0] != 1:
@@ -68,31 +93,36 @@ class ScoredDynamicLayer(DynamicLayer):
             zero = torch.zeros((heads, count), dtype=torch.float32, device=keys.device)
             self.totals = zero if self.totals is None else torch.cat((self.totals, zero), dim=1)
         self.seen += count
-        if not self.policy.needs_attention and not self.rows:
+        if not self.policy.needs_attention and not self.policy.needs_queries and not self.rows:
             self.after_attention(None)  # the score reads keys only: decide now, attention sees all C + 1
         return keys, values
 
-    def after_attention(self, attention: torch.Tensor | None) -> None:
-        """Token loop: this step's attention weights (float32 [query_heads, K], or None) are in; score and evict."""
-        policy = self.policy
-        if not policy.accumulate and self.keys.shape[-2] <= policy.capacity:
+    def after_attention(self, attention: torch.Tensor | None, query: torch.Tensor | None = None) -> None:
+        """Token loop: this step's attention weights (float32 [query_heads, K], or None) and query ([query_heads,
+        1, head_dim], or None) are in; score, and at an event evict down to ``C``."""
+        policy, t = self.policy, self.seen - 1
+        queries = self.observe(query) if query is not None else None
+        event = policy.schedule.event_after(t)
+        if event:
+            self.queries = None  # the next segment starts empty
+        over = self.keys.shape[-2] > policy.capacity and event
+        if not policy.accumulate and not over:
             return
-        score = step_scores(policy, self.keys[0], self.values[0], attention, self.totals, self.tokens.shape[0])
-        if self.keys.shape[-2] <= policy.capacity:
-            return
-        victim = victims(score, self.tokens, self.seen - 1, policy)  # [kv_heads]
-        slots = torch.arange(self.tokens.shape[1], device=victim.device)
-        self.keep(slots[None, :] != victim[:, None], rotate=True)
+        score = step_scores(policy, self.keys[0], self.values[0], attention, self.totals, self.tokens.shape[0],
+                            queries)
+        if over:
+            alive = torch.ones(self.tokens.shape, dtype=torch.bool, device=self.tokens.device)
+            self.keep(compress(score, self.tokens, t, policy, alive), rotate=True)
 
     def keep(self, alive: torch.Tensor, rotate: bool = False) -> None:
         """Keep the columns ``alive`` marks (bool [kv_heads, K], as many per head); with ``rotate`` (shifted
-        positions, one eviction) every key after a dropped one moves back one position."""
+        positions) every key moves back by as many positions as tokens were dropped before it."""
         keep = alive.nonzero()[:, 1].reshape(alive.shape[0], -1)  # [kv_heads, kept], in token order
         keys = self.keys.gather(2, keep[None, :, :, None].expand(*self.keys.shape[:2], -1, self.keys.shape[-1]))
         if rotate and self.shift is not None:
-            # Shifted: positions are slots, so every key after the evicted one moves back by one.
-            moved = keep > torch.arange(keep.shape[1], device=keep.device)[None, :]
-            keys = torch.where(moved[None, :, :, None], self.shift.rotate(keys, -1), keys)
+            # Shifted: positions are slots, so every key moves back by the evictions before it.
+            moved = keep - torch.arange(keep.shape[1], device=keep.device)[None, :]
+            keys = torch.where((moved > 0)[None, :, :, None], self.shift.rotate(keys, -moved), keys)
         self.evicted += alive.shape[1] - keep.shape[1]
         self.keys = keys
         self.values = self.values.gather(2, keep[None, :, :, None].expand(*self.values.shape[:2], -1,
@@ -101,8 +131,6 @@ class ScoredDynamicLayer(DynamicLayer):
         if self.totals is not None:
             self.totals = self.totals.gather(1, keep)
 
-    def get_max_length(self) -> int:
-        return self.policy.capacity
 
 
 class ScoredDynamicCache(KVAccounting, Cache):

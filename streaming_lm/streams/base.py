@@ -7,7 +7,6 @@ Rolling scoring (``score``), continuations (``score_continuations``) and generat
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -15,8 +14,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..scores import ContinuationScore, StreamScore, check_evicted, target_logprobs
 from ..forward_args import cache_kwarg, forward_takes
+from ..loglik import ContinuationScore, StreamScore, check_evicted, target_logprobs
+from ..policy import policy_for
+from ..positions import position_limit
 
 
 class Stream(ABC):
@@ -120,20 +121,6 @@ def continuation_score(logits, continuation, evicted: int, n_context: int, setti
     return ContinuationScore(float(chosen.double().sum()), bool((logits.argmax(-1) == target).all()), evicted)
 
 
-@contextlib.contextmanager
-def attention(model, name: str):
-    """Route the model's attention through the registered function ``name``, restoring it afterwards."""
-    previous = model.config._attn_implementation
-    if previous == name:  # nested (a token loop's steps inside its read): switching costs milliseconds a pass
-        yield
-        return
-    model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-
-
 class CachedStream(Stream):
     """A path that keeps a cache storage in ``self.cache``: its accounting is the storage's."""
 
@@ -148,6 +135,27 @@ class CachedStream(Stream):
 
     def kv_allocated_bytes(self) -> int:
         return self.cache.allocated_bytes()
+
+
+class EvictingStream(CachedStream):
+    """A stream read from empty into a cache that the settings' policy trims: the token loop and the chunked
+    paths. Each builds its own storage (``new_cache``); the rest is common."""
+
+    def __init__(self, model, settings, shift, batch_size: int = 1):
+        self.model, self.settings, self.shift = model, settings, shift
+        self.policy = policy_for(settings)
+        self._limit = position_limit(model, settings, shift is not None)
+        self.n = 0
+        self.max_held = 0
+        self.cache = self.new_cache()
+        self._kwargs = forward_kwargs(model, self.cache)
+
+    @abstractmethod
+    def new_cache(self):
+        """The empty storage this path reads into."""
+
+    def _shared(self):
+        return (self.shift, self.policy)
 
 
 def forward_kwargs(model, cache) -> tuple[dict, dict]:

@@ -21,11 +21,11 @@ from transformers import AttentionInterface
 from ..forward_args import num_decoder_layers
 from ..positions import check_positions_fit, first_recent, query_position
 from ..rotary import LayerShifts, RotaryShift
-from ..scores import ContinuationScore
-from .base import as_ids, attention, continuation_score
+from ..storage import EvictingDynamicCache
+from ..loglik import ContinuationScore
+from .attention import attention_function, grouped_rows, soft_capped
+from .base import EvictingStream, as_ids, continuation_score
 from .decode import DecodeStream
-from .logits import grouped_rows, soft_capped
-from .token import TokenStream
 
 ATTENTION_NAME = "streaming_lm_chunked"
 # Continuations of one context read in one pass (a batch): that many copies of the context state while
@@ -88,16 +88,17 @@ def plan_chunk(a: int, b: int, stream: ChunkedStream, device):
     return plan, positions.to(device)
 
 
-class ChunkedStream(TokenStream):
+class ChunkedStream(EvictingStream):
     """``method="chunked"``: ``chunk_size`` tokens per pass; the cache keeps recent keys in the local frame
     (so it re-rotates on eviction in both position modes)."""
 
-    frame_rotates = True
-
     def __init__(self, model, settings, shift, batch_size: int = 1):
+        self._layers = num_decoder_layers(model)
         super().__init__(model, settings, shift)
         self._decoder: DecodeStream | None = None  # once the stream steps
-        self._layers = num_decoder_layers(model)
+
+    def new_cache(self):
+        return EvictingDynamicCache(self._layers, self.policy, self.shift)
 
     def read_passes(self, ids, last_only: bool = False):
         ids = as_ids(ids, self.model.device)
@@ -114,7 +115,7 @@ class ChunkedStream(TokenStream):
         width = rows.shape[1]
         check_positions_fit(self.model, self.n + width, self._limit)
         kwargs, chunk, first = self._kwargs[last_only], self.settings.chunk_size, self.n
-        with attention(self.model, ATTENTION_NAME):
+        with attention_function(self.model, ATTENTION_NAME):
             for a in range(0, width, chunk):
                 b = min(a + chunk, width)
                 plan, positions = plan_chunk(first + a, first + b, self, rows.device)

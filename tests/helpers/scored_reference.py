@@ -4,7 +4,8 @@ Nothing here imports streaming_lm. Step t re-runs the model over the whole prefi
 attention function written here: row s of layer l, head h attends exactly to the tokens that head held
 before step s plus s itself, at their original positions or (shifted) at their ranks 0..|K|-1, so every
 key and value is the one computed at its own step. Row t's softmax weights then score the held tokens,
-and the lowest-scored unprotected token of each head (or layer) is dropped.
+and the lowest-scored unprotected token of each head (or layer) is dropped, again until C are left, after
+every ``evict_every`` steps (docs/semantics.md, "Events"; between them nothing is dropped).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def _rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> tor
 
 @torch.no_grad()
 def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: int, heavy: int,
-                    positions: str) -> torch.Tensor:
+                    positions: str, evict_every: int = 1) -> torch.Tensor:
     capacity = start + recent + heavy
     config = model.config
     layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
@@ -86,13 +87,14 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
                         score = (-keys.norm(dim=-1)).tolist()
                     else:
                         raise ValueError(policy)
-                    if len(tokens) > capacity:
+                    while len(tokens) > capacity and (t + 1) % evict_every == 0:
                         # Protected: the sinks and the last W tokens; ties (within a relative 1e-5: float
-                        # rounding) go to the older token.
+                        # rounding) go to the older token. One at a time, each the lowest left.
                         candidates = [i for i, j in enumerate(tokens) if j >= start and j <= t - recent]
                         low = min(score[i] for i in candidates)
                         victim = min(i for i in candidates if score[i] <= low + 1e-5 * abs(low))
                         tokens = tokens[:victim] + tokens[victim + 1 :]
+                        score = score[:victim] + score[victim + 1 :]
                     held[layer][h] = tokens
     finally:
         model.set_attn_implementation(previous)

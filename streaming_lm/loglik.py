@@ -1,4 +1,5 @@
-"""What scoring returns, and the check that a stream really streamed."""
+"""Log-likelihoods of text (not eviction scores: those are policy.py's): what reading a stream returns, and the
+check that a stream really streamed."""
 
 from __future__ import annotations
 
@@ -34,7 +35,10 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 
 def check_evicted(n_tokens: int, evicted: int, settings: StreamingSettings) -> None:
-    if n_tokens > settings.capacity + 1 and evicted == 0:
+    """A stream of ``n_tokens`` reads all but its last; once an event falls after more than C tokens were read
+    (docs/semantics.md, "Events"), something must have been evicted."""
+    read = n_tokens - 1
+    if settings.schedule.last_event(read) > settings.capacity and evicted == 0:
         raise NoEvictionError(
             f"a stream of {n_tokens} tokens passed a cache of {settings.capacity} tokens without a single "
             "eviction: the model did not use the streaming cache, so the result would be the dense one"
