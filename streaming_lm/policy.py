@@ -101,6 +101,11 @@ class Policy:
             setattr(self, param.name, settings.policy_params[param.name])
 
     @classmethod
+    def check_settings(cls, settings) -> None:
+        """Refuse settings the policy cannot serve (a ``ValueError`` naming the knobs), before any model loads:
+        settings.py calls it once every knob is checked. Nothing by default."""
+
+    @classmethod
     def default_method(cls, positions: str) -> str:
         """chunked where an exact chunked path serves the policy in this position mode, else the token loop."""
         return "chunked" if positions in cls.paths.get("chunked", ()) else "token"
@@ -258,7 +263,48 @@ class KeyNorm(ScoredPolicy):
         return -keys.float().norm(dim=-1)
 
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (SinkWindow, TOVA, H2O, KeyNorm)}
+def _odd(value: int) -> None:
+    if value % 2 == 0:
+        raise ValueError(f"kernel_size must be odd (1, 3, 5, ...): the pooling keeps one score per key only then; "
+                         f"got {value}")
+
+
+class SnapKV(ScoredPolicy):
+    """SnapKV: at an event the segment's last ``window_size`` queries (the observation window) vote for the held
+    keys; the votes are pooled over neighbouring keys (``kernel_size``) and the window's own keys always stay
+    (compression/snapkv.py, docs/methods.md). The segment must be longer than the window: ``evict_every >
+    window_size``. With ``layer_budgets=pyramid`` this is PyramidKV.
+
+    Li et al., *SnapKV: LLM Knows What You are Looking for Before Generation*, 2024,
+    https://arxiv.org/abs/2404.14469
+    """
+
+    name = "snapkv"
+    params = (Param("window_size", int, 64, "the observation window: the segment's last queries that score",
+                    minimum=1),
+              Param("kernel_size", int, 5, "average pooling of the scores over neighbouring keys (odd)", minimum=1,
+                    check=_odd))
+    paths = {"token": BOTH, "chunked": ("original",)}
+    needs_attention = False
+    needs_queries = True
+
+    @classmethod
+    def check_settings(cls, settings) -> None:
+        window = settings.policy_params["window_size"]
+        if settings.evict_every <= window:
+            raise ValueError(
+                f"policy=snapkv observes the last window_size={window} queries of each segment of evict_every="
+                f"{settings.evict_every} tokens: the window must be shorter than the segment (evict_every > "
+                f"window_size; lower window_size or raise evict_every)"
+            )
+
+    def score(self, keys, values, attention, queries):
+        from .compression.snapkv import snapkv_scores
+
+        return snapkv_scores(queries[:, -self.window_size:], keys, self.kernel_size)
+
+
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (SinkWindow, TOVA, H2O, KeyNorm, SnapKV)}
 
 
 def policy_class(name: str) -> type[Policy]:

@@ -90,6 +90,7 @@ class StreamingSettings:
         object.__setattr__(self, "chunk_size", as_int("chunk_size", self.chunk_size, 1))
         object.__setattr__(self, "stride", _check_stride(self.stride, self.method, self.positions, self.recent_size))
         object.__setattr__(self, "evict_every", _check_evict_every(self.evict_every, self.method))
+        cls.check_settings(self)
 
     @property
     def capacity(self) -> int:

@@ -38,6 +38,9 @@ CASES = [
     pytest.param("helpers.policies:Recency", {"step": -1.0}, (1, 1, 6), 4, id="plugin-K4"),
     # A method scored from the segment's observation (its queries), on the token loop and the chunked path.
     pytest.param("helpers.policies:QueryAffinity", {}, (1, 1, 6), 4, id="queries-K4"),
+    # SnapKV: the segment's last window_size queries vote (evict_every > window_size).
+    pytest.param("snapkv", {"window_size": 3, "kernel_size": 3}, (0, 0, 8), 5, id="snapkv-K5"),
+    pytest.param("snapkv", {"window_size": 2, "kernel_size": 5}, (1, 1, 9), 7, id="snapkv-K7"),
 ]
 
 
@@ -91,8 +94,8 @@ def reference(model, ids, policy, params, budgets, every, positions):
         if positions == "original":
             return original_positions_logprobs(model, ids, start, recent, every)
         return shifted_llama_logprobs(model, ids, start, recent, every)
-    if policy in ("tova", "h2o", "knorm"):
-        return scored_logprobs(model, ids, policy, start, recent, heavy, positions, evict_every=every)
+    if policy in ("tova", "h2o", "knorm", "snapkv"):
+        return scored_logprobs(model, ids, policy, start, recent, heavy, positions, evict_every=every, params=params)
     return None  # a plug-in: no independent reference (its H = 0 case is tests/test_policies.py's)
 
 
@@ -106,9 +109,10 @@ def test_the_token_loop_follows_the_definition(model, ids, token_loop, policy, p
     expected = reference(model, ids, policy, params, budgets, every, positions)
     if expected is not None:
         torch.testing.assert_close(got.logprobs, expected, rtol=0, atol=TOL)
-    # It streamed, and it is not the per-token cache.
-    per_token = token_loop(policy, params, budgets, 1, positions)
-    assert (got.logprobs - per_token.logprobs).abs().max() > 1e-3
+    # It streamed, and it is not the per-token cache (nor, for a windowed method, a shorter schedule).
+    other = 1 if "window_size" not in params else params["window_size"] + 1
+    shorter = token_loop(policy, params, budgets, other, positions)
+    assert (got.logprobs - shorter.logprobs).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 7])

@@ -27,6 +27,24 @@ from .weights import CACHE_KWARG
 ATTENTION_NAME = "streaming_lm_scored_rows"
 
 
+def _held_scores(policy, keys, values, attention, alive, queries) -> torch.Tensor:
+    """float32 [kv_heads, columns]: the policy's scores of the columns ``alive`` marks, computed on those columns
+    alone, as the token loop's cache holds them (a score may read neighbours or the window's last keys: SnapKV);
+    other columns score ``+inf``."""
+    kv_heads = keys.shape[0]
+    index = alive.nonzero()[:, 1].reshape(kv_heads, -1)  # [kv_heads, held], in token order
+
+    def held(x):
+        return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+    if attention is not None:
+        group = attention.shape[0] // kv_heads
+        rows = attention.reshape(kv_heads, group, -1)
+        attention = rows.gather(2, index[:, None].expand(-1, group, -1)).reshape(kv_heads * group, -1)
+    score = step_scores(policy, held(keys), held(values), attention, None, kv_heads, queries)
+    return torch.full(alive.shape, float("inf"), device=alive.device).scatter(1, index, score)
+
+
 def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     layer = kwargs[CACHE_KWARG].layers[module.layer_idx]
     refuse_learned_sinks(kwargs)
@@ -57,8 +75,12 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
             if policy.needs_queries:  # the segment's queries: earlier chunks' (held by the layer), then these rows
                 mine = query[0, :, segment : r + 1].float()
                 queries = mine if layer.queries is None else torch.cat((layer.queries, mine), dim=1)
-            score = fixed if fixed is not None else \
-                step_scores(policy, key[0], value[0], attention, layer.totals, kv_heads, queries)
+            if fixed is not None:
+                score = fixed
+            elif policy.accumulate:  # totals are per column: score every column (dead ones are never chosen)
+                score = step_scores(policy, key[0], value[0], attention, layer.totals, kv_heads, queries)
+            else:
+                score = _held_scores(policy, key[0], value[0], attention, alive, queries)
             if over:
                 alive = compress(score, layer.tokens, t0 + r, policy, alive)
         if event:

@@ -26,7 +26,9 @@ def _rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> tor
 
 @torch.no_grad()
 def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: int, heavy: int,
-                    positions: str, evict_every: int = 1) -> torch.Tensor:
+                    positions: str, evict_every: int = 1, params: dict | None = None) -> torch.Tensor:
+    """``params``: the policy's own (snapkv: ``window_size``, ``kernel_size``)."""
+    params = params or {}
     capacity = start + recent + heavy
     config = model.config
     layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
@@ -36,6 +38,7 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
     held = [[[] for _ in range(kv_heads)] for _ in range(layers)]
     totals = [[{} for _ in range(kv_heads)] for _ in range(layers)]  # h2o: accumulated attention per token
     last: dict = {}  # layer -> (weights per kv head [group, K], keys per kv head [K, dim]) of the newest row
+    every_row: dict = {}  # (layer, head, s) -> row s's weights [group, its visible tokens] (snapkv's window)
 
     def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         layer, q_len = module.layer_idx, query.shape[2]
@@ -54,6 +57,7 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
                 if kwargs.get("softcap") is not None:
                     logits = torch.tanh(logits / kwargs["softcap"]) * kwargs["softcap"]
                 weights = torch.softmax(logits.float(), -1)
+                every_row[(layer, h, s)] = weights
                 out[s, h * group : (h + 1) * group] = weights @ value[0, h, index]
                 if s == q_len - 1:
                     rows[h] = (weights, key[0, h, index])
@@ -85,6 +89,18 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
                         score = tova.tolist()
                     elif policy == "knorm":
                         score = (-keys.norm(dim=-1)).tolist()
+                    elif policy == "snapkv":
+                        # Row s of the segment saw the held tokens and the segment up to s: the window's last w rows
+                        # all see the tokens before the window, the first n - w of their visible lists.
+                        w, kernel, n = params["window_size"], params["kernel_size"], len(tokens)
+                        if n - w > 0:
+                            votes = torch.stack([every_row[(layer, h, s)][:, : n - w]
+                                                 for s in range(t - w + 1, t + 1)]).mean(0)  # [group, n - w]
+                            pooled = torch.nn.functional.avg_pool1d(votes[:, None], kernel, 1, kernel // 2,
+                                                                    count_include_pad=True)[:, 0].mean(0)
+                            score = pooled.tolist() + [float("inf")] * w
+                        else:
+                            score = [float("inf")] * n
                     else:
                         raise ValueError(policy)
                     while len(tokens) > capacity and (t + 1) % evict_every == 0:
