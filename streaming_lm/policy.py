@@ -206,6 +206,11 @@ class ScoredPolicy(Policy):
     needs_queries = False
     accumulate = False
 
+    def layer_capacity(self, layer: int, layers: int, n: int) -> int:
+        """Tokens layer ``layer`` (of ``layers``) keeps at an event after ``n`` tokens read: ``C`` at every layer
+        unless the policy's budgets differ by layer (``layer_budgets=pyramid``)."""
+        return self.capacity
+
     def score(self, keys: torch.Tensor, values: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
         """Scores of the held tokens of one layer (low goes first): [kv_heads, K] (each key/value head evicts on its
         own), or [K] (the whole layer evicts one token).
@@ -269,6 +274,40 @@ def _odd(value: int) -> None:
                          f"got {value}")
 
 
+# Budgets across layers, declared by the policies they apply to (those with an observation window): model args
+# like the policy's own parameters, written with them in config.streaming.policy_params.
+LAYER_BUDGETS = (
+    Param("layer_budgets", str, "uniform", "uniform: every layer keeps C; pyramid: PyramidKV's arithmetic pyramid "
+          "of per-layer budgets averaging C (the first layers keep the most)", choices=("uniform", "pyramid")),
+    Param("beta", float, 20.0, "layer_budgets=pyramid: the pyramid's steepness (its smallest layer budget is "
+          "C / beta)", minimum=1.0),
+)
+
+
+def check_layer_budgets(settings, window: int) -> None:
+    """``layer_budgets=pyramid`` must be able to split ``C``: its smallest layer budget ``C / beta`` reaches the
+    window (else PyramidKV's rule falls back to uniform budgets at every event, a pyramid that never is), and holds
+    the protected tokens."""
+    params = settings.policy_params
+    if params["layer_budgets"] != "pyramid":
+        return
+    if settings.positions == "shifted":
+        raise ValueError("layer_budgets=pyramid needs positions=original: with shifted positions a query's position "
+                         "is the count of tokens held, which then differs by layer")
+    low = settings.capacity / params["beta"]
+    if low < window:
+        raise ValueError(
+            f"layer_budgets=pyramid cannot split C={settings.capacity} tokens: its smallest layer budget C / beta = "
+            f"{low:g} (beta={params['beta']:g}) is below window_size={window}; it needs C >= beta * window_size = "
+            f"{params['beta'] * window:g} (raise heavy_size, lower beta or window_size)"
+        )
+    if settings.start_size + settings.recent_size > window:
+        raise ValueError(
+            f"layer_budgets=pyramid: start_size + recent_size = {settings.start_size + settings.recent_size} "
+            f"protected tokens exceed window_size={window}, the smallest budget a layer may get"
+        )
+
+
 class SnapKV(ScoredPolicy):
     """SnapKV: at an event the segment's last ``window_size`` queries (the observation window) vote for the held
     keys; the votes are pooled over neighbouring keys (``kernel_size``) and the window's own keys always stay
@@ -283,7 +322,8 @@ class SnapKV(ScoredPolicy):
     params = (Param("window_size", int, 64, "the observation window: the segment's last queries that score",
                     minimum=1),
               Param("kernel_size", int, 5, "average pooling of the scores over neighbouring keys (odd)", minimum=1,
-                    check=_odd))
+                    check=_odd),
+              *LAYER_BUDGETS)
     paths = {"token": BOTH, "chunked": ("original",)}
     needs_attention = False
     needs_queries = True
@@ -297,6 +337,15 @@ class SnapKV(ScoredPolicy):
                 f"{settings.evict_every} tokens: the window must be shorter than the segment (evict_every > "
                 f"window_size; lower window_size or raise evict_every)"
             )
+        check_layer_budgets(settings, window)
+
+    def layer_capacity(self, layer, layers, n):
+        if self.layer_budgets == "uniform":
+            return self.capacity
+        from .compression.budgets import pyramid_layer_budgets
+
+        return pyramid_layer_budgets(n, layers, budget=self.capacity, window_size=self.window_size,
+                                     beta=self.beta)[layer]
 
     def score(self, keys, values, attention, queries):
         from .compression.snapkv import snapkv_scores

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers.models import tiny_llama
 from helpers.reference import dense_logprobs, original_positions_logprobs, shifted_llama_logprobs
-from helpers.scored_reference import scored_logprobs
+from helpers.scored_reference import pyramid, scored_logprobs
 
 from streaming_lm.policy import policy_class
 from streaming_lm.rolling import score
@@ -41,11 +41,24 @@ CASES = [
     # SnapKV: the segment's last window_size queries vote (evict_every > window_size).
     pytest.param("snapkv", {"window_size": 3, "kernel_size": 3}, (0, 0, 8), 5, id="snapkv-K5"),
     pytest.param("snapkv", {"window_size": 2, "kernel_size": 5}, (1, 1, 9), 7, id="snapkv-K7"),
+    # PyramidKV: C = 8 split over the 2 layers as [12, 4] once n >= 14 (uniform before: the rule's fallback).
+    pytest.param("snapkv", {"window_size": 2, "kernel_size": 3, "layer_budgets": "pyramid", "beta": 2.0}, (0, 0, 8),
+                 5, id="pyramidkv-K5"),
 ]
 
 
-def served(policy: str, method: str) -> list[str]:
-    return list(policy_class(policy).paths.get(method, ()))
+def served(case, method: str) -> list[str]:
+    """The position modes in which ``method`` serves the case: the registry's paths, less what the settings refuse
+    for its parameters (layer_budgets=pyramid: original positions only)."""
+    policy, params, budgets, every = case.values
+    modes = []
+    for positions in policy_class(policy).paths.get(method, ()):
+        try:
+            settings_of(policy, params, budgets, every, positions, method)
+        except ValueError:
+            continue
+        modes.append(positions)
+    return modes
 
 
 def settings_of(policy, params, budgets, every, positions, method, chunk_size=5):
@@ -57,7 +70,7 @@ def settings_of(policy, params, budgets, every, positions, method, chunk_size=5)
 def cases_on(method: str):
     """(case, positions) for every position mode in which ``method`` serves the case's policy."""
     for case in CASES:
-        for positions in served(case.values[0], method):
+        for positions in served(case, method):
             yield pytest.param(*case.values, positions, id=f"{case.id}-{positions}")
 
 
@@ -99,13 +112,30 @@ def reference(model, ids, policy, params, budgets, every, positions):
     return None  # a plug-in: no independent reference (its H = 0 case is tests/test_policies.py's)
 
 
+def held_per_layer(policy, params, budgets, every, n, layers=2) -> list[int]:
+    """Tokens each layer holds after ``n`` read: at each event ``e`` a layer keeps ``min(held, its budget at e)``
+    (C, or the pyramid's share: the reference's rule), then adds the segment read since."""
+    capacity = sum(budgets)
+    held = []
+    for layer in range(layers):
+        kept = 0
+        for event in range(every, n - n % every + 1, every):
+            budget = capacity if params.get("layer_budgets", "uniform") == "uniform" else \
+                pyramid(event, layers, capacity, params["window_size"], params["beta"])[layer]
+            kept = min(kept + every, budget)
+        held.append(kept + n % every)
+    return held
+
+
 @pytest.mark.parametrize("policy,params,budgets,every,positions", list(cases_on("token")))
 def test_the_token_loop_follows_the_definition(model, ids, token_loop, policy, params, budgets, every, positions):
     got = token_loop(policy, params, budgets, every, positions)
-    capacity = sum(budgets)
     events = (N - 1) // every * every  # tokens read at the last event
-    assert got.evicted == events - capacity  # every event compresses to C, nothing in between
-    assert capacity < got.max_held <= capacity + every - 1  # between steps: C plus the segment so far
+    # every event compresses to the layer's budget (C unless budgets differ by layer), nothing in between
+    assert got.evicted == events - held_per_layer(policy, params, budgets, every, events)[0]
+    most = max(max(held_per_layer(policy, params, budgets, every, n)) for n in range(N))
+    assert sum(budgets) < got.max_held == most  # between steps: the budget plus the segment so far
+    assert most <= sum(budgets) + every - 1 or params.get("layer_budgets") == "pyramid"
     expected = reference(model, ids, policy, params, budgets, every, positions)
     if expected is not None:
         torch.testing.assert_close(got.logprobs, expected, rtol=0, atol=TOL)
@@ -124,8 +154,8 @@ def test_the_chunked_path_equals_the_token_loop(model, ids, token_loop, policy, 
     chunked = score(model, ids, setting, find_rotary(model))
     torch.testing.assert_close(chunked.logprobs, token.logprobs, rtol=0, atol=TOL)
     assert chunked.evicted == token.evicted
-    # Between passes a layer holds at most C + K - 1 tokens (a pass adds its chunk while it runs).
-    assert chunked.max_held <= sum(budgets) + every - 1
+    # Between passes a layer holds at most its budget + K - 1 tokens (a pass adds its chunk while it runs).
+    assert chunked.max_held <= max(max(held_per_layer(policy, params, budgets, every, n)) for n in range(N))
 
 
 @pytest.mark.parametrize("policy,params,budgets,every,positions", list(cases_on("chunked")))
@@ -135,13 +165,10 @@ def test_decoding_equals_the_token_loop(model, ids, token_loop, policy, params, 
     token = token_loop(policy, params, budgets, every, positions)
     stream = open_stream(model, settings_of(policy, params, budgets, every, positions, "chunked"), find_rotary(model))
     logits = [stream.read(ids[:9])]
-    capacity = sum(budgets)
     for token_id in ids[9:-1].tolist():
         logits.append(stream.step(token_id)[None])
-        event = stream.n - stream.n % every
-        held = min(event, capacity) + stream.n - event
-        assert stream.cache.held_tokens() == [held] * model.config.num_hidden_layers, stream.n
-        assert held <= capacity + every - 1
+        held = held_per_layer(policy, params, budgets, every, stream.n)
+        assert stream.cache.held_tokens() == held, stream.n
     got = torch.log_softmax(torch.cat(logits), -1).gather(-1, ids[1:, None])[:, 0]
     torch.testing.assert_close(got, token.logprobs, rtol=0, atol=TOL)
     assert stream.evicted == token.evicted
@@ -151,7 +178,7 @@ def dense_cases():
     for method in ("token", "chunked"):
         for case in CASES:
             positions = policy_class(case.values[0]).default_positions
-            if positions in served(case.values[0], method):
+            if positions in served(case, method):
                 yield pytest.param(*case.values, method, positions, id=f"{case.id}-{method}")
 
 

@@ -37,12 +37,13 @@ TIE = 1e-5
 
 
 def compress(score: torch.Tensor, tokens: torch.Tensor, t: int, policy: ScoredPolicy,
-             alive: torch.Tensor) -> torch.Tensor:
+             alive: torch.Tensor, capacity: int) -> torch.Tensor:
     """The event after step t: evict from the columns ``alive`` marks (bool [kv_heads, K], as many per head),
-    one lowest-scored unprotected token per head at a time, until ``capacity`` are left; returns the mask."""
+    one lowest-scored unprotected token per head at a time, until ``capacity`` (the layer's) are left; returns
+    the mask."""
     alive = alive.clone()
     heads = torch.arange(alive.shape[0], device=alive.device)
-    for _ in range(int(alive[0].sum()) - policy.capacity):
+    for _ in range(int(alive[0].sum()) - capacity):
         alive[heads, victims(score, tokens, t, policy, dead=~alive)] = False
     return alive
 
@@ -62,8 +63,10 @@ def victims(score: torch.Tensor, tokens: torch.Tensor, t: int, policy: ScoredPol
 
 
 class ScoredDynamicLayer(DynamicLayer):
-    def __init__(self, policy: ScoredPolicy, shift: RotaryShift | None, rows: bool = False):
+    def __init__(self, policy: ScoredPolicy, shift: RotaryShift | None, rows: bool = False, index: int = 0,
+                 layers: int = 1):
         super().__init__()
+        self.index, self.layers = index, layers  # which decoder layer of how many (budgets by layer)
         self.policy, self.shift = policy, shift
         self.rows = rows  # the chunked path decides row by row in its attention function (keep)
         self.seen = 0  # tokens read into this layer: the token of this step is seen - 1
@@ -105,14 +108,19 @@ class ScoredDynamicLayer(DynamicLayer):
         event = policy.schedule.event_after(t)
         if event:
             self.queries = None  # the next segment starts empty
-        over = self.keys.shape[-2] > policy.capacity and event
+        capacity = self.capacity(t + 1)
+        over = self.keys.shape[-2] > capacity and event
         if not policy.accumulate and not over:
             return
         score = step_scores(policy, self.keys[0], self.values[0], attention, self.totals, self.tokens.shape[0],
                             queries)
         if over:
             alive = torch.ones(self.tokens.shape, dtype=torch.bool, device=self.tokens.device)
-            self.keep(compress(score, self.tokens, t, policy, alive), rotate=True)
+            self.keep(compress(score, self.tokens, t, policy, alive, capacity), rotate=True)
+
+    def capacity(self, n: int) -> int:
+        """Tokens this layer keeps at an event after ``n`` tokens read (the policy's budget for this layer)."""
+        return self.policy.layer_capacity(self.index, self.layers, n)
 
     def keep(self, alive: torch.Tensor, rotate: bool = False) -> None:
         """Keep the columns ``alive`` marks (bool [kv_heads, K], as many per head); with ``rotate`` (shifted
@@ -138,11 +146,13 @@ class ScoredDynamicCache(KVAccounting, Cache):
 
     def __init__(self, num_layers: int, policy: ScoredPolicy, shift: RotaryShift | LayerShifts | None,
                  rows: bool = False):
-        super().__init__(layers=[ScoredDynamicLayer(policy, shift.for_layer(i) if shift is not None else None, rows)
+        super().__init__(layers=[ScoredDynamicLayer(policy, shift.for_layer(i) if shift is not None else None, rows,
+                                                    i, num_layers)
                                  for i in range(num_layers)])
         self.policy = policy
 
     @property
     def evicted_tokens(self) -> int:
-        """Tokens evicted so far per head (the same at every layer and head)."""
+        """Tokens evicted so far per head of the first layer (the same at every layer and head unless budgets
+        differ by layer)."""
         return self.layers[0].evicted

@@ -68,7 +68,8 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
         row = torch.softmax(logits[:, :, r].masked_fill(~alive[:, None, :], float("-inf")), dim=-1)
         weights[:, :, r] = row
         event = policy.schedule.event_after(t0 + r)
-        over = int(alive[0].sum()) > policy.capacity and event
+        capacity = layer.capacity(t0 + r + 1)
+        over = int(alive[0].sum()) > capacity and event
         if policy.accumulate or over:
             attention = row.reshape(heads, columns) if policy.needs_attention else None
             queries = None
@@ -82,7 +83,7 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
             else:
                 score = _held_scores(policy, key[0], value[0], attention, alive, queries)
             if over:
-                alive = compress(score, layer.tokens, t0 + r, policy, alive)
+                alive = compress(score, layer.tokens, t0 + r, policy, alive, capacity)
         if event:
             layer.queries, segment = None, r + 1
     out = torch.matmul(weights.to(value.dtype).reshape(kv_heads, group * q_len, columns), value[0])

@@ -16,6 +16,18 @@ from transformers import AttentionInterface
 NAME = "test_scored_reference"
 
 
+def pyramid(n: int, layers: int, budget: int, window: int, beta: float) -> list[int]:
+    """PyramidKV's per-layer budgets for a token budget (shared/docs/compression-methods.md), written again here."""
+    low = budget / beta
+    high = 2 * budget - low
+    if high >= n - window:
+        high = n - window
+        low = 2 * budget - high
+    if not (n >= high >= low >= window):
+        return [max(1, round(budget))] * layers
+    return [round(high - layer * (high - low) / (layers - 1)) for layer in range(layers)]
+
+
 def _rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Rotate x [..., seq, dim] (rotate_half layout, every dim rotary) by per-position deltas [seq]."""
     angles = delta.double()[:, None] * inv_freq.double()[None, :]
@@ -103,7 +115,10 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
                             score = [float("inf")] * n
                     else:
                         raise ValueError(policy)
-                    while len(tokens) > capacity and (t + 1) % evict_every == 0:
+                    kept = capacity
+                    if params.get("layer_budgets") == "pyramid":
+                        kept = pyramid(t + 1, layers, capacity, params["window_size"], params["beta"])[layer]
+                    while len(tokens) > kept and (t + 1) % evict_every == 0:
                         # Protected: the sinks and the last W tokens; ties (within a relative 1e-5: float
                         # rounding) go to the older token. One at a time, each the lowest left.
                         candidates = [i for i, j in enumerate(tokens) if j >= start and j <= t - recent]
