@@ -194,6 +194,8 @@ class ScoredPolicy(Policy):
     Class attributes: ``needs_attention`` (``score`` reads this step's attention weights: the token loop
     then computes them in its own attention function), ``needs_queries`` (``score`` also takes ``queries``,
     the observation of the event: the segment's queries since the last event, as the attention saw them),
+    ``needs_step`` (``score`` also takes ``step``, the stream index of this step's token: the segment's queries are
+    those of tokens ``step - s + 1 .. step``),
     ``accumulate`` (a held token's score is the sum of its scores over every step since it was read, as
     H2O's). Whether heads decide alone follows from the shape ``score`` returns.
     """
@@ -204,7 +206,12 @@ class ScoredPolicy(Policy):
     default_positions = "original"  # the policies' own papers and code
     needs_attention = True
     needs_queries = False
+    needs_step = False
     accumulate = False
+
+    def bind(self, model, shift) -> None:
+        """The model a stream reads with, and its rotary (``rotary.find_rotary``), for a policy that needs more than
+        the cache (Expected Attention's RoPE frequencies). Nothing by default."""
 
     def layer_capacity(self, layer: int, layers: int, n: int) -> int:
         """Tokens layer ``layer`` (of ``layers``) keeps at an event after ``n`` tokens read: ``C`` at every layer
@@ -353,7 +360,69 @@ class SnapKV(ScoredPolicy):
         return snapkv_scores(queries[:, -self.window_size:], keys, self.kernel_size)
 
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (SinkWindow, TOVA, H2O, KeyNorm, SnapKV)}
+class ExpectedAttention(ScoredPolicy):
+    """Expected Attention: at an event, the attention that future queries are expected to pay each held key, from
+    the mean and covariance of the segment's queries before RoPE, rotated on average over the next
+    ``n_future_positions`` positions, times the value's norm (compression/expected_attention.py, docs/methods.md).
+    The first ``n_sink`` tokens are kept. Original positions (the segment's queries are un-rotated from their text
+    positions; kvpress keeps positions too).
+
+    Devoto et al., *Expected Attention: KV Cache Compression by Estimating Attention from Future Queries
+    Distribution*, 2025, https://arxiv.org/abs/2510.00636
+    """
+
+    name = "expected_attention"
+    params = (Param("n_future_positions", int, 512, "future positions the query statistics are rotated over",
+                    minimum=1),
+              Param("n_sink", int, 4, "first tokens kept and left out of the query statistics", minimum=0),
+              Param("use_covariance", bool, True, "add the queries' covariance term"),
+              Param("use_vnorm", bool, True, "multiply by the value's norm"),
+              Param("epsilon", float, 0.0, "added to the score before the value norm", minimum=0.0))
+    paths = {"token": ("original",), "chunked": ("original",)}
+    needs_attention = False
+    needs_queries = True
+    needs_step = True
+
+    @classmethod
+    def check_settings(cls, settings) -> None:
+        sinks = settings.policy_params["n_sink"]
+        if settings.capacity < sinks:
+            raise ValueError(f"policy=expected_attention keeps its n_sink={sinks} first tokens: the budget C = "
+                             f"start_size + recent_size + heavy_size = {settings.capacity} must hold them")
+
+    def bind(self, model, shift) -> None:
+        from .rotary import RotaryShift
+
+        if not isinstance(shift, RotaryShift):
+            raise ValueError(f"policy=expected_attention needs one rotary embedding for every layer (RoPE); "
+                             f"{type(model).__name__} has {'none' if shift is None else 'different ones by layer'}")
+        scaling = {float(getattr(m, "attention_scaling")) for m in model.modules() if hasattr(m, "attention_scaling")}
+        self.rotary, self.attention_scaling = shift, scaling.pop() if len(scaling) == 1 else 1.0
+        if scaling:
+            raise ValueError("policy=expected_attention: the model's rotary modules scale differently")
+
+    def before_rope(self, queries, index):
+        """The segment's queries before RoPE: each rotated back from its text position ``index`` and its rotary
+        scaling undone (float32 [query_heads, s, head_dim])."""
+        return self.rotary.rotate(queries, -index) / self.attention_scaling
+
+    def score(self, keys, values, attention, queries, step):
+        import torch
+
+        from .compression.expected_attention import expected_attention_scores, mean_rotation
+
+        index = torch.arange(step - queries.shape[1] + 1, step + 1, device=queries.device)
+        before = self.before_rope(queries, index)
+        rotation = mean_rotation(self.rotary.inv_freq.float(), step + 1, self.n_future_positions, keys.shape[-1],
+                                 self.rotary.layout, self.attention_scaling)
+        return expected_attention_scores(before, index, keys, values, rotation, n_sink=self.n_sink,
+                                         use_covariance=self.use_covariance, use_vnorm=self.use_vnorm,
+                                         epsilon=self.epsilon)
+
+
+
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (SinkWindow, TOVA, H2O, KeyNorm, SnapKV,
+                                                               ExpectedAttention)}
 
 
 def policy_class(name: str) -> type[Policy]:

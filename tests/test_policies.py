@@ -28,12 +28,16 @@ from streaming_lm.rotary import find_rotary
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+POSITIONS = ["shifted", "original"]
+
 
 def serves_every_token(name: str) -> bool:
-    """Whether the policy serves ``evict_every=1`` (the per-token rule these checks are about). A method that
-    observes a window of each segment (snapkv) needs longer segments: tests/test_schedule.py's table covers it."""
+    """Whether the policy serves ``evict_every=1`` (the per-token rule these checks are about) in both position
+    modes. A method that observes a window of each segment (snapkv) needs longer segments, one that un-rotates
+    queries (expected_attention) original positions: tests/test_schedule.py's table covers them."""
     try:
-        resolve(policy=name, heavy_size=1)
+        for positions in POSITIONS:
+            resolve(policy=name, heavy_size=1, positions=positions, method="token")
     except ValueError:
         return False
     return True
@@ -43,7 +47,6 @@ SCORED = [name for name in settings.SCORED if serves_every_token(name)]
 # Scored policies the chunked path serves, with the position mode it serves them in (the registry's answer).
 CHUNKED_SCORED = {name: policy_mod.POLICIES[name].paths["chunked"][0] for name in SCORED
                   if "chunked" in policy_mod.POLICIES[name].paths}
-POSITIONS = ["shifted", "original"]
 S, W, H = 2, 3, 4  # C = 9
 N = 28  # 18 evictions
 

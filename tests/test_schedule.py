@@ -41,6 +41,10 @@ CASES = [
     # SnapKV: the segment's last window_size queries vote (evict_every > window_size).
     pytest.param("snapkv", {"window_size": 3, "kernel_size": 3}, (0, 0, 8), 5, id="snapkv-K5"),
     pytest.param("snapkv", {"window_size": 2, "kernel_size": 5}, (1, 1, 9), 7, id="snapkv-K7"),
+    # Expected Attention: the segment's queries before RoPE (un-rotated), original positions.
+    pytest.param("expected_attention", {"n_future_positions": 8, "n_sink": 1}, (1, 0, 7), 4, id="expected-K4"),
+    pytest.param("expected_attention", {"n_future_positions": 16, "n_sink": 0, "use_covariance": False,
+                                        "use_vnorm": False, "epsilon": 0.5}, (0, 1, 6), 6, id="expected-plain-K6"),
     # PyramidKV: C = 8 split over the 2 layers as [12, 4] once n >= 14 (uniform before: the rule's fallback).
     pytest.param("snapkv", {"window_size": 2, "kernel_size": 3, "layer_budgets": "pyramid", "beta": 2.0}, (0, 0, 8),
                  5, id="pyramidkv-K5"),

@@ -18,10 +18,13 @@ from ..rotary import LayerShifts, RotaryShift
 from .accounting import KVAccounting
 
 
-def step_scores(policy: ScoredPolicy, keys, values, attention, totals, heads: int, queries=None) -> torch.Tensor:
-    """float32 [kv_heads, K]: the score of every key column after one step (``totals`` is accumulated in place;
-    ``queries``: the segment's, for a policy that ``needs_queries``)."""
+def step_scores(policy: ScoredPolicy, keys, values, attention, totals, heads: int, queries=None,
+                step: int | None = None) -> torch.Tensor:
+    """float32 [kv_heads, K]: the score of every key column after step ``step`` (``totals`` is accumulated in
+    place; ``queries``: the segment's, for a policy that ``needs_queries``; ``step`` for one that ``needs_step``)."""
     observed = {"queries": queries} if policy.needs_queries else {}
+    if policy.needs_step:
+        observed["step"] = step
     score = policy.score(keys, values, attention, **observed).float()
     score = score.expand(heads, -1) if score.dim() == 1 else score
     if policy.accumulate:
@@ -113,7 +116,7 @@ class ScoredDynamicLayer(DynamicLayer):
         if not policy.accumulate and not over:
             return
         score = step_scores(policy, self.keys[0], self.values[0], attention, self.totals, self.tokens.shape[0],
-                            queries)
+                            queries, t)
         if over:
             alive = torch.ones(self.tokens.shape, dtype=torch.bool, device=self.tokens.device)
             self.keep(compress(score, self.tokens, t, policy, alive, capacity), rotate=True)

@@ -144,6 +144,8 @@ class EvictingStream(CachedStream):
     def __init__(self, model, settings, shift, batch_size: int = 1):
         self.model, self.settings, self.shift = model, settings, shift
         self.policy = policy_for(settings)
+        if not self.policy.index_only:
+            self.policy.bind(model, shift)
         self._limit = position_limit(model, settings, shift is not None)
         self.n = 0
         self.max_held = 0

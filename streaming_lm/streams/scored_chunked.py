@@ -27,7 +27,7 @@ from .weights import CACHE_KWARG
 ATTENTION_NAME = "streaming_lm_scored_rows"
 
 
-def _held_scores(policy, keys, values, attention, alive, queries) -> torch.Tensor:
+def _held_scores(policy, keys, values, attention, alive, queries, step) -> torch.Tensor:
     """float32 [kv_heads, columns]: the policy's scores of the columns ``alive`` marks, computed on those columns
     alone, as the token loop's cache holds them (a score may read neighbours or the window's last keys: SnapKV);
     other columns score ``+inf``."""
@@ -41,7 +41,7 @@ def _held_scores(policy, keys, values, attention, alive, queries) -> torch.Tenso
         group = attention.shape[0] // kv_heads
         rows = attention.reshape(kv_heads, group, -1)
         attention = rows.gather(2, index[:, None].expand(-1, group, -1)).reshape(kv_heads * group, -1)
-    score = step_scores(policy, held(keys), held(values), attention, None, kv_heads, queries)
+    score = step_scores(policy, held(keys), held(values), attention, None, kv_heads, queries, step)
     return torch.full(alive.shape, float("inf"), device=alive.device).scatter(1, index, score)
 
 
@@ -79,9 +79,9 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
             if fixed is not None:
                 score = fixed
             elif policy.accumulate:  # totals are per column: score every column (dead ones are never chosen)
-                score = step_scores(policy, key[0], value[0], attention, layer.totals, kv_heads, queries)
+                score = step_scores(policy, key[0], value[0], attention, layer.totals, kv_heads, queries, t0 + r)
             else:
-                score = _held_scores(policy, key[0], value[0], attention, alive, queries)
+                score = _held_scores(policy, key[0], value[0], attention, alive, queries, t0 + r)
             if over:
                 alive = compress(score, layer.tokens, t0 + r, policy, alive, capacity)
         if event:

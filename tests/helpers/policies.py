@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from streaming_lm.policy import Param, ScoredPolicy
+from streaming_lm.policy import ExpectedAttention, Param, ScoredPolicy
 
 
 def _not_zero(value: float) -> None:
@@ -43,3 +43,16 @@ class QueryAffinity(ScoredPolicy):
         kv_heads = keys.shape[0]
         grouped = queries.reshape(kv_heads, -1, queries.shape[-1])  # [kv_heads, group * s, dim]
         return (grouped @ keys.float().transpose(-1, -2)).mean(1)  # [kv_heads, K]
+
+
+class RecordingExpectedAttention(ExpectedAttention):
+    """Expected Attention that records, at every event, the queries before RoPE it scored with (one entry per
+    layer and event, in the order layers run)."""
+
+    name = "recording_expected_attention"
+    seen: list = []
+
+    def score(self, keys, values, attention, queries, step):
+        index = torch.arange(step - queries.shape[1] + 1, step + 1)
+        type(self).seen.append((step, self.before_rope(queries, index)))
+        return super().score(keys, values, attention, queries, step)
