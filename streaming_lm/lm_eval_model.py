@@ -90,6 +90,7 @@ class StreamingHFLM(HFLM):
         check_model_supported(self.model, self.streaming, self._trust_positions)
         self.rotary = find_rotary(self.model)
         self._evicted = 0
+        self._held_per_layer: tuple[int, ...] = ()  # the most each layer held, over every request
         eval_logger.info("streaming_hf cache: %s", self.streaming.as_dict())
 
     def _create_model(self, pretrained, *args, **kwargs) -> None:
@@ -111,6 +112,7 @@ class StreamingHFLM(HFLM):
             scored = score(self.model, self.rolling_ids(string), self.streaming, self.rotary, progress=show,
                            batch_size=windows_per_pass)
             self._evicted += scored.evicted
+            self._note_held(scored.held_per_layer)
             total = float(scored.logprobs.double().sum())
             results.append(total)
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
@@ -137,6 +139,7 @@ class StreamingHFLM(HFLM):
 
         def done(i, scored):
             self._evicted += scored.evicted
+            self._note_held(scored.held_per_layer)
             self.cache_hook.add_partial("loglikelihood", requests[i][0], (scored.logprob, scored.is_greedy))
             bar.update(1)
 
@@ -176,6 +179,7 @@ class StreamingHFLM(HFLM):
 
         def done(i, out):
             self._evicted += out.evicted
+            self._note_held(out.held_per_layer)
             results[i] = self._postprocess(out.tokens, untils[i])
             self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
             bar.update(1)
@@ -252,8 +256,23 @@ class StreamingHFLM(HFLM):
             torch.distributed.all_gather_object(counts, self._evicted)
             self._evicted_all_ranks = sum(counts)
 
+    def _note_held(self, held: tuple[int, ...]) -> None:
+        before = self._held_per_layer or (0,) * len(held)
+        self._held_per_layer = tuple(max(a, b) for a, b in zip(before, held))
+
     def get_model_info(self) -> dict:
         info = super().get_model_info()
         evicted = getattr(self, "_evicted_all_ranks", self._evicted) if self.world_size > 1 else self._evicted
-        info["streaming"] = self.streaming.as_dict() | {"evicted_tokens": evicted}
+        info["streaming"] = self.streaming.as_dict() | {"evicted_tokens": evicted} | held_report(self._held_per_layer)
         return info
+
+
+def held_report(per_layer: tuple[int, ...]) -> dict:
+    """The results file's memory: the most tokens each layer held between passes over the run (this rank's), and
+    per key/value head their mean and maximum. Every head of a layer holds its layer's count (the storages hold as
+    many tokens per head), so the per-head figures follow from the per-layer ones. Empty for recompute (no cache)
+    and before any request."""
+    if not per_layer:
+        return {}
+    return {"held_tokens_per_layer": list(per_layer),
+            "held_tokens_per_head": {"mean": sum(per_layer) / len(per_layer), "max": max(per_layer)}}

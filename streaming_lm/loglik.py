@@ -20,6 +20,7 @@ class StreamScore:
     evicted: int  # tokens evicted from the cache over the stream
     max_held: int  # most tokens any layer held between steps (recompute: tokens in a window)
     greedy: torch.Tensor | None = None  # bool [n - 1]: x_{t+1} was the argmax (recompute only)
+    held_per_layer: tuple[int, ...] = ()  # the most tokens each layer held between passes (cache paths)
 
 
 @dataclasses.dataclass
@@ -27,6 +28,7 @@ class ContinuationScore:
     logprob: float  # sum of log p(continuation token) over the continuation
     is_greedy: bool  # every continuation token was the argmax at its position
     evicted: int  # tokens evicted over the stream context + continuation
+    held_per_layer: tuple[int, ...] = ()  # the most tokens each layer held between passes (cache paths)
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -126,7 +126,7 @@ class ChunkedStream(EvictingStream):
                         f"{type(self.model).__name__}: {plan.calls} of {self._layers} layers ran the chunked attention "
                         "function; the others computed attention in model code that cannot see the chunk's plan"
                     )
-                self.max_held = max(self.max_held, *self.cache.held_tokens())
+                self.note_held()
                 self.n = first + b
                 yield a, logits.float()
 
@@ -146,7 +146,8 @@ class ChunkedStream(EvictingStream):
         longer = sorted((i for i, c in enumerate(continuations) if len(c) > 1), key=lambda i: -len(continuations[i]))
         for i, continuation in enumerate(continuations):
             if len(continuation) == 1:
-                results[i] = continuation_score(last, continuation, self.evicted, n, self.settings)
+                results[i] = continuation_score(last, continuation, self.evicted, n, self.settings,
+                                                self.held_per_layer)
         for start in range(0, len(longer), CONTINUATION_ROWS):
             batch = longer[start : start + CONTINUATION_ROWS]  # longest first: rows of similar length together
             width = len(continuations[batch[0]]) - 1
@@ -155,13 +156,14 @@ class ChunkedStream(EvictingStream):
             branch = self.fork()
             branch.cache.expand_batch(len(batch))
             logits = torch.cat([out for _, out in branch._read_rows(rows)], dim=1)
+            held = branch.held_per_layer  # the longest row's (rows read alike; padding never reads past it)
             del branch  # B copies of the state: gone before the next batch
             for r, i in enumerate(batch):
                 continuation = continuations[i]
                 # The row's evictions are those of its own stream (the padding read after it is not its).
                 evicted = self.policy.evicted_count(n + len(continuation) - 1)
                 results[i] = continuation_score(torch.cat((last, logits[r, : len(continuation) - 1])), continuation,
-                                                evicted, n, self.settings)
+                                                evicted, n, self.settings, held)
         return results
 
     @torch.inference_mode()
@@ -174,4 +176,5 @@ class ChunkedStream(EvictingStream):
             self.cache = self._decoder.cache  # accounting (evicted, bytes) is the decode slots' from now on
         logits = self._decoder.step(token)
         self.n, self.max_held = self._decoder.n, self._decoder.max_held
+        self.held_per_layer = self._decoder.held_per_layer
         return logits

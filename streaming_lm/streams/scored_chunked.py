@@ -119,7 +119,7 @@ class ScoredChunkedStream(EvictingStream):
                 b = min(a + chunk, ids.numel())
                 positions = torch.arange(first + a, first + b, device=ids.device)[None]
                 logits = self.model(input_ids=ids[None, a:b], position_ids=positions, **kwargs).logits
-                self.max_held = max(self.max_held, *self.cache.held_tokens())
+                self.note_held()
                 self.n = first + b
                 yield a, logits[0].float()
 

@@ -65,5 +65,5 @@ class TokenStream(EvictingStream):
         if self._returned:
             hand_over(self.cache, out.attentions)
         self.n += 1
-        self.max_held = max(self.max_held, *self.cache.held_tokens())
+        self.note_held()
         return out.logits[0, -1].float()
