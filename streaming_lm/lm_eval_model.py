@@ -269,9 +269,9 @@ class StreamingHFLM(HFLM):
 
 def held_report(per_layer: tuple[int, ...]) -> dict:
     """The results file's memory: the most tokens each layer held between passes over the run (this rank's), and
-    per key/value head their mean and maximum. Every head of a layer holds its layer's count (the storages hold as
-    many tokens per head), so the per-head figures follow from the per-layer ones. Empty for recompute (no cache)
-    and before any request."""
+    per key/value head their mean and maximum. A layer's count is its storage's width: every head's count but with
+    head_budgets=adaptive, where it is the most any head holds (the mean is then an upper bound). Empty for
+    recompute (no cache) and before any request."""
     if not per_layer:
         return {}
     return {"held_tokens_per_layer": list(per_layer),

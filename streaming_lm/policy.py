@@ -213,6 +213,11 @@ class ScoredPolicy(Policy):
         """The model a stream reads with, and its rotary (``rotary.find_rotary``), for a policy that needs more than
         the cache (Expected Attention's RoPE frequencies). Nothing by default."""
 
+    @property
+    def adaptive_heads(self) -> bool:
+        """Whether the heads of a layer keep different counts (``head_budgets=adaptive``: AdaKV)."""
+        return getattr(self, "head_budgets", "uniform") == "adaptive"
+
     def layer_capacity(self, layer: int, layers: int, n: int) -> int:
         """Tokens layer ``layer`` (of ``layers``) keeps at an event after ``n`` tokens read: ``C`` at every layer
         unless the policy's budgets differ by layer (``layer_budgets=pyramid``)."""
@@ -291,6 +296,32 @@ LAYER_BUDGETS = (
 )
 
 
+def _fraction(value: float) -> None:
+    if value > 1:
+        raise ValueError(f"alpha_safeguard must be a number in [0, 1]; got {value}")
+
+
+# Budgets across the key/value heads of a layer, declared by the per-head policies they apply to (a policy deciding
+# per layer, as TOVA, does not declare them: its heads hold the same tokens).
+HEAD_BUDGETS = (
+    Param("head_budgets", str, "uniform", "uniform: every key/value head keeps C; adaptive: AdaKV, the heads of a "
+          "layer keep C on average, the layer's lowest (head, token) scores going first", choices=("uniform",
+                                                                                                    "adaptive")),
+    Param("alpha_safeguard", float, 0.2, "head_budgets=adaptive: each head's int(C * alpha) best tokens are safe",
+          minimum=0.0, check=_fraction),
+)
+
+
+def check_head_budgets(settings) -> None:
+    """``head_budgets=adaptive``: heads hold different counts in a padded layout that the token loop's attention
+    function masks (original positions: a shifted query's position would differ by head)."""
+    if settings.policy_params["head_budgets"] != "adaptive":
+        return
+    if settings.positions == "shifted" or settings.method != "token":
+        raise ValueError(f"head_budgets=adaptive runs on method=token with positions=original (heads hold different "
+                         f"counts); got method={settings.method}, positions={settings.positions}")
+
+
 def check_layer_budgets(settings, window: int) -> None:
     """``layer_budgets=pyramid`` must be able to split ``C``: its smallest layer budget ``C / beta`` reaches the
     window (else PyramidKV's rule falls back to uniform budgets at every event, a pyramid that never is), and holds
@@ -330,7 +361,7 @@ class SnapKV(ScoredPolicy):
                     minimum=1),
               Param("kernel_size", int, 5, "average pooling of the scores over neighbouring keys (odd)", minimum=1,
                     check=_odd),
-              *LAYER_BUDGETS)
+              *LAYER_BUDGETS, *HEAD_BUDGETS)
     paths = {"token": BOTH, "chunked": ("original",)}
     needs_attention = False
     needs_queries = True
@@ -345,6 +376,7 @@ class SnapKV(ScoredPolicy):
                 f"window_size; lower window_size or raise evict_every)"
             )
         check_layer_budgets(settings, window)
+        check_head_budgets(settings)
 
     def layer_capacity(self, layer, layers, n):
         if self.layer_budgets == "uniform":
@@ -377,7 +409,8 @@ class ExpectedAttention(ScoredPolicy):
               Param("n_sink", int, 4, "first tokens kept and left out of the query statistics", minimum=0),
               Param("use_covariance", bool, True, "add the queries' covariance term"),
               Param("use_vnorm", bool, True, "multiply by the value's norm"),
-              Param("epsilon", float, 0.0, "added to the score before the value norm", minimum=0.0))
+              Param("epsilon", float, 0.0, "added to the score before the value norm", minimum=0.0),
+              *HEAD_BUDGETS)
     paths = {"token": ("original",), "chunked": ("original",)}
     needs_attention = False
     needs_queries = True
@@ -389,6 +422,7 @@ class ExpectedAttention(ScoredPolicy):
         if settings.capacity < sinks:
             raise ValueError(f"policy=expected_attention keeps its n_sink={sinks} first tokens: the budget C = "
                              f"start_size + recent_size + heavy_size = {settings.capacity} must hold them")
+        check_head_budgets(settings)
 
     def bind(self, model, shift) -> None:
         from .rotary import RotaryShift

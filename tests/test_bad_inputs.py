@@ -241,6 +241,12 @@ CASES = [
          "must be shorter than the segment", ("window_size", "evict_every"), model_args(policy="snapkv"),
          also=((model_args(policy="snapkv", window_size=8, evict_every=8),
                 "policy=snapkv observes the last window_size=8 queries of each segment of evict_every=8 tokens"),)),
+    Case("head_budgets-per-layer-policy", "ValueError",
+         "policy=tova has no parameter 'head_budgets' (it is a parameter of snapkv, expected_attention)",
+         ("policy", "head_budgets", "snapkv"), model_args(policy="tova", head_budgets="adaptive"),
+         also=((model_args(policy="snapkv", window_size=4, evict_every=8, head_budgets="adaptive"),
+                "head_budgets=adaptive runs on method=token with positions=original (heads hold different counts); "
+                "got method=chunked", ("head_budgets", "method=token", "positions=original")),)),
     Case("pyramid-cannot-split", "ValueError",
          "layer_budgets=pyramid cannot split C=16 tokens: its smallest layer budget C / beta = 0.8 (beta=20) is below "
          "window_size=4", ("layer_budgets", "beta", "window_size", "C >= beta * window_size"),

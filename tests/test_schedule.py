@@ -45,6 +45,11 @@ CASES = [
     pytest.param("expected_attention", {"n_future_positions": 8, "n_sink": 1}, (1, 0, 7), 4, id="expected-K4"),
     pytest.param("expected_attention", {"n_future_positions": 16, "n_sink": 0, "use_covariance": False,
                                         "use_vnorm": False, "epsilon": 0.5}, (0, 1, 6), 6, id="expected-plain-K6"),
+    # AdaKV: the heads of a layer keep C per head on average (token loop, original positions).
+    pytest.param("snapkv", {"window_size": 2, "kernel_size": 3, "head_budgets": "adaptive", "alpha_safeguard": 0.25},
+                 (0, 0, 8), 5, id="adakv-snapkv-K5"),
+    pytest.param("expected_attention", {"n_future_positions": 8, "n_sink": 1, "head_budgets": "adaptive"}, (1, 0, 7),
+                 4, id="adakv-expected-K4"),
     # PyramidKV: C = 8 split over the 2 layers as [12, 4] once n >= 14 (uniform before: the rule's fallback).
     pytest.param("snapkv", {"window_size": 2, "kernel_size": 3, "layer_budgets": "pyramid", "beta": 2.0}, (0, 0, 8),
                  5, id="pyramidkv-K5"),
@@ -138,8 +143,13 @@ def test_the_token_loop_follows_the_definition(model, ids, token_loop, policy, p
     # every event compresses to the layer's budget (C unless budgets differ by layer), nothing in between
     assert got.evicted == events - held_per_layer(policy, params, budgets, every, events)[0]
     most = max(max(held_per_layer(policy, params, budgets, every, n)) for n in range(N))
-    assert sum(budgets) < got.max_held == most  # between steps: the budget plus the segment so far
-    assert most <= sum(budgets) + every - 1 or params.get("layer_budgets") == "pyramid"
+    if params.get("head_budgets") == "adaptive":  # a head may hold more than C, another fewer: the most any holds
+        assert got.max_held > most  # the heads did differ
+        uniform = token_loop(policy, params | {"head_budgets": "uniform"}, budgets, every, positions)
+        assert (got.logprobs - uniform.logprobs).abs().max() > 1e-3
+    else:
+        assert sum(budgets) < got.max_held == most  # between steps: the budget plus the segment so far
+        assert most <= sum(budgets) + every - 1 or params.get("layer_budgets") == "pyramid"
     expected = reference(model, ids, policy, params, budgets, every, positions)
     if expected is not None:
         torch.testing.assert_close(got.logprobs, expected, rtol=0, atol=TOL)

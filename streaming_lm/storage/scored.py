@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from ..compression.budgets import adaptive_head_keep
 from ..compression.ties import lowest_oldest
 from ..policy import ScoredPolicy
 from ..rotary import LayerShifts, RotaryShift
@@ -65,6 +66,53 @@ def victims(score: torch.Tensor, tokens: torch.Tensor, t: int, policy: ScoredPol
     return lowest_oldest(score.masked_fill(protected, float("inf")))
 
 
+# A score below any real one, for (head, token) cells a head does not hold (finite: the tie margin is relative).
+ABSENT = -1e30
+
+
+def adaptive_compress(score: torch.Tensor, tokens: torch.Tensor, t: int, policy: ScoredPolicy, alive: torch.Tensor,
+                      capacity: int) -> torch.Tensor:
+    """AdaKV's event (compression/budgets.py ``adaptive_head_keep``) on what each head holds (``alive``, counts may
+    differ): the heads keep ``capacity`` per head on average. Laid out by token (not by slot), so the tie rule's
+    order (older token first, then lower head) does not depend on the storage's padding. Protected tokens stay."""
+    settings = policy.settings
+    heads = torch.arange(alive.shape[0], device=alive.device)[:, None].expand_as(alive)
+    union = torch.unique(tokens[alive])  # sorted: the grid's columns
+    column = torch.searchsorted(union, tokens.clamp(min=0))
+    grid = torch.full((alive.shape[0], union.numel()), ABSENT, device=score.device)
+    protected = (tokens < settings.start_size) | (tokens > t - settings.recent_size)
+    grid[heads[alive], column[alive]] = score.float().masked_fill(protected, float("inf"))[alive]
+    kept, _ = adaptive_head_keep(grid, capacity, policy.alpha_safeguard)
+    return alive & kept[heads, column.clamp(max=union.numel() - 1)]
+
+
+def held_scores(policy: ScoredPolicy, keys, values, attention, alive, queries, step) -> torch.Tensor:
+    """float32 [kv_heads, columns]: the policy's scores of the columns ``alive`` marks, computed on those columns
+    alone, as the token loop's cache holds them (a score may read neighbours or the window's last keys: SnapKV);
+    other columns score ``+inf``. Heads holding different counts (AdaKV) are scored one by one."""
+    kv_heads = keys.shape[0]
+    counts = alive.sum(1)
+    out = torch.full(alive.shape, float("inf"), device=alive.device)
+    groups = [range(kv_heads)] if bool((counts == counts[0]).all()) else [[h] for h in range(kv_heads)]
+    for heads in groups:
+        heads = list(heads)
+        index = alive[heads].nonzero()[:, 1].reshape(len(heads), -1)  # [heads, held], in token order
+
+        def held(x, heads=heads, index=index):
+            return x[heads].gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+        rows, asked = None, None
+        if attention is not None:  # each key/value head's query heads, over its held columns
+            group = attention.shape[0] // kv_heads
+            rows = attention.reshape(kv_heads, group, -1)[heads]
+            rows = rows.gather(2, index[:, None].expand(-1, group, -1)).reshape(len(heads) * group, -1)
+        if queries is not None:
+            asked = queries.reshape(kv_heads, -1, *queries.shape[1:])[heads].reshape(-1, *queries.shape[1:])
+        score = step_scores(policy, held(keys), held(values), rows, None, len(heads), asked, step)
+        out[heads] = out[heads].scatter(1, index, score)
+    return out
+
+
 class ScoredDynamicLayer(DynamicLayer):
     def __init__(self, policy: ScoredPolicy, shift: RotaryShift | None, rows: bool = False, index: int = 0,
                  layers: int = 1):
@@ -78,6 +126,8 @@ class ScoredDynamicLayer(DynamicLayer):
         self.totals: torch.Tensor | None = None  # float32 [kv_heads, K]: accumulated scores (accumulate)
         # float32 [query_heads, s, head_dim]: the queries read since the last event (needs_queries)
         self.queries: torch.Tensor | None = None
+        # bool [kv_heads, K]: padding slots of heads holding fewer tokens (head_budgets=adaptive); None when none
+        self.dead: torch.Tensor | None = None
 
     def observe(self, query: torch.Tensor) -> torch.Tensor | None:
         """Add queries ([query_heads, s, head_dim]) to the segment's; returns the segment's so far (None unless
@@ -95,6 +145,8 @@ class ScoredDynamicLayer(DynamicLayer):
         heads, count = keys.shape[1], key_states.shape[-2]
         new = torch.arange(self.seen, self.seen + count, device=keys.device).expand(heads, -1)
         self.tokens = new if self.tokens is None else torch.cat((self.tokens, new), dim=1)
+        if self.dead is not None:
+            self.dead = torch.cat((self.dead, torch.zeros((heads, count), dtype=torch.bool, device=keys.device)), 1)
         if self.policy.accumulate:
             zero = torch.zeros((heads, count), dtype=torch.float32, device=keys.device)
             self.totals = zero if self.totals is None else torch.cat((self.totals, zero), dim=1)
@@ -112,13 +164,18 @@ class ScoredDynamicLayer(DynamicLayer):
         if event:
             self.queries = None  # the next segment starts empty
         capacity = self.capacity(t + 1)
-        over = self.keys.shape[-2] > capacity and event
+        alive = torch.ones(self.tokens.shape, dtype=torch.bool, device=self.tokens.device) if self.dead is None \
+            else ~self.dead
+        over = event and int(alive.sum()) > capacity * alive.shape[0]
         if not policy.accumulate and not over:
+            return
+        if policy.adaptive_heads:
+            score = held_scores(policy, self.keys[0], self.values[0], attention, alive, queries, t)
+            self.keep(adaptive_compress(score, self.tokens, t, policy, alive, capacity))
             return
         score = step_scores(policy, self.keys[0], self.values[0], attention, self.totals, self.tokens.shape[0],
                             queries, t)
         if over:
-            alive = torch.ones(self.tokens.shape, dtype=torch.bool, device=self.tokens.device)
             self.keep(compress(score, self.tokens, t, policy, alive, capacity), rotate=True)
 
     def capacity(self, n: int) -> int:
@@ -128,13 +185,19 @@ class ScoredDynamicLayer(DynamicLayer):
     def keep(self, alive: torch.Tensor, rotate: bool = False) -> None:
         """Keep the columns ``alive`` marks (bool [kv_heads, K], as many per head); with ``rotate`` (shifted
         positions) every key moves back by as many positions as tokens were dropped before it."""
-        keep = alive.nonzero()[:, 1].reshape(alive.shape[0], -1)  # [kv_heads, kept], in token order
+        counts = alive.sum(1)
+        # [kv_heads, kept]: each head's kept columns in token order; a head keeping fewer is padded with dropped
+        # columns, marked dead (the attention function masks them)
+        keep = torch.sort((~alive).to(torch.uint8), dim=1, stable=True).indices[:, : int(counts.max())]
+        dead = torch.arange(keep.shape[1], device=keep.device)[None, :] >= counts[:, None]
+        held_before = alive.shape[1] * alive.shape[0] - (0 if self.dead is None else int(self.dead.sum()))
         keys = self.keys.gather(2, keep[None, :, :, None].expand(*self.keys.shape[:2], -1, self.keys.shape[-1]))
         if rotate and self.shift is not None:
             # Shifted: positions are slots, so every key moves back by the evictions before it.
             moved = keep - torch.arange(keep.shape[1], device=keep.device)[None, :]
             keys = torch.where((moved > 0)[None, :, :, None], self.shift.rotate(keys, -moved), keys)
-        self.evicted += alive.shape[1] - keep.shape[1]
+        self.evicted += (held_before - int(counts.sum())) // alive.shape[0]  # per head (on average, AdaKV)
+        self.dead = dead if bool(dead.any()) else None
         self.keys = keys
         self.values = self.values.gather(2, keep[None, :, :, None].expand(*self.values.shape[:2], -1,
                                                                           self.values.shape[-1]))

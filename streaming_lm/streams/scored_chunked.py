@@ -19,30 +19,12 @@ from transformers import AttentionInterface
 from ..forward_args import num_decoder_layers
 from ..positions import check_positions_fit
 from ..storage import ScoredDynamicCache
-from ..storage.scored import compress, step_scores
+from ..storage.scored import compress, held_scores, step_scores
 from .attention import attention_function, grouped_rows, refuse_learned_sinks, soft_capped
 from .base import EvictingStream, as_ids
 from .weights import CACHE_KWARG
 
 ATTENTION_NAME = "streaming_lm_scored_rows"
-
-
-def _held_scores(policy, keys, values, attention, alive, queries, step) -> torch.Tensor:
-    """float32 [kv_heads, columns]: the policy's scores of the columns ``alive`` marks, computed on those columns
-    alone, as the token loop's cache holds them (a score may read neighbours or the window's last keys: SnapKV);
-    other columns score ``+inf``."""
-    kv_heads = keys.shape[0]
-    index = alive.nonzero()[:, 1].reshape(kv_heads, -1)  # [kv_heads, held], in token order
-
-    def held(x):
-        return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
-
-    if attention is not None:
-        group = attention.shape[0] // kv_heads
-        rows = attention.reshape(kv_heads, group, -1)
-        attention = rows.gather(2, index[:, None].expand(-1, group, -1)).reshape(kv_heads * group, -1)
-    score = step_scores(policy, held(keys), held(values), attention, None, kv_heads, queries, step)
-    return torch.full(alive.shape, float("inf"), device=alive.device).scatter(1, index, score)
 
 
 def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -81,7 +63,7 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
             elif policy.accumulate:  # totals are per column: score every column (dead ones are never chosen)
                 score = step_scores(policy, key[0], value[0], attention, layer.totals, kv_heads, queries, t0 + r)
             else:
-                score = _held_scores(policy, key[0], value[0], attention, alive, queries, t0 + r)
+                score = held_scores(policy, key[0], value[0], attention, alive, queries, t0 + r)
             if over:
                 alive = compress(score, layer.tokens, t0 + r, policy, alive, capacity)
         if event:

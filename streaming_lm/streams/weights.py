@@ -29,6 +29,9 @@ def _weights_attention(module, query, key, value, attention_mask, scaling, dropo
     # Each key/value head's query heads as rows; logits and softmax in float32 (eviction-policies.md).
     rows = grouped_rows(query.float(), kv_heads)[0]
     logits = soft_capped(torch.matmul(rows, key[0].float().transpose(-1, -2)) * scaling, kwargs.get("softcap"))
+    dead = cache.layers[module.layer_idx].dead  # padding of heads holding fewer tokens (head_budgets=adaptive)
+    if dead is not None:
+        logits = logits.masked_fill(dead[:, None, :], float("-inf"))
     weights = torch.softmax(logits, dim=-1)  # [kv_heads, group, K]
     out = torch.matmul(weights.to(value.dtype), value[0]).reshape(1, heads, 1, -1)
     cache.layers[module.layer_idx].after_attention(weights.reshape(heads, -1), query[0])

@@ -76,6 +76,33 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
         last[layer] = rows
         return out[None], None
 
+    def lowest(cells: dict, order) -> tuple:
+        """The cell one eviction takes: the lowest score; among those within 1e-5 relative, the first by ``order``."""
+        low = min(cells.values())
+        return min((key for key, value in cells.items() if value <= low + 1e-5 * abs(low)), key=order)
+
+    def adaptive(by_head: dict, held_layer: list, t: int) -> None:
+        """AdaKV at an event (shared/docs/compression-methods.md): each head's int(C·alpha) best are safe, then the
+        lowest (head, token) cells of the layer go one at a time (ties: the older token, then the lower head)
+        until the heads hold C per head."""
+        if (t + 1) % evict_every or sum(len(tokens) for tokens, _ in by_head.values()) <= capacity * kv_heads:
+            for h, (tokens, _) in by_head.items():
+                held_layer[h] = tokens
+            return
+        alpha = params["alpha_safeguard"]
+        safe = max(1, int(capacity * alpha)) if alpha > 0 and capacity > 0 else 0
+        cells = {}
+        for h, (tokens, score) in by_head.items():
+            mine = {(h, j): float("inf") if j < start or j > t - recent else s for j, s in zip(tokens, score)}
+            rest = dict(mine)
+            while len(rest) > safe:  # the safe ones are what evicting down to ``safe`` leaves
+                del rest[lowest(rest, lambda key: key[1])]
+            cells.update({key: float("inf") if key in rest else value for key, value in mine.items()})
+        while len(cells) > capacity * kv_heads:
+            del cells[lowest(cells, lambda key: (key[1], key[0]))]
+        for h in by_head:
+            held_layer[h] = sorted(j for head, j in cells if head == h)
+
     AttentionInterface.register(NAME, attention)
     previous = config._attn_implementation
     model.set_attn_implementation(NAME)
@@ -88,8 +115,10 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
             logits = model(ids[None, : t + 1], position_ids=torch.arange(t + 1)[None], use_cache=False).logits
             out.append(torch.log_softmax(logits[0, -1].float(), -1)[ids[t + 1]])
             for layer in range(layers):
+                by_head = {}  # head_budgets=adaptive: every head's (tokens, scores), decided together
                 rows = last[layer]
-                tova = torch.stack([rows[h][0] for h in range(kv_heads)]).mean((0, 1))  # all heads of the layer
+                if policy == "tova":  # all heads of the layer (they hold the same tokens)
+                    tova = torch.stack([rows[h][0] for h in range(kv_heads)]).mean((0, 1))
                 for h in range(kv_heads):
                     tokens = visible[(layer, h, t)]
                     weights, keys = rows[h]
@@ -116,6 +145,9 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
                     else:
                         raise ValueError(policy)
                     kept = capacity
+                    if params.get("head_budgets") == "adaptive":
+                        by_head[h] = (tokens, score)
+                        continue
                     if params.get("layer_budgets") == "pyramid":
                         kept = pyramid(t + 1, layers, capacity, params["window_size"], params["beta"])[layer]
                     while len(tokens) > kept and (t + 1) % evict_every == 0:
@@ -127,6 +159,8 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
                         tokens = tokens[:victim] + tokens[victim + 1 :]
                         score = score[:victim] + score[victim + 1 :]
                     held[layer][h] = tokens
+                if by_head:
+                    adaptive(by_head, held[layer], t)
     finally:
         model.set_attn_implementation(previous)
     return torch.stack(out)
