@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers.models import tiny_llama
+from helpers.policies import CASES
 from helpers.reference import dense_logprobs, original_positions_logprobs, shifted_llama_logprobs
 from helpers.scored_reference import pyramid, scored_logprobs
 
@@ -28,32 +29,6 @@ N = 34  # stream length
 TOL = 2e-5
 
 
-# policy, its parameters, budgets (start, recent, heavy), evict_every
-CASES = [
-    pytest.param("sink_window", {}, (2, 6, 0), 4, id="sink_window-K4"),
-    pytest.param("sink_window", {}, (0, 5, 0), 3, id="sink_window-nosinks-K3"),
-    pytest.param("tova", {}, (1, 2, 5), 4, id="tova-K4"),
-    pytest.param("h2o", {}, (1, 2, 5), 3, id="h2o-K3"),
-    pytest.param("knorm", {}, (2, 0, 6), 5, id="knorm-K5"),
-    pytest.param("helpers.policies:Recency", {"step": -1.0}, (1, 1, 6), 4, id="plugin-K4"),
-    # A method scored from the segment's observation (its queries), on the token loop and the chunked path.
-    pytest.param("helpers.policies:QueryAffinity", {}, (1, 1, 6), 4, id="queries-K4"),
-    # SnapKV: the segment's last window_size queries vote (evict_every > window_size).
-    pytest.param("snapkv", {"window_size": 3, "kernel_size": 3}, (0, 0, 8), 5, id="snapkv-K5"),
-    pytest.param("snapkv", {"window_size": 2, "kernel_size": 5}, (1, 1, 9), 7, id="snapkv-K7"),
-    # Expected Attention: the segment's queries before RoPE (un-rotated), original positions.
-    pytest.param("expected_attention", {"n_future_positions": 8, "n_sink": 1}, (1, 0, 7), 4, id="expected-K4"),
-    pytest.param("expected_attention", {"n_future_positions": 16, "n_sink": 0, "use_covariance": False,
-                                        "use_vnorm": False, "epsilon": 0.5}, (0, 1, 6), 6, id="expected-plain-K6"),
-    # AdaKV: the heads of a layer keep C per head on average (token loop, original positions).
-    pytest.param("snapkv", {"window_size": 2, "kernel_size": 3, "head_budgets": "adaptive", "alpha_safeguard": 0.25},
-                 (0, 0, 8), 5, id="adakv-snapkv-K5"),
-    pytest.param("expected_attention", {"n_future_positions": 8, "n_sink": 1, "head_budgets": "adaptive"}, (1, 0, 7),
-                 4, id="adakv-expected-K4"),
-    # PyramidKV: C = 8 split over the 2 layers as [12, 4] once n >= 14 (uniform before: the rule's fallback).
-    pytest.param("snapkv", {"window_size": 2, "kernel_size": 3, "layer_budgets": "pyramid", "beta": 2.0}, (0, 0, 8),
-                 5, id="pyramidkv-K5"),
-]
 
 
 def served(case, method: str) -> list[str]:
