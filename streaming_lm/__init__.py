@@ -12,7 +12,7 @@ _LAZY = {
     "StreamingSettings": "streaming_lm.settings",
     "EvictingDynamicCache": "streaming_lm.storage",
     "open_stream": "streaming_lm.streams",
-    "score": "streaming_lm.scoring",
+    "score": "streaming_lm.rolling",
 }
 
 __all__ = ["__version__", *_LAZY]

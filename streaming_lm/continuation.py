@@ -1,7 +1,7 @@
 """Log-likelihood of continuations under a streaming cache (lm-eval's ``loglikelihood``).
 
 The request ``(context, continuation)`` is one stream ``context + continuation`` read from an
-empty state: the numbers are the continuation's entries of ``scoring.score`` on that stream.
+empty state: the numbers are the continuation's entries of ``rolling.score`` on that stream.
 Each path decides how to share the context (the cache paths read it once and fork); across
 requests, ``score_requests`` reads shared context prefixes once (``streams.shared``).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from .rotary import RotaryShift
-from .scores import ContinuationScore
+from .loglik import ContinuationScore
 from .settings import StreamingSettings
 from .streams import open_stream
 from .streams.shared import Trie, WalkStats, walk

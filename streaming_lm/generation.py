@@ -52,6 +52,7 @@ class Generation:
     tokens: list[int]  # generated ids (a stop token included, as transformers' generate does)
     evicted: int = 0  # tokens evicted over context + generation
     max_held: int = 0  # most tokens any layer held between passes
+    held_per_layer: tuple[int, ...] = ()  # the most tokens each layer held between passes
 
 
 def decode(
@@ -127,4 +128,4 @@ def generate_requests(
 def _generate_after_context(stream, max_new_tokens: int, decode_kwargs: dict) -> Generation:
     logits = stream.last_logits()[-1]
     tokens = decode(stream, logits, max_new_tokens, **decode_kwargs) if max_new_tokens > 0 else []
-    return Generation(tokens, stream.evicted, stream.max_held)
+    return Generation(tokens, stream.evicted, stream.max_held, tuple(stream.held_per_layer))

@@ -1,6 +1,6 @@
 """``streaming_hf``: lm-eval's ``HFLM`` scored through a sink+window streaming cache.
 
-Thin adapter: it maps lm-eval requests onto the engine (``streaming_lm.scoring`` for rolling
+Thin adapter: it maps lm-eval requests onto the engine (``streaming_lm.rolling`` for rolling
 log-likelihoods, ``.continuation`` for ``loglikelihood``, ``.generation`` for ``generate_until``)
 and leaves loading, tokenisation and everything else to ``HFLM``.
 """
@@ -26,15 +26,13 @@ from . import settings as settings_mod
 from .continuation import score_requests
 from .generation import SAMPLING_DEFAULTS, GenerationRequest, generate_requests, greedy, sampler
 from .offline_models import resolve_pretrained
-from .policy import policy_class
-from .scoring import score
+from .rolling import score
 from .streams import uses_batch_size
-from .support import check_model_supported, check_trust_positions, fall_back_to_token_loop, find_rotary
+from .rotary import find_rotary
+from .support import check_model_supported, check_trust_positions, fall_back_to_token_loop
 
 # Under lm-eval's logger, so its CLI shows our lines with its own.
 eval_logger = logging.getLogger("lm_eval.models.streaming_hf")
-
-MODEL_NAME = "streaming_hf"
 
 
 def _refuse_misspelt_args(kwargs: dict) -> None:
@@ -55,7 +53,8 @@ class StreamingHFLM(HFLM):
 
     Extra model args: the fields of ``StreamingSettings`` (``settings.KNOBS``: ``start_size``,
     ``recent_size`` or ``compression_ratio``, ``positions``, ``method``, ``chunk_size``, ``stride``,
-    ``policy``, ``heavy_size``; docs/semantics.md, docs/policies.md) and ``trust_positions=rope``
+    ``policy``, ``heavy_size``, ``evict_every``; docs/semantics.md, docs/policies.md), the chosen policy's own
+    parameters (its class's ``params``) and ``trust_positions=rope``
     (``support.check_model_supported``). Every other argument is HFLM's.
     """
 
@@ -70,10 +69,11 @@ class StreamingHFLM(HFLM):
         self._streaming_args = {name: kwargs.pop(name, default) for name, default in settings_mod.ARG_DEFAULTS.items()}
         # About the model, not the cache (so no settings knob): accept an unlisted RoPE type after a self-check.
         self._trust_positions = check_trust_positions(kwargs.pop("trust_positions", None))
+        # The policy's own parameters (policy=<name>,<param>=<value>); a plug-in is imported and checked here.
+        self._streaming_args["policy_params"] = settings_mod.pop_policy_params(self._streaming_args["policy"], kwargs)
         _refuse_misspelt_args(kwargs)
         self._max_length_arg = kwargs.get("max_length")
         self.streaming = settings_mod.resolve(**self._streaming_args, max_length=self._max_length_arg)
-        policy_class(self.streaming.policy)  # a plug-in policy is imported and checked before the model loads
         super().__init__(pretrained, **kwargs)
         accelerator = getattr(self, "accelerator", None)
         if accelerator is not None and accelerator.num_processes > 1 and self.world_size == 1:
@@ -90,6 +90,7 @@ class StreamingHFLM(HFLM):
         check_model_supported(self.model, self.streaming, self._trust_positions)
         self.rotary = find_rotary(self.model)
         self._evicted = 0
+        self._held_per_layer: tuple[int, ...] = ()  # the most each layer held, over every request
         eval_logger.info("streaming_hf cache: %s", self.streaming.as_dict())
 
     def _create_model(self, pretrained, *args, **kwargs) -> None:
@@ -111,6 +112,7 @@ class StreamingHFLM(HFLM):
             scored = score(self.model, self.rolling_ids(string), self.streaming, self.rotary, progress=show,
                            batch_size=windows_per_pass)
             self._evicted += scored.evicted
+            self._note_held(scored.held_per_layer)
             total = float(scored.logprobs.double().sum())
             results.append(total)
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
@@ -137,6 +139,7 @@ class StreamingHFLM(HFLM):
 
         def done(i, scored):
             self._evicted += scored.evicted
+            self._note_held(scored.held_per_layer)
             self.cache_hook.add_partial("loglikelihood", requests[i][0], (scored.logprob, scored.is_greedy))
             bar.update(1)
 
@@ -176,6 +179,7 @@ class StreamingHFLM(HFLM):
 
         def done(i, out):
             self._evicted += out.evicted
+            self._note_held(out.held_per_layer)
             results[i] = self._postprocess(out.tokens, untils[i])
             self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
             bar.update(1)
@@ -252,8 +256,23 @@ class StreamingHFLM(HFLM):
             torch.distributed.all_gather_object(counts, self._evicted)
             self._evicted_all_ranks = sum(counts)
 
+    def _note_held(self, held: tuple[int, ...]) -> None:
+        before = self._held_per_layer or (0,) * len(held)
+        self._held_per_layer = tuple(max(a, b) for a, b in zip(before, held))
+
     def get_model_info(self) -> dict:
         info = super().get_model_info()
         evicted = getattr(self, "_evicted_all_ranks", self._evicted) if self.world_size > 1 else self._evicted
-        info["streaming"] = self.streaming.as_dict() | {"evicted_tokens": evicted}
+        info["streaming"] = self.streaming.as_dict() | {"evicted_tokens": evicted} | held_report(self._held_per_layer)
         return info
+
+
+def held_report(per_layer: tuple[int, ...]) -> dict:
+    """The results file's memory: the most tokens each layer held between passes over the run (this rank's), and
+    per key/value head their mean and maximum. A layer's count is its storage's width: every head's count but with
+    head_budgets=adaptive, where it is the most any head holds (the mean is then an upper bound). Empty for
+    recompute (no cache) and before any request."""
+    if not per_layer:
+        return {}
+    return {"held_tokens_per_layer": list(per_layer),
+            "held_tokens_per_head": {"mean": sum(per_layer) / len(per_layer), "max": max(per_layer)}}

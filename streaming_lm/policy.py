@@ -1,58 +1,151 @@
-"""Eviction policies: which tokens a cache holds. The one place that decides what is visible.
+"""Eviction policies: which tokens a cache holds. The one place that decides what is visible, and the one
+registry of policies (``POLICIES``): what each one is and which parameters it takes.
 
-Two kinds (docs/policies.md; the team's definitions: shared/docs/eviction-policies.md):
+Two kinds (docs/policies.md; the team's definitions: shared/docs/eviction-policies.md and
+compression-methods.md):
 
 - **index-only** (``SinkWindow``): the held set is known from token indices alone;
-- **scored** (``ScoredPolicy``: TOVA, H2O, key-norm, user plug-ins): after every step the protected
-  tokens (the first ``S``, the last ``W``) stay and, once the cache is full, the held token with the
-  lowest score goes (ties: the older). A scored policy only says how to score held tokens; the storage
-  (storage/scored.py) applies the rule.
+- **scored** (``ScoredPolicy``: TOVA, H2O, key-norm, user plug-ins): at an event the protected tokens
+  (the first ``S``, the last ``W``) stay and, while the cache holds more than ``C``, the held token with
+  the lowest score goes (ties: the older). A scored policy only says how to score held tokens; the
+  storage (storage/scored.py) applies the rule.
 
-An index-only policy answers one question, ``held(n)``: the token indices a cache holds after reading
-``n`` tokens (between steps). Everything else follows from it and is derived here, once:
+Every policy class says what it is, on the class: ``name``, ``params`` (its own parameters, each a model
+arg: ``Param``), ``index_only``, ``paths`` (the methods, and their position modes, that serve it exactly) and
+``default_positions``. settings.py reads these before any model loads, so this module imports no torch at
+import time: the few methods that build tensors import it when they run.
 
+Events (docs/semantics.md "Events"; ``schedule.py``): a cache is compressed after every ``evict_every``
+tokens. An index-only policy answers one question, ``compressed(n)``: the token indices a layer keeps when an
+event falls after ``n`` tokens read (at most ``capacity``). Everything else follows from it and is derived
+here, once:
+
+- ``held(n)``: what a layer holds after reading ``n`` tokens: ``compressed(e)`` of the last event ``e <= n``,
+  plus the tokens ``e .. n-1`` read since (with ``evict_every=1``, ``compressed(n)`` itself);
 - step ``t`` attends to ``held(t) ∪ {t}`` (``visible_mask``, for the chunked path's mask);
 - after step ``t`` the cache keeps ``held(t + 1)`` (the dynamic storage's trim, the static storage's
-  free slot: ``evicted_after``);
+  free slots: ``evicted_after``);
 - ``method=recompute`` re-encodes ``held(end + 1)`` as the window that ends at ``end``.
-
-``index_only`` policies decide from token indices alone, so the chunked path can serve them; a
-policy that needs attention scores would set it False and run on the token loop only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+from .values import as_bool, as_choice, as_float, as_int
 
-from .positions import first_recent
-from .settings import StreamingSettings
+if TYPE_CHECKING:
+    import torch
+
+# Literal here (settings.py imports this module): settings.check_declarations holds them to settings.POSITIONS.
+BOTH = ("shifted", "original")
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One parameter of a policy, declared on its class (``params``): a model arg of its own
+    (``policy=<name>,<param>=<value>``), checked before any model loads, written in the results file under
+    ``config.streaming.policy_params`` and usable as a grid axis of ``compare`` (``--param``).
+
+    ``kind`` is ``int``, ``float``, ``bool`` or ``str``; ``minimum`` bounds a number, ``choices`` lists a
+    string's values; ``check`` (optional) raises ``ValueError`` for anything else it refuses.
+    """
+
+    name: str
+    kind: type
+    default: Any
+    help: str
+    minimum: float | None = None
+    choices: tuple[str, ...] | None = None
+    check: Callable[[Any], None] | None = None
+
+    def parse(self, value) -> Any:
+        """The value as ``kind`` (lm-eval passes "4" as 4; the grid passes strings); ValueError names it."""
+        if self.kind is bool:
+            value = as_bool(self.name, value)
+        elif self.kind is int:
+            value = as_int(self.name, value, None if self.minimum is None else int(self.minimum))
+        elif self.kind is float:
+            value = as_float(self.name, value, self.minimum)
+        elif self.choices is not None:
+            value = as_choice(self.name, value, self.choices)
+        elif not isinstance(value, str):
+            raise ValueError(f"{self.name} must be a string, got {value!r}")
+        if self.check is not None:
+            self.check(value)
+        return value
+
 
 Runs = list[tuple[int, int]]  # ascending, disjoint half-open ranges [a, b) of token indices
 
 
-class EvictionPolicy(ABC):
-    """What a cache of ``capacity`` tokens keeps; implement ``held``."""
+class Policy:
+    """What every policy declares on its class (settings.py reads it; see the module docstring)."""
 
-    name: str
-    index_only: bool = True
+    name: ClassVar[str]
+    params: ClassVar[tuple[Param, ...]] = ()
+    index_only: ClassVar[bool]
+    # method -> the position modes in which that path serves the policy exactly
+    paths: ClassVar[dict[str, tuple[str, ...]]]
+    default_positions: ClassVar[str]
 
-    def __init__(self, settings: StreamingSettings):
+    def __init__(self, settings):  # a settings.StreamingSettings (settings.py imports this module)
         self.settings = settings
         self.capacity = settings.capacity
+        self.schedule = settings.schedule
+        for param in self.params:  # resolved by settings: every parameter is there, checked
+            setattr(self, param.name, settings.policy_params[param.name])
+
+    @classmethod
+    def check_settings(cls, settings) -> None:
+        """Refuse settings the policy cannot serve (a ``ValueError`` naming the knobs), before any model loads:
+        settings.py calls it once every knob is checked. Nothing by default."""
+
+    @classmethod
+    def default_method(cls, positions: str) -> str:
+        """chunked where an exact chunked path serves the policy in this position mode, else the token loop."""
+        return "chunked" if positions in cls.paths.get("chunked", ()) else "token"
+
+
+class EvictionPolicy(Policy, ABC):
+    """What a cache of ``capacity`` tokens keeps, from token indices alone; implement ``compressed``."""
+
+    index_only = True
+    paths = {"token": BOTH, "chunked": BOTH, "recompute": ("shifted",)}
+    default_positions = "shifted"
 
     @abstractmethod
+    def compressed(self, n: int) -> Runs:
+        """Token indices kept when an event falls after reading tokens ``0 .. n-1``: at most ``capacity`` of
+        them, ascending, and among those held before the event (an evicted token never comes back)."""
+
     def held(self, n: int) -> Runs:
-        """Token indices held after reading tokens ``0 .. n-1``: at most ``capacity`` of them, ascending."""
+        """Token indices held after reading tokens ``0 .. n-1``: the last event's ``compressed`` set, then every
+        token read since (runs merged where they touch)."""
+        event = self.schedule.last_event(n)
+        runs = self.compressed(event)
+        if event == n:
+            return runs
+        if runs and runs[-1][1] == event:
+            return [*runs[:-1], (runs[-1][0], n)]
+        return [*runs, (event, n)]
+
+    def held_count(self, n: int) -> int:
+        """How many tokens ``held(n)`` holds."""
+        return sum(b - a for a, b in self.held(n))
 
     def evicted_count(self, n: int) -> int:
         """Tokens evicted after reading ``n`` tokens: each token read is either held or was evicted once."""
-        return n - sum(b - a for a, b in self.held(n))
+        return n - self.held_count(n)
 
     def held_index(self, n: int) -> torch.Tensor:
         """``held(n)`` as a tensor of token indices."""
+        import torch
+
         return torch.cat([torch.arange(a, b) for a, b in self.held(n)])
 
     def evicted_after(self, t: int) -> list[int]:
@@ -70,6 +163,8 @@ class EvictionPolicy(ABC):
 
     def visible_mask(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """bool [Q, K]: query token ``t`` sees key token ``j`` iff ``j ∈ held(t) ∪ {t}``."""
+        import torch
+
         runs = [self.held(int(t)) for t in queries]
         width = max(len(r) for r in runs)
         lo = torch.tensor([[a for a, _ in r] + [0] * (width - len(r)) for r in runs])
@@ -88,36 +183,55 @@ class SinkWindow(EvictionPolicy):
 
     name = "sink_window"
 
-    def held(self, n: int) -> Runs:
+    def compressed(self, n: int) -> Runs:
         sinks = min(self.settings.start_size, n)
-        return [(0, sinks), (min(first_recent(n, self.settings), n), n)]
+        return [(0, sinks), (min(max(self.settings.start_size, n - self.settings.recent_size), n), n)]
 
 
-class ScoredPolicy:
+class ScoredPolicy(Policy):
     """Evicts by a score; implement ``score`` (the shape of kvpress's ``ScorerPress.score``).
 
     Class attributes: ``needs_attention`` (``score`` reads this step's attention weights: the token loop
-    then computes them in its own attention function), ``per_head`` (each key/value head evicts on its
-    own; False: the whole layer evicts one token), ``accumulate`` (a held token's score is the sum of its
-    scores over every step since it was read, as H2O's).
+    then computes them in its own attention function), ``needs_queries`` (``score`` also takes ``queries``,
+    the observation of the event: the segment's queries since the last event, as the attention saw them),
+    ``needs_step`` (``score`` also takes ``step``, the stream index of this step's token: the segment's queries are
+    those of tokens ``step - s + 1 .. step``),
+    ``accumulate`` (a held token's score is the sum of its scores over every step since it was read, as
+    H2O's). Whether heads decide alone follows from the shape ``score`` returns.
     """
 
     name = "scored"
     index_only = False
+    paths = {"token": BOTH}  # a plug-in runs on the token loop
+    default_positions = "original"  # the policies' own papers and code
     needs_attention = True
-    per_head = True
+    needs_queries = False
+    needs_step = False
     accumulate = False
 
-    def __init__(self, settings: StreamingSettings):
-        self.settings = settings
-        self.capacity = settings.capacity
+    def bind(self, model, shift) -> None:
+        """The model a stream reads with, and its rotary (``rotary.find_rotary``), for a policy that needs more than
+        the cache (Expected Attention's RoPE frequencies). Nothing by default."""
+
+    @property
+    def adaptive_heads(self) -> bool:
+        """Whether the heads of a layer keep different counts (``head_budgets=adaptive``: AdaKV)."""
+        return getattr(self, "head_budgets", "uniform") == "adaptive"
+
+    def layer_capacity(self, layer: int, layers: int, n: int) -> int:
+        """Tokens layer ``layer`` (of ``layers``) keeps at an event after ``n`` tokens read: ``C`` at every layer
+        unless the policy's budgets differ by layer (``layer_budgets=pyramid``)."""
+        return self.capacity
 
     def score(self, keys: torch.Tensor, values: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
-        """Scores of the held tokens of one layer (low goes first): [kv_heads, K], or [K] when not ``per_head``.
+        """Scores of the held tokens of one layer (low goes first): [kv_heads, K] (each key/value head evicts on its
+        own), or [K] (the whole layer evicts one token).
 
         ``keys``/``values``: [kv_heads, K, head_dim] as held (this step's token last); ``attention``: float32
         [query_heads, K], this step's softmax weights (None unless ``needs_attention``). Query head ``q``
-        reads key/value head ``q // (query_heads // kv_heads)``.
+        reads key/value head ``q // (query_heads // kv_heads)``. With ``needs_queries`` it is called as
+        ``score(keys, values, attention, queries=...)``, ``queries`` float32 [query_heads, s, head_dim]: the
+        queries of the ``s`` steps since the last event, this one last (the whole segment at an event).
         """
         raise NotImplementedError
 
@@ -129,7 +243,7 @@ class TOVA(ScoredPolicy):
     """
 
     name = "tova"
-    per_head = False
+    paths = {"token": BOTH, "chunked": ("original",)}
 
     def score(self, keys, values, attention):
         return attention.mean(0)
@@ -143,6 +257,7 @@ class H2O(ScoredPolicy):
     """
 
     name = "h2o"
+    paths = {"token": BOTH, "chunked": ("original",)}
     accumulate = True
 
     def score(self, keys, values, attention):
@@ -158,16 +273,193 @@ class KeyNorm(ScoredPolicy):
     """
 
     name = "knorm"
+    paths = {"token": BOTH, "chunked": ("original",)}
     needs_attention = False
 
     def score(self, keys, values, attention):
         return -keys.float().norm(dim=-1)
 
 
-POLICIES = {cls.name: cls for cls in (SinkWindow, TOVA, H2O, KeyNorm)}
+def _odd(value: int) -> None:
+    if value % 2 == 0:
+        raise ValueError(f"kernel_size must be odd (1, 3, 5, ...): the pooling keeps one score per key only then; "
+                         f"got {value}")
 
 
-def policy_class(name: str) -> type:
+# Budgets across layers, declared by the policies they apply to (those with an observation window): model args
+# like the policy's own parameters, written with them in config.streaming.policy_params.
+LAYER_BUDGETS = (
+    Param("layer_budgets", str, "uniform", "uniform: every layer keeps C; pyramid: PyramidKV's arithmetic pyramid "
+          "of per-layer budgets averaging C (the first layers keep the most)", choices=("uniform", "pyramid")),
+    Param("beta", float, 20.0, "layer_budgets=pyramid: the pyramid's steepness (its smallest layer budget is "
+          "C / beta)", minimum=1.0),
+)
+
+
+def _fraction(value: float) -> None:
+    if value > 1:
+        raise ValueError(f"alpha_safeguard must be a number in [0, 1]; got {value}")
+
+
+# Budgets across the key/value heads of a layer, declared by the per-head policies they apply to (a policy deciding
+# per layer, as TOVA, does not declare them: its heads hold the same tokens).
+HEAD_BUDGETS = (
+    Param("head_budgets", str, "uniform", "uniform: every key/value head keeps C; adaptive: AdaKV, the heads of a "
+          "layer keep C on average, the layer's lowest (head, token) scores going first", choices=("uniform",
+                                                                                                    "adaptive")),
+    Param("alpha_safeguard", float, 0.2, "head_budgets=adaptive: each head's int(C * alpha) best tokens are safe",
+          minimum=0.0, check=_fraction),
+)
+
+
+def check_head_budgets(settings) -> None:
+    """``head_budgets=adaptive``: heads hold different counts in a padded layout that the token loop's attention
+    function masks (original positions: a shifted query's position would differ by head)."""
+    if settings.policy_params["head_budgets"] != "adaptive":
+        return
+    if settings.positions == "shifted" or settings.method != "token":
+        raise ValueError(f"head_budgets=adaptive runs on method=token with positions=original (heads hold different "
+                         f"counts); got method={settings.method}, positions={settings.positions}")
+
+
+def check_layer_budgets(settings, window: int) -> None:
+    """``layer_budgets=pyramid`` must be able to split ``C``: its smallest layer budget ``C / beta`` reaches the
+    window (else PyramidKV's rule falls back to uniform budgets at every event, a pyramid that never is), and holds
+    the protected tokens."""
+    params = settings.policy_params
+    if params["layer_budgets"] != "pyramid":
+        return
+    if settings.positions == "shifted":
+        raise ValueError("layer_budgets=pyramid needs positions=original: with shifted positions a query's position "
+                         "is the count of tokens held, which then differs by layer")
+    low = settings.capacity / params["beta"]
+    if low < window:
+        raise ValueError(
+            f"layer_budgets=pyramid cannot split C={settings.capacity} tokens: its smallest layer budget C / beta = "
+            f"{low:g} (beta={params['beta']:g}) is below window_size={window}; it needs C >= beta * window_size = "
+            f"{params['beta'] * window:g} (raise heavy_size, lower beta or window_size)"
+        )
+    if settings.start_size + settings.recent_size > window:
+        raise ValueError(
+            f"layer_budgets=pyramid: start_size + recent_size = {settings.start_size + settings.recent_size} "
+            f"protected tokens exceed window_size={window}, the smallest budget a layer may get"
+        )
+
+
+class SnapKV(ScoredPolicy):
+    """SnapKV: at an event the segment's last ``window_size`` queries (the observation window) vote for the held
+    keys; the votes are pooled over neighbouring keys (``kernel_size``) and the window's own keys always stay
+    (compression/snapkv.py, docs/methods.md). The segment must be longer than the window: ``evict_every >
+    window_size``. With ``layer_budgets=pyramid`` this is PyramidKV.
+
+    Li et al., *SnapKV: LLM Knows What You are Looking for Before Generation*, 2024,
+    https://arxiv.org/abs/2404.14469
+    """
+
+    name = "snapkv"
+    params = (Param("window_size", int, 64, "the observation window: the segment's last queries that score",
+                    minimum=1),
+              Param("kernel_size", int, 5, "average pooling of the scores over neighbouring keys (odd)", minimum=1,
+                    check=_odd),
+              *LAYER_BUDGETS, *HEAD_BUDGETS)
+    paths = {"token": BOTH, "chunked": ("original",)}
+    needs_attention = False
+    needs_queries = True
+
+    @classmethod
+    def check_settings(cls, settings) -> None:
+        window = settings.policy_params["window_size"]
+        if settings.evict_every <= window:
+            raise ValueError(
+                f"policy=snapkv observes the last window_size={window} queries of each segment of evict_every="
+                f"{settings.evict_every} tokens: the window must be shorter than the segment (evict_every > "
+                f"window_size; lower window_size or raise evict_every)"
+            )
+        check_layer_budgets(settings, window)
+        check_head_budgets(settings)
+
+    def layer_capacity(self, layer, layers, n):
+        if self.layer_budgets == "uniform":
+            return self.capacity
+        from .compression.budgets import pyramid_layer_budgets
+
+        return pyramid_layer_budgets(n, layers, budget=self.capacity, window_size=self.window_size,
+                                     beta=self.beta)[layer]
+
+    def score(self, keys, values, attention, queries):
+        from .compression.snapkv import snapkv_scores
+
+        return snapkv_scores(queries[:, -self.window_size:], keys, self.kernel_size)
+
+
+class ExpectedAttention(ScoredPolicy):
+    """Expected Attention: at an event, the attention that future queries are expected to pay each held key, from
+    the mean and covariance of the segment's queries before RoPE, rotated on average over the next
+    ``n_future_positions`` positions, times the value's norm (compression/expected_attention.py, docs/methods.md).
+    The first ``n_sink`` tokens are kept. Original positions (the segment's queries are un-rotated from their text
+    positions; kvpress keeps positions too).
+
+    Devoto et al., *Expected Attention: KV Cache Compression by Estimating Attention from Future Queries
+    Distribution*, 2025, https://arxiv.org/abs/2510.00636
+    """
+
+    name = "expected_attention"
+    params = (Param("n_future_positions", int, 512, "future positions the query statistics are rotated over",
+                    minimum=1),
+              Param("n_sink", int, 4, "first tokens kept and left out of the query statistics", minimum=0),
+              Param("use_covariance", bool, True, "add the queries' covariance term"),
+              Param("use_vnorm", bool, True, "multiply by the value's norm"),
+              Param("epsilon", float, 0.0, "added to the score before the value norm", minimum=0.0),
+              *HEAD_BUDGETS)
+    paths = {"token": ("original",), "chunked": ("original",)}
+    needs_attention = False
+    needs_queries = True
+    needs_step = True
+
+    @classmethod
+    def check_settings(cls, settings) -> None:
+        sinks = settings.policy_params["n_sink"]
+        if settings.capacity < sinks:
+            raise ValueError(f"policy=expected_attention keeps its n_sink={sinks} first tokens: the budget C = "
+                             f"start_size + recent_size + heavy_size = {settings.capacity} must hold them")
+        check_head_budgets(settings)
+
+    def bind(self, model, shift) -> None:
+        from .rotary import RotaryShift
+
+        if not isinstance(shift, RotaryShift):
+            raise ValueError(f"policy=expected_attention needs one rotary embedding for every layer (RoPE); "
+                             f"{type(model).__name__} has {'none' if shift is None else 'different ones by layer'}")
+        scaling = {float(getattr(m, "attention_scaling")) for m in model.modules() if hasattr(m, "attention_scaling")}
+        self.rotary, self.attention_scaling = shift, scaling.pop() if len(scaling) == 1 else 1.0
+        if scaling:
+            raise ValueError("policy=expected_attention: the model's rotary modules scale differently")
+
+    def before_rope(self, queries, index):
+        """The segment's queries before RoPE: each rotated back from its text position ``index`` and its rotary
+        scaling undone (float32 [query_heads, s, head_dim])."""
+        return self.rotary.rotate(queries, -index) / self.attention_scaling
+
+    def score(self, keys, values, attention, queries, step):
+        import torch
+
+        from .compression.expected_attention import expected_attention_scores, mean_rotation
+
+        index = torch.arange(step - queries.shape[1] + 1, step + 1, device=queries.device)
+        before = self.before_rope(queries, index)
+        rotation = mean_rotation(self.rotary.inv_freq.float(), step + 1, self.n_future_positions, keys.shape[-1],
+                                 self.rotary.layout, self.attention_scaling)
+        return expected_attention_scores(before, index, keys, values, rotation, n_sink=self.n_sink,
+                                         use_covariance=self.use_covariance, use_vnorm=self.use_vnorm,
+                                         epsilon=self.epsilon)
+
+
+
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (SinkWindow, TOVA, H2O, KeyNorm, SnapKV,
+                                                               ExpectedAttention)}
+
+
+def policy_class(name: str) -> type[Policy]:
     """The class a ``policy`` knob names: a built-in, or ``package.module:Class`` (a ``ScoredPolicy``).
 
     Called before any model loads, so a bad plug-in fails first."""
@@ -189,6 +481,6 @@ def policy_class(name: str) -> type:
     return cls
 
 
-def policy_for(settings: StreamingSettings) -> EvictionPolicy | ScoredPolicy:
-    """The policy the settings name."""
+def policy_for(settings) -> Policy:
+    """The policy the settings name, with its parameters."""
     return policy_class(settings.policy)(settings)

@@ -14,16 +14,23 @@ from .settings import StreamingSettings
 def query_position(t, settings: StreamingSettings):
     """p(t): the position of the query of step t (cache slots when shifted, text positions when original).
 
-    ``t`` is an int or a tensor of steps."""
+    Shifted: the keys step t attends are what the layer kept at the last event ``e <= t`` (``min(e, C)`` of
+    them) and the ``t - e`` tokens read since, so the query sits at ``min(e, C) + t - e`` (``min(t, C)`` with
+    ``evict_every=1``). ``t`` is an int or a tensor of steps."""
     if settings.positions != "shifted":
         return t
-    return t.clamp(max=settings.capacity) if isinstance(t, torch.Tensor) else min(t, settings.capacity)
+    event = settings.schedule.last_event(t)
+    if isinstance(t, torch.Tensor):
+        return event.clamp(max=settings.capacity) + t - event
+    return min(event, settings.capacity) + t - event
 
 
 def first_recent(n: int, settings: StreamingSettings) -> int:
-    """r0 = max(S, n - W): the oldest recent (non-sink) token held after reading n tokens (while n < S it
-    lies beyond the stream, and the recent run is empty). Also the origin of the chunked path's local frame."""
-    return max(settings.start_size, n - settings.recent_size)
+    """r0 = max(S, e - W), ``e`` the last event at or before n tokens read (``n`` itself with
+    ``evict_every=1``): the oldest recent (non-sink) token a sink+window layer holds after reading n tokens
+    (while e < S it lies beyond the last event, and the recent run is what was read since). Also the origin of
+    the chunked path's local frame."""
+    return max(settings.start_size, settings.schedule.last_event(n) - settings.recent_size)
 
 
 def position_limit(model, settings: StreamingSettings, rotary: bool) -> int | None:

@@ -7,18 +7,20 @@ in milliseconds, before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import numbers
 import re
 
+from . import policy as policy_mod
+from .schedule import Schedule
+from .values import as_choice, as_int
+
 POSITIONS = ("shifted", "original")
-# Built-in eviction policies (streaming_lm/policy.py implements them; tests/test_policies.py checks the two agree).
-# Every one but sink_window evicts by a score; "package.module:Class" names a user policy (docs/policies.md).
-POLICIES = ("sink_window", "tova", "h2o", "knorm")
+# Built-in eviction policies: the registry's names (streaming_lm/policy.py declares what each one is and
+# takes); "package.module:Class" names a user policy (docs/policies.md).
+POLICIES: tuple[str, ...] = tuple(policy_mod.POLICIES)
 DEFAULT_POLICY = "sink_window"
-# Scored policies with an exact chunked path (streams/scored_chunked.py), and the position mode it serves
-# (a plug-in runs on the token loop).
-CHUNKED_SCORED = {"tova": "original", "h2o": "original", "knorm": "original"}
 # chunked: exact and fast; token: the reference loop; recompute: a fresh dense pass per window
 # (the paper's "sliding window with re-computation" baseline, not a streaming cache).
 METHODS = ("chunked", "token", "recompute")
@@ -29,32 +31,14 @@ DEFAULT_CHUNK_SIZE = 128  # measured by scripts/bench_eval.py (SmolLM2, CPU, 4+1
 
 
 SPEED_ONLY = "speed_only"  # field metadata: the knob changes speed, never a number
+POLICY_PARAMS = "policy_params"  # field metadata: the policy's own parameters, not a knob
+# Model args of streaming_hf that are about the model, not the cache (no settings field): no policy may take them.
+_OTHER_ARGS = ("trust_positions",)
 
 
 def _knob(default, help: str, choices: tuple[str, ...] | None = None, speed_only: bool = False):
     """A settings field with what the tools' flags need: help text, allowed values, whether it is speed only."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, SPEED_ONLY: speed_only})
-
-
-def _as_int(name: str, value, minimum: int) -> int:
-    # lm-eval parses "4" as int and "4.5" as float; bool is an int subclass but never a size.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-            value = int(value)
-        else:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return value
-
-
-def _as_choice(name: str, value, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,81 +61,172 @@ class StreamingSettings:
     chunk_size: int = _knob(DEFAULT_CHUNK_SIZE, "tokens per forward pass of method chunked (speed only, same numbers)",
                             speed_only=True)
     stride: int | None = _knob(None, "method recompute: tokens scored per window (default 1)")
-    policy: str = _knob(DEFAULT_POLICY, "eviction policy: sink_window, tova, h2o, knorm, or package.module:Class")
+    policy: str = _knob(DEFAULT_POLICY, f"eviction policy: {', '.join(POLICIES)}, or package.module:Class")
     heavy_size: int = _knob(0, "slots a scored policy fills by its score (C = start + recent + heavy)")
+    evict_every: int = _knob(1, "K: the cache is compressed to C after every K tokens read (1: after every token; "
+                             "a layer then holds at most C + K)")
+    # The policy's own parameters (its class's ``params``), every one resolved; not a knob: each is a model arg
+    # of its own, named by the policy (docs/policies.md).
+    policy_params: dict = dataclasses.field(default_factory=dict, metadata={"help": None, POLICY_PARAMS: True})
 
     def __post_init__(self):
-        _check_policy(self.policy)
-        scored = self.policy != "sink_window"
-        object.__setattr__(self, "start_size", _as_int("start_size", self.start_size, 0))
+        cls = _policy_class(self.policy)
+        object.__setattr__(self, "policy_params", check_policy_params(cls, self.policy, self.policy_params))
+        scored = not cls.index_only
+        object.__setattr__(self, "start_size", as_int("start_size", self.start_size, 0))
         # Scored policies may keep no recent window (pure TOVA); sink+window needs one.
-        object.__setattr__(self, "recent_size", _as_int("recent_size", self.recent_size, 0 if scored else 1))
-        object.__setattr__(self, "heavy_size", _as_int("heavy_size", self.heavy_size, 0))
+        object.__setattr__(self, "recent_size", as_int("recent_size", self.recent_size, 0 if scored else 1))
+        object.__setattr__(self, "heavy_size", as_int("heavy_size", self.heavy_size, 0))
         if not scored and self.heavy_size:
             raise ValueError(
-                f"heavy_size applies to scored policies (tova, h2o, knorm, a plug-in); policy=sink_window keeps "
+                f"heavy_size applies to scored policies ({', '.join(SCORED)}, a plug-in); policy={self.policy} keeps "
                 f"sinks and recent tokens only: got heavy_size={self.heavy_size}"
             )
         if self.capacity < 1:
             raise ValueError("start_size + recent_size + heavy_size must be >= 1 (a cache of at least one token)")
-        _as_choice("positions", self.positions, POSITIONS)
-        _as_choice("method", self.method, METHODS)
-        _check_method(self.policy, self.method, self.positions)
-        object.__setattr__(self, "chunk_size", _as_int("chunk_size", self.chunk_size, 1))
+        as_choice("positions", self.positions, POSITIONS)
+        as_choice("method", self.method, METHODS)
+        _check_method(cls, self.policy, self.method, self.positions)
+        object.__setattr__(self, "chunk_size", as_int("chunk_size", self.chunk_size, 1))
         object.__setattr__(self, "stride", _check_stride(self.stride, self.method, self.positions, self.recent_size))
+        object.__setattr__(self, "evict_every", _check_evict_every(self.evict_every, self.method))
+        cls.check_settings(self)
 
     @property
     def capacity(self) -> int:
         """C: tokens held between steps."""
         return self.start_size + self.recent_size + self.heavy_size
 
+    @property
+    def schedule(self) -> Schedule:
+        """When the cache is compressed (schedule.py): after every ``evict_every`` tokens."""
+        return Schedule(self.evict_every)
+
     def as_dict(self) -> dict:
         return dataclasses.asdict(self) | {"capacity": self.capacity}
 
 
 # The one list of knobs: streaming_hf's model args, the compare grid's keys and the scripts' flags
-# all derive from the dataclass fields (tests/test_knobs.py checks that each one reaches them).
-KNOBS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(StreamingSettings))
+# all derive from the dataclass fields (tests/test_knobs.py checks that each one reaches them). The policy's
+# own parameters are model args too, named by the policy's class (``policy_params``, ``pop_policy_params``).
+KNOBS: tuple[str, ...] = tuple(
+    field.name for field in dataclasses.fields(StreamingSettings) if not field.metadata.get(POLICY_PARAMS)
+)
 # Knobs that change results: a run's name is made of these (chunk_size is speed only).
 RESULT_KNOBS: tuple[str, ...] = tuple(
-    field.name for field in dataclasses.fields(StreamingSettings) if not field.metadata.get(SPEED_ONLY)
+    name for name in KNOBS if not StreamingSettings.__dataclass_fields__[name].metadata.get(SPEED_ONLY)
 )
+# The registry's answers that messages and defaults need (policy.py declares them on each class).
+SCORED: tuple[str, ...] = tuple(name for name, cls in policy_mod.POLICIES.items() if not cls.index_only)
 
 
-def _check_policy(policy) -> None:
+def _policy_class(policy) -> type:
     """A built-in name or ``package.module:Class`` (loaded, and checked for the interface, by policy.py)."""
-    if policy in POLICIES:
-        return
-    if not (isinstance(policy, str) and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", policy)):
+    if policy not in POLICIES and not (isinstance(policy, str)
+                                       and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", policy)):
         raise ValueError(f"policy must be one of {', '.join(POLICIES)} or package.module:Class; got {policy!r}")
+    cls = policy_mod.policy_class(policy)
+    check_declarations(cls, policy)
+    return cls
+
+
+def check_declarations(cls, policy: str) -> None:
+    """What a policy class declares must name real methods, position modes and knobs (a plug-in's too)."""
+    for method, modes in cls.paths.items():
+        if method not in METHODS or not set(modes) <= set(POSITIONS):
+            raise ValueError(f"policy={policy}: paths must map methods {METHODS} to position modes {POSITIONS}; "
+                             f"got {method!r}: {modes!r}")
+    if cls.default_positions not in POSITIONS:
+        raise ValueError(f"policy={policy}: default_positions must be one of {', '.join(POSITIONS)}")
+    clash = [param.name for param in cls.params if param.name in KNOBS or param.name in _OTHER_ARGS]
+    if clash:
+        raise ValueError(f"policy={policy}: parameter names {clash} are taken by streaming_hf's own args")
+
+
+def check_policy_params(cls, policy: str, given) -> dict:
+    """Every parameter of the policy, from ``given`` (a mapping, possibly partial) or its default, checked.
+    A name the policy does not declare is refused with the list of those it has."""
+    given = dict(given or {})
+    names = [param.name for param in cls.params]
+    unknown = [name for name in given if name not in names]
+    if unknown:
+        raise ValueError(f"policy={policy} has no parameter {unknown[0]!r}; its parameters: "
+                         f"{', '.join(names) if names else 'none'}")
+    return {param.name: param.parse(given[param.name]) if param.name in given else param.default
+            for param in cls.params}
+
+
+def known_policy_params() -> dict[str, list[str]]:
+    """Parameter name -> the built-in policies that declare it."""
+    known: dict[str, list[str]] = {}
+    for name, cls in policy_mod.POLICIES.items():
+        for param in cls.params:
+            known.setdefault(param.name, []).append(name)
+    return known
+
+
+def pop_policy_params(policy: str, args: dict) -> dict:
+    """Take the chosen policy's parameters out of model args ``args``. An arg that is a parameter of another
+    policy, or close to one of this policy's (a misspelling), is refused before anything loads, with the
+    parameters this policy has; any other arg is left for transformers."""
+    cls = _policy_class(policy)
+    names = [param.name for param in cls.params]
+    own = {name: args.pop(name) for name in names if name in args}
+    others = known_policy_params()
+    for key in args:
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.7)
+        if key in others or close:
+            hint = f"; did you mean {close[0]!r}?" if close else f" (it is a parameter of {', '.join(others[key])})"
+            raise ValueError(f"policy={policy} has no parameter {key!r}{hint}; its parameters: "
+                             f"{', '.join(names) if names else 'none'}")
+    return own
+
+
+def policy_param_names(policy: str) -> tuple[str, ...]:
+    """The parameters the policy's class declares, in order."""
+    return tuple(param.name for param in _policy_class(policy).params)
+
+
+def is_scored(policy: str) -> bool:
+    """Whether the policy evicts by a score (its class is not index-only): budgets by heavy_size."""
+    return not _policy_class(policy).index_only
 
 
 def default_positions(policy: str) -> str:
-    """shifted for sink_window (the StreamingLLM paper), original for scored policies (their papers' code)."""
-    return "shifted" if policy == "sink_window" else "original"
+    """The policy's own (its class's ``default_positions``): shifted for sink_window (the StreamingLLM paper),
+    original for scored policies (their papers' code)."""
+    return _policy_class(policy).default_positions
 
 
 def default_method(policy: str, positions: str) -> str:
     """chunked where an exact chunked path serves the policy in this position mode, else the token loop."""
-    if policy == "sink_window" or CHUNKED_SCORED.get(policy) == positions:
-        return DEFAULT_METHOD
-    return "token"
+    return _policy_class(policy).default_method(positions)
 
 
-def _check_method(policy: str, method: str, positions: str) -> None:
-    if policy == "sink_window" or method == "token":
-        return
-    if method == "recompute":
+def _check_method(cls, policy: str, method: str, positions: str) -> None:
+    if method == "recompute" and method not in cls.paths:
+        served = [name for name, other in policy_mod.POLICIES.items() if "recompute" in other.paths]
         raise ValueError(
-            f"method=recompute re-encodes the sink+window tokens: it applies to policy=sink_window only, "
+            f"method=recompute re-encodes the sink+window tokens: it applies to policy={', '.join(served)} only, "
             f"got policy={policy}; use method=token"
         )
-    if CHUNKED_SCORED.get(policy) != positions:
-        served = ", ".join(f"{p} with positions={m}" for p, m in CHUNKED_SCORED.items()) or "none"
+    if method == "recompute":
+        return  # its position rule is _check_stride's
+    if positions not in cls.paths.get(method, ()):
+        served = ", ".join(f"{name} with positions={' or '.join(other.paths[method])}"
+                           for name, other in policy_mod.POLICIES.items() if method in other.paths)
         raise ValueError(
             f"method={method} has no exact path for policy={policy} with positions={positions}; use method=token "
-            f"(the chunked path serves sink_window, and {served})"
+            f"(the {method} path serves {served})"
         )
+
+
+def _check_evict_every(every, method: str) -> int:
+    every = as_int("evict_every", every, 1)
+    if every > 1 and method == "recompute":
+        raise ValueError(f"evict_every applies to the cache methods (chunked, token); method=recompute keeps no "
+                         f"cache, got evict_every={every}")
+    return every
 
 
 def _check_stride(stride, method: str, positions: str, recent_size: int | None) -> int | None:
@@ -167,7 +242,7 @@ def _check_stride(stride, method: str, positions: str, recent_size: int | None) 
         )
     if stride is None:
         return 1
-    stride = _as_int("stride", stride, 1)
+    stride = as_int("stride", stride, 1)
     # The scored tokens are the window's last ones; more than recent_size would reach into the sinks.
     if recent_size is not None and stride > recent_size:
         raise ValueError(f"stride must be an integer in [1, recent_size={recent_size}], got {stride}")
@@ -206,28 +281,33 @@ def resolve(
     stride=None,
     policy=DEFAULT_POLICY,
     heavy_size=None,
+    evict_every=1,
+    policy_params: dict | None = None,
     max_length: int | None = None,
 ) -> StreamingSettings:
     """Validate user arguments and return settings.
 
-    ``positions`` and ``method`` default by policy (``default_positions``, ``default_method``). With
+    ``positions`` and ``method`` default by policy (``default_positions``, ``default_method``).
+    ``policy_params``: the policy's own parameters given (the rest take their defaults). With
     ``compression_ratio`` and no ``max_length`` yet, the derived size is left at a placeholder: call
     again with ``max_length`` once the model's context length is known.
     """
-    _check_policy(policy)
-    start_size = _as_int("start_size", start_size, 0)
-    positions = default_positions(policy) if positions is None else positions
-    _as_choice("positions", positions, POSITIONS)
-    method = default_method(policy, positions) if method is None else method
-    _as_choice("method", method, METHODS)
-    _check_method(policy, method, positions)
-    chunk_size = _as_int("chunk_size", chunk_size, 1)
+    cls = _policy_class(policy)
+    policy_params = check_policy_params(cls, policy, policy_params)
+    start_size = as_int("start_size", start_size, 0)
+    positions = cls.default_positions if positions is None else positions
+    as_choice("positions", positions, POSITIONS)
+    method = cls.default_method(positions) if method is None else method
+    as_choice("method", method, METHODS)
+    _check_method(cls, policy, method, positions)
+    chunk_size = as_int("chunk_size", chunk_size, 1)
     # recent_size may not be known yet (compression_ratio): its bound on stride is checked below.
     stride = _check_stride(stride, method, positions, None)
-    common = dict(positions=positions, method=method, chunk_size=chunk_size, stride=stride, policy=policy)
-    if policy != "sink_window":
+    common = dict(positions=positions, method=method, chunk_size=chunk_size, stride=stride, policy=policy,
+                  evict_every=_check_evict_every(evict_every, method), policy_params=policy_params)
+    if not cls.index_only:
         return _resolve_scored(start_size, recent_size, heavy_size, compression_ratio, max_length, common)
-    # sink_window: a heavy_size other than 0 is refused by StreamingSettings, with its name.
+    # index-only: a heavy_size other than 0 is refused by StreamingSettings, with its name.
     common["heavy_size"] = 0 if heavy_size is None else heavy_size
     if compression_ratio is None:
         recent = DEFAULT_RECENT_SIZE if recent_size is None else recent_size
@@ -241,14 +321,14 @@ def resolve(
     if max_length is None:
         # Placeholder recent_size (the smallest a stride allows) until max_length is known.
         return StreamingSettings(start_size, stride or 1, compression_ratio=ratio, **common)
-    max_length = _as_int("max_length", max_length, 1)
+    max_length = as_int("max_length", max_length, 1)
     recent = recent_size_from_ratio(ratio, start_size, max_length)
     return StreamingSettings(start_size, recent, compression_ratio=ratio, **common)
 
 
 def _resolve_scored(start_size, recent_size, heavy_size, compression_ratio, max_length, common) -> StreamingSettings:
     """Scored policies: recent_size defaults to 0; a ratio's budget C goes to heavy_size, H = C - S - W."""
-    recent = 0 if recent_size is None else _as_int("recent_size", recent_size, 0)
+    recent = 0 if recent_size is None else as_int("recent_size", recent_size, 0)
     if compression_ratio is None:
         return StreamingSettings(start_size, recent, heavy_size=0 if heavy_size is None else heavy_size, **common)
     if heavy_size is not None:
@@ -259,7 +339,7 @@ def _resolve_scored(start_size, recent_size, heavy_size, compression_ratio, max_
     ratio = check_compression_ratio(compression_ratio)
     if max_length is None:
         return StreamingSettings(start_size, recent, heavy_size=0, compression_ratio=ratio, **common)
-    max_length = _as_int("max_length", max_length, 1)
+    max_length = as_int("max_length", max_length, 1)
     heavy = round((1.0 - ratio) * max_length) - start_size - recent
     if heavy < 0:
         raise ValueError(

@@ -13,16 +13,8 @@ from collections.abc import Callable
 import torch
 from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 
-from .rotary import (
-    SEQUENCE_DEPENDENT_ROPE,
-    LayerShifts,
-    RotaryShift,
-    rope_groups,
-    rotary_layout,
-    rotary_position_limit,
-    rotary_table,
-)
-from .scoring import score
+from .rotary import SEQUENCE_DEPENDENT_ROPE, RotaryShift, find_rotary, rope_types, rotary_position_limit, rotary_table
+from .rolling import score
 from .settings import StreamingSettings
 from .storage.static import REBASE_EVERY
 
@@ -326,18 +318,6 @@ def check_rotary_reach(model, settings: StreamingSettings | None, limit: int) ->
         )
 
 
-def layers_without_rope(text_config) -> list[int]:
-    """Layers that skip RoPE: their keys carry no position, and no rotary shift may move them. Known from the
-    config only for the model types read here; under ``trust_positions`` the self-check catches the rest."""
-    flags = getattr(text_config, "no_rope_layers", None)  # SmolLM3, Llama 4: 0 marks a layer without RoPE
-    if flags is not None:
-        return [i for i, flag in enumerate(flags) if not flag]
-    # modeling_cohere2 rotates only on sliding layers; modeling_exaone4 too, once a window is set.
-    if text_config.model_type == "cohere2" or (text_config.model_type == "exaone4" and text_config.sliding_window):
-        return [i for i, kind in enumerate(text_config.layer_types) if kind != "sliding_attention"]
-    return []
-
-
 # The self-check's cache (C = 8, three chunks cross evictions) and its tolerance on per-token log-probs.
 SELF_CHECK = StreamingSettings(start_size=2, recent_size=6, chunk_size=5)
 SELF_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # half precision: 0.1
@@ -376,64 +356,3 @@ def self_check(model, shift: RotaryShift, settings: StreamingSettings | None = N
                 f"differ by up to {difference:.3g} > {tolerance:g}); its positions or attention are not those of "
                 f"a supported RoPE model. Supported model types: {supported_list()}"
             )
-
-
-def find_rotary(model) -> RotaryShift | LayerShifts | None:
-    """The model's RoPE frequencies and layout, or None for a model without rotary embeddings.
-
-    One ``RotaryShift`` when every layer rotates alike; a ``LayerShifts`` when layers differ by their layer
-    type (``<layer_type>_inv_freq`` buffers: Gemma 3's local and global RoPE) or skip RoPE
-    (``layers_without_rope``). Raises for different frequencies not tied to layer types. For dynamic and
-    longrope RoPE these are the frequencies below ``rotary_position_limit`` (``check_rotary_reach``).
-    """
-    # dynamic/longrope rewrite inv_freq in place past their limit and restore it below: read the frequencies of
-    # positions below it, which check_rotary_reach keeps every path to.
-    changing = bool(rope_types(model.config) & set(SEQUENCE_DEPENDENT_ROPE))
-    named = {
-        name.replace("original_inv_freq", "inv_freq"): buf
-        for name, buf in model.named_buffers()
-        if name.endswith("inv_freq") and name.endswith("original_inv_freq") == changing
-    }
-    found = list(named.values()) or sinusoid_table_frequencies(model)
-    if not found:
-        return None
-    model_type = getattr(model.config, "model_type", type(model).__name__)
-    layout = rotary_layout(model)
-    text = model.config.get_text_config(decoder=True)
-    skipped = set(layers_without_rope(text))
-    first = found[0]
-    if all(b.shape == first.shape and torch.equal(b, first) for b in found[1:]):
-        if not skipped:
-            return RotaryShift(first, layout)
-        by_layer = [first] * text.num_hidden_layers
-    else:
-        # Frequencies per layer type, as the model's rotary module names them (Gemma 3, Olmo 3).
-        by_type = {name.rsplit(".", 1)[-1].removesuffix("_inv_freq"): buf for name, buf in named.items()}
-        layer_types = getattr(text, "layer_types", None)
-        if len(by_type) != len(named) or not layer_types or not set(layer_types) <= set(by_type):
-            raise NotImplementedError(
-                f"{model_type} ({type(model).__name__}) uses several different rotary embeddings that are not tied "
-                "to its layer types; streaming_lm supports one rotary embedding per layer type (<layer_type>_inv_freq)"
-            )
-        by_layer = [by_type[kind] for kind in layer_types]
-    shifts = {}  # one shift (and its memoised tables) per distinct frequency buffer
-    layers = []
-    for i, freq in enumerate(by_layer):
-        layers.append(None if i in skipped else shifts.setdefault(id(freq), RotaryShift(freq, layout)))
-    return LayerShifts(layers)
-
-
-def sinusoid_table_frequencies(model) -> list[torch.Tensor]:
-    """GPT-J keeps no ``inv_freq``: the row of position 1 of its [sin | cos] table gives the frequencies back
-    (all at most 1 < pi, so atan2 returns them to float32 precision)."""
-    table = rotary_table(model)
-    if table is None:
-        return []
-    sin, cos = table[1].double().chunk(2)
-    return [torch.atan2(sin, cos).float()]
-
-
-def rope_types(config) -> set[str]:
-    """The ``rope_type`` s a config names (one, or one per layer type as in Gemma3)."""
-    groups = rope_groups(config.get_text_config(decoder=True))
-    return {group.get("rope_type", "default") for group in groups}

@@ -4,7 +4,7 @@ import pytest
 from lm_eval.models.huggingface import HFLM
 
 from helpers.requests import rolling
-from streaming_lm.support import find_rotary
+from streaming_lm.rotary import find_rotary
 from helpers.engine import score_stream
 
 from streaming_lm import StreamingHFLM
@@ -33,7 +33,7 @@ def test_defaults_and_results_config(tiny_dir):
     assert info | {"evicted_tokens": 0} == {
         "start_size": 4, "recent_size": 1020, "positions": "shifted", "method": "chunked",
         "compression_ratio": None, "chunk_size": 128, "stride": None, "policy": "sink_window", "heavy_size": 0,
-        "capacity": 1024, "evicted_tokens": 0,
+        "evict_every": 1, "policy_params": {}, "capacity": 1024, "evicted_tokens": 0,
     }
 
 
@@ -62,3 +62,27 @@ def test_long_requests_stream(tiny_dir, dense, method):
     ids = [lm.prefix_token_id, *lm.tok_encode(TEXT)]
     reference = score_stream(lm.model, ids, lm.streaming, find_rotary(lm.model)).logprobs.double().sum()
     assert got == pytest.approx(float(reference), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["chunked", "token"])
+def test_results_report_tokens_held_per_layer_and_head(tiny_dir, method):
+    """PyramidKV holds different counts per layer: the results file reports each layer's most held (the engine's
+    own, on every request type) and, per head, their mean and maximum."""
+    from streaming_lm.rolling import score
+    from helpers.requests import generations, pairs
+
+    lm = streaming(tiny_dir, policy="snapkv", window_size=2, kernel_size=3, evict_every=5, start_size=0,
+                   heavy_size=8, layer_budgets="pyramid", beta=2, method=method)
+    assert "held_tokens_per_layer" not in lm.get_model_info()["streaming"]  # nothing read yet
+    lm.loglikelihood_rolling(rolling(TEXT))
+    info = lm.get_model_info()["streaming"]
+    expected = score(lm.model, lm.rolling_ids(TEXT), lm.streaming, find_rotary(lm.model))
+    per_layer = info["held_tokens_per_layer"]
+    assert per_layer == list(expected.held_per_layer) and len(per_layer) == lm.model.config.num_hidden_layers
+    assert per_layer[0] > per_layer[-1]  # the pyramid: the first layer keeps the most
+    assert info["held_tokens_per_head"] == {"mean": sum(per_layer) / len(per_layer), "max": expected.max_held}
+    assert info["policy_params"]["layer_budgets"] == "pyramid"
+    lm.loglikelihood(pairs((TEXT, " and more")))
+    lm.generate_until(generations((TEXT[:80], {"until": [], "max_gen_toks": 3})))
+    after = lm.get_model_info()["streaming"]["held_tokens_per_layer"]
+    assert len(after) == len(per_layer) and all(a >= b for a, b in zip(after, per_layer))

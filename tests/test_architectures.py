@@ -32,8 +32,9 @@ from helpers.reference import (
 
 from streaming_lm import StreamingHFLM
 from streaming_lm.rotary import LayerShifts
-from streaming_lm.support import ARCHITECTURE_OF, REFUSED_ARCHITECTURES, check_model_supported, find_rotary
-from streaming_lm.scoring import score
+from streaming_lm.rotary import find_rotary
+from streaming_lm.support import ARCHITECTURE_OF, REFUSED_ARCHITECTURES, check_model_supported
+from streaming_lm.rolling import score
 from streaming_lm.settings import StreamingSettings
 from streaming_lm.streams import open_stream
 from streaming_lm.storage import static

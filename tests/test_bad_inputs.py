@@ -25,6 +25,7 @@ import streaming_lm.streams.base
 import streaming_lm.tools.bench_eval
 import streaming_lm.tools.throughput
 from streaming_lm import StreamingHFLM, compare, tools
+from streaming_lm import policy as policy_mod
 
 REPO = Path(__file__).resolve().parents[1]
 NOWHERE = "/nonexistent/model"
@@ -49,6 +50,19 @@ class Case:
 
 def model_args(**kwargs):
     return lambda ctx: StreamingHFLM(pretrained=NOWHERE, **kwargs)
+
+
+PLUGIN = "helpers.policies:Recency"  # a plug-in with parameters (tests/helpers/policies.py)
+
+
+def registered_policy_args(**kwargs):
+    """Model args with the plug-in registered as ``recency`` too, so that its parameters are known ones."""
+    def run(ctx):
+        from helpers.policies import Recency
+
+        ctx.monkeypatch.setitem(policy_mod.POLICIES, "recency", Recency)
+        return StreamingHFLM(pretrained=NOWHERE, **kwargs)
+    return run
 
 
 def on_model(name, **kwargs):
@@ -186,8 +200,8 @@ CASES = [
     Case("chunk_size-zero", "ValueError", "chunk_size must be an integer >= 1, got 0", ("chunk_size", ">= 1"),
          model_args(chunk_size=0), also=((model_args(chunk_size=1.5), "chunk_size must be an integer >= 1, got 1.5"),)),
     Case("policy-unknown", "ValueError",
-         "policy must be one of sink_window, tova, h2o, knorm or package.module:Class; got 'lru'",
-         ("policy", "sink_window", "tova", "h2o", "knorm"), model_args(policy="lru")),
+         "policy must be one of sink_window, tova, h2o, knorm, snapkv, expected_attention or package.module:Class; "
+         "got 'lru'", ("policy", "sink_window", "tova", "h2o", "knorm", "snapkv", "expected_attention"), model_args(policy="lru")),
     Case("policy-plugin-missing-module", "ValueError", "policy=no_such_module:Policy: cannot import module",
          ("policy", "no_such_module"), model_args(policy="no_such_module:Policy"),
          also=((model_args(policy="json:Missing"), "policy=json:Missing: module 'json' has no attribute 'Missing'",
@@ -209,6 +223,42 @@ CASES = [
          ("method", "policy", "positions", "token"), model_args(policy="tova", positions="shifted", method="chunked")),
     Case("policy-recompute", "ValueError", "method=recompute re-encodes the sink+window tokens: it applies to "
          "policy=sink_window only", ("method", "policy", "sink_window"), model_args(policy="knorm", method="recompute")),
+    Case("policy-parameter-unknown", "ValueError", "policy=tova has no parameter 'step' (it is a parameter of recency)",
+         ("policy", "step", "its parameters"), registered_policy_args(policy="tova", step=2),
+         also=((model_args(policy=PLUGIN, stpe=2), f"policy={PLUGIN} has no parameter 'stpe'; did you mean 'step'?",
+                ("stpe", "step", "label")),)),
+    Case("policy-parameter-invalid", "ValueError", "step must not be 0", ("step",), model_args(policy=PLUGIN, step=0),
+         also=((model_args(policy=PLUGIN, label="odd"), "label must be one of plain, fancy; got 'odd'",
+                ("label", "plain", "fancy")),)),
+    Case("evict_every-zero", "ValueError", "evict_every must be an integer >= 1, got 0", ("evict_every", ">= 1"),
+         model_args(evict_every=0),
+         also=((model_args(evict_every=2.5), "evict_every must be an integer >= 1, got 2.5"),)),
+    Case("evict_every-with-recompute", "ValueError",
+         "evict_every applies to the cache methods (chunked, token); method=recompute keeps no cache",
+         ("evict_every", "recompute"), model_args(method="recompute", evict_every=4)),
+    Case("snapkv-window-not-shorter-than-segment", "ValueError",
+         "policy=snapkv observes the last window_size=64 queries of each segment of evict_every=1 tokens: the window "
+         "must be shorter than the segment", ("window_size", "evict_every"), model_args(policy="snapkv"),
+         also=((model_args(policy="snapkv", window_size=8, evict_every=8),
+                "policy=snapkv observes the last window_size=8 queries of each segment of evict_every=8 tokens"),)),
+    Case("head_budgets-per-layer-policy", "ValueError",
+         "policy=tova has no parameter 'head_budgets' (it is a parameter of snapkv, expected_attention)",
+         ("policy", "head_budgets", "snapkv"), model_args(policy="tova", head_budgets="adaptive"),
+         also=((model_args(policy="snapkv", window_size=4, evict_every=8, head_budgets="adaptive"),
+                "head_budgets=adaptive runs on method=token with positions=original (heads hold different counts); "
+                "got method=chunked", ("head_budgets", "method=token", "positions=original")),)),
+    Case("pyramid-cannot-split", "ValueError",
+         "layer_budgets=pyramid cannot split C=16 tokens: its smallest layer budget C / beta = 0.8 (beta=20) is below "
+         "window_size=4", ("layer_budgets", "beta", "window_size", "C >= beta * window_size"),
+         model_args(policy="snapkv", window_size=4, evict_every=8, start_size=0, heavy_size=16,
+                    layer_budgets="pyramid"),
+         also=((model_args(policy="snapkv", window_size=4, evict_every=8, start_size=0, heavy_size=16,
+                           layer_budgets="pyramid", beta=2, positions="shifted", method="token"),
+                "layer_budgets=pyramid needs positions=original", ("layer_budgets", "positions")),
+               (model_args(policy="snapkv", window_size=4, evict_every=8, start_size=4, recent_size=2, heavy_size=16,
+                           layer_budgets="pyramid", beta=2),
+                "layer_budgets=pyramid: start_size + recent_size = 6 protected tokens exceed window_size=4",
+                ("start_size", "recent_size", "window_size")))),
     Case("misspelt-arg", "ValueError", "unknown model arg 'recent_sise'; did you mean 'recent_size'?",
          ("recent_sise", "recent_size", "start_size", "chunk_size"), model_args(recent_sise=60)),
     Case("trust_positions-unknown", "ValueError", "trust_positions must be one of rope; got 'alibi'",

@@ -10,7 +10,7 @@ from helpers.reference import perplexity
 from helpers.engine import score_stream, score_stream_chunked
 
 from streaming_lm.streams.chunked import PLAN_KWARG
-from streaming_lm.support import find_rotary
+from streaming_lm.rotary import find_rotary
 from streaming_lm.settings import StreamingSettings
 
 

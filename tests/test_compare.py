@@ -233,6 +233,18 @@ def test_every_knob_is_read_back_and_kept_out_of_model_args(knob, tmp_path, monk
     assert f"--model_args must not set {knob}: the grid sets them" in capsys.readouterr().err
 
 
+def test_policy_parameters_are_read_back_into_the_run(tmp_path):
+    plugin = "helpers.policies:Recency"  # a plug-in with a parameter (tests/helpers/policies.py)
+    stream = {"start_size": 4, "recent_size": 16, "positions": "original", "policy": plugin}
+    write_results(tmp_path / "run", "streaming_hf", stream | {"step": -1.0, "other": 3}, 10.0)
+    result = compare.load_result(compare.results_files(tmp_path / "run")[0])
+    assert result.stream == stream | {"step": -1.0}  # the knobs and the policy's own parameter
+    assert result.name.endswith("_step-1.0")
+    (run,) = [r for r in compare.build_grid(["4"], ["16"], [], [], policies=[plugin], params={"step": ["-1"]})
+              if r.model == "streaming_hf"]
+    assert run.name == result.name  # a rerun finds it
+
+
 def test_names_of_runs_without_new_knobs_are_unchanged():
     assert compare.run_name("streaming_hf", {"start_size": 4, "recent_size": 252, "positions": "shifted"}) == \
         "streaming_s4_r252_shifted"

@@ -10,8 +10,8 @@ from helpers.engine import score_stream
 
 from streaming_lm.policy import SinkWindow
 from streaming_lm.storage import EvictingDynamicCache
-from streaming_lm.support import find_rotary
-from streaming_lm.scores import NoEvictionError
+from streaming_lm.rotary import find_rotary
+from streaming_lm.loglik import NoEvictionError
 from streaming_lm.settings import StreamingSettings
 
 

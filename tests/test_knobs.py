@@ -7,13 +7,17 @@ from streaming_lm import StreamingHFLM, settings
 
 # A value other than the default for each knob, valid together with method=recompute where it must be.
 VALUES = {"start_size": 2, "recent_size": 24, "positions": "shifted", "method": "recompute",
-          "compression_ratio": None, "chunk_size": 16, "stride": 3, "policy": "sink_window", "heavy_size": 0}
+          "compression_ratio": None, "chunk_size": 16, "stride": 3, "policy": "sink_window", "heavy_size": 0,
+          "evict_every": 1}
 # The knobs of scored policies, valid together.
-SCORED = {"policy": "h2o", "heavy_size": 8, "recent_size": 0, "positions": "shifted", "method": "token"}
+SCORED = {"policy": "h2o", "heavy_size": 8, "recent_size": 0, "positions": "shifted", "method": "token",
+          "evict_every": 3}
 
 
 def test_the_knobs_are_the_settings_fields():
-    assert settings.KNOBS == tuple(f.name for f in dataclasses.fields(settings.StreamingSettings))
+    # Every field but the policy's own parameters, which are model args named by the policy (test_policies.py).
+    assert settings.KNOBS == tuple(f.name for f in dataclasses.fields(settings.StreamingSettings)
+                                   if f.name != "policy_params")
     assert set(settings.ARG_DEFAULTS) == set(settings.KNOBS) == set(VALUES)
     assert set(settings.RESULT_KNOBS) == set(settings.KNOBS) - {"chunk_size"}
     assert settings.ARG_DEFAULTS["policy"] == "sink_window"

@@ -23,7 +23,7 @@ from helpers.models import streaming
 from helpers.requests import generations, pairs, rolling
 from streaming_lm import StreamingHFLM
 from streaming_lm.generation import generate
-from streaming_lm.support import find_rotary
+from streaming_lm.rotary import find_rotary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,19 +11,16 @@ path gives the token loop's numbers on a stream that evicts; between steps a cac
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 from helpers.engine import score_stream
 from helpers.models import tiny_llama
 from helpers.reference import dense_logprobs, perplexity, sink_window_allowed
 
-import streaming_lm.policy
 from streaming_lm.policy import POLICIES
 from streaming_lm.settings import StreamingSettings
 from streaming_lm.streams import open_stream
-from streaming_lm.support import find_rotary
+from streaming_lm.rotary import find_rotary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,14 +56,9 @@ def ids():
 
 
 @pytest.fixture(params=list(policy_params()))
-def policy(request, monkeypatch):
-    """Every path builds its policy through ``policy_for``: route it to the policy under test."""
-    name = request.param
-    original = streaming_lm.policy.policy_for
-    for module in list(sys.modules.values()):
-        if getattr(module, "__name__", "").startswith("streaming_lm") and getattr(module, "policy_for", None) is original:
-            monkeypatch.setattr(module, "policy_for", lambda settings: POLICIES[name](settings))
-    return name
+def policy(request):
+    """The policy under test: the settings name it, and every path builds it from them."""
+    return request.param
 
 
 # ---------------------------------------------------------------- the paths
@@ -115,14 +107,16 @@ FAST = ["chunked", "decode"]  # the paths that must give the token loop's number
 CACHED = ["token", "chunked", "decode"]  # the paths that hold a sink+window cache between steps
 
 
-def settings_for(path, start=START, recent=RECENT, positions="shifted"):
+def settings_for(path, start=START, recent=RECENT, positions="shifted", policy="sink_window"):
     method = PATHS[path][0]
-    return None if method is None else StreamingSettings(start, recent, positions, method=method, chunk_size=CHUNK)
+    return None if method is None else StreamingSettings(start, recent, positions, method=method, chunk_size=CHUNK,
+                                                          policy=policy)
 
 
-def run_path(model, path, ids, positions="shifted", start=START, recent=RECENT, after=lambda stream: None):
+def run_path(model, path, ids, positions="shifted", start=START, recent=RECENT, after=lambda stream: None,
+             policy="sink_window"):
     """Open an empty stream on ``path`` and run it over ``ids``: (log-probs of ids[1:], the stream)."""
-    stream = open_stream(model, settings_for(path, start, recent, positions), find_rotary(model))
+    stream = open_stream(model, settings_for(path, start, recent, positions, policy), find_rotary(model))
     return PATHS[path][1](stream, ids, after), stream
 
 
@@ -142,7 +136,7 @@ PATH_POSITIONS = [(path, positions) for path in PATHS
 ])
 def test_short_stream_equals_dense(model, ids, policy, path, positions, start, recent, length):
     short = ids[:length]
-    got, stream = run_path(model, path, short, positions, start, recent)
+    got, stream = run_path(model, path, short, positions, start, recent, policy=policy)
     # recompute counts every token of the stream outside the last window, the last target included
     assert stream.evicted == (max(0, length - start - recent) if path == "recompute" else 0)
     expected = dense_logprobs(model, short)
@@ -157,8 +151,8 @@ def token_loop(model, ids):
 
     def get(policy, positions):
         if (policy, positions) not in cache:
-            cache[policy, positions] = score_stream(model, ids, StreamingSettings(START, RECENT, positions),
-                                                    find_rotary(model))
+            cache[policy, positions] = score_stream(model, ids, StreamingSettings(START, RECENT, positions,
+                                                                                  policy=policy), find_rotary(model))
         return cache[policy, positions]
 
     return get
@@ -171,7 +165,7 @@ def test_fast_path_equals_the_token_loop(model, ids, policy, token_loop, path, p
     # It streamed: the reference itself is not the dense model's numbers.
     assert token.evicted == LONG - 1 - CAPACITY
     assert (token.logprobs - dense_logprobs(model, ids)).abs().max() > 1e-2
-    got, stream = run_path(model, path, ids, positions)
+    got, stream = run_path(model, path, ids, positions, policy=policy)
     torch.testing.assert_close(got, token.logprobs, rtol=0, atol=TOL)
     assert perplexity(got) == pytest.approx(perplexity(token.logprobs), rel=1e-5)
     assert stream.evicted == token.evicted
@@ -205,7 +199,7 @@ def test_memory_is_exactly_the_cache_between_steps(model, ids, policy, path, pos
 
     handle = model.register_forward_pre_hook(record_cache, with_kwargs=True)
     try:
-        _, stream = run_path(model, path, ids, positions, after=check)
+        _, stream = run_path(model, path, ids, positions, after=check, policy=policy)
     finally:
         handle.remove()
     assert checked[-1] == LONG - 1 and max(checked) > CAPACITY  # checked while evicting, to the end
@@ -226,7 +220,7 @@ def test_every_policy_has_a_reference():
 
 @pytest.mark.parametrize("start,recent", [(4, 16), (0, 7), (3, 1)])
 def test_held_is_within_the_budget_and_ascending(policy, start, recent):
-    settings = StreamingSettings(start, recent)
+    settings = StreamingSettings(start, recent, policy=policy)
     rule = POLICIES[policy](settings)
     for n in range(4 * settings.capacity):
         runs = rule.held(n)
@@ -239,7 +233,7 @@ def test_held_is_within_the_budget_and_ascending(policy, start, recent):
 
 @pytest.mark.parametrize("start,recent", [(4, 16), (0, 7), (3, 1)])
 def test_evicted_after_and_visible_mask_follow_held(policy, start, recent):
-    settings = StreamingSettings(start, recent)
+    settings = StreamingSettings(start, recent, policy=policy)
     rule = POLICIES[policy](settings)
     n = 4 * settings.capacity
     for t in range(n):

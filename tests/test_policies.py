@@ -5,6 +5,7 @@ its name there; the paths' own checks (tests/test_paths.py) run over ``streaming
 """
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -19,15 +20,33 @@ from streaming_lm import settings
 from streaming_lm.continuation import score_continuations
 from streaming_lm.generation import generate
 from streaming_lm.policy import ScoredPolicy
-from streaming_lm.scoring import score
+from streaming_lm.rolling import score
 from streaming_lm.settings import resolve
 from streaming_lm.streams import open_stream
-from streaming_lm.support import find_rotary
+from streaming_lm.rotary import find_rotary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SCORED = [name for name in settings.POLICIES if name != "sink_window"]
+
 POSITIONS = ["shifted", "original"]
+
+
+def serves_every_token(name: str) -> bool:
+    """Whether the policy serves ``evict_every=1`` (the per-token rule these checks are about) in both position
+    modes. A method that observes a window of each segment (snapkv) needs longer segments, one that un-rotates
+    queries (expected_attention) original positions: tests/test_schedule.py's table covers them."""
+    try:
+        for positions in POSITIONS:
+            resolve(policy=name, heavy_size=1, positions=positions, method="token")
+    except ValueError:
+        return False
+    return True
+
+
+SCORED = [name for name in settings.SCORED if serves_every_token(name)]
+# Scored policies the chunked path serves, with the position mode it serves them in (the registry's answer).
+CHUNKED_SCORED = {name: policy_mod.POLICIES[name].paths["chunked"][0] for name in SCORED
+                  if "chunked" in policy_mod.POLICIES[name].paths}
 S, W, H = 2, 3, 4  # C = 9
 N = 28  # 18 evictions
 
@@ -36,7 +55,6 @@ class OldestFirst(ScoredPolicy):
     """A plug-in for the tests: evicts the oldest unprotected token, i.e. a sink+window cache of W + H."""
 
     needs_attention = False
-    per_head = False
 
     def score(self, keys, values, attention):
         return torch.arange(keys.shape[1], dtype=torch.float32)
@@ -138,12 +156,12 @@ def test_requests_equal_the_token_loop(ids, name, positions):
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 64])
-@pytest.mark.parametrize("name", sorted(settings.CHUNKED_SCORED))
+@pytest.mark.parametrize("name", sorted(CHUNKED_SCORED))
 def test_the_chunked_path_equals_the_token_loop(name, chunk):
     model = tiny_llama()
     # Repeated tokens: their layer-0 key norms tie but for rounding, which differs between the two paths.
     ids = torch.randint(0, 40, (90,), generator=torch.Generator().manual_seed(5))
-    setting = scored(name, settings.CHUNKED_SCORED[name], heavy=11)
+    setting = scored(name, CHUNKED_SCORED[name], heavy=11)
     token = score(model, ids, dataclasses.replace(setting, method="token"), find_rotary(model))
     chunked = score(model, ids, dataclasses.replace(setting, method="chunked", chunk_size=chunk), find_rotary(model))
     torch.testing.assert_close(chunked.logprobs, token.logprobs, rtol=0, atol=1e-5)
@@ -180,3 +198,113 @@ def test_the_adapter_serves_every_request_type(tiny):
     [generated] = lm.generate_until(request)
     assert generated and generated == token_lm.generate_until(request)[0]
     assert lm.get_model_info()["streaming"]["policy"] == "h2o"
+
+
+# ---------------------------------------------------------------- the registry and policy parameters
+
+
+def test_every_policy_declares_what_it_is():
+    for name, cls in policy_mod.POLICIES.items():
+        assert cls.name == name and isinstance(cls.index_only, bool)
+        assert all(isinstance(param, policy_mod.Param) for param in cls.params)
+        assert cls.default_positions in settings.POSITIONS and "token" in cls.paths
+        assert all(m in settings.METHODS and set(p) <= set(settings.POSITIONS) for m, p in cls.paths.items())
+        settings.check_declarations(cls, name)
+        # the defaults a user gets are served exactly
+        method = settings.default_method(name, cls.default_positions)
+        assert cls.default_positions in cls.paths[method]
+
+
+def test_the_registry_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, streaming_lm.settings as s; s.resolve(policy='tova', heavy_size=4); "
+            "s.pop_policy_params('knorm', {}); assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+PLUGIN = "helpers.policies:Recency"
+
+
+def test_policy_parameters_are_resolved_checked_and_reach_the_policy(ids):
+    setting = resolve(policy=PLUGIN, start_size=S, recent_size=W, heavy_size=H, policy_params={"step": "-2"})
+    assert setting.policy_params == {"step": -2.0, "label": "plain"}  # parsed, defaults filled, in order
+    assert setting.as_dict()["policy_params"] == {"step": -2.0, "label": "plain"}  # the results file's
+    model = tiny_llama()
+    assert open_stream(model, setting, find_rotary(model)).policy.step == -2.0
+    with pytest.raises(ValueError, match="step must not be 0"):
+        resolve(policy=PLUGIN, policy_params={"step": 0})
+    with pytest.raises(ValueError, match="label must be one of plain, fancy; got 'odd'"):
+        resolve(policy=PLUGIN, policy_params={"label": "odd"})
+    with pytest.raises(ValueError, match=r"policy=helpers.policies:Recency has no parameter 'steps'; "
+                                         r"its parameters: step, label"):
+        resolve(policy=PLUGIN, policy_params={"steps": 1})
+    with pytest.raises(ValueError, match="policy=tova has no parameter 'step'; its parameters: none"):
+        resolve(policy="tova", policy_params={"step": 1})
+
+
+def test_a_parameter_changes_the_numbers(ids):
+    model, shift = tiny_llama(), None
+    shift = find_rotary(model)
+    setting = dict(policy=PLUGIN, start_size=S, recent_size=W, heavy_size=H, positions="original")
+    oldest = score(model, ids, resolve(**setting), shift).logprobs
+    newest = score(model, ids, resolve(**setting, policy_params={"step": -1}), shift).logprobs
+    sink_window = score(model, ids, resolve(start_size=S, recent_size=W + H, positions="original", method="token"),
+                        shift).logprobs
+    torch.testing.assert_close(oldest, sink_window, rtol=0, atol=2e-5)
+    assert (newest - oldest).abs().max() > 1e-3
+
+
+def test_parameters_are_model_args_refused_before_loading(tiny, monkeypatch):
+    from helpers.policies import Recency
+
+    model, tokenizer = tiny
+    lm = StreamingHFLM(pretrained=model, tokenizer=tokenizer, policy=PLUGIN, start_size=2, recent_size=8,
+                       heavy_size=8, step=-1.5)
+    assert lm.streaming.policy_params == {"step": -1.5, "label": "plain"}
+    assert lm.get_model_info()["streaming"]["policy_params"] == {"step": -1.5, "label": "plain"}
+    nowhere = "/nonexistent/model"  # refused before anything loads
+    with pytest.raises(ValueError, match="has no parameter 'stpe'; did you mean 'step'"):
+        StreamingHFLM(pretrained=nowhere, policy=PLUGIN, stpe=2)
+    # A parameter of another registered policy, given to one that lacks it.
+    monkeypatch.setitem(policy_mod.POLICIES, "recency", Recency)
+    with pytest.raises(ValueError, match=r"policy=tova has no parameter 'step' \(it is a parameter of recency\); "
+                                         "its parameters: none"):
+        StreamingHFLM(pretrained=nowhere, policy="tova", step=2)
+
+
+def test_parameters_are_grid_axes():
+    from streaming_lm import compare
+    from streaming_lm.compare.errors import CompareError
+
+    runs = compare.build_grid(["0"], ["4"], [], [], policies=["tova", PLUGIN], heavy_sizes=["8"],
+                              params={"step": ["1", "-1"]})
+    assert [r.name for r in runs] == ["hf", "streaming_tova_s0_r4_h8_original",
+                                      "streaming_helpers-policies-Recency_s0_r4_h8_original_step1.0",
+                                      "streaming_helpers-policies-Recency_s0_r4_h8_original_step-1.0"]
+    assert runs[3].stream["step"] == -1.0  # validated, passed on as a model arg
+    with pytest.raises(CompareError, match="--param window: no policy of the grid has it"):
+        compare.build_grid(["0"], ["4"], [], [], policies=["tova"], params={"window": ["1"]})
+    with pytest.raises(CompareError, match="step must not be 0"):
+        compare.build_grid(["0"], ["4"], [], [], policies=[PLUGIN], params={"step": ["0"]})
+
+
+@pytest.mark.parametrize("param,given,expected", [
+    (policy_mod.Param("w", int, 64, "", minimum=1), "32", 32),
+    (policy_mod.Param("w", int, 64, "", minimum=1), 0, "w must be an integer >= 1, got 0"),
+    (policy_mod.Param("w", int, 64, "", minimum=1), 2.5, "w must be an integer >= 1, got 2.5"),
+    (policy_mod.Param("r", float, 0.5, "", minimum=0.0), "0.25", 0.25),
+    (policy_mod.Param("r", float, 0.5, "", minimum=0.0), "half", "r must be a number >= 0.0, got 'half'"),
+    (policy_mod.Param("flag", bool, False, ""), "true", True),
+    (policy_mod.Param("flag", bool, False, ""), 1, "flag must be true or false, got 1"),
+    (policy_mod.Param("path", str, "", ""), "/a/b", "/a/b"),
+    (policy_mod.Param("path", str, "", ""), 3, "path must be a string, got 3"),
+])
+def test_a_parameter_is_parsed_as_its_kind(param, given, expected):
+    """lm-eval hands model args as int/float/bool/str, the compare grid as strings: one parse for both."""
+    if isinstance(expected, str) and expected.startswith(param.name + " must"):
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            param.parse(given)
+    else:
+        assert param.parse(given) == expected and type(param.parse(given)) is param.kind

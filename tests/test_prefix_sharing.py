@@ -24,7 +24,7 @@ from streaming_lm.continuation import score_continuations, score_requests
 from streaming_lm.generation import GenerationRequest, generate, generate_requests
 from streaming_lm.settings import StreamingSettings, resolve
 from streaming_lm.streams.shared import Trie, walk
-from streaming_lm.support import find_rotary
+from streaming_lm.rotary import find_rotary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

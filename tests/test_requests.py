@@ -24,7 +24,7 @@ from helpers.engine import score_stream
 from helpers.reference import sink_window_mask
 from streaming_lm.continuation import score_continuations
 from streaming_lm.generation import generate, sampler
-from streaming_lm.support import find_rotary
+from streaming_lm.rotary import find_rotary
 from streaming_lm.settings import StreamingSettings
 
 

@@ -8,7 +8,7 @@ import torch
 from helpers.models import tiny_llama
 from helpers.engine import score_stream
 from streaming_lm.storage import static
-from streaming_lm.support import find_rotary
+from streaming_lm.rotary import find_rotary
 from streaming_lm.settings import StreamingSettings
 from streaming_lm.streams import open_stream
 

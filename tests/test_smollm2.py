@@ -8,7 +8,7 @@ from helpers.reference import dense_logprobs, original_positions_logprobs, perpl
 from helpers.engine import score_stream, score_stream_chunked
 
 from streaming_lm import StreamingHFLM
-from streaming_lm.support import find_rotary
+from streaming_lm.rotary import find_rotary
 from streaming_lm.settings import StreamingSettings
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ from helpers.engine import score_stream
 from helpers.models import streaming
 from helpers.reference import perplexity
 
-from streaming_lm.support import find_rotary
+from streaming_lm.rotary import find_rotary
 from streaming_lm.tools import throughput
 
 REPO = Path(__file__).resolve().parents[1]

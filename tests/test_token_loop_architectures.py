@@ -23,10 +23,11 @@ from helpers.reference import _rope, dense_logprobs
 from helpers.requests import generations, pairs, rolling
 
 from streaming_lm import StreamingHFLM
-from streaming_lm.scoring import score
+from streaming_lm.rolling import score
 from streaming_lm.settings import StreamingSettings
 from streaming_lm.streams import open_stream
-from streaming_lm.support import TOKEN_LOOP_PATHS, ARCHITECTURE_OF, check_model_supported, find_rotary
+from streaming_lm.rotary import find_rotary
+from streaming_lm.support import TOKEN_LOOP_PATHS, ARCHITECTURE_OF, check_model_supported
 
 START, RECENT = 3, 8  # C = 11
 CAPACITY = START + RECENT

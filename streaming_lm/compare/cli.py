@@ -30,6 +30,17 @@ def _metadata(text: str | None) -> dict:
     return value
 
 
+def _param_axes(items: list[str]) -> dict[str, list[str]]:
+    """``--param NAME=V1,V2`` (repeated) as {NAME: [V1, V2]}; resolve() checks the values."""
+    axes = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        if not sep or not name.strip() or not values.strip():
+            raise CompareError(f"--param: expected NAME=V1,V2,...; got {item!r}")
+        axes[name.strip()] = _split(values, str, f"--param {name.strip()}")
+    return axes
+
+
 def _batch_size(text: str):
     return int(text) if text.isdigit() else text  # "auto", "auto:4" as lm-eval takes them
 
@@ -61,6 +72,11 @@ def parser() -> argparse.ArgumentParser:
                       "(default sink_window)")
     grid.add_argument("--heavy-sizes", "--heavy_sizes", default=None,
                       help="heavy_size of the scored policies (C = start + recent + heavy); sink_window ignores it")
+    grid.add_argument("--evict-every", "--evict_every", dest="evict_every", default=None,
+                      help="evict_every K: the cache is compressed after every K tokens (default: the model's own, 1)")
+    grid.add_argument("--param", action="append", default=[], metavar="NAME=V1,V2",
+                      help="a policy parameter as a grid axis, for the runs whose policy has it "
+                      "(e.g. --param window_size=16,32); repeat for more")
     grid.add_argument("--method", default=None, help="streaming_hf method; default: the model's own")
     grid.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", default=None,
                       help="streaming_hf chunk_size (speed only); default: the model's own")
@@ -117,6 +133,8 @@ def compare(args: argparse.Namespace) -> dict[str, Path]:
         _split(args.strides, str, "--strides"),
         _split(args.policies, str, "--policies"),
         _split(args.heavy_sizes, str, "--heavy-sizes"),
+        _split(args.evict_every, str, "--evict-every"),
+        _param_axes(args.param),
     )
     tasks = [t for t in _split(args.tasks, str, "--tasks") if t]
     metadata = _metadata(args.metadata)

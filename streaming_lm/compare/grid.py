@@ -37,15 +37,27 @@ def knob(stream: dict, name: str):
     if value is not None:
         return value
     policy = stream.get("policy", settings_mod.DEFAULT_POLICY)
-    scored = policy != "sink_window"
-    defaults = {"recent_size": 0 if scored else settings_mod.DEFAULT_RECENT_SIZE, "heavy_size": 0,
-                "positions": settings_mod.default_positions(policy)}
-    return defaults.get(name)
+    if name == "positions":
+        try:
+            return settings_mod.default_positions(policy)
+        except ValueError:  # a plug-in named in old results that no longer imports: the scored default
+            return "original"
+    return {"recent_size": 0 if _scored(policy) else settings_mod.DEFAULT_RECENT_SIZE, "heavy_size": 0}.get(name)
+
+
+def param_names(stream: dict) -> tuple[str, ...]:
+    """The run's policy's own parameters (none when a plug-in named in old results no longer imports)."""
+    try:
+        return settings_mod.policy_param_names(stream.get("policy", settings_mod.DEFAULT_POLICY))
+    except ValueError:
+        return ()
 
 
 def other_knobs(stream: dict) -> dict:
-    """The result knobs a run sets beyond the named ones (e.g. stride): runs differing in them differ in name."""
-    return {k: stream[k] for k in settings_mod.RESULT_KNOBS if k not in _NAMED_KNOBS and stream.get(k) is not None}
+    """The result knobs a run sets beyond the named ones (e.g. stride), and its policy's parameters: runs
+    differing in them differ in name."""
+    names = (*settings_mod.RESULT_KNOBS, *param_names(stream))
+    return {k: stream[k] for k in names if k not in _NAMED_KNOBS and stream.get(k) is not None}
 
 
 def run_name(model: str, stream: dict) -> str:
@@ -57,14 +69,23 @@ def run_name(model: str, stream: dict) -> str:
     else:
         size = f"r{knob(stream, 'recent_size')}"
     policy = str(knob(stream, "policy"))
-    # sink_window runs keep the names they had before policies existed; a plug-in path becomes a folder name.
-    prefix = "streaming" if policy == "sink_window" else "streaming_" + re.sub(r"[^\w]+", "-", policy)
-    if (policy != "sink_window" or stream.get("heavy_size") is not None) and stream.get("compression_ratio") is None:
+    # Runs of the default policy keep the names they had before policies existed; a plug-in path becomes a
+    # folder name.
+    default = policy == settings_mod.DEFAULT_POLICY
+    prefix = "streaming" if default else "streaming_" + re.sub(r"[^\w]+", "-", policy)
+    if (_scored(policy) or stream.get("heavy_size") is not None) and stream.get("compression_ratio") is None:
         size += f"_h{knob(stream, 'heavy_size')}"
     name = f"{prefix}_s{knob(stream, 'start_size')}_{size}_{knob(stream, 'positions')}"
     # The method is named only when chosen, so the model's default can change without renaming runs.
     name += f"_{stream['method']}" if stream.get("method") else ""
     return name + "".join(f"_{k}{v}" for k, v in other_knobs(stream).items())
+
+
+def _scored(policy: str) -> bool:
+    try:
+        return settings_mod.is_scored(policy)
+    except ValueError:  # a plug-in named in old results that no longer imports: plug-ins are scored
+        return True
 
 
 def _split(text: str | None, convert, flag: str) -> list:
@@ -81,9 +102,12 @@ def _split(text: str | None, convert, flag: str) -> list:
 
 def build_grid(
     start_sizes, recent_sizes, compression_ratios, positions, method=None, max_length=None, chunk_size=None,
-    strides=(), policies=(), heavy_sizes=(),
+    strides=(), policies=(), heavy_sizes=(), evict_every=(), params: dict[str, list] | None = None,
 ) -> list[Run]:
-    """The baseline plus one run per setting, every setting validated by ``settings.resolve``."""
+    """The baseline plus one run per setting, every setting validated by ``settings.resolve``.
+
+    ``params``: policy parameter -> values, one grid axis each; an axis applies to the runs whose policy
+    declares that parameter (every parameter must belong to a policy of the grid)."""
     if recent_sizes and compression_ratios:
         # Both budget the same cache (C); mixing them would put two kinds of x value on one axis.
         raise CompareError("give --recent-sizes or --compression-ratios, not both")
@@ -91,32 +115,62 @@ def build_grid(
         raise CompareError("give --recent-sizes or --compression-ratios (comma-separated lists)")
     size_key, sizes = ("recent_size", recent_sizes) if recent_sizes else ("compression_ratio", compression_ratios)
     runs = [Run(BASELINE, {})]
+    params = params or {}
+    _check_param_axes(params, policies or [settings_mod.DEFAULT_POLICY])
     combos = itertools.product(policies or [None], positions or [None], start_sizes, sizes, strides or [None],
-                               heavy_sizes or [None])
-    for policy, pos, start, size, stride, heavy in combos:
-        stream = {"start_size": start, size_key: size,
-                  "positions": pos or settings_mod.default_positions(policy or settings_mod.DEFAULT_POLICY)}
-        if policy not in (None, settings_mod.DEFAULT_POLICY):
-            stream["policy"] = policy
-            if heavy is not None:
-                stream["heavy_size"] = heavy
-        if method is not None:
-            stream["method"] = method
-        if stride is not None:
-            stream["stride"] = stride
-        if chunk_size is not None:  # speed only: same numbers, so not part of the run's name
-            stream["chunk_size"] = chunk_size
-        try:
-            resolved = settings_mod.resolve(**stream, max_length=max_length)
-        except ValueError as error:
-            shown = " ".join(f"{k}={v}" for k, v in stream.items())
-            raise CompareError(f"bad grid setting ({shown}): {error}") from None
-        # Pass the validated values on, so "04" and 4 are one run with one name.
-        for key in ("start_size", "recent_size", "stride", "heavy_size"):
-            if key in stream:
-                stream[key] = getattr(resolved, key)
-        runs.append(Run("streaming_hf", stream))
+                               heavy_sizes or [None], evict_every or [None])
+    for policy, pos, start, size, stride, heavy, every in combos:
+        axes = [name for name in params if name in settings_mod.policy_param_names(policy or
+                                                                                    settings_mod.DEFAULT_POLICY)]
+        for values in itertools.product(*(params[name] for name in axes)):
+            runs.append(_run(policy, pos, start, size_key, size, stride, heavy, every, dict(zip(axes, values)),
+                             method, chunk_size, max_length))
     return _unique(runs)
+
+
+def _check_param_axes(params: dict, policies: list) -> None:
+    for name in params:
+        if not any(name in _param_names_of(policy) for policy in policies):
+            have = {policy: ", ".join(_param_names_of(policy)) or "none" for policy in policies}
+            raise CompareError(f"--param {name}: no policy of the grid has it; their parameters: "
+                               + "; ".join(f"{policy}: {names}" for policy, names in have.items()))
+
+
+def _param_names_of(policy: str) -> tuple[str, ...]:
+    try:
+        return settings_mod.policy_param_names(policy)
+    except ValueError as error:
+        raise CompareError(str(error)) from None
+
+
+def _run(policy, pos, start, size_key, size, stride, heavy, every, param_values: dict, method, chunk_size,
+         max_length) -> Run:
+    stream = {"start_size": start, size_key: size,
+              "positions": pos or settings_mod.default_positions(policy or settings_mod.DEFAULT_POLICY)}
+    if policy not in (None, settings_mod.DEFAULT_POLICY):
+        stream["policy"] = policy
+        if heavy is not None:
+            stream["heavy_size"] = heavy
+    if method is not None:
+        stream["method"] = method
+    if stride is not None:
+        stream["stride"] = stride
+    if every is not None:
+        stream["evict_every"] = every
+    if chunk_size is not None:  # speed only: same numbers, so not part of the run's name
+        stream["chunk_size"] = chunk_size
+    try:
+        resolved = settings_mod.resolve(**stream, policy_params=param_values, max_length=max_length)
+    except ValueError as error:
+        shown = " ".join(f"{k}={v}" for k, v in (stream | param_values).items())
+        raise CompareError(f"bad grid setting ({shown}): {error}") from None
+    # Pass the validated values on, so "04" and 4 are one run with one name.
+    for key in ("start_size", "recent_size", "stride", "heavy_size", "evict_every"):
+        if key in stream:
+            stream[key] = getattr(resolved, key)
+    # A policy parameter is a model arg of its own (policy=<name>,<param>=<value>).
+    stream.update({name: resolved.policy_params[name] for name in param_values})
+    return Run("streaming_hf", stream)
 
 
 def _unique(runs: list[Run]) -> list[Run]:

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from .. import settings as settings_mod
 from .errors import CompareError, say
 from .grid import BASELINE, knob, other_knobs
 from .results import Result, plot_key
@@ -137,7 +138,7 @@ def plot_lines(results: list[Result], task: str, metric: str, x: str = "capacity
         value = dict(((t, m), v) for t, m, v in metrics(r.data)).get((task, metric))
         if value is not None:
             s = r.stream
-            label = "" if knob(s, "policy") == "sink_window" else f"{knob(s, 'policy')} W={knob(s, 'recent_size')} "
+            label = "" if knob(s, "policy") == settings_mod.DEFAULT_POLICY else f"{knob(s, 'policy')} W={knob(s, 'recent_size')} "
             label += f"S={knob(s, 'start_size')} {knob(s, 'positions')}"
             label += f" {s['method']}" if s.get("method") else ""
             label += "".join(f" {k}={v}" for k, v in other_knobs(s).items())  # e.g. one line per stride

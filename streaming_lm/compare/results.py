@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import settings as settings_mod
 from .errors import CompareError, say
-from .grid import BASELINE, knob, run_name
+from .grid import BASELINE, knob, param_names, run_name
 
 
 def _model_args(data: dict) -> dict:
@@ -80,7 +80,9 @@ def plot_key(result: Result):
 def load_result(path: Path) -> Result:
     data = json.loads(path.read_text(encoding="utf-8"))
     model = data.get("config", {}).get("model")
-    stream = {k: v for k, v in _model_args(data).items() if k in settings_mod.KNOBS}
+    args = _model_args(data)
+    stream = {k: v for k, v in args.items() if k in settings_mod.KNOBS}
+    stream |= {k: args[k] for k in param_names(stream) if k in args}  # the policy's own parameters
     return Result(run_name(model, stream), model, stream, data, path)
 
 

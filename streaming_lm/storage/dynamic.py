@@ -29,7 +29,7 @@ class EvictingDynamicLayer(DynamicLayer):
         # Attention of this pass sees everything held plus the new tokens.
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         before, self.seen = self.seen, self.seen + key_states.shape[-2]
-        if keys.shape[-2] > self.policy.capacity:
+        if keys.shape[-2] > self.policy.capacity and keys.shape[-2] > self.policy.held_count(self.seen):
             self._keep(keys, values, before)
         return keys, values
 
@@ -54,8 +54,6 @@ class EvictingDynamicLayer(DynamicLayer):
         self.keys = torch.cat(kept_keys, dim=-2)
         self.values = torch.cat(kept_values, dim=-2)
 
-    def get_max_length(self) -> int:
-        return self.policy.capacity
 
     def reset(self) -> None:
         super().reset()

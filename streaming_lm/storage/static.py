@@ -4,10 +4,12 @@
 every pass: for decoding one token at a time that is most of what streaming costs.
 ``EvictingStaticCache`` gives the same numbers (docs/semantics.md) another way:
 
-- Each layer owns ``C + 1`` slots, the first ``S`` for the sinks. A new token is written into the
-  lowest free slot and the step attends to every slot in use (at most ``C + 1`` keys; attention over a
-  set does not depend on the order). After the step the policy's evicted token frees its slot:
-  nothing is copied, and between steps exactly ``C`` tokens are held.
+- Each layer owns ``C + K`` slots (``K = evict_every``), the first ``S`` for the sinks. A new token is
+  written into the lowest free slot and the step attends to every slot in use (at most ``C + K`` keys;
+  attention over a set does not depend on the order). After the step the policy's evicted tokens free their
+  slots: with ``K = 1`` nothing is copied, and between steps exactly ``C`` tokens are held; with ``K > 1`` an
+  event frees several slots, and the tokens behind them move down once so that the slots in use stay
+  ``0 .. held - 1`` (at most ``C`` copies per ``K`` tokens).
 - Keys stay where they were rotated. The model rotates the new token at a frame position
   ``t - base``; inside the window only distances matter, so recent keys never move. The sinks
   are what must move instead (``S`` keys, from a kept unrotated copy): with shifted positions
@@ -62,8 +64,6 @@ class EvictingStaticLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.owner.held
 
-    def get_max_length(self) -> int:
-        return self.owner.policy.capacity
 
 
 class EvictingStaticCache(KVAccounting, Cache):
@@ -80,7 +80,8 @@ class EvictingStaticCache(KVAccounting, Cache):
         self.write_slot = self.attended = 0
         self.sink_delta = 0  # the sinks' extra rotation this step (0: none)
         self._slot_of = slot_of  # token -> slot, for every token held
-        self._free = sorted(set(range(policy.capacity + 1)) - set(slot_of.values()))  # a heap
+        self.slots = policy.capacity + policy.schedule.extra_slots()
+        self._free = sorted(set(range(self.slots)) - set(slot_of.values()))  # a heap
         super().__init__(layers=[EvictingStaticLayer(self, *kv, shift.for_layer(i) if shift is not None else None)
                                  for i, kv in enumerate(layers_kv)])
 
@@ -88,7 +89,8 @@ class EvictingStaticCache(KVAccounting, Cache):
     def from_dynamic(cls, cache, n: int, settings: StreamingSettings,
                      shift: RotaryShift | LayerShifts | None) -> EvictingStaticCache:
         """Move a dynamic cache filled by the chunked path (recent token ``s`` rotated to ``S + s - r0``) into slots."""
-        policy, start, capacity = cache.policy, settings.start_size, settings.capacity
+        policy, start = cache.policy, settings.start_size
+        slots = settings.capacity + policy.schedule.extra_slots()
         held = policy.held_index(n).tolist()
         sinks = sum(1 for j in held if j < start)
         base = first_recent(n, settings) - start
@@ -101,7 +103,7 @@ class EvictingStaticCache(KVAccounting, Cache):
         for i, layer in enumerate(cache.layers):
             keys, values = layer.keys, layer.values
             layer_shift = shift.for_layer(i) if shift is not None else None
-            shape = (*keys.shape[:-2], capacity + 1, keys.shape[-1])
+            shape = (*keys.shape[:-2], slots, keys.shape[-1])
             slot_keys, slot_values = keys.new_zeros(shape), values.new_zeros(shape)
             slot_keys[..., :sinks, :] = keys[..., :sinks, :]
             slot_keys[..., start : start + len(held) - sinks, :] = (
@@ -129,13 +131,14 @@ class EvictingStaticCache(KVAccounting, Cache):
         return self.held * per_token
 
     def allocated_bytes(self) -> int:
-        """Every slot, the one free slot and the unrotated sink copies included."""
+        """Every slot, the free slots and the unrotated sink copies included."""
         return sum(layer.keys.nbytes + layer.values.nbytes + layer.sink_keys.nbytes for layer in self.layers)
 
     @property
     def overhead_tokens(self) -> float:
-        """One free slot, and the sinks' unrotated keys (keys only: half a token each)."""
-        return 1 + self.start_size / 2
+        """The ``K`` slots beyond ``C`` (one free slot with ``evict_every=1``), and the sinks' unrotated keys (keys
+        only: half a token each)."""
+        return self.slots - self.policy.capacity + self.start_size / 2
 
     def begin_step(self) -> int:
         """Prepare the slots for token ``x_n``; returns its position id."""
@@ -168,6 +171,24 @@ class EvictingStaticCache(KVAccounting, Cache):
         self.n += 1
         self.held += 1 - len(evicted)
         self.evicted += len(evicted)
+        if len(evicted) > 1:
+            self._compact()
+
+    def _compact(self) -> None:
+        """After an event freed several slots: move the tokens held at slots ``>= held`` into the free slots below,
+        so that a step attends slots ``0 .. held`` (one free slot, the next write, is the most a gap may be)."""
+        holes = sorted(slot for slot in self._free if slot < self.held)
+        movers = sorted((slot, token) for token, slot in self._slot_of.items() if slot >= self.held)
+        if not holes:
+            return
+        source, target = torch.tensor([slot for slot, _ in movers]), torch.tensor(holes)
+        for layer in self.layers:
+            for tensor in (layer.keys, layer.values):
+                device = tensor.device
+                tensor[..., target.to(device), :] = tensor.index_select(-2, source.to(device))
+        for (_, token), slot in zip(movers, holes, strict=True):
+            self._slot_of[token] = slot
+        self._free = list(range(self.held, self.slots))  # sorted: a heap
 
     def _rebase(self, new_base: int) -> None:
         delta = new_base - self.base

@@ -7,7 +7,6 @@ Rolling scoring (``score``), continuations (``score_continuations``) and generat
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -15,8 +14,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..scores import ContinuationScore, StreamScore, check_evicted, target_logprobs
 from ..forward_args import cache_kwarg, forward_takes
+from ..loglik import ContinuationScore, StreamScore, check_evicted, target_logprobs
+from ..policy import policy_for
+from ..positions import position_limit
 
 
 class Stream(ABC):
@@ -26,6 +27,7 @@ class Stream(ABC):
     settings = None  # StreamingSettings; None for the dense baseline
     n: int = 0  # tokens read so far: the next token is x_n
     max_held: int = 0  # the most tokens any layer held between passes (recompute: tokens in a window)
+    held_per_layer: tuple[int, ...] = ()  # the most tokens each layer held between passes (cache paths)
     uses_batch_size = False  # whether passes of one stream can be batched (recompute windows)
 
     @property
@@ -91,7 +93,7 @@ class Stream(ABC):
                     b = a + logits.shape[0]
                     logprobs[a:b] = target_logprobs(logits, ids[a + 1 : b + 1]).cpu()
                     bar.update(b - a)
-        return StreamScore(logprobs, self.evicted, self.max_held)
+        return StreamScore(logprobs, self.evicted, self.max_held, held_per_layer=tuple(self.held_per_layer))
 
     @torch.inference_mode()
     def score_continuations(self, context, continuations) -> list[ContinuationScore]:
@@ -108,36 +110,32 @@ class Stream(ABC):
                 # Reading mutates the state: each continuation gets its own copy of the context state.
                 branch = self.fork()
                 logits = torch.cat((last, branch.read(continuation[:-1])))
-            results.append(continuation_score(logits, continuation, branch.evicted, self.n, self.settings))
+            results.append(continuation_score(logits, continuation, branch.evicted, self.n, self.settings,
+                                              branch.held_per_layer))
         return results
 
 
-def continuation_score(logits, continuation, evicted: int, n_context: int, settings) -> ContinuationScore:
+def continuation_score(logits, continuation, evicted: int, n_context: int, settings,
+                       held_per_layer=()) -> ContinuationScore:
     target = torch.as_tensor(continuation, dtype=torch.long, device=logits.device)
     if settings is not None:
         check_evicted(n_context + len(continuation), evicted, settings)
     chosen = target_logprobs(logits, target)
-    return ContinuationScore(float(chosen.double().sum()), bool((logits.argmax(-1) == target).all()), evicted)
-
-
-@contextlib.contextmanager
-def attention(model, name: str):
-    """Route the model's attention through the registered function ``name``, restoring it afterwards."""
-    previous = model.config._attn_implementation
-    if previous == name:  # nested (a token loop's steps inside its read): switching costs milliseconds a pass
-        yield
-        return
-    model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
+    return ContinuationScore(float(chosen.double().sum()), bool((logits.argmax(-1) == target).all()), evicted,
+                             tuple(held_per_layer))
 
 
 class CachedStream(Stream):
     """A path that keeps a cache storage in ``self.cache``: its accounting is the storage's."""
 
     cache = None
+
+    def note_held(self) -> None:
+        """After a pass: what each layer holds now raises ``held_per_layer`` and ``max_held``, the most held."""
+        held = self.cache.held_tokens()
+        before = self.held_per_layer or (0,) * len(held)
+        self.held_per_layer = tuple(max(a, b) for a, b in zip(before, held))
+        self.max_held = max(self.max_held, *held)
 
     @property
     def evicted(self) -> int:
@@ -148,6 +146,29 @@ class CachedStream(Stream):
 
     def kv_allocated_bytes(self) -> int:
         return self.cache.allocated_bytes()
+
+
+class EvictingStream(CachedStream):
+    """A stream read from empty into a cache that the settings' policy trims: the token loop and the chunked
+    paths. Each builds its own storage (``new_cache``); the rest is common."""
+
+    def __init__(self, model, settings, shift, batch_size: int = 1):
+        self.model, self.settings, self.shift = model, settings, shift
+        self.policy = policy_for(settings)
+        if not self.policy.index_only:
+            self.policy.bind(model, shift)
+        self._limit = position_limit(model, settings, shift is not None)
+        self.n = 0
+        self.max_held, self.held_per_layer = 0, ()
+        self.cache = self.new_cache()
+        self._kwargs = forward_kwargs(model, self.cache)
+
+    @abstractmethod
+    def new_cache(self):
+        """The empty storage this path reads into."""
+
+    def _shared(self):
+        return (self.shift, self.policy)
 
 
 def forward_kwargs(model, cache) -> tuple[dict, dict]:

@@ -21,11 +21,11 @@ from transformers import AttentionInterface
 from ..forward_args import num_decoder_layers
 from ..positions import check_positions_fit, first_recent, query_position
 from ..rotary import LayerShifts, RotaryShift
-from ..scores import ContinuationScore
-from .base import as_ids, attention, continuation_score
+from ..storage import EvictingDynamicCache
+from ..loglik import ContinuationScore
+from .attention import attention_function, grouped_rows, soft_capped
+from .base import EvictingStream, as_ids, continuation_score
 from .decode import DecodeStream
-from .logits import grouped_rows, soft_capped
-from .token import TokenStream
 
 ATTENTION_NAME = "streaming_lm_chunked"
 # Continuations of one context read in one pass (a batch): that many copies of the context state while
@@ -88,16 +88,17 @@ def plan_chunk(a: int, b: int, stream: ChunkedStream, device):
     return plan, positions.to(device)
 
 
-class ChunkedStream(TokenStream):
+class ChunkedStream(EvictingStream):
     """``method="chunked"``: ``chunk_size`` tokens per pass; the cache keeps recent keys in the local frame
     (so it re-rotates on eviction in both position modes)."""
 
-    frame_rotates = True
-
     def __init__(self, model, settings, shift, batch_size: int = 1):
+        self._layers = num_decoder_layers(model)
         super().__init__(model, settings, shift)
         self._decoder: DecodeStream | None = None  # once the stream steps
-        self._layers = num_decoder_layers(model)
+
+    def new_cache(self):
+        return EvictingDynamicCache(self._layers, self.policy, self.shift)
 
     def read_passes(self, ids, last_only: bool = False):
         ids = as_ids(ids, self.model.device)
@@ -114,7 +115,7 @@ class ChunkedStream(TokenStream):
         width = rows.shape[1]
         check_positions_fit(self.model, self.n + width, self._limit)
         kwargs, chunk, first = self._kwargs[last_only], self.settings.chunk_size, self.n
-        with attention(self.model, ATTENTION_NAME):
+        with attention_function(self.model, ATTENTION_NAME):
             for a in range(0, width, chunk):
                 b = min(a + chunk, width)
                 plan, positions = plan_chunk(first + a, first + b, self, rows.device)
@@ -125,7 +126,7 @@ class ChunkedStream(TokenStream):
                         f"{type(self.model).__name__}: {plan.calls} of {self._layers} layers ran the chunked attention "
                         "function; the others computed attention in model code that cannot see the chunk's plan"
                     )
-                self.max_held = max(self.max_held, *self.cache.held_tokens())
+                self.note_held()
                 self.n = first + b
                 yield a, logits.float()
 
@@ -145,7 +146,8 @@ class ChunkedStream(TokenStream):
         longer = sorted((i for i, c in enumerate(continuations) if len(c) > 1), key=lambda i: -len(continuations[i]))
         for i, continuation in enumerate(continuations):
             if len(continuation) == 1:
-                results[i] = continuation_score(last, continuation, self.evicted, n, self.settings)
+                results[i] = continuation_score(last, continuation, self.evicted, n, self.settings,
+                                                self.held_per_layer)
         for start in range(0, len(longer), CONTINUATION_ROWS):
             batch = longer[start : start + CONTINUATION_ROWS]  # longest first: rows of similar length together
             width = len(continuations[batch[0]]) - 1
@@ -154,13 +156,14 @@ class ChunkedStream(TokenStream):
             branch = self.fork()
             branch.cache.expand_batch(len(batch))
             logits = torch.cat([out for _, out in branch._read_rows(rows)], dim=1)
+            held = branch.held_per_layer  # the longest row's (rows read alike; padding never reads past it)
             del branch  # B copies of the state: gone before the next batch
             for r, i in enumerate(batch):
                 continuation = continuations[i]
                 # The row's evictions are those of its own stream (the padding read after it is not its).
                 evicted = self.policy.evicted_count(n + len(continuation) - 1)
                 results[i] = continuation_score(torch.cat((last, logits[r, : len(continuation) - 1])), continuation,
-                                                evicted, n, self.settings)
+                                                evicted, n, self.settings, held)
         return results
 
     @torch.inference_mode()
@@ -173,4 +176,5 @@ class ChunkedStream(TokenStream):
             self.cache = self._decoder.cache  # accounting (evicted, bytes) is the decode slots' from now on
         logits = self._decoder.step(token)
         self.n, self.max_held = self._decoder.n, self._decoder.max_held
+        self.held_per_layer = self._decoder.held_per_layer
         return logits

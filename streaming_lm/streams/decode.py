@@ -22,7 +22,9 @@ class DecodeStream(CachedStream):
     def from_dynamic(cls, stream) -> DecodeStream:
         """Take over a chunked stream's dynamic cache (recent keys in its local frame)."""
         cache = EvictingStaticCache.from_dynamic(stream.cache, stream.n, stream.settings, stream.shift)
-        return cls(stream.model, stream.settings, stream.shift, cache, stream._limit, stream.max_held)
+        decoder = cls(stream.model, stream.settings, stream.shift, cache, stream._limit, stream.max_held)
+        decoder.held_per_layer = stream.held_per_layer
+        return decoder
 
     def _shared(self):
         return (self.shift, self.cache.policy)
@@ -39,5 +41,5 @@ class DecodeStream(CachedStream):
         out = self.model(input_ids=ids, position_ids=torch.tensor([[position]], device=ids.device), **self._kwargs[False])
         self.cache.end_step()
         self.n += 1
-        self.max_held = max(self.max_held, *self.cache.held_tokens())
+        self.note_held()
         return out.logits[0, -1].float()

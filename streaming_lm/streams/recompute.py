@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..policy import policy_for
-from ..scores import ContinuationScore, StreamScore, target_logprobs
+from ..loglik import ContinuationScore, StreamScore, target_logprobs
 from ..settings import StreamingSettings
 from ..forward_args import forward_takes
 from .base import Stream, as_ids

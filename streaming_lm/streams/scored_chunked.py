@@ -19,10 +19,9 @@ from transformers import AttentionInterface
 from ..forward_args import num_decoder_layers
 from ..positions import check_positions_fit
 from ..storage import ScoredDynamicCache
-from ..storage.scored import step_scores, victims
-from .base import as_ids, attention, forward_kwargs
-from .logits import grouped_rows, refuse_learned_sinks, soft_capped
-from .token import TokenStream
+from ..storage.scored import compress, held_scores, step_scores
+from .attention import attention_function, grouped_rows, refuse_learned_sinks, soft_capped
+from .base import EvictingStream, as_ids
 from .weights import CACHE_KWARG
 
 ATTENTION_NAME = "streaming_lm_scored_rows"
@@ -43,21 +42,36 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
     weights = torch.empty_like(logits)
     t0 = layer.seen - q_len
     # A score that reads neither attention nor history (key-norm) is the same for every row: once per chunk.
-    fixed = None if policy.needs_attention or policy.accumulate else \
+    fixed = None if policy.needs_attention or policy.needs_queries or policy.accumulate else \
         step_scores(policy, key[0], value[0], None, None, kv_heads)
+    segment = 0  # the first row of this chunk in the current segment (earlier rows: layer.queries)
     for r in range(q_len):
         alive[:, first + r] = True
         row = torch.softmax(logits[:, :, r].masked_fill(~alive[:, None, :], float("-inf")), dim=-1)
         weights[:, :, r] = row
-        if policy.accumulate or int(alive[0].sum()) > policy.capacity:
+        event = policy.schedule.event_after(t0 + r)
+        capacity = layer.capacity(t0 + r + 1)
+        over = int(alive[0].sum()) > capacity and event
+        if policy.accumulate or over:
             attention = row.reshape(heads, columns) if policy.needs_attention else None
-            score = fixed if fixed is not None else \
-                step_scores(policy, key[0], value[0], attention, layer.totals, kv_heads)
-            if int(alive[0].sum()) > policy.capacity:
-                victim = victims(score, layer.tokens, t0 + r, policy, dead=~alive)
-                alive[torch.arange(kv_heads), victim] = False
+            queries = None
+            if policy.needs_queries:  # the segment's queries: earlier chunks' (held by the layer), then these rows
+                mine = query[0, :, segment : r + 1].float()
+                queries = mine if layer.queries is None else torch.cat((layer.queries, mine), dim=1)
+            if fixed is not None:
+                score = fixed
+            elif policy.accumulate:  # totals are per column: score every column (dead ones are never chosen)
+                score = step_scores(policy, key[0], value[0], attention, layer.totals, kv_heads, queries, t0 + r)
+            else:
+                score = held_scores(policy, key[0], value[0], attention, alive, queries, t0 + r)
+            if over:
+                alive = compress(score, layer.tokens, t0 + r, policy, alive, capacity)
+        if event:
+            layer.queries, segment = None, r + 1
     out = torch.matmul(weights.to(value.dtype).reshape(kv_heads, group * q_len, columns), value[0])
     layer.keep(alive)
+    if segment < q_len:
+        layer.observe(query[0, :, segment:])  # the rest of the segment, for the next chunk's event
     return out.reshape(1, heads, q_len, -1).transpose(1, 2).contiguous(), None
 
 
@@ -65,26 +79,29 @@ AttentionInterface.register(ATTENTION_NAME, _rows_attention)
 
 
 
-class ScoredChunkedStream(TokenStream):
+class ScoredChunkedStream(EvictingStream):
     """``method="chunked"`` for a scored policy (positions=original): ``chunk_size`` tokens per pass."""
 
     def __init__(self, model, settings, shift, batch_size: int = 1):
-        super().__init__(model, settings, shift)
         if settings.positions != "original":
             raise ValueError("the scored chunked path serves positions=original only")
-        self.cache = ScoredDynamicCache(num_decoder_layers(model), self.policy, None, rows=True)
-        self._kwargs = tuple(kwargs | {CACHE_KWARG: self.cache} for kwargs in forward_kwargs(model, self.cache))
+        super().__init__(model, settings, shift)
+        self._kwargs = tuple(kwargs | {CACHE_KWARG: self.cache} for kwargs in self._kwargs)
+
+    def new_cache(self):
+        # Original positions: every key keeps the rotation it was read with, so the storage rotates nothing.
+        return ScoredDynamicCache(num_decoder_layers(self.model), self.policy, None, rows=True)
 
     def read_passes(self, ids, last_only: bool = False):
         ids = as_ids(ids, self.model.device)
         check_positions_fit(self.model, self.n + ids.numel(), self._limit)
         kwargs, chunk, first = self._kwargs[last_only], self.settings.chunk_size, self.n
-        with attention(self.model, ATTENTION_NAME):
+        with attention_function(self.model, ATTENTION_NAME):
             for a in range(0, ids.numel(), chunk):
                 b = min(a + chunk, ids.numel())
                 positions = torch.arange(first + a, first + b, device=ids.device)[None]
                 logits = self.model(input_ids=ids[None, a:b], position_ids=positions, **kwargs).logits
-                self.max_held = max(self.max_held, *self.cache.held_tokens())
+                self.note_held()
                 self.n = first + b
                 yield a, logits[0].float()
 

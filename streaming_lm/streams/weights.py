@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 
-from .logits import grouped_rows, refuse_learned_sinks, soft_capped
+from .attention import grouped_rows, refuse_learned_sinks, soft_capped
 
 ATTENTION_NAME = "streaming_lm_weights"
 CACHE_KWARG = "streaming_scored_cache"
@@ -29,9 +29,12 @@ def _weights_attention(module, query, key, value, attention_mask, scaling, dropo
     # Each key/value head's query heads as rows; logits and softmax in float32 (eviction-policies.md).
     rows = grouped_rows(query.float(), kv_heads)[0]
     logits = soft_capped(torch.matmul(rows, key[0].float().transpose(-1, -2)) * scaling, kwargs.get("softcap"))
+    dead = cache.layers[module.layer_idx].dead  # padding of heads holding fewer tokens (head_budgets=adaptive)
+    if dead is not None:
+        logits = logits.masked_fill(dead[:, None, :], float("-inf"))
     weights = torch.softmax(logits, dim=-1)  # [kv_heads, group, K]
     out = torch.matmul(weights.to(value.dtype), value[0]).reshape(1, heads, 1, -1)
-    cache.layers[module.layer_idx].after_attention(weights.reshape(heads, -1))
+    cache.layers[module.layer_idx].after_attention(weights.reshape(heads, -1), query[0])
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -23,7 +23,7 @@ DEFAULT_TEXTS = tuple(
 )
 
 # The field's annotation ("int", "float | None", "str") gives the flag's type.
-FIELDS = {field.name: field for field in dataclasses.fields(settings.StreamingSettings)}
+FIELDS = {field.name: field for field in dataclasses.fields(settings.StreamingSettings) if field.name in settings.KNOBS}
 TYPES = {name: {"int": int, "float": float, "str": str}[str(field.type).split(" ")[0]] for name, field in FIELDS.items()}
 
 

@@ -57,9 +57,9 @@ def tiny_checks(device) -> list[dict]:
     import torch
     import transformers
 
-    from ..scoring import score
+    from ..rolling import score
     from ..settings import StreamingSettings
-    from ..support import find_rotary
+    from ..rotary import find_rotary
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(**TINY, max_position_embeddings=4096)
@@ -91,7 +91,7 @@ def timings(args) -> list[dict]:
 
     from ..settings import resolve
     from ..streams import open_stream
-    from ..support import find_rotary
+    from ..rotary import find_rotary
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(4096, args.tokens))

@@ -268,17 +268,20 @@ def summarise(results: dict, settings) -> list[str]:
     # grew slots fails here: C held tokens, plus the layout's declared overhead (the decode slots: one free
     # slot and the sinks' unrotated keys; a scored policy's cache: nothing).
     allocated_exact = round((settings.capacity + stream["kv_overhead_tokens"]) * bytes_per_token)
+    # Between steps a layer holds C tokens, plus the segment read since the last event with evict_every = K > 1.
+    peak = settings.capacity + settings.schedule.extra_slots() - 1
     results["kv_check"] = {
         "bytes_per_token": bytes_per_token, "capacity": settings.capacity,
         "streaming_peak_bytes": stream["peak_kv_bytes"], "streaming_peak_tokens": stream_tokens,
-        "exactly_capacity": (stream["peak_kv_bytes"] == settings.capacity * bytes_per_token
+        "exactly_capacity": (stream["peak_kv_bytes"] == peak * bytes_per_token
                              and stream["kv_allocated_bytes_end"] == allocated_exact),
         "streaming_allocated_bytes": stream["kv_allocated_bytes_end"], "overhead_tokens": stream["kv_overhead_tokens"],
     }
     warnings = []
     total = dense["prompt_tokens"] + n - 1  # tokens read into the cache
-    if total > settings.capacity and not results["kv_check"]["exactly_capacity"]:
-        warnings.append(f"the streaming cache peaked at {stream_tokens:g} tokens, not C = {settings.capacity}")
+    if total > peak and not results["kv_check"]["exactly_capacity"]:
+        bound = f"C = {peak}" if settings.evict_every == 1 else f"C + evict_every - 1 = {peak}"
+        warnings.append(f"the streaming cache peaked at {stream_tokens:g} tokens, not {bound}")
     if "ppl" in results:
         ppl = results["ppl"]
         evicted = ppl["streaming"]["evicted"]
@@ -331,7 +334,7 @@ def main(argv=None) -> dict:
     lm = load(args)
     import torch
 
-    from ..scoring import score
+    from ..rolling import score
     from ..streams import open_stream
 
     torch.set_grad_enabled(False)

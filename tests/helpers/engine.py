@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 from helpers.reference import lm_eval_words, word_perplexity
-from streaming_lm.scoring import score
+from streaming_lm.rolling import score
 from streaming_lm.settings import StreamingSettings
-from streaming_lm.support import find_rotary
+from streaming_lm.rotary import find_rotary
 
 
 def score_stream(model, ids, settings: StreamingSettings, shift):

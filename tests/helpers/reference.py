@@ -18,22 +18,24 @@ def dense_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, -1)[:-1].gather(-1, ids[1:, None])[:, 0]
 
 
-def sink_window_allowed(n: int, start: int, recent: int) -> torch.Tensor:
-    """bool [n, n], the suite's one reference mask: allowed(t, s) = s <= t and (s < S or s >= t - W)."""
+def sink_window_allowed(n: int, start: int, recent: int, every: int = 1) -> torch.Tensor:
+    """bool [n, n], the suite's one reference mask: allowed(t, s) = s <= t and (s < S or s >= e - W), where
+    e = t - t % K is the last event (the cache compressed after every K tokens; e = t for K = 1)."""
     t = torch.arange(n)[:, None]
     s = torch.arange(n)[None, :]
-    return (s <= t) & ((s < start) | (s >= t - recent))
+    return (s <= t) & ((s < start) | (s >= t - t % every - recent))
 
 
-def sink_window_mask(n: int, start: int, recent: int) -> torch.Tensor:
+def sink_window_mask(n: int, start: int, recent: int, every: int = 1) -> torch.Tensor:
     """``sink_window_allowed`` as an additive attention mask [1, 1, n, n] (0 or -inf) for one dense pass."""
-    return torch.zeros(n, n).masked_fill(~sink_window_allowed(n, start, recent), float("-inf"))[None, None]
+    return torch.zeros(n, n).masked_fill(~sink_window_allowed(n, start, recent, every), float("-inf"))[None, None]
 
 
-def original_positions_logprobs(model, ids: torch.Tensor, start: int, recent: int) -> torch.Tensor:
+def original_positions_logprobs(model, ids: torch.Tensor, start: int, recent: int, every: int = 1) -> torch.Tensor:
     """positions="original" in one pass with the sink+window mask."""
+    mask = sink_window_mask(ids.numel(), start, recent, every)
     with torch.no_grad():
-        logits = model(ids[None], attention_mask=sink_window_mask(ids.numel(), start, recent)).logits[0].float()
+        logits = model(ids[None], attention_mask=mask).logits[0].float()
     return torch.log_softmax(logits, -1)[:-1].gather(-1, ids[1:, None])[:, 0]
 
 
@@ -48,11 +50,12 @@ def _rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> t
 
 
 @torch.no_grad()
-def shifted_llama_logprobs(model, ids: torch.Tensor, start: int, recent: int) -> torch.Tensor:
+def shifted_llama_logprobs(model, ids: torch.Tensor, start: int, recent: int, every: int = 1) -> torch.Tensor:
     """positions="shifted" for a Llama-family model, one token at a time, by hand.
 
     Keys are kept unrotated and rotated afresh at their current cache slot on every step:
-    sinks at 0..S-1, the query at p(t) = min(t, C), a recent token s at p(t) - (t - s).
+    sinks at 0..S-1, the query at p(t) = (keys attended) - 1 (min(t, C) when the cache is trimmed after every
+    token), a recent token s at p(t) - (t - s). The cache is trimmed after every ``every`` tokens.
     """
     inner = model.model
     cfg = model.config
@@ -67,7 +70,7 @@ def shifted_llama_logprobs(model, ids: torch.Tensor, start: int, recent: int) ->
     out = []
     for t in range(n - 1):
         visible = kept + [t]
-        p = min(t, capacity)
+        p = len(visible) - 1
         slots = torch.tensor([j if j < start else p - (t - j) for j in visible])
         index = torch.tensor(visible)
         h = inner.embed_tokens(ids[t : t + 1])  # [1, hidden]
@@ -85,7 +88,8 @@ def shifted_llama_logprobs(model, ids: torch.Tensor, start: int, recent: int) ->
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         logits = model.lm_head(inner.norm(h))[0].float()
         out.append(torch.log_softmax(logits, -1)[ids[t + 1]])
-        kept = visible if len(visible) <= capacity else visible[:start] + visible[-recent:]
+        event = (t + 1) % every == 0
+        kept = visible if len(visible) <= capacity or not event else visible[:start] + visible[-recent:]
     return torch.stack(out)
 
 
@@ -114,5 +118,6 @@ def shifted_one_layer_logprobs(model, ids: torch.Tensor, start: int, recent: int
         slots = [j if j < start else query - (t - j) for j in visible]
         logits = model(ids[visible][None], position_ids=torch.tensor([slots])).logits[0, -1].float()
         out.append(torch.log_softmax(logits, -1)[ids[t + 1]])
-        kept = visible if len(visible) <= capacity else visible[:start] + visible[-recent:]
+        event = (t + 1) % every == 0
+        kept = visible if len(visible) <= capacity or not event else visible[:start] + visible[-recent:]
     return torch.stack(out)

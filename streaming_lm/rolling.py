@@ -1,4 +1,5 @@
-"""Scoring one whole stream (lm-eval's ``loglikelihood_rolling``): token ids in, log-probabilities out."""
+"""Rolling log-likelihood of one whole stream (lm-eval's ``loglikelihood_rolling``): token ids in, log-probabilities
+out. ``continuation.py`` and ``generation.py`` are the other two request types."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 
 from .positions import check_positions_fit, position_limit
 from .rotary import RotaryShift
-from .scores import StreamScore, check_evicted
+from .loglik import StreamScore, check_evicted
 from .settings import StreamingSettings
 from .streams import open_stream
 

@@ -1,4 +1,5 @@
-"""What scoring returns, and the check that a stream really streamed."""
+"""Log-likelihoods of text (not eviction scores: those are policy.py's): what reading a stream returns, and the
+check that a stream really streamed."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class StreamScore:
     evicted: int  # tokens evicted from the cache over the stream
     max_held: int  # most tokens any layer held between steps (recompute: tokens in a window)
     greedy: torch.Tensor | None = None  # bool [n - 1]: x_{t+1} was the argmax (recompute only)
+    held_per_layer: tuple[int, ...] = ()  # the most tokens each layer held between passes (cache paths)
 
 
 @dataclasses.dataclass
@@ -26,6 +28,7 @@ class ContinuationScore:
     logprob: float  # sum of log p(continuation token) over the continuation
     is_greedy: bool  # every continuation token was the argmax at its position
     evicted: int  # tokens evicted over the stream context + continuation
+    held_per_layer: tuple[int, ...] = ()  # the most tokens each layer held between passes (cache paths)
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -34,7 +37,10 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 
 def check_evicted(n_tokens: int, evicted: int, settings: StreamingSettings) -> None:
-    if n_tokens > settings.capacity + 1 and evicted == 0:
+    """A stream of ``n_tokens`` reads all but its last; once an event falls after more than C tokens were read
+    (docs/semantics.md, "Events"), something must have been evicted."""
+    read = n_tokens - 1
+    if settings.schedule.last_event(read) > settings.capacity and evicted == 0:
         raise NoEvictionError(
             f"a stream of {n_tokens} tokens passed a cache of {settings.capacity} tokens without a single "
             "eviction: the model did not use the streaming cache, so the result would be the dense one"

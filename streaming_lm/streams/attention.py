@@ -1,6 +1,9 @@
-"""What the registered attention functions (chunked.py, weights.py, scored_chunked.py) share."""
+"""Attention functions registered with transformers' ``AttentionInterface`` (chunked.py, weights.py,
+scored_chunked.py): switching a model to one, and the row arithmetic they share."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -20,3 +23,17 @@ def soft_capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
 def refuse_learned_sinks(kwargs: dict) -> None:
     if kwargs.get("s_aux") is not None:  # gpt_oss's learned sink logits are not in a scored policy's weights yet
         raise NotImplementedError("scored policies do not support attention with learned sink logits (gpt_oss)")
+
+
+@contextlib.contextmanager
+def attention_function(model, name: str):
+    """Route the model's attention through the registered function ``name``, restoring it afterwards."""
+    previous = model.config._attn_implementation
+    if previous == name:  # nested (a token loop's steps inside its read): switching costs milliseconds a pass
+        yield
+        return
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)

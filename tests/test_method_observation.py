@@ -1,0 +1,40 @@
+"""What the methods observe at an event, on the engine: Expected Attention's queries before RoPE are the model's own
+(its ``q_proj`` output), though the engine sees them only after RoPE and un-rotates them (policy.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.models import tiny_llama
+from helpers.policies import RecordingExpectedAttention
+
+from streaming_lm.rolling import score
+from streaming_lm.rotary import find_rotary
+from streaming_lm.settings import resolve
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("method", ["token", "chunked"])
+def test_expected_attention_sees_the_queries_before_rope(method):
+    model = tiny_llama()
+    ids = torch.randperm(128, generator=torch.Generator().manual_seed(4))[:30]
+    captured = []  # layer 0's q_proj output: independent of the cache (its input is the embeddings)
+    handle = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: captured.append(o))
+    try:
+        model(ids[None])
+    finally:
+        handle.remove()
+    heads, dim = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
+    before = captured[0][0].reshape(-1, heads, dim).transpose(0, 1)  # [heads, n, dim]
+    RecordingExpectedAttention.seen = []
+    setting = resolve(policy="helpers.policies:RecordingExpectedAttention", start_size=0, recent_size=0, heavy_size=6,
+                      evict_every=5, policy_params={"n_sink": 1, "n_future_positions": 8}, method=method,
+                      chunk_size=7)
+    score(model, ids, setting, find_rotary(model))
+    layer0 = {}  # layer 0 runs first in every pass: its entry is each step's first
+    for step, queries in RecordingExpectedAttention.seen:
+        layer0.setdefault(step, queries)
+    assert list(layer0) == list(range(9, 29, 5))  # events after tokens 9, 14, ... (C = 6 < 10)
+    for step, queries in layer0.items():
+        torch.testing.assert_close(queries, before[:, step - 4 : step + 1].float(), rtol=0, atol=1e-5)
