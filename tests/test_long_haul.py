@@ -165,6 +165,18 @@ def test_bfloat16(tiny_dir, excerpt_text):
     (hf_value,) = dense.loglikelihood_rolling(rolling(short))
     model32 = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     long = long_text(excerpt_text, 3000)
+    # The references on the evicting streams, the same for both methods: computed once (token loops are slow).
+    small_settings = dict(start_size=START, recent_size=RECENT, chunk_size=64)
+    probe = StreamingHFLM(pretrained=model, tokenizer=tokenizer, method="token", **small_settings)
+    token_loop = dataclasses.replace(probe.streaming, method="token")
+    ids = [probe.prefix_token_id, *probe.tok_encode(long)]
+    bf16_loop = float(score_stream(model, ids, token_loop, find_rotary(model)).logprobs.double().sum())
+    float32 = float(score_stream(model32, ids, token_loop, find_rotary(model32)).logprobs.double().sum())
+    context, continuation = probe._encode_pair(long[:500], long[500:520])
+    pair_loop = score_stream(model, context + continuation, token_loop, find_rotary(model))
+    pair_loop = float(pair_loop.logprobs[-len(continuation):].double().sum())
+    gen_context = probe.tok_batch_encode([long[:200]])[0][0].tolist()
+    greedy = generate(model, gen_context, token_loop, find_rotary(model), 80, eos_token_ids=[probe.eot_token_id]).tokens
     for method in ("chunked", "token"):
         lm = StreamingHFLM(pretrained=model, tokenizer=tokenizer, start_size=4, recent_size=500, method=method)
         (got,) = lm.loglikelihood_rolling(rolling(short))
@@ -174,24 +186,18 @@ def test_bfloat16(tiny_dir, excerpt_text):
         # Evicting runs against the engine's bf16 token loop on the same ids. Measured: the token method is
         # that loop (identical); chunked differs by ~3e-6 relative on 3000 tokens, ~3e-5 on a 20-token
         # continuation (bf16 rounds at other places in other pass shapes), and the float32 run by ~2e-5.
-        small = StreamingHFLM(pretrained=model, tokenizer=tokenizer, start_size=START, recent_size=RECENT,
-                              method=method, chunk_size=64)
-        token_loop = dataclasses.replace(small.streaming, method="token")
+        small = StreamingHFLM(pretrained=model, tokenizer=tokenizer, method=method, **small_settings)
+        assert dataclasses.replace(small.streaming, method="token") == token_loop
         tolerance = 1e-9 if method == "token" else 1e-4
         (streamed,) = small.loglikelihood_rolling(rolling(long))
-        ids = [small.prefix_token_id, *small.tok_encode(long)]
+        assert [small.prefix_token_id, *small.tok_encode(long)] == ids
         assert small.get_model_info()["streaming"]["evicted_tokens"] == len(ids) - 1 - (START + RECENT)
-        bf16_loop = score_stream(model, ids, token_loop, find_rotary(model)).logprobs.double().sum()
-        assert streamed == pytest.approx(float(bf16_loop), rel=tolerance)
-        float32 = score_stream(model32, ids, token_loop, find_rotary(model32)).logprobs.double().sum()
-        assert streamed == pytest.approx(float(float32), rel=1e-4)
+        assert streamed == pytest.approx(bf16_loop, rel=tolerance)
+        assert streamed == pytest.approx(float32, rel=1e-4)
         ((ll, _),) = small.loglikelihood(pairs((long[:500], long[500:520])))
-        context, continuation = small._encode_pair(long[:500], long[500:520])
-        bf16_loop = score_stream(model, context + continuation, token_loop, find_rotary(model))
-        assert ll == pytest.approx(float(bf16_loop.logprobs[-len(continuation):].double().sum()), rel=2 * tolerance)
+        assert small._encode_pair(long[:500], long[500:520]) == (context, continuation)
+        assert ll == pytest.approx(pair_loop, rel=2 * tolerance)
         gen = small.generate_until(generations((long[:200], {"max_gen_toks": 80})))
-        context = small.tok_batch_encode([long[:200]])[0][0].tolist()
-        greedy = generate(model, context, token_loop, find_rotary(model), 80, eos_token_ids=[small.eot_token_id]).tokens
         assert gen == [small.tok_decode(greedy)]
 
 

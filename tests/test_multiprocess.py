@@ -5,6 +5,8 @@ multi-CPU to ``mpirun``, which needs ``--mpirun_hostfile`` and an MPI build). Tw
 the torchrun launcher (``--multi_gpu``) with ``ACCELERATE_USE_CPU=1``, which makes the Accelerator
 use gloo on CPU. lm-eval's ``HFLM`` splits requests only with 2+ GPUs; ``StreamingHFLM`` takes the
 ranks from the Accelerator, so each process scores its own share (checked below from the logs).
+The one-process reference is lm-eval run in this process (a launcher and a second interpreter would add
+nothing to one process's numbers).
 """
 
 import json
@@ -15,7 +17,9 @@ import sys
 
 import pytest
 from helpers.local_tasks import MC_YAML, ROLLING_YAML, write_task
+import lm_eval
 from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
 from helpers.requests import rolling
 from helpers.engine import token_loop_loglikelihood
 
@@ -30,7 +34,6 @@ COMMON_ENV = {
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no"]
 TWO_PROCESSES = [*LAUNCH, "--multi_gpu", "--num_processes", "2", "--main_process_port", "0"]
-ONE_PROCESS = [*LAUNCH, "--cpu", "--num_processes", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +67,14 @@ def run(launcher, tiny_dir, task_dir, out):
     return json.loads(results_file.read_text()), samples, proc.stderr
 
 
+def run_here(lm, task_dir):
+    """What ``run`` returns, from lm-eval in this process (one process)."""
+    tm = TaskManager(include_path=str(task_dir), include_defaults=False)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["mp_rolling", "mp_mc"], task_manager=tm, log_samples=True)
+    samples = {task: {row["doc_id"]: row["resps"] for row in rows} for task, rows in out.pop("samples").items()}
+    return json.loads(json.dumps(out, default=str)), samples
+
+
 def scored_per_process(stderr):
     """Requests each process scored, from streaming_hf's log lines (one per process and request type)."""
     return [int(n) for n in re.findall(r"streaming_hf: (\d+) requests scored", stderr)]
@@ -72,7 +83,9 @@ def scored_per_process(stderr):
 @pytest.mark.slow
 def test_two_processes_give_one_process_results(tiny_dir, task_dir, tmp_path):
     tasks, rolling_docs = task_dir
-    one, one_samples, _ = run(ONE_PROCESS, tiny_dir, tasks, tmp_path / "one")
+    dense = HFLM(pretrained=str(tiny_dir), device="cpu", dtype="float32")
+    lm = StreamingHFLM(pretrained=dense.model, tokenizer=dense.tokenizer, start_size=START, recent_size=RECENT)
+    one, one_samples = run_here(lm, tasks)
     two, two_samples, two_log = run(TWO_PROCESSES, tiny_dir, tasks, tmp_path / "two")
 
     # Data-parallel for real: two processes, each scored only its share of the rolling documents.
@@ -98,8 +111,6 @@ def test_two_processes_give_one_process_results(tiny_dir, task_dir, tmp_path):
     assert (streaming_two["start_size"], streaming_two["recent_size"]) == (START, RECENT)
 
     # Streams longer than C really streamed: their numbers are not the dense model's, they are the token loop's.
-    dense = HFLM(pretrained=str(tiny_dir), device="cpu", dtype="float32")
-    lm = StreamingHFLM(pretrained=dense.model, tokenizer=dense.tokenizer, start_size=START, recent_size=RECENT)
     long_docs = [i for i, d in enumerate(rolling_docs) if len(d["text"].encode()) + 1 > START + RECENT + 1]
     assert len(long_docs) >= 3
     dense_ll = dense.loglikelihood_rolling(rolling(*(rolling_docs[i]["text"] for i in long_docs)))

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from lm_eval.models.huggingface import HFLM
 
 from streaming_lm import StreamingHFLM, offline_models
@@ -63,6 +64,9 @@ def test_hook_passes_folder_and_gguf_file_to_hflm(monkeypatch):
 
 
 @pytest.mark.slow
-def test_smollm2_loads_by_name():
-    lm = StreamingHFLM(pretrained="smollm2", dtype="float32", device="cpu", start_size=4, recent_size=60)
-    assert lm.model.config.model_type == "llama"
+def test_smollm2_loads_by_name(smollm2_by_name):
+    """The session's StreamingHFLM(pretrained="smollm2", dtype="float32", device="cpu", start_size=4,
+    recent_size=60), shared with the conversion the other SmolLM2 tests use (conftest.py)."""
+    lm = smollm2_by_name
+    assert lm.model.config.model_type == "llama" and lm.model.dtype == torch.float32
+    assert (lm.streaming.start_size, lm.streaming.recent_size) == (4, 60)

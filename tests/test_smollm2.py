@@ -13,8 +13,8 @@ from streaming_lm.settings import StreamingSettings
 
 pytestmark = pytest.mark.slow
 
-START, RECENT = 4, 124  # C = 128: a 1,000-token stream evicts on almost every step
-STREAM_TOKENS = 1000
+START, RECENT = 4, 124  # C = 128: a 400-token stream evicts on its last 271 steps (over 3 C)
+STREAM_TOKENS = 400  # longer streams are the tiny models' (tests/test_long_haul.py, test_chunked.py)
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +35,24 @@ def token_scores(smollm2, stream):
     }
 
 
+@pytest.fixture(scope="module")
+def short_dense(smollm2, excerpt_text):
+    """A short request and dense ``hf``'s numbers for it, computed once."""
+    model, tokenizer = smollm2
+    request = rolling(excerpt_text[:700])
+    return request, HFLM(pretrained=model, tokenizer=tokenizer, device="cpu").loglikelihood_rolling(request)
+
+
 @pytest.mark.parametrize("method", ["chunked", "token"])
 @pytest.mark.parametrize("positions", ["shifted", "original"])
-def test_short_stream_equals_dense_hf(smollm2, excerpt_text, positions, method):
+def test_short_stream_equals_dense_hf(smollm2, short_dense, positions, method):
     model, tokenizer = smollm2
-    text = excerpt_text[:700]
-    n_tokens = len(tokenizer(text, add_special_tokens=False).input_ids) + 1
-    request = rolling(text)
-    dense = HFLM(pretrained=model, tokenizer=tokenizer, device="cpu")
+    request, dense = short_dense
+    n_tokens = len(tokenizer(request[0].args[0], add_special_tokens=False).input_ids) + 1
     lm = StreamingHFLM(pretrained=model, tokenizer=tokenizer, device="cpu", start_size=4,
                        recent_size=n_tokens - 5, positions=positions, method=method, chunk_size=100)
     assert lm.streaming.capacity + 1 == n_tokens  # the longest stream that must equal dense
-    assert lm.loglikelihood_rolling(request) == pytest.approx(dense.loglikelihood_rolling(request), rel=1e-4)
+    assert lm.loglikelihood_rolling(request) == pytest.approx(dense, rel=1e-4)
     assert lm.get_model_info()["streaming"]["evicted_tokens"] == 0
 
 
@@ -71,7 +77,7 @@ def test_shifted_equals_naive_loop(smollm2, stream, token_scores):
 
 
 @pytest.mark.parametrize("positions", ["shifted", "original"])
-@pytest.mark.parametrize("chunk", [100, 256])  # 999 scored tokens: the last chunk is partial
+@pytest.mark.parametrize("chunk", [100, 256])  # 399 scored tokens: the last chunk is partial
 def test_chunked_equals_token_loop(smollm2, stream, token_scores, positions, chunk):
     model, _ = smollm2
     settings = StreamingSettings(START, RECENT, positions)

@@ -3,18 +3,14 @@
 Word/byte counts are recomputed here independently of the task's utils.py.
 """
 
-import glob
-import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
 import lm_eval
 import pytest
+from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
 
@@ -28,8 +24,6 @@ SAMPLE = TASKS / "wikitext_streaming" / "sample" / "wikitext-2-raw-test-excerpt.
 SHARED = REPO / ".." / "shared" / "data" / "wikitext-2-raw-test.txt"
 SAMPLE_WORDS, SAMPLE_BYTES = 3305, 16771  # whitespace-separated words, UTF-8 bytes
 CAP = 250  # words = 336 SmolLM2 tokens: a 4+252 cache evicts 80, token-by-token scoring stays short
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false"}
 
 
 # ---------------------------------------------------------------- independent helpers
@@ -169,18 +163,15 @@ def test_hub_stream_matches_builtin_wikitext_counts(monkeypatch):
     assert s_items["word_perplexity"][1] == SAMPLE_WORDS + 2
 
 
-# ---------------------------------------------------------------- end to end (subprocess lm_eval)
-def run_lm_eval(model, model_args, out_dir):
-    """Run the lm_eval CLI on the capped sample; return the task's results dict."""
-    cmd = [str(Path(sys.executable).with_name("lm_eval"))]
-    cmd += ["--model", model, "--model_args", model_args, "--include_path", "tasks",
-            "--tasks", "wikitext_streaming_sample", "--metadata", json.dumps({"max_words": CAP}),
-            "--device", "cpu", "--batch_size", "1", "--output_path", str(out_dir)]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **OFFLINE_ENV},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (path,) = glob.glob(str(out_dir / "**" / "results_*.json"), recursive=True)
-    results = json.loads(Path(path).read_text())
+# ---------------------------------------------------------------- end to end (lm-eval on the real model)
+def run_lm_eval(lm):
+    """lm-eval on the capped sample, as ``lm_eval --include_path tasks --metadata '{"max_words": CAP}'`` runs it
+    (the metadata given to the task manager and to simple_evaluate), in-process on the session's SmolLM2; the
+    command line itself is tests/test_cli.py's."""
+    metadata = {"max_words": CAP}
+    tm = TaskManager(include_path=str(TASKS), include_defaults=False, metadata=metadata)
+    results = lm_eval.simple_evaluate(model=lm, tasks=["wikitext_streaming_sample"], task_manager=tm,
+                                      metadata=metadata, batch_size=1, bootstrap_iters=0)
     assert results["configs"]["wikitext_streaming_sample"]["metadata"]["max_words"] == CAP
     return results["results"]["wikitext_streaming_sample"]
 
@@ -196,8 +187,9 @@ def check_consistent(res):
 
 
 @pytest.fixture(scope="module")
-def dense_result(smollm2_dir, tmp_path_factory):
-    return run_lm_eval("hf", f"pretrained={smollm2_dir},dtype=float32", tmp_path_factory.mktemp("dense"))
+def dense_result(smollm2):
+    model, tokenizer = smollm2
+    return run_lm_eval(HFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=1))
 
 
 @pytest.mark.slow
@@ -207,13 +199,14 @@ def test_e2e_hf(dense_result):
 
 
 @pytest.mark.slow
-def test_e2e_streaming_hf_is_the_token_loop(smollm2_dir, dense_result, tmp_path_factory):
-    args = f"pretrained={smollm2_dir},dtype=float32,start_size=4,recent_size=252"
-    res = run_lm_eval("streaming_hf", args, tmp_path_factory.mktemp("streaming"))
+def test_e2e_streaming_hf_is_the_token_loop(smollm2, dense_result):
+    model, tokenizer = smollm2
+    lm = StreamingHFLM(pretrained=model, tokenizer=tokenizer, device="cpu", start_size=4, recent_size=252)
+    res = run_lm_eval(lm)
     check_consistent(res)
     assert res["word_perplexity,none"] != pytest.approx(dense_result["word_perplexity,none"], rel=1e-6)
+    assert lm.get_model_info()["streaming"]["evicted_tokens"] > 0
     # The number itself: the engine's token loop on the scored target, over the words lm-eval counts.
     doc = only_doc(load_task("wikitext_streaming_sample", max_words=CAP))
-    lm = StreamingHFLM(pretrained=str(smollm2_dir), device="cpu", dtype="float32", start_size=4, recent_size=252)
     expected = word_perplexity([token_loop_loglikelihood(lm, doc["target"])], [lm_eval_words(doc["page"])])
     assert res["word_perplexity,none"] == pytest.approx(expected, rel=1e-5)

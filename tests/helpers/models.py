@@ -18,13 +18,16 @@ def smollm2_folder() -> Path | None:
     return Path(spec.submodule_search_locations[0])
 
 
-def convert_smollm2(out_dir: Path) -> Path:
-    """Dequantise the GGUF once and save a plain transformers checkpoint (fast to reload)."""
+def convert_smollm2(out_dir: Path, gguf_model=None) -> Path:
+    """Dequantise the GGUF once and save a plain transformers checkpoint (fast to reload). ``gguf_model``: the
+    float32 model already loaded from the GGUF (dequantising takes most of the time)."""
     folder = smollm2_folder()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    gguf_model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
-    )
+    if gguf_model is None:
+        gguf_model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+        )
+    assert gguf_model.dtype == torch.float32
     # A GGUF-loaded model refuses save_pretrained; rebuild it without the quantisation marker.
     config_dict = gguf_model.config.to_dict()
     config_dict.pop("quantization_config", None)
