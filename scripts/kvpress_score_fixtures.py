@@ -1,8 +1,8 @@
 """Build tests/data/kvpress_scores.pt: kvpress 0.5.5's own scores, kept sets and budgets on a tiny random Llama.
 
-Runs in kvpress's venv, never in the project's (kvpress pins transformers < 5.3):
+Runs in kvpress's venv outside the checkout (docs/kvpress.md), never in the project's (kvpress pins transformers < 5.3):
 
-    /work/kvp/bin/python scripts/kvpress_score_fixtures.py            # writes tests/data/kvpress_scores.pt
+    ../kvp/bin/python scripts/kvpress_score_fixtures.py            # writes tests/data/kvpress_scores.pt
 
 Recorded with kvpress 0.5.5, transformers 5.2.0, torch 2.13.0+cpu (the file stores the versions it was
 built with). A seeded 2-layer Llama (4 query heads, 2 key/value heads, head_dim 16) reads 64 random
