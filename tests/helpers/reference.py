@@ -118,6 +118,5 @@ def shifted_one_layer_logprobs(model, ids: torch.Tensor, start: int, recent: int
         slots = [j if j < start else query - (t - j) for j in visible]
         logits = model(ids[visible][None], position_ids=torch.tensor([slots])).logits[0, -1].float()
         out.append(torch.log_softmax(logits, -1)[ids[t + 1]])
-        event = (t + 1) % every == 0
-        kept = visible if len(visible) <= capacity or not event else visible[:start] + visible[-recent:]
+        kept = visible if len(visible) <= capacity else visible[:start] + visible[-recent:]
     return torch.stack(out)
