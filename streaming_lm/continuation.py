@@ -14,7 +14,7 @@ from .rotary import RotaryShift
 from .loglik import ContinuationScore
 from .settings import StreamingSettings
 from .streams import open_stream
-from .streams.shared import Trie, WalkStats, walk
+from .streams.shared import WalkStats, read_contexts
 
 
 def score_continuations(
@@ -22,6 +22,8 @@ def score_continuations(
 ) -> list[ContinuationScore]:
     """Score each continuation (token ids) after the same context (token ids, at least one)."""
     _check(context, continuations)
+    if settings is not None and settings.once:  # the event falls inside the context: the request walk places it
+        return score_requests(model, [(context, c) for c in continuations], settings, shift)[0]
     return open_stream(model, settings, shift).score_continuations(list(context), [list(c) for c in continuations])
 
 
@@ -42,8 +44,8 @@ def score_requests(
             if on_result is not None:
                 on_result(i, scored)
 
-    trie = Trie([context for context, _ in requests], share=share)
-    stats = walk(trie, lambda: open_stream(model, settings, shift), visit)
+    stats = read_contexts([context for context, _ in requests], lambda: open_stream(model, settings, shift), visit,
+                          share, None if settings is None else settings.schedule)
     return results, stats
 
 

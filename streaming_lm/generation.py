@@ -17,7 +17,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 from .rotary import RotaryShift
 from .settings import StreamingSettings
 from .streams import open_stream
-from .streams.shared import Trie, WalkStats, walk
+from .streams.shared import WalkStats, read_contexts
 
 # transformers' defaults for sampling when neither the request nor the model's generation config
 # sets them (GenerationConfig._get_default_generation_params): do_sample=True means top_k=50 there too.
@@ -53,6 +53,7 @@ class Generation:
     evicted: int = 0  # tokens evicted over context + generation
     max_held: int = 0  # most tokens any layer held between passes
     held_per_layer: tuple[int, ...] = ()  # the most tokens each layer held between passes
+    kept_per_layer: tuple[float, ...] = ()  # evict_every=context: held per layer right after the event (head mean)
 
 
 def decode(
@@ -93,6 +94,9 @@ def generate(
     """Stream ``context`` (token ids, at least one) through the cache, then ``decode``."""
     if len(context) == 0:
         raise ValueError("generation needs at least one context token")
+    if settings is not None and settings.once:  # the event falls inside the context: the request walk places it
+        return generate_requests(model, [GenerationRequest(context, max_new_tokens, decode_kwargs)], settings,
+                                 shift)[0][0]
     stream = open_stream(model, settings, shift)
     stream.extend(context)
     return _generate_after_context(stream, max_new_tokens, decode_kwargs)
@@ -120,12 +124,12 @@ def generate_requests(
             if on_result is not None:
                 on_result(i, results[i])
 
-    trie = Trie([request.context for request in requests], share=share)
-    stats = walk(trie, lambda: open_stream(model, settings, shift), visit)
+    stats = read_contexts([request.context for request in requests], lambda: open_stream(model, settings, shift),
+                          visit, share, None if settings is None else settings.schedule)
     return results, stats
 
 
 def _generate_after_context(stream, max_new_tokens: int, decode_kwargs: dict) -> Generation:
     logits = stream.last_logits()[-1]
     tokens = decode(stream, logits, max_new_tokens, **decode_kwargs) if max_new_tokens > 0 else []
-    return Generation(tokens, stream.evicted, stream.max_held, tuple(stream.held_per_layer))
+    return Generation(tokens, stream.evicted, stream.max_held, tuple(stream.held_per_layer), stream.kept_per_layer())

@@ -26,6 +26,7 @@ from . import settings as settings_mod
 from .continuation import score_requests
 from .generation import SAMPLING_DEFAULTS, GenerationRequest, generate_requests, greedy, sampler
 from .offline_models import resolve_pretrained
+from .policy import policy_for
 from .rolling import score
 from .streams import uses_batch_size
 from .rotary import find_rotary
@@ -53,7 +54,7 @@ class StreamingHFLM(HFLM):
 
     Extra model args: the fields of ``StreamingSettings`` (``settings.KNOBS``: ``start_size``,
     ``recent_size`` or ``compression_ratio``, ``positions``, ``method``, ``chunk_size``, ``stride``,
-    ``policy``, ``heavy_size``, ``evict_every``; docs/semantics.md, docs/policies.md), the chosen policy's own
+    ``policy``, ``heavy_size``, ``evict_every``, ``query_size``; docs/semantics.md, docs/policies.md), the chosen policy's own
     parameters (its class's ``params``) and ``trust_positions=rope``
     (``support.check_model_supported``). Every other argument is HFLM's.
     """
@@ -89,8 +90,11 @@ class StreamingHFLM(HFLM):
             eval_logger.warning(fallback)
         check_model_supported(self.model, self.streaming, self._trust_positions)
         self.rotary = find_rotary(self.model)
+        # What the policy needs of the model (Expected Attention: RoPE; duo: a pattern of its shape), refused now.
+        policy_for(self.streaming).bind(self.model, self.rotary)
         self._evicted = 0
         self._held_per_layer: tuple[int, ...] = ()  # the most each layer held, over every request
+        self._kept: list = [0, None]  # evict_every=context: requests, and per layer the sum held after their event
         eval_logger.info("streaming_hf cache: %s", self.streaming.as_dict())
 
     def _create_model(self, pretrained, *args, **kwargs) -> None:
@@ -139,7 +143,7 @@ class StreamingHFLM(HFLM):
 
         def done(i, scored):
             self._evicted += scored.evicted
-            self._note_held(scored.held_per_layer)
+            self._note_held(scored.held_per_layer, scored.kept_per_layer)
             self.cache_hook.add_partial("loglikelihood", requests[i][0], (scored.logprob, scored.is_greedy))
             bar.update(1)
 
@@ -179,7 +183,7 @@ class StreamingHFLM(HFLM):
 
         def done(i, out):
             self._evicted += out.evicted
-            self._note_held(out.held_per_layer)
+            self._note_held(out.held_per_layer, out.kept_per_layer)
             results[i] = self._postprocess(out.tokens, untils[i])
             self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
             bar.update(1)
@@ -256,14 +260,20 @@ class StreamingHFLM(HFLM):
             torch.distributed.all_gather_object(counts, self._evicted)
             self._evicted_all_ranks = sum(counts)
 
-    def _note_held(self, held: tuple[int, ...]) -> None:
+    def _note_held(self, held: tuple[int, ...], kept: tuple[float, ...] = ()) -> None:
         before = self._held_per_layer or (0,) * len(held)
         self._held_per_layer = tuple(max(a, b) for a, b in zip(before, held))
+        if kept:
+            total = self._kept[1] or (0.0,) * len(kept)
+            self._kept = [self._kept[0] + 1, tuple(a + b for a, b in zip(total, kept))]
 
     def get_model_info(self) -> dict:
         info = super().get_model_info()
         evicted = getattr(self, "_evicted_all_ranks", self._evicted) if self.world_size > 1 else self._evicted
         info["streaming"] = self.streaming.as_dict() | {"evicted_tokens": evicted} | held_report(self._held_per_layer)
+        if self._kept[0]:  # evict_every=context: what each layer kept at the requests' events, on average
+            info["streaming"]["held_tokens_after_event_per_layer"] = [round(total / self._kept[0], 2)
+                                                                      for total in self._kept[1]]
         return info
 
 

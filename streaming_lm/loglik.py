@@ -29,6 +29,7 @@ class ContinuationScore:
     is_greedy: bool  # every continuation token was the argmax at its position
     evicted: int  # tokens evicted over the stream context + continuation
     held_per_layer: tuple[int, ...] = ()  # the most tokens each layer held between passes (cache paths)
+    kept_per_layer: tuple[float, ...] = ()  # evict_every=context: held per layer right after the event (head mean)
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -40,6 +41,8 @@ def check_evicted(n_tokens: int, evicted: int, settings: StreamingSettings) -> N
     """A stream of ``n_tokens`` reads all but its last; once an event falls after more than C tokens were read
     (docs/semantics.md, "Events"), something must have been evicted."""
     read = n_tokens - 1
+    if settings.once:  # one event per request, placed by the request walk; ContextStream.compress keeps the count
+        return
     if settings.schedule.last_event(read) > settings.capacity and evicted == 0:
         raise NoEvictionError(
             f"a stream of {n_tokens} tokens passed a cache of {settings.capacity} tokens without a single "

@@ -105,6 +105,26 @@ class Policy:
         """Refuse settings the policy cannot serve (a ``ValueError`` naming the knobs), before any model loads:
         settings.py calls it once every knob is checked. Nothing by default."""
 
+    def bind(self, model, shift) -> None:
+        """The model a stream reads with, and its rotary (``rotary.find_rotary``), for a policy that needs more than
+        the cache (Expected Attention's RoPE frequencies, DuoAttention's pattern shape). Nothing by default."""
+
+    def budget(self, n: int) -> int:
+        """Tokens a layer keeps (per head on average) at an event with ``n`` tokens held: ``C``, or under
+        ``evict_every=context`` with ``compression_ratio`` r kvpress's ``int(n·(1 − r))`` (at least 1)."""
+        if self.settings.ratio_budget:
+            from .compression.budgets import kept_count
+
+            return kept_count(n, self.settings.compression_ratio)
+        return self.capacity
+
+    def keep_once(self, layer: int, layers: int, keys, values, queries, scale: float) -> torch.Tensor:
+        """``evict_every=context``: bool [kv_heads, n], the held tokens layer ``layer`` (of ``layers``) keeps at the
+        request's one event. ``keys``/``values`` [kv_heads, n, head_dim] as held (every prefill token, in text order);
+        ``queries`` float32 [query_heads, s, head_dim]: the prefill's last ``s`` queries (``query_window``), or None;
+        ``scale`` the attention's. Implemented per kind below (storage/context.py calls it)."""
+        raise NotImplementedError
+
     @classmethod
     def default_method(cls, positions: str) -> str:
         """chunked where an exact chunked path serves the policy in this position mode, else the token loop."""
@@ -187,6 +207,17 @@ class SinkWindow(EvictionPolicy):
         sinks = min(self.settings.start_size, n)
         return [(0, sinks), (min(max(self.settings.start_size, n - self.settings.recent_size), n), n)]
 
+    def keep_once(self, layer, layers, keys, values, queries, scale):
+        """The first ``start_size`` and the last ``B - start_size`` of the ``n`` held, ``B`` the budget (kvpress's
+        ``StreamingLLMPress`` with ``n_sink = start_size``)."""
+        import torch
+
+        n = keys.shape[1]
+        budget = min(n, self.budget(n))
+        sinks = min(self.settings.start_size, budget)
+        index = torch.arange(n, device=keys.device)
+        return ((index < sinks) | (index >= n - (budget - sinks))).expand(keys.shape[0], -1)
+
 
 class ScoredPolicy(Policy):
     """Evicts by a score; implement ``score`` (the shape of kvpress's ``ScorerPress.score``).
@@ -208,10 +239,21 @@ class ScoredPolicy(Policy):
     needs_queries = False
     needs_step = False
     accumulate = False
+    # evict_every=context: the last token of the prefill always stays (kvpress's TOVAPress)
+    keeps_last_once = False
 
-    def bind(self, model, shift) -> None:
-        """The model a stream reads with, and its rotary (``rotary.find_rotary``), for a policy that needs more than
-        the cache (Expected Attention's RoPE frequencies). Nothing by default."""
+    @property
+    def query_window(self) -> int | None:
+        """evict_every=context: how many of the prefill's last queries the event reads (None: all of them)."""
+        return None if self.needs_queries else 1 if self.needs_attention else 0
+
+    def keep_once(self, layer, layers, keys, values, queries, scale):
+        """The policy's scores at the event (``score`` with the last prefill token's attention weights, recomputed
+        from its query, and the prefill's queries), the protected tokens (first ``start_size``, last
+        ``recent_size``), then per head the budget's best (``head_budgets=adaptive``: AdaKV's split)."""
+        from .storage.context import scored_keep
+
+        return scored_keep(self, layer, layers, keys, values, queries, scale)
 
     @property
     def adaptive_heads(self) -> bool:
@@ -219,9 +261,9 @@ class ScoredPolicy(Policy):
         return getattr(self, "head_budgets", "uniform") == "adaptive"
 
     def layer_capacity(self, layer: int, layers: int, n: int) -> int:
-        """Tokens layer ``layer`` (of ``layers``) keeps at an event after ``n`` tokens read: ``C`` at every layer
-        unless the policy's budgets differ by layer (``layer_budgets=pyramid``)."""
-        return self.capacity
+        """Tokens layer ``layer`` (of ``layers``) keeps at an event after ``n`` tokens read: ``budget(n)`` at every
+        layer unless the policy's budgets differ by layer (``layer_budgets=pyramid``)."""
+        return self.budget(n)
 
     def score(self, keys: torch.Tensor, values: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
         """Scores of the held tokens of one layer (low goes first): [kv_heads, K] (each key/value head evicts on its
@@ -244,6 +286,7 @@ class TOVA(ScoredPolicy):
 
     name = "tova"
     paths = {"token": BOTH, "chunked": ("original",)}
+    keeps_last_once = True
 
     def score(self, keys, values, attention):
         return attention.mean(0)
@@ -296,9 +339,9 @@ LAYER_BUDGETS = (
 )
 
 
-def _fraction(value: float) -> None:
+def _fraction(value: float, name: str = "alpha_safeguard") -> None:
     if value > 1:
-        raise ValueError(f"alpha_safeguard must be a number in [0, 1]; got {value}")
+        raise ValueError(f"{name} must be a number in [0, 1]; got {value}")
 
 
 # Budgets across the key/value heads of a layer, declared by the per-head policies they apply to (a policy deciding
@@ -315,7 +358,7 @@ HEAD_BUDGETS = (
 def check_head_budgets(settings) -> None:
     """``head_budgets=adaptive``: heads hold different counts in a padded layout that the token loop's attention
     function masks (original positions: a shifted query's position would differ by head)."""
-    if settings.policy_params["head_budgets"] != "adaptive":
+    if settings.policy_params["head_budgets"] != "adaptive" or settings.once:  # once: original, any method
         return
     if settings.positions == "shifted" or settings.method != "token":
         raise ValueError(f"head_budgets=adaptive runs on method=token with positions=original (heads hold different "
@@ -327,7 +370,7 @@ def check_layer_budgets(settings, window: int) -> None:
     window (else PyramidKV's rule falls back to uniform budgets at every event, a pyramid that never is), and holds
     the protected tokens."""
     params = settings.policy_params
-    if params["layer_budgets"] != "pyramid":
+    if params["layer_budgets"] != "pyramid" or settings.ratio_budget:  # a ratio: kvpress's own rule at each event
         return
     if settings.positions == "shifted":
         raise ValueError("layer_budgets=pyramid needs positions=original: with shifted positions a query's position "
@@ -369,7 +412,7 @@ class SnapKV(ScoredPolicy):
     @classmethod
     def check_settings(cls, settings) -> None:
         window = settings.policy_params["window_size"]
-        if settings.evict_every <= window:
+        if not settings.once and settings.evict_every <= window:  # once: checked against each request's prefill
             raise ValueError(
                 f"policy=snapkv observes the last window_size={window} queries of each segment of evict_every="
                 f"{settings.evict_every} tokens: the window must be shorter than the segment (evict_every > "
@@ -380,15 +423,23 @@ class SnapKV(ScoredPolicy):
 
     def layer_capacity(self, layer, layers, n):
         if self.layer_budgets == "uniform":
-            return self.capacity
+            return self.budget(n)
         from .compression.budgets import pyramid_layer_budgets
 
-        return pyramid_layer_budgets(n, layers, budget=self.capacity, window_size=self.window_size,
-                                     beta=self.beta)[layer]
+        mean = {"ratio": self.settings.compression_ratio} if self.settings.ratio_budget else {"budget": self.capacity}
+        return pyramid_layer_budgets(n, layers, window_size=self.window_size, beta=self.beta, **mean)[layer]
+
+    @property
+    def query_window(self):
+        return self.window_size
 
     def score(self, keys, values, attention, queries):
         from .compression.snapkv import snapkv_scores
 
+        if keys.shape[1] <= self.window_size:
+            raise ValueError(f"policy=snapkv: an event holds {keys.shape[1]} tokens, not more than window_size="
+                             f"{self.window_size}: the observation window must be shorter than what it scores "
+                             f"(lower window_size or give a longer context)")
         return snapkv_scores(queries[:, -self.window_size:], keys, self.kernel_size)
 
 
@@ -419,7 +470,7 @@ class ExpectedAttention(ScoredPolicy):
     @classmethod
     def check_settings(cls, settings) -> None:
         sinks = settings.policy_params["n_sink"]
-        if settings.capacity < sinks:
+        if settings.capacity < sinks and not settings.ratio_budget:
             raise ValueError(f"policy=expected_attention keeps its n_sink={sinks} first tokens: the budget C = "
                              f"start_size + recent_size + heavy_size = {settings.capacity} must hold them")
         check_head_budgets(settings)
@@ -454,9 +505,65 @@ class ExpectedAttention(ScoredPolicy):
                                          epsilon=self.epsilon)
 
 
+def _duo_pattern(value: str) -> None:
+    if value:  # the folder's format, before any model loads (its shape is checked against the model in bind)
+        from .compression.duo import load_duo_pattern
+
+        load_duo_pattern(value)
+
+
+class Duo(Policy):
+    """DuoAttention: the ``round(h · layers · heads)`` key/value heads of lowest pattern score are *streaming
+    heads*, holding the first ``sink_size`` and the last ``recent_size`` tokens (the pattern's); every other head
+    holds everything (compression/duo.py, docs/methods.md). Sizes come from the pattern, not from ``C``.
+
+    Xiao et al., *DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads*, 2024,
+    https://arxiv.org/abs/2410.10819
+    """
+
+    name = "duo"
+    params = (Param("pattern", str, "", "a folder in DuoAttention's format (config.json with sink_size and "
+                    "recent_size; full_attention_heads.tsv, one row per layer, one column per key/value head)",
+                    check=_duo_pattern),
+              Param("head_compression_ratio", float, 0.5, "the fraction of (layer, key/value head) pairs that stream",
+                    minimum=0.0, check=lambda value: _fraction(value, "head_compression_ratio")))
+    index_only = True
+    paths = {"token": ("original",), "chunked": ("original",)}
+    default_positions = "original"
+
+    @classmethod
+    def check_settings(cls, settings) -> None:
+        from .compression.duo import FORMAT
+
+        if not settings.policy_params["pattern"]:
+            raise ValueError(f"policy=duo needs pattern=<folder>: {FORMAT}. No pattern ships with a model no one "
+                             f"measured; DuoAttention publishes patterns for the models it trained")
+        if not settings.once:
+            raise ValueError("policy=duo runs with evict_every=context (its streaming heads are applied once, after "
+                             "the context); evict_every=K is not served yet")
+        if settings.compression_ratio is not None:
+            raise ValueError("policy=duo sizes its heads by the pattern and head_compression_ratio; compression_ratio "
+                             f"does not apply (got compression_ratio={settings.compression_ratio})")
+
+    def bind(self, model, shift) -> None:
+        from .compression.duo import load_duo_pattern, streaming_heads
+        from .forward_args import num_decoder_layers
+
+        config = model.config.get_text_config(decoder=True)
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        pattern = load_duo_pattern(self.pattern, num_decoder_layers(model), kv_heads)
+        self.sink_size, self.recent_size = pattern.sink_size, pattern.recent_size
+        self.streaming = streaming_heads(pattern.head_scores, self.head_compression_ratio)
+
+    def keep_once(self, layer, layers, keys, values, queries, scale):
+        from .compression.duo import duo_keep
+
+        return duo_keep(keys.shape[1], self.streaming[layer], self.sink_size, self.recent_size).to(keys.device)
+
+
 
 POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (SinkWindow, TOVA, H2O, KeyNorm, SnapKV,
-                                                               ExpectedAttention)}
+                                                               ExpectedAttention, Duo)}
 
 
 def policy_class(name: str) -> type[Policy]:

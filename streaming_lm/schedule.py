@@ -6,6 +6,9 @@ segment's last token comes an event: every layer (and head) compresses what it h
 ``C``. ``K = 1`` is the per-token rule of every policy's paper; between steps a layer holds at most
 ``C + K - 1`` tokens, and a step attends to at most ``C + K``.
 
+``evict_every=context`` is the other kind (``ContextSchedule``): one event per request, after its context
+minus the last ``query_size`` tokens (kvpress's regime: docs/kvpress.md); nothing is evicted afterwards.
+
 Torch-free: settings.py and policy.py read it before any model loads.
 """
 
@@ -29,3 +32,21 @@ class Schedule:
     def extra_slots(self) -> int:
         """Tokens a layer may hold beyond ``C`` while a step attends: the segment read since the last event."""
         return self.every
+
+
+CONTEXT = "context"  # the evict_every value of the once-after-the-context regime
+
+
+class ContextSchedule:
+    """Once after the context (``evict_every=context``): a request's context of ``m`` tokens is read as a prefill of
+    ``m - Q`` tokens, one event compresses it, then its last ``Q`` tokens (``query_size``, kvpress's question) and
+    the continuation or generated tokens are read with nothing evicted. The event's place is the request's."""
+
+    every = CONTEXT
+
+    def __init__(self, query_size: int = 1):
+        self.query_size = query_size
+
+    def prefill(self, context_tokens: int) -> int:
+        """Tokens of a context of ``context_tokens`` read before its event (0: the context is all question)."""
+        return max(context_tokens - self.query_size, 0)

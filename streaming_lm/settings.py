@@ -13,7 +13,7 @@ import numbers
 import re
 
 from . import policy as policy_mod
-from .schedule import Schedule
+from .schedule import CONTEXT, ContextSchedule, Schedule
 from .values import as_choice, as_int
 
 POSITIONS = ("shifted", "original")
@@ -63,8 +63,11 @@ class StreamingSettings:
     stride: int | None = _knob(None, "method recompute: tokens scored per window (default 1)")
     policy: str = _knob(DEFAULT_POLICY, f"eviction policy: {', '.join(POLICIES)}, or package.module:Class")
     heavy_size: int = _knob(0, "slots a scored policy fills by its score (C = start + recent + heavy)")
-    evict_every: int = _knob(1, "K: the cache is compressed to C after every K tokens read (1: after every token; "
-                             "a layer then holds at most C + K)")
+    evict_every: int | str = _knob(1, "K: the cache is compressed to C after every K tokens read (1: after every "
+                                   "token; a layer then holds at most C + K); context: once per request, after its "
+                                   "context minus the last query_size tokens (kvpress's regime)")
+    query_size: int | None = _knob(None, "evict_every=context: the context's last Q tokens, read after the event with "
+                                   "nothing evicted (kvpress's question; default 1)")
     # The policy's own parameters (its class's ``params``), every one resolved; not a knob: each is a model arg
     # of its own, named by the policy (docs/policies.md).
     policy_params: dict = dataclasses.field(default_factory=dict, metadata={"help": None, POLICY_PARAMS: True})
@@ -73,23 +76,26 @@ class StreamingSettings:
         cls = _policy_class(self.policy)
         object.__setattr__(self, "policy_params", check_policy_params(cls, self.policy, self.policy_params))
         scored = not cls.index_only
+        object.__setattr__(self, "evict_every", _check_evict_every(self.evict_every, self.method))
+        object.__setattr__(self, "query_size", _check_query_size(self.query_size, self.evict_every))
         object.__setattr__(self, "start_size", as_int("start_size", self.start_size, 0))
-        # Scored policies may keep no recent window (pure TOVA); sink+window needs one.
-        object.__setattr__(self, "recent_size", as_int("recent_size", self.recent_size, 0 if scored else 1))
+        # Scored policies may keep no recent window (pure TOVA); sink+window needs one, unless a ratio sizes it at
+        # each event (evict_every=context).
+        object.__setattr__(self, "recent_size", as_int("recent_size", self.recent_size,
+                                                       0 if scored or self.ratio_budget else 1))
         object.__setattr__(self, "heavy_size", as_int("heavy_size", self.heavy_size, 0))
         if not scored and self.heavy_size:
             raise ValueError(
                 f"heavy_size applies to scored policies ({', '.join(SCORED)}, a plug-in); policy={self.policy} keeps "
                 f"sinks and recent tokens only: got heavy_size={self.heavy_size}"
             )
-        if self.capacity < 1:
+        if self.capacity < 1 and not self.ratio_budget:
             raise ValueError("start_size + recent_size + heavy_size must be >= 1 (a cache of at least one token)")
         as_choice("positions", self.positions, POSITIONS)
         as_choice("method", self.method, METHODS)
-        _check_method(cls, self.policy, self.method, self.positions)
+        _check_method(cls, self.policy, self.method, self.positions, self.evict_every)
         object.__setattr__(self, "chunk_size", as_int("chunk_size", self.chunk_size, 1))
         object.__setattr__(self, "stride", _check_stride(self.stride, self.method, self.positions, self.recent_size))
-        object.__setattr__(self, "evict_every", _check_evict_every(self.evict_every, self.method))
         cls.check_settings(self)
 
     @property
@@ -98,9 +104,20 @@ class StreamingSettings:
         return self.start_size + self.recent_size + self.heavy_size
 
     @property
-    def schedule(self) -> Schedule:
-        """When the cache is compressed (schedule.py): after every ``evict_every`` tokens."""
-        return Schedule(self.evict_every)
+    def schedule(self) -> Schedule | ContextSchedule:
+        """When the cache is compressed (schedule.py): after every ``evict_every`` tokens, or once per request."""
+        return ContextSchedule(self.query_size) if self.once else Schedule(self.evict_every)
+
+    @property
+    def once(self) -> bool:
+        """``evict_every=context``: one event per request, after its context minus its last ``query_size`` tokens."""
+        return self.evict_every == CONTEXT
+
+    @property
+    def ratio_budget(self) -> bool:
+        """Whether budgets come from ``compression_ratio`` at each event, kvpress's ``int(n·(1 − r))`` of the ``n``
+        tokens a layer holds (evict_every=context), instead of a token budget C."""
+        return self.once and self.compression_ratio is not None
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self) | {"capacity": self.capacity}
@@ -203,7 +220,10 @@ def default_method(policy: str, positions: str) -> str:
     return _policy_class(policy).default_method(positions)
 
 
-def _check_method(cls, policy: str, method: str, positions: str) -> None:
+def _check_method(cls, policy: str, method: str, positions: str, evict_every=1) -> None:
+    if evict_every == CONTEXT:
+        _check_once(cls, policy, positions)
+        return
     if method == "recompute" and method not in cls.paths:
         served = [name for name, other in policy_mod.POLICIES.items() if "recompute" in other.paths]
         raise ValueError(
@@ -221,12 +241,37 @@ def _check_method(cls, policy: str, method: str, positions: str) -> None:
         )
 
 
-def _check_evict_every(every, method: str) -> int:
-    every = as_int("evict_every", every, 1)
-    if every > 1 and method == "recompute":
+def _check_once(cls, policy: str, positions: str) -> None:
+    """evict_every=context: the context path (streams/context.py) reads densely and compresses once, for every policy
+    in both methods (chunked: many tokens a pass; token: one), at original positions."""
+    if positions != "original":
+        raise ValueError(f"evict_every=context reads the question and the answer at their text positions, as kvpress "
+                         f"does: it needs positions=original, got positions={positions}")
+    if getattr(cls, "accumulate", False):
+        raise ValueError(f"policy={policy} accumulates attention over every step it holds a token; evict_every=context "
+                         f"scores once, after the context: use evict_every=K (an integer) with this policy")
+
+
+def _check_evict_every(every, method: str) -> int | str:
+    if every != CONTEXT:
+        try:
+            every = as_int("evict_every", every, 1)
+        except ValueError:
+            raise ValueError(f"evict_every must be an integer >= 1 or {CONTEXT!r}, got {every!r}") from None
+    if every != 1 and method == "recompute":
         raise ValueError(f"evict_every applies to the cache methods (chunked, token); method=recompute keeps no "
                          f"cache, got evict_every={every}")
     return every
+
+
+def _check_query_size(query_size, evict_every) -> int | None:
+    """Q >= 1 under evict_every=context (default 1); no query_size otherwise."""
+    if evict_every != CONTEXT:
+        if query_size is not None:
+            raise ValueError(f"query_size applies to evict_every=context only (the context's last tokens read after "
+                             f"its one event); got query_size={query_size!r} with evict_every={evict_every}")
+        return None
+    return 1 if query_size is None else as_int("query_size", query_size, 1)
 
 
 def _check_stride(stride, method: str, positions: str, recent_size: int | None) -> int | None:
@@ -282,6 +327,7 @@ def resolve(
     policy=DEFAULT_POLICY,
     heavy_size=None,
     evict_every=1,
+    query_size=None,
     policy_params: dict | None = None,
     max_length: int | None = None,
 ) -> StreamingSettings:
@@ -295,16 +341,19 @@ def resolve(
     cls = _policy_class(policy)
     policy_params = check_policy_params(cls, policy, policy_params)
     start_size = as_int("start_size", start_size, 0)
-    positions = cls.default_positions if positions is None else positions
+    once = evict_every == CONTEXT
+    # Once after the context, positions are the text's (kvpress's) and the context path serves every policy chunked.
+    positions = ("original" if once else cls.default_positions) if positions is None else positions
     as_choice("positions", positions, POSITIONS)
-    method = cls.default_method(positions) if method is None else method
+    method = ("chunked" if once else cls.default_method(positions)) if method is None else method
     as_choice("method", method, METHODS)
-    _check_method(cls, policy, method, positions)
+    evict_every = _check_evict_every(evict_every, method)
+    _check_method(cls, policy, method, positions, evict_every)
     chunk_size = as_int("chunk_size", chunk_size, 1)
     # recent_size may not be known yet (compression_ratio): its bound on stride is checked below.
     stride = _check_stride(stride, method, positions, None)
     common = dict(positions=positions, method=method, chunk_size=chunk_size, stride=stride, policy=policy,
-                  evict_every=_check_evict_every(evict_every, method), policy_params=policy_params)
+                  evict_every=evict_every, query_size=query_size, policy_params=policy_params)
     if not cls.index_only:
         return _resolve_scored(start_size, recent_size, heavy_size, compression_ratio, max_length, common)
     # index-only: a heavy_size other than 0 is refused by StreamingSettings, with its name.
@@ -318,6 +367,8 @@ def resolve(
             f"(got recent_size={recent_size!r}, compression_ratio={compression_ratio!r})"
         )
     ratio = check_compression_ratio(compression_ratio)
+    if once:  # the ratio sizes each event (kvpress's int(n·(1 − r))); the recent window is what the sinks leave
+        return StreamingSettings(start_size, 0, compression_ratio=ratio, **common)
     if max_length is None:
         # Placeholder recent_size (the smallest a stride allows) until max_length is known.
         return StreamingSettings(start_size, stride or 1, compression_ratio=ratio, **common)
@@ -337,7 +388,7 @@ def _resolve_scored(start_size, recent_size, heavy_size, compression_ratio, max_
             f"(got heavy_size={heavy_size!r}, compression_ratio={compression_ratio!r})"
         )
     ratio = check_compression_ratio(compression_ratio)
-    if max_length is None:
+    if max_length is None or common["evict_every"] == CONTEXT:  # once: the ratio sizes each event (kvpress's)
         return StreamingSettings(start_size, recent, heavy_size=0, compression_ratio=ratio, **common)
     max_length = as_int("max_length", max_length, 1)
     heavy = round((1.0 - ratio) * max_length) - start_size - recent

@@ -19,6 +19,7 @@ import pytest
 import torch
 import transformers
 
+from helpers.kvpress_reference import DUO_PATTERN
 from helpers.requests import generations, pairs, rolling
 
 import streaming_lm.streams.base
@@ -200,7 +201,7 @@ CASES = [
     Case("chunk_size-zero", "ValueError", "chunk_size must be an integer >= 1, got 0", ("chunk_size", ">= 1"),
          model_args(chunk_size=0), also=((model_args(chunk_size=1.5), "chunk_size must be an integer >= 1, got 1.5"),)),
     Case("policy-unknown", "ValueError",
-         "policy must be one of sink_window, tova, h2o, knorm, snapkv, expected_attention or package.module:Class; "
+         "policy must be one of sink_window, tova, h2o, knorm, snapkv, expected_attention, duo or package.module:Class; "
          "got 'lru'", ("policy", "sink_window", "tova", "h2o", "knorm", "snapkv", "expected_attention"), model_args(policy="lru")),
     Case("policy-plugin-missing-module", "ValueError", "policy=no_such_module:Policy: cannot import module",
          ("policy", "no_such_module"), model_args(policy="no_such_module:Policy"),
@@ -230,9 +231,37 @@ CASES = [
     Case("policy-parameter-invalid", "ValueError", "step must not be 0", ("step",), model_args(policy=PLUGIN, step=0),
          also=((model_args(policy=PLUGIN, label="odd"), "label must be one of plain, fancy; got 'odd'",
                 ("label", "plain", "fancy")),)),
-    Case("evict_every-zero", "ValueError", "evict_every must be an integer >= 1, got 0", ("evict_every", ">= 1"),
-         model_args(evict_every=0),
-         also=((model_args(evict_every=2.5), "evict_every must be an integer >= 1, got 2.5"),)),
+    Case("evict_every-zero", "ValueError", "evict_every must be an integer >= 1 or 'context', got 0",
+         ("evict_every", ">= 1", "'context'"), model_args(evict_every=0),
+         also=((model_args(evict_every=2.5), "evict_every must be an integer >= 1 or 'context', got 2.5"),
+               (model_args(evict_every="prompt"), "evict_every must be an integer >= 1 or 'context', got 'prompt'"))),
+    Case("query_size-without-context", "ValueError", "query_size applies to evict_every=context only",
+         ("query_size", "evict_every=context"), model_args(query_size=4)),
+    Case("query_size-zero", "ValueError", "query_size must be an integer >= 1, got 0", ("query_size", ">= 1"),
+         model_args(evict_every="context", query_size=0)),
+    Case("context-rolling", "ValueError",
+         "evict_every=context compresses once, after a request's context; a rolling log-likelihood",
+         ("evict_every=context", "loglikelihood_rolling", "evict_every=K"),
+         lambda ctx: ctx.lm(evict_every="context", recent_size=None, compression_ratio=0.5).loglikelihood_rolling(
+             rolling("x" * 40)),
+         loads="model"),
+    Case("context-ratio-keeps-nothing", "ValueError", "compression_ratio must be in [0, 1), got 1.0",
+         ("compression_ratio", "[0, 1)"), model_args(evict_every="context", compression_ratio=1.0)),
+    Case("context-shifted", "ValueError", "evict_every=context reads the question and the answer at their text "
+         "positions, as kvpress does: it needs positions=original",
+         ("evict_every=context", "positions=original"), model_args(evict_every="context", positions="shifted")),
+    Case("context-accumulating-policy", "ValueError", "policy=h2o accumulates attention over every step it holds a "
+         "token; evict_every=context scores once", ("policy=h2o", "evict_every=context", "evict_every=K"),
+         model_args(policy="h2o", evict_every="context", heavy_size=8)),
+    Case("duo-without-pattern", "ValueError", "policy=duo needs pattern=<folder>: a folder with config.json",
+         ("pattern", "sink_size", "recent_size", "full_attention_heads.tsv"),
+         model_args(policy="duo", evict_every="context"),
+         also=((model_args(policy="duo", evict_every="context", pattern="/nonexistent/pattern"),
+                "pattern=/nonexistent/pattern: no such folder; expected a folder with config.json",
+                ("pattern", "config.json")),)),
+    Case("duo-pattern-shape", "ValueError", "pattern=PATH: full_attention_heads.tsv is (30, 3) (layers, key/value "
+         "heads) but the model has (2, 2)", ("pattern", "layers", "key/value heads"),
+         lambda ctx: ctx.lm(policy="duo", evict_every="context", pattern=str(DUO_PATTERN)), loads="model"),
     Case("evict_every-with-recompute", "ValueError",
          "evict_every applies to the cache methods (chunked, token); method=recompute keeps no cache",
          ("evict_every", "recompute"), model_args(method="recompute", evict_every=4)),

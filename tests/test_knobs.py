@@ -8,10 +8,13 @@ from streaming_lm import StreamingHFLM, settings
 # A value other than the default for each knob, valid together with method=recompute where it must be.
 VALUES = {"start_size": 2, "recent_size": 24, "positions": "shifted", "method": "recompute",
           "compression_ratio": None, "chunk_size": 16, "stride": 3, "policy": "sink_window", "heavy_size": 0,
-          "evict_every": 1}
+          "evict_every": 1, "query_size": None}
 # The knobs of scored policies, valid together.
 SCORED = {"policy": "h2o", "heavy_size": 8, "recent_size": 0, "positions": "shifted", "method": "token",
           "evict_every": 3}
+# Once after the context (kvpress's regime).
+ONCE = {"policy": "knorm", "evict_every": "context", "query_size": 3, "compression_ratio": 0.5, "positions": "original",
+        "method": "token", "start_size": 0}
 
 
 def test_the_knobs_are_the_settings_fields():
@@ -29,3 +32,5 @@ def test_every_knob_reaches_the_adapter(tiny, one_thread):
     assert {k: getattr(lm.streaming, k) for k in settings.KNOBS} == VALUES
     lm = StreamingHFLM(pretrained=model, tokenizer=tokenizer, **SCORED)
     assert {k: getattr(lm.streaming, k) for k in SCORED} == SCORED
+    lm = StreamingHFLM(pretrained=model, tokenizer=tokenizer, **ONCE, recent_size=None)
+    assert {k: getattr(lm.streaming, k) for k in ONCE} == ONCE

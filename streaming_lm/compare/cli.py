@@ -73,7 +73,10 @@ def parser() -> argparse.ArgumentParser:
     grid.add_argument("--heavy-sizes", "--heavy_sizes", default=None,
                       help="heavy_size of the scored policies (C = start + recent + heavy); sink_window ignores it")
     grid.add_argument("--evict-every", "--evict_every", dest="evict_every", default=None,
-                      help="evict_every K: the cache is compressed after every K tokens (default: the model's own, 1)")
+                      help="evict_every K: the cache is compressed after every K tokens (default: the model's own, 1); "
+                      "context: once per request, after its context (kvpress's regime)")
+    grid.add_argument("--query-size", "--query_size", dest="query_size", default=None,
+                      help="query_size of the evict_every=context runs (default: the model's own, 1)")
     grid.add_argument("--param", action="append", default=[], metavar="NAME=V1,V2",
                       help="a policy parameter as a grid axis, for the runs whose policy has it "
                       "(e.g. --param window_size=16,32); repeat for more")
@@ -135,6 +138,7 @@ def compare(args: argparse.Namespace) -> dict[str, Path]:
         _split(args.heavy_sizes, str, "--heavy-sizes"),
         _split(args.evict_every, str, "--evict-every"),
         _param_axes(args.param),
+        args.query_size,
     )
     tasks = [t for t in _split(args.tasks, str, "--tasks") if t]
     metadata = _metadata(args.metadata)

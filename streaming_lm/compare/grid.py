@@ -103,11 +103,13 @@ def _split(text: str | None, convert, flag: str) -> list:
 def build_grid(
     start_sizes, recent_sizes, compression_ratios, positions, method=None, max_length=None, chunk_size=None,
     strides=(), policies=(), heavy_sizes=(), evict_every=(), params: dict[str, list] | None = None,
+    query_size=None,
 ) -> list[Run]:
     """The baseline plus one run per setting, every setting validated by ``settings.resolve``.
 
     ``params``: policy parameter -> values, one grid axis each; an axis applies to the runs whose policy
-    declares that parameter (every parameter must belong to a policy of the grid)."""
+    declares that parameter (every parameter must belong to a policy of the grid). ``query_size``: for the runs
+    with ``evict_every=context``."""
     if recent_sizes and compression_ratios:
         # Both budget the same cache (C); mixing them would put two kinds of x value on one axis.
         raise CompareError("give --recent-sizes or --compression-ratios, not both")
@@ -124,7 +126,7 @@ def build_grid(
                                                                                     settings_mod.DEFAULT_POLICY)]
         for values in itertools.product(*(params[name] for name in axes)):
             runs.append(_run(policy, pos, start, size_key, size, stride, heavy, every, dict(zip(axes, values)),
-                             method, chunk_size, max_length))
+                             method, chunk_size, max_length, query_size))
     return _unique(runs)
 
 
@@ -144,9 +146,10 @@ def _param_names_of(policy: str) -> tuple[str, ...]:
 
 
 def _run(policy, pos, start, size_key, size, stride, heavy, every, param_values: dict, method, chunk_size,
-         max_length) -> Run:
-    stream = {"start_size": start, size_key: size,
-              "positions": pos or settings_mod.default_positions(policy or settings_mod.DEFAULT_POLICY)}
+         max_length, query_size=None) -> Run:
+    # evict_every=context reads at original positions (kvpress's regime) whatever the policy's own default.
+    default = "original" if every == "context" else settings_mod.default_positions(policy or settings_mod.DEFAULT_POLICY)
+    stream = {"start_size": start, size_key: size, "positions": pos or default}
     if policy not in (None, settings_mod.DEFAULT_POLICY):
         stream["policy"] = policy
         if heavy is not None:
@@ -157,6 +160,8 @@ def _run(policy, pos, start, size_key, size, stride, heavy, every, param_values:
         stream["stride"] = stride
     if every is not None:
         stream["evict_every"] = every
+    if query_size is not None and every == "context":
+        stream["query_size"] = query_size
     if chunk_size is not None:  # speed only: same numbers, so not part of the run's name
         stream["chunk_size"] = chunk_size
     try:
@@ -165,7 +170,7 @@ def _run(policy, pos, start, size_key, size, stride, heavy, every, param_values:
         shown = " ".join(f"{k}={v}" for k, v in (stream | param_values).items())
         raise CompareError(f"bad grid setting ({shown}): {error}") from None
     # Pass the validated values on, so "04" and 4 are one run with one name.
-    for key in ("start_size", "recent_size", "stride", "heavy_size", "evict_every"):
+    for key in ("start_size", "recent_size", "stride", "heavy_size", "evict_every", "query_size"):
         if key in stream:
             stream[key] = getattr(resolved, key)
     # A policy parameter is a model arg of its own (policy=<name>,<param>=<value>).

@@ -113,6 +113,21 @@ def held_scores(policy: ScoredPolicy, keys, values, attention, alive, queries, s
     return out
 
 
+def packed(alive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layout of what each head keeps (``alive`` bool [kv_heads, K]): long [kv_heads, width], each head's kept
+    columns in token order, a head keeping fewer padded with dropped columns; and bool [kv_heads, width] marking that
+    padding ``dead`` (the attention functions mask it), or None when every head keeps as many."""
+    counts = alive.sum(1)
+    keep = torch.sort((~alive).to(torch.uint8), dim=1, stable=True).indices[:, : int(counts.max())]
+    dead = torch.arange(keep.shape[1], device=keep.device)[None, :] >= counts[:, None]
+    return keep, dead if bool(dead.any()) else None
+
+
+def gather_columns(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """[1, kv_heads, width, d]: of ``x`` [1, kv_heads, K, d], the columns ``keep`` [kv_heads, width] names."""
+    return x.gather(2, keep[None, :, :, None].expand(*x.shape[:2], -1, x.shape[-1]))
+
+
 class ScoredDynamicLayer(DynamicLayer):
     def __init__(self, policy: ScoredPolicy, shift: RotaryShift | None, rows: bool = False, index: int = 0,
                  layers: int = 1):
@@ -186,21 +201,17 @@ class ScoredDynamicLayer(DynamicLayer):
         """Keep the columns ``alive`` marks (bool [kv_heads, K], as many per head); with ``rotate`` (shifted
         positions) every key moves back by as many positions as tokens were dropped before it."""
         counts = alive.sum(1)
-        # [kv_heads, kept]: each head's kept columns in token order; a head keeping fewer is padded with dropped
-        # columns, marked dead (the attention function masks them)
-        keep = torch.sort((~alive).to(torch.uint8), dim=1, stable=True).indices[:, : int(counts.max())]
-        dead = torch.arange(keep.shape[1], device=keep.device)[None, :] >= counts[:, None]
+        keep, dead = packed(alive)
         held_before = alive.shape[1] * alive.shape[0] - (0 if self.dead is None else int(self.dead.sum()))
-        keys = self.keys.gather(2, keep[None, :, :, None].expand(*self.keys.shape[:2], -1, self.keys.shape[-1]))
+        keys = gather_columns(self.keys, keep)
         if rotate and self.shift is not None:
             # Shifted: positions are slots, so every key moves back by the evictions before it.
             moved = keep - torch.arange(keep.shape[1], device=keep.device)[None, :]
             keys = torch.where((moved > 0)[None, :, :, None], self.shift.rotate(keys, -moved), keys)
         self.evicted += (held_before - int(counts.sum())) // alive.shape[0]  # per head (on average, AdaKV)
-        self.dead = dead if bool(dead.any()) else None
+        self.dead = dead
         self.keys = keys
-        self.values = self.values.gather(2, keep[None, :, :, None].expand(*self.values.shape[:2], -1,
-                                                                          self.values.shape[-1]))
+        self.values = gather_columns(self.values, keep)
         self.tokens = self.tokens.gather(1, keep)
         if self.totals is not None:
             self.totals = self.totals.gather(1, keep)

@@ -7,6 +7,7 @@
 | chunked, scored policies | scored_chunked.py | ``chunk_size`` tokens per pass, attention rows in order |
 | decode | decode.py | one token per pass from preallocated slots |
 | recompute (``method="recompute"``) | recompute.py | a fresh dense pass per window, no cache |
+| once after the context (``evict_every=context``) | context.py | the prefill densely, one event, then the rest |
 | dense baseline (``settings=None``) | dense.py | transformers' own cache, nothing evicted |
 """
 
@@ -17,6 +18,7 @@ from ..rotary import RotaryShift
 from ..settings import StreamingSettings
 from .base import Stream
 from .chunked import ChunkedStream
+from .context import ContextStream
 from .decode import DecodeStream
 from .dense import DenseStream
 from .recompute import RecomputeStream
@@ -35,6 +37,8 @@ def open_stream(model, settings: StreamingSettings | None, shift: RotaryShift | 
     """
     if settings is None:
         return DenseStream(model)
+    if settings.once:
+        return ContextStream(model, settings, shift, batch_size)
     path = PATHS[settings.method]
     if path is ChunkedStream and not policy_class(settings.policy).index_only:
         path = ScoredChunkedStream  # the chunked path of scored policies decides row by row
@@ -43,8 +47,8 @@ def open_stream(model, settings: StreamingSettings | None, shift: RotaryShift | 
 
 def uses_batch_size(settings: StreamingSettings) -> bool:
     """Whether ``batch_size`` changes how the settings' path runs (it never changes a number)."""
-    return PATHS[settings.method].uses_batch_size
+    return not settings.once and PATHS[settings.method].uses_batch_size
 
 
 __all__ = ["Stream", "open_stream", "uses_batch_size", "TokenStream", "ChunkedStream", "DecodeStream", "RecomputeStream",
-           "ScoredChunkedStream", "DenseStream", "PATHS"]
+           "ScoredChunkedStream", "DenseStream", "ContextStream", "PATHS"]

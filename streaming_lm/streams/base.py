@@ -75,6 +75,10 @@ class Stream(ABC):
         piece of one shared by several requests (``streams.shared``)."""
         self.read(ids, last_only=True)
 
+    def kept_per_layer(self) -> tuple[float, ...]:
+        """evict_every=context: tokens each layer held right after the event (per head on average); () otherwise."""
+        return ()
+
     def last_logits(self) -> torch.Tensor:
         """The float32 logits [1, vocab] after the last token read by ``read`` or ``extend``."""
         last = getattr(self, "_last", None)
@@ -111,18 +115,18 @@ class Stream(ABC):
                 branch = self.fork()
                 logits = torch.cat((last, branch.read(continuation[:-1])))
             results.append(continuation_score(logits, continuation, branch.evicted, self.n, self.settings,
-                                              branch.held_per_layer))
+                                              branch.held_per_layer, self.kept_per_layer()))
         return results
 
 
 def continuation_score(logits, continuation, evicted: int, n_context: int, settings,
-                       held_per_layer=()) -> ContinuationScore:
+                       held_per_layer=(), kept_per_layer=()) -> ContinuationScore:
     target = torch.as_tensor(continuation, dtype=torch.long, device=logits.device)
     if settings is not None:
         check_evicted(n_context + len(continuation), evicted, settings)
     chosen = target_logprobs(logits, target)
     return ContinuationScore(float(chosen.double().sum()), bool((logits.argmax(-1) == target).all()), evicted,
-                             tuple(held_per_layer))
+                             tuple(held_per_layer), tuple(kept_per_layer))
 
 
 class CachedStream(Stream):

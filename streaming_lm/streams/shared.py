@@ -8,6 +8,10 @@ into a state equal to reading it alone (the passes over a shared piece are the s
 chunked path's chunk grid moves, docs/requests.md). What a path may share is the stream's business:
 ``Stream.extend`` reads a piece (recompute only records it: it keeps no cache to share).
 
+Under ``evict_every=context`` (``read_contexts`` with a ``ContextSchedule``) the trie is over the requests' prefills
+(each context minus its last ``query_size`` tokens): the dense reading is shared up to each request's own event,
+each distinct prefill is compressed once, and each distinct question is read once from that compressed state.
+
 Memory: the walk is depth first and a node's state is kept only while a child other than the one being
 read is still waiting (the last child takes it over without a copy). Alive at once: one state per
 branching node on the current root-to-leaf path, plus the one being read, plus the visitor's branch:
@@ -140,4 +144,34 @@ def walk(trie: Trie, open_stream: Callable[[], Stream], visit: Callable[[Stream,
         for k, child in enumerate(reversed(node.children)):
             todo.append((child, stream, k == 0))  # pushed first, popped last: the last child takes the state
         stream = parent = None  # a finished state must not outlive its turn (it would count while the next forks)
+    return stats
+
+
+def read_contexts(contexts: Sequence[Sequence[int]], open_stream: Callable[[], Stream],
+                  visit: Callable[[Stream, list[int]], None], share: bool = True, schedule=None) -> WalkStats:
+    """``visit(stream, members)`` once per distinct context, ``stream`` having read it (``walk``'s contract).
+
+    With a ``schedule.ContextSchedule``: ``stream`` has read the context's prefill, been compressed once
+    (``ContextStream.compress``) and read the rest of the context with nothing evicted."""
+    if not hasattr(schedule, "prefill"):
+        return walk(Trie(contexts, share=share), open_stream, visit)
+    split = [schedule.prefill(len(context)) for context in contexts]
+
+    def after_prefill(stream: Stream, members: list[int]) -> None:
+        compressed = stream.fork()  # the dense state stays for longer prefills through this node
+        compressed.compress()
+        questions: dict[tuple, list[int]] = {}
+        for i in members:
+            questions.setdefault(tuple(contexts[i][split[i]:]), []).append(i)
+        for k, (question, group) in enumerate(questions.items()):
+            branch = compressed if k == len(questions) - 1 else compressed.fork()
+            branch.extend(list(question))
+            visit(branch, group)
+
+    with_prefill = [i for i, n in enumerate(split) if n > 0]
+    stats = walk(Trie([contexts[i][: split[i]] for i in with_prefill], share=share), open_stream,
+                 lambda stream, members: after_prefill(stream, [with_prefill[m] for m in members]))
+    short = [i for i, n in enumerate(split) if n == 0]  # contexts of at most query_size tokens: nothing to compress
+    if short:
+        after_prefill(open_stream(), short)
     return stats

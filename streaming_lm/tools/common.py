@@ -24,7 +24,9 @@ DEFAULT_TEXTS = tuple(
 
 # The field's annotation ("int", "float | None", "str") gives the flag's type.
 FIELDS = {field.name: field for field in dataclasses.fields(settings.StreamingSettings) if field.name in settings.KNOBS}
-TYPES = {name: {"int": int, "float": float, "str": str}[str(field.type).split(" ")[0]] for name, field in FIELDS.items()}
+# A flag's type from its field's annotation; "int | str" (evict_every: K or "context") stays a string for resolve().
+TYPES = {name: str if "str" in str(field.type) else {"int": int, "float": float}[str(field.type).split(" ")[0]]
+         for name, field in FIELDS.items()}
 
 
 def repo_file(relative: str) -> Path:

@@ -62,6 +62,7 @@ class PressCase:
     held_per_head: list | None  # (layers, kv heads), AdaKV and Duo only
     kept_b64: list  # per layer: packed bits of a (kv heads, prefill tokens) kept mask
     question_read: str
+    ties_at_cut: list  # per layer and head (AdaKV: per layer, as [head, token]): the tied tokens kvpress kept/evicted
 
     @property
     def name(self) -> str:
@@ -95,8 +96,20 @@ def cases(method: str | None = None, *, ratio: float | None = None) -> list[Pres
             context=raw["context"], context_ids=context["context_ids"], continuation_ids=context["continuation_ids"],
             logprobs=raw["logprobs"], greedy_ids=raw["greedy_ids"], held_per_layer=raw["held_per_layer"],
             held_per_head=raw.get("held_per_head"), kept_b64=raw["kept_b64"], question_read=raw["question_read"],
+            ties_at_cut=raw.get("ties_at_cut") or [],
         ))
     return found
+
+
+def tied_cells(case: PressCase, heads: int) -> list[np.ndarray]:
+    """Per layer a bool (heads, prefill tokens) array: the (head, token) cells kvpress's cut tied (``ties_at_cut``),
+    where its ``topk`` chose among scores within 1e-5 relative (docs/kvpress.md, "Ties")."""
+    cells = [np.zeros((heads, case.prefill_tokens), dtype=bool) for _ in case.kept_b64]
+    for tie in case.ties_at_cut:
+        for point in tie["kept"] + tie["evicted"]:
+            head, token = point if tie["head"] is None else (tie["head"], point)
+            cells[tie["layer"]][head, token] = True
+    return cells
 
 
 def logprob_mismatch(actual: list[float], expected: list[float], rel: float = REL) -> str | None:

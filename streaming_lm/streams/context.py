@@ -1,0 +1,117 @@
+"""``evict_every=context``: read a request's prefill (its context minus the last ``query_size`` tokens) with nothing
+evicted, compress the cache once (``compress``: every layer and head by the policy and budgets), then read the
+question, the continuation or the generated tokens with nothing more evicted, at original positions (kvpress's
+regime; docs/semantics.md "Events", docs/kvpress.md).
+
+Before the event every layer holds every token, so a pass is plain causal attention: ``chunk_size`` tokens at a time
+(``method=chunked``) or one (``method=token``: the same numbers), through SDPA. The attention function records the
+queries the event will read (``ScoredPolicy.query_window``) and, after the event, masks the padding of heads that
+keep fewer tokens (storage/context.py). Registered with transformers' ``AttentionInterface``; no model code is
+copied or patched.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from ..forward_args import num_decoder_layers
+from ..policy import policy_for
+from ..positions import check_positions_fit, position_limit
+from ..storage.context import ContextCache
+from .attention import attention_function, refuse_learned_sinks, soft_capped
+from .base import CachedStream, as_ids, forward_kwargs
+
+ATTENTION_NAME = "streaming_lm_context"
+CACHE_KWARG = "streaming_context_cache"
+
+
+def _context_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    cache: ContextCache | None = kwargs.get(CACHE_KWARG)
+    if cache is None:
+        raise RuntimeError(f"{ATTENTION_NAME} attention called without a {CACHE_KWARG}")
+    refuse_learned_sinks(kwargs)
+    cache.calls += 1
+    layer = cache.layers[module.layer_idx]
+    layer.record(query[0], scaling)
+    heads, q_len, columns = query.shape[1], query.shape[2], key.shape[2]
+    group = heads // key.shape[1]
+    # Every held key, then this pass's tokens causally (the mask transformers built is not used: layers differ).
+    allowed = torch.ones((q_len, columns), dtype=torch.bool, device=query.device).tril(columns - q_len)[None, None]
+    if layer.dead is not None:
+        allowed = allowed & ~layer.dead.repeat_interleave(group, dim=0)[None, :, None, :]
+    softcap = kwargs.get("softcap")
+    if softcap is None:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=True)
+    else:  # Gemma-style soft-capping: eager, float32 softmax
+        keys, values = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+        logits = soft_capped(torch.matmul(query, keys.transpose(-1, -2)) * scaling, softcap)
+        weights = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1, dtype=torch.float32)
+        out = torch.matmul(weights.to(values.dtype), values)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, _context_attention)
+
+
+class ContextStream(CachedStream):
+    """``evict_every=context``: a stream that is compressed once, when ``compress`` is called (the request walk calls it
+    after each prefill: continuation.py, generation.py)."""
+
+    def __init__(self, model, settings, shift, batch_size: int = 1):
+        self.model, self.settings, self.shift = model, settings, shift
+        self.policy = policy_for(settings)
+        self.policy.bind(model, shift)
+        self._limit = position_limit(model, settings, shift is not None)
+        self.n = 0
+        self.max_held, self.held_per_layer = 0, ()
+        window = getattr(self.policy, "query_window", 0)
+        self._layers = num_decoder_layers(model)
+        self.cache = ContextCache(self._layers, window)
+        self._kwargs = tuple(kwargs | {CACHE_KWARG: self.cache} for kwargs in forward_kwargs(model, self.cache))
+
+    def _shared(self):
+        return (self.shift, self.policy)
+
+    @property
+    def compressed(self) -> bool:
+        return self.cache.layers[0].compressed
+
+    def compress(self) -> None:
+        """The request's one event, after its prefill: every layer keeps what the policy says."""
+        for index, layer in enumerate(self.cache.layers):
+            layer.compress(self.policy, index, self._layers)
+        self.note_held()
+
+    def kept_per_layer(self) -> tuple[float, ...]:
+        """Tokens each layer held right after the event (per key/value head on average)."""
+        return self.cache.kept_per_layer()
+
+    def read_passes(self, ids, last_only: bool = False):
+        ids = as_ids(ids, self.model.device)
+        check_positions_fit(self.model, self.n + ids.numel(), self._limit)
+        chunk = self.settings.chunk_size if self.settings.method == "chunked" else 1
+        kwargs, first = self._kwargs[last_only], self.n
+        with attention_function(self.model, ATTENTION_NAME):
+            for a in range(0, ids.numel(), chunk):
+                b = min(a + chunk, ids.numel())
+                positions = torch.arange(first + a, first + b, device=ids.device)[None]
+                calls = self.cache.calls
+                logits = self.model(input_ids=ids[None, a:b], position_ids=positions, **kwargs).logits
+                if self.cache.calls - calls != self._layers:  # a model whose attention bypasses the function
+                    raise RuntimeError(f"{type(self.model).__name__} ran {self.cache.calls - calls} of its "
+                                       f"{self._layers} attention layers outside {ATTENTION_NAME}: evict_every=context "
+                                       f"cannot read it")
+                self.n = first + b
+                self.note_held()
+                yield a, logits[0].float()
+
+    @torch.inference_mode()
+    def step(self, token: int) -> torch.Tensor:
+        return self.read([token])[-1]
+
+    def score(self, ids, progress: bool = False):
+        raise ValueError("evict_every=context compresses once, after a request's context; a rolling log-likelihood "
+                         "(loglikelihood_rolling: perplexity tasks such as wikitext) has no context: use evict_every=K "
+                         "(an integer, e.g. evict_every=1)")

@@ -1,0 +1,102 @@
+"""The engine under ``evict_every=context`` (streams/context.py) as the tests drive it: the continuation's
+log-probabilities and the kept sets through the request walk, greedy tokens, the independent reference (one dense
+forward whose later tokens see only the kept prefill tokens), and the settings a kvpress reference case means."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from streaming_lm import settings as settings_mod
+from streaming_lm.generation import GenerationRequest, generate_requests, greedy
+from streaming_lm.loglik import target_logprobs
+from streaming_lm.streams import open_stream
+from streaming_lm.streams.shared import read_contexts
+
+from helpers.kvpress_reference import DUO_PATTERN, PressCase
+
+
+def kept_masks(stream, prefill: int) -> list[np.ndarray]:
+    """Per layer a bool (kv heads, prefill) array: the prefill tokens each head kept at the event."""
+    masks = []
+    for layer in stream.cache.layers:
+        tokens = layer.kept_tokens
+        alive = torch.ones_like(tokens, dtype=torch.bool) if layer.dead is None else ~layer.dead[:, : tokens.shape[1]]
+        mask = np.zeros((tokens.shape[0], prefill), dtype=bool)
+        for head in range(mask.shape[0]):
+            mask[head, tokens[head][alive[head]].numpy()] = True
+        masks.append(mask)
+    return masks
+
+
+def engine_logprobs(model, shift, context, continuation, settings) -> tuple[list[float], list[np.ndarray]]:
+    """Per continuation token log-probabilities (float64) and the kept sets (``kept_masks``), read through the request
+    walk (``read_contexts``) as ``loglikelihood`` reads them."""
+    found = {}
+    prefill = settings.schedule.prefill(len(context))
+
+    def visit(stream, members):
+        branch = stream.fork()
+        logits = torch.cat((stream.last_logits(), branch.read(list(continuation[:-1])))) if len(continuation) > 1 \
+            else stream.last_logits()
+        found["logprobs"] = target_logprobs(logits, torch.tensor(continuation)).double().tolist()
+        found["kept"] = kept_masks(stream, prefill)
+
+    read_contexts([list(context)], lambda: open_stream(model, settings, shift), visit, schedule=settings.schedule)
+    return found["logprobs"], found["kept"]
+
+
+def engine_greedy(model, shift, context, new_tokens: int, settings) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    request = GenerationRequest(list(context), new_tokens, dict(pick=greedy, eos_token_ids=eos))
+    return generate_requests(model, [request], settings, shift)[0][0].tokens
+
+
+@torch.no_grad()
+def masked_logprobs(model, context, continuation, prefill: int, kept: list[np.ndarray], monkeypatch) -> list[float]:
+    """The definition, without the engine: one dense forward of context + continuation at original positions in which
+    every token after the prefill sees, of the prefill, only what its layer and key/value head kept (``kept``), and
+    the tokens after the prefill causally. The model must run SDPA (transformers' default)."""
+    assert model.config._attn_implementation == "sdpa"
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    heads = model.config.num_attention_heads
+    ids = list(context) + list(continuation)
+    n = len(ids)
+    masks = []
+    for layer in kept:
+        allowed = torch.ones(n, n, dtype=torch.bool).tril().repeat(heads, 1, 1)
+        allowed[:, prefill:, :prefill] &= torch.from_numpy(layer).repeat_interleave(heads // layer.shape[0], 0)[:, None]
+        masks.append(allowed[None])
+    with monkeypatch.context() as patch:
+        patch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa",
+                      lambda module, q, k, v, mask, **kw: sdpa(module, q, k, v, masks[module.layer_idx], **kw))
+        logits = model(torch.tensor([ids])).logits[0, len(context) - 1 : -1].double()
+    return logits.log_softmax(-1).gather(-1, torch.tensor(continuation)[:, None])[:, 0].tolist()
+
+
+# The project's policy and parameters for each kvpress press of the reference file (docs/kvpress.md's table).
+# kvpress's scorer presses protect no sinks: start_size=0 (StreamingLLMPress's n_sink is start_size).
+POLICY = {"sink_window": "sink_window", "knorm": "knorm", "tova": "tova", "snapkv": "snapkv", "pyramidkv": "snapkv",
+          "adakv_snapkv": "snapkv", "adakv_expected_attention": "expected_attention",
+          "expected_attention": "expected_attention", "duo": "duo"}
+
+
+def press_settings(case: PressCase, method: str = "chunked"):
+    """The model args that make ``streaming_hf`` the case's kvpress press."""
+    params = {k: v for k, v in case.params.items() if k not in ("scorer", "n_sink", "pattern",
+                                                                "head_compression_ratio")}
+    if case.method in ("expected_attention", "adakv_expected_attention"):
+        params["n_sink"] = case.params["n_sink"]
+    if case.method == "pyramidkv":
+        params["layer_budgets"] = "pyramid"
+    if case.method.startswith("adakv"):
+        params["head_budgets"] = "adaptive"
+    ratio = case.compression_ratio
+    if case.method == "duo":
+        params |= {"pattern": str(DUO_PATTERN), "head_compression_ratio": ratio}
+        ratio = None
+    start = case.params.get("n_sink", 4) if case.method == "sink_window" else 0
+    return settings_mod.resolve(policy=POLICY[case.method], evict_every="context", query_size=case.q,
+                                compression_ratio=ratio, start_size=start, method=method, policy_params=params)
