@@ -122,7 +122,9 @@ class Policy:
         """``evict_every=context``: bool [kv_heads, n], the held tokens layer ``layer`` (of ``layers``) keeps at the
         request's one event. ``keys``/``values`` [kv_heads, n, head_dim] as held (every prefill token, in text order);
         ``queries`` float32 [query_heads, s, head_dim]: the prefill's last ``s`` queries (``query_window``), or None;
-        ``scale`` the attention's. Implemented per kind below (storage/context.py calls it)."""
+        ``scale`` the attention's. Index-only policies implement it (storage/context.py calls it); a scored policy
+        only scores, and storage/context.py's ``scored_keep`` applies the rule, as storage/scored.py does for
+        ``evict_every=K``."""
         raise NotImplementedError
 
     @classmethod
@@ -246,14 +248,6 @@ class ScoredPolicy(Policy):
     def query_window(self) -> int | None:
         """evict_every=context: how many of the prefill's last queries the event reads (None: all of them)."""
         return None if self.needs_queries else 1 if self.needs_attention else 0
-
-    def keep_once(self, layer, layers, keys, values, queries, scale):
-        """The policy's scores at the event (``score`` with the last prefill token's attention weights, recomputed
-        from its query, and the prefill's queries), the protected tokens (first ``start_size``, last
-        ``recent_size``), then per head the budget's best (``head_budgets=adaptive``: AdaKV's split)."""
-        from .storage.context import scored_keep
-
-        return scored_keep(self, layer, layers, keys, values, queries, scale)
 
     @property
     def adaptive_heads(self) -> bool:

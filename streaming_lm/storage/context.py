@@ -18,7 +18,7 @@ from .scored import gather_columns, packed, step_scores
 
 
 def scored_keep(policy, layer: int, layers: int, keys, values, queries, scale: float) -> torch.Tensor:
-    """bool [kv_heads, n]: what a scored policy keeps at the event (``ScoredPolicy.keep_once``). Its ``score`` gets
+    """bool [kv_heads, n]: what a scored policy keeps at the event (``Policy.keep_once``'s answer for scored ones). Its ``score`` gets
     the last prefill token's attention weights (recomputed from its query, as kvpress's TOVA does) and the prefill's
     queries; the first ``start_size`` and last ``recent_size`` tokens stay (and the last one for a policy that
     ``keeps_last_once``); each head keeps the layer's budget of its best, or AdaKV's split of it."""
@@ -81,7 +81,8 @@ class ContextLayer(DynamicLayer):
             self.queries, self.kept = None, 0.0
             return
         n = self.keys.shape[-2]
-        alive = policy.keep_once(index, layers, self.keys[0], self.values[0], self.queries, self.scale)
+        keep_once = policy.keep_once if policy.index_only else lambda *args: scored_keep(policy, *args)
+        alive = keep_once(index, layers, self.keys[0], self.values[0], self.queries, self.scale)
         self.queries = None
         keep, self.dead = packed(alive)
         self.kept_tokens = keep
