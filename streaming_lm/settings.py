@@ -109,6 +109,13 @@ class StreamingSettings:
         return ContextSchedule(self.query_size) if self.once else Schedule(self.evict_every)
 
     @property
+    def keys_attended(self) -> int | None:
+        """The most keys one step attends to: ``C + K`` (what a layer kept at the last event plus the segment so far;
+        ``C + 1`` with ``evict_every=1``), so shifted positions reach ``C + K - 1``. None under ``evict_every=context``:
+        the prefill is read whole, as long as the context."""
+        return None if self.once else self.capacity + self.schedule.extra_slots()
+
+    @property
     def once(self) -> bool:
         """``evict_every=context``: one event per request, after its context minus its last ``query_size`` tokens."""
         return self.evict_every == CONTEXT

@@ -214,15 +214,20 @@ def check_model_supported(model, settings: StreamingSettings | None = None, trus
     windows = [layer.sliding_window for layer in reference.layers if type(layer) is DynamicSlidingWindowLayer]
     if windows:
         window = min(windows)
-        if settings is None or window < settings.capacity + 1:
-            why = (
-                "the cache settings were not given, so C is unknown" if settings is None
-                else f"here C = {settings.capacity}; use start_size + recent_size <= {window - 1}"
-            )
+        attended = None if settings is None else settings.keys_attended
+        if attended is None or window < attended:
+            if settings is None:
+                why = "the cache settings were not given, so C is unknown"
+            elif attended is None:
+                why = "evict_every=context reads each prefill whole"
+            else:
+                every = settings.evict_every
+                why = f"here C = {settings.capacity}" + (f", evict_every = {every}" if every > 1 else "") + \
+                    f"; use start_size + recent_size{' + evict_every - 1' if every > 1 else ''} <= {window - 1}"
             raise NotImplementedError(
                 f"{config.model_type} has sliding-window attention layers (DynamicSlidingWindowLayer, window "
-                f"{window} tokens): a sink+window cache can stand in for them only when one step's C + 1 keys fit "
-                f"inside the window ({why}). Supported: decoder-only models whose every layer is one of "
+                f"{window} tokens): a sink+window cache can stand in for them only when one step's C + evict_every "
+                f"keys fit inside the window ({why}). Supported: decoder-only models whose every layer is one of "
                 f"{SUPPORTED_LAYER_TYPES}"
             )
     shift = find_rotary(model)  # raises for rotary embeddings that differ other than by layer type
@@ -239,10 +244,12 @@ def check_model_supported(model, settings: StreamingSettings | None = None, trus
         if SUPPORTED_ARCHITECTURES[config.model_type] != ABSOLUTE:
             raise NotImplementedError(f"{config.model_type}: no rotary embedding found; supported: {supported_list()}")
         limit = getattr(text, "max_position_embeddings", None)
-        if settings is not None and limit is not None and settings.capacity >= limit:
+        reach = None if settings is None or settings.once else settings.keys_attended - 1
+        if reach is not None and limit is not None and reach >= limit:
+            extra = " + evict_every - 1" if settings.evict_every > 1 else ""
             raise NotImplementedError(
                 f"{config.model_type} has learned absolute positions 0..{limit - 1}, but streaming positions reach "
-                f"C = {settings.capacity}. Supported: start_size + recent_size <= {limit - 1} (and, with "
+                f"C{extra} = {reach}. Supported: start_size + recent_size{extra} <= {limit - 1} (and, with "
                 f"positions=original, streams of at most {limit} tokens)"
             )
 
@@ -285,10 +292,14 @@ def check_architecture_settings(model, arch: Architecture, settings: StreamingSe
             "positions=shifted (sinks at slots 0..S-1, the paper's setting for ALiBi models)"
         )
     limit = getattr(config, arch.max_keys, None) if arch.max_keys else None
-    if limit is not None and settings.capacity + 1 > limit:
+    attended = settings.keys_attended
+    if limit is not None and attended is not None and attended > limit:
+        every = settings.evict_every
+        keys = "C + 1" if every == 1 else "C + evict_every"
         raise NotImplementedError(
             f"{config.model_type} builds its {arch.scheme} bias for at most {arch.max_keys} = {limit} keys, but a step "
-            f"attends to C + 1 = {settings.capacity + 1}. Supported: start_size + recent_size <= {limit - 1}"
+            f"attends to {keys} = {attended}. Supported: start_size + recent_size{'' if every == 1 else ' + evict_every'}"
+            f" <= {limit - (1 if every == 1 else 0)}"
         )
 
 
@@ -307,13 +318,16 @@ def check_rotary_reach(model, settings: StreamingSettings | None, limit: int) ->
                 f"positions reach {limit} (keys rotated before could not be moved with fixed frequencies)")
     if settings is None:
         raise NotImplementedError(f"{what}; the cache settings were not given, so the positions reached are unknown")
-    extra = max(settings.chunk_size, REBASE_EVERY)
+    if settings.once:  # original positions: the stream's own length is checked (positions.position_limit)
+        return
+    extra = max(settings.chunk_size, REBASE_EVERY) + settings.evict_every - 1  # the segment since the last event
     reach = settings.capacity + extra
     if reach >= limit:
         largest = limit - 1 - extra
         fits = f"start_size + recent_size <= {largest}" if largest >= 1 else "no cache size (the limit is too small)"
+        segment = " + evict_every - 1" if settings.evict_every > 1 else ""
         raise NotImplementedError(
-            f"{what}, but the streaming paths reach position C + max(chunk_size, {REBASE_EVERY}) = {reach}. "
+            f"{what}, but the streaming paths reach position C + max(chunk_size, {REBASE_EVERY}){segment} = {reach}. "
             f"Supported: {fits} (and, with positions=original, streams of at most {limit} tokens)"
         )
 
