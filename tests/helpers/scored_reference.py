@@ -48,12 +48,15 @@ def _rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> tor
 @torch.no_grad()
 def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: int, heavy: int,
                     positions: str, evict_every: int = 1, params: dict | None = None,
-                    rotate: Callable | None = None, trace: list | None = None) -> torch.Tensor:
+                    rotate: Callable | None = None, trace: list | None = None,
+                    snapkv_votes: str = "kvpress") -> torch.Tensor:
     """``params``: the policy's own (snapkv: ``window_size``, ``kernel_size``). ``rotate(x, delta, layer)``
     (shifted positions): head vectors ``x`` [..., seq, dim] of decoder layer ``layer`` moved by per-position
     deltas [seq]; by default a rotate_half RoPE over the whole head with ``model.model.rotary_emb.inv_freq``
     (the Llama layout). A model whose keys carry no rotation (learned absolute positions) passes the identity.
-    ``trace``: a list that gets, after every step, the tokens each head of each layer holds ([layers][heads])."""
+    ``trace``: a list that gets, after every step, the tokens each head of each layer holds ([layers][heads]).
+    ``snapkv_votes``: the window's attention SnapKV pools, ``kvpress`` (logits scaled by 1/sqrt(head_dim), no
+    soft-cap: docs/methods.md) or ``model`` (the model's own weights: its scaling and soft-cap)."""
     params = params or {}
     capacity = start + recent + heavy
     if positions == "shifted" and rotate is None:
@@ -67,6 +70,7 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
     slot: list = []  # shifted: the position token s was read at (the tokens its head held before it)
     last: dict = {}  # layer -> (weights per kv head [group, K], keys per kv head [K, dim]) of the newest row
     every_row: dict = {}  # (layer, head, s) -> row s's weights [group, its visible tokens] (snapkv's window)
+    every_dot: dict = {}  # (layer, head, s) -> row s's unscaled logits q·k, [group, its visible tokens]
     done: dict = {}  # (layer, s) -> row s's attention output [heads, dim], computed at step s
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -85,7 +89,8 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
             k = key[0, h, index]  # each at its own position
             if positions == "shifted":  # from the slot each key was read at to its rank now
                 k = rotate(k, torch.arange(len(tokens)) - torch.tensor(slot)[index], layer)
-            logits = (q @ k.T)[:, 0] * scaling
+            every_dot[(layer, h, s)] = dot = (q @ k.T)[:, 0].float()
+            logits = dot * scaling
             if kwargs.get("softcap") is not None:
                 logits = torch.tanh(logits / kwargs["softcap"]) * kwargs["softcap"]
             weights = torch.softmax(logits.float(), -1)
@@ -155,8 +160,10 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
                         # all see the tokens before the window, the first n - w of their visible lists.
                         w, kernel, n = params["window_size"], params["kernel_size"], len(tokens)
                         if n - w > 0:
-                            votes = torch.stack([every_row[(layer, h, s)][:, : n - w]
-                                                 for s in range(t - w + 1, t + 1)]).mean(0)  # [group, n - w]
+                            window = [every_row[(layer, h, s)] if snapkv_votes == "model" else
+                                      torch.softmax(every_dot[(layer, h, s)] / keys.shape[-1] ** 0.5, -1)
+                                      for s in range(t - w + 1, t + 1)]
+                            votes = torch.stack([row[:, : n - w] for row in window]).mean(0)  # [group, n - w]
                             pooled = torch.nn.functional.avg_pool1d(votes[:, None], kernel, 1, kernel // 2,
                                                                     count_include_pad=True)[:, 0].mean(0)
                             score = pooled.tolist() + [float("inf")] * w

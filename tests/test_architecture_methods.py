@@ -1,0 +1,210 @@
+"""A method with an observation window (SnapKV) and one with per-head budgets (AdaKV) on every supported
+architecture (issue #18 item 5).
+
+On the tiny model of every type the chunked path serves (tests/test_architectures.py's ``model`` fixture), a
+stream of N = 18 tokens with C = 5 and an event every 4 tokens (11 evictions per head, at three events):
+
+- ``policy=snapkv`` (the segment's last ``window_size=2`` queries vote, pooled over 3 keys): the token loop equals
+  the naive scored loop of tests/helpers/scored_reference.py in both position modes, the chunked path (original
+  positions, the one mode it serves SnapKV in) equals the token loop, and a budget as long as the stream is dense;
+- ``head_budgets=adaptive`` on SnapKV (served by every type that serves a scored policy, where Expected Attention
+  needs one RoPE for every layer): the token loop (original positions, the only mode and path AdaKV runs in)
+  equals the naive loop with AdaKV's rule, the heads of a layer hold the counts the naive loop gives them, which
+  differ somewhere, and a budget as long as the stream is dense.
+
+The naive loop's shifted positions move a key with ``rotary.find_rotary``'s shift: the one piece taken from
+streaming_lm, proven against each model's own rotation in test_architectures.py
+(``test_rotary_shift_moves_keys_like_the_model``); which keys each query sees, the scores and the evictions are
+the naive loop's own. gpt_oss refuses scored policies (its learned sink logits are not in their weights), and the
+token-loop-only types (Falcon, MPT, BLOOM: attention in model code, which exposes no queries) refuse both methods:
+those refusals are asserted instead.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.reference import dense_logprobs
+from helpers.scored_reference import scored_logprobs
+from test_architectures import arch, build, model  # noqa: F401 (fixtures: the shared tiny model of every type)
+from test_token_loop_architectures import ARCHITECTURES as TOKEN_LOOP_TYPES
+from test_token_loop_architectures import ROTARY, models  # noqa: F401 (fixture)
+
+from streaming_lm.rolling import score
+from streaming_lm.rotary import find_rotary
+from streaming_lm.settings import resolve
+from streaming_lm.streams import open_stream
+from streaming_lm.support import check_model_supported
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+N = 18  # tokens read: 17; events after 4, 8, 12 and 16 tokens
+BUDGETS = (1, 0, 4)  # start, recent, heavy: C = 5 (C + K = 9 keys fit the tiny models' sliding windows of 32)
+CAPACITY = sum(BUDGETS)
+EVERY = 4
+# Per head: 11 = 3 + 4 + 4, an event evicting at most the K = 4 tokens its segment added: three events evicted.
+EVICTED = (N - 1) // EVERY * EVERY - CAPACITY
+SNAPKV = {"window_size": 2, "kernel_size": 3}
+ADAKV = SNAPKV | {"head_budgets": "adaptive", "alpha_safeguard": 0.25}
+SHORT = 2 * EVERY + 2  # the dense check's stream: two events
+CHUNK = 4  # passes end across the events at odd places
+TOL = 2e-5
+LEARNED_SINKS = "learned sink logits"  # gpt_oss: scored policies refused, not run without its sink logits
+
+
+def settings(params, positions, method="token", budgets=BUDGETS, policy="snapkv"):
+    start, recent, heavy = budgets
+    return resolve(policy=policy, policy_params=params, start_size=start, recent_size=recent, heavy_size=heavy,
+                   evict_every=EVERY, positions=positions, method=method, chunk_size=CHUNK)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    # Distinct tokens: no two keys of layer 0 alike, so no scores tie but by the method's own choice.
+    return torch.randperm(125, generator=torch.Generator().manual_seed(6))[:N] + 3
+
+
+@pytest.fixture(scope="module")
+def dense(model, ids):
+    return dense_logprobs(model, ids)
+
+
+@pytest.fixture(scope="module")
+def snapkv_token_loop(arch, model, ids):
+    """SnapKV's token loop per position mode, once per architecture (gpt_oss: None, refused)."""
+    done = {}
+
+    def run(positions):
+        if positions not in done:
+            done[positions] = None if arch == "gpt_oss" else score(model, ids, settings(SNAPKV, positions),
+                                                                  find_rotary(model))
+        return done[positions]
+    return run
+
+
+def rotate_like(model):
+    """The naive loop's ``rotate`` for ``model``: each layer's rotary shift; keys of layers without RoPE, and
+    learned absolute positions, never move."""
+    shift = find_rotary(model)
+
+    def rotate(x, delta, layer):
+        one = shift.for_layer(layer) if shift is not None else None
+        return x if one is None else one.rotate(x, delta)
+    return rotate
+
+
+def refused(arch, model, ids, setting) -> bool:
+    """gpt_oss: the scored policy is refused on this path, with the reason; True when it was."""
+    if arch != "gpt_oss":
+        return False
+    with pytest.raises(NotImplementedError, match=LEARNED_SINKS):
+        score(model, ids, setting, find_rotary(model))
+    return True
+
+
+@pytest.mark.parametrize("positions", ["original", "shifted"])
+def test_snapkv_token_loop_equals_the_naive_loop(arch, model, ids, dense, snapkv_token_loop, positions):
+    if refused(arch, model, ids, settings(SNAPKV, positions)):
+        return
+    got = snapkv_token_loop(positions)
+    assert got.evicted == EVICTED and got.max_held == CAPACITY + EVERY - 1  # evicted at events, none between
+    expected = scored_logprobs(model, ids, "snapkv", *BUDGETS, positions, evict_every=EVERY, params=SNAPKV,
+                               rotate=rotate_like(model))
+    torch.testing.assert_close(got.logprobs, expected, rtol=0, atol=TOL)
+    assert (got.logprobs - dense).abs().max() > 1e-2  # it streamed
+
+
+def test_snapkv_chunked_equals_the_token_loop(arch, model, ids, snapkv_token_loop):
+    chunked = settings(SNAPKV, "original", "chunked")
+    if refused(arch, model, ids, chunked):
+        return
+    expected = snapkv_token_loop("original")
+    got = score(model, ids, chunked, find_rotary(model))
+    assert got.evicted == expected.evicted == EVICTED
+    torch.testing.assert_close(got.logprobs, expected.logprobs, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "granite"])
+def test_snapkv_votes_with_kvpress_scale_not_the_model_s(name, ids):
+    """SnapKV's window attention is kvpress's (logits times 1/sqrt(head_dim), no soft-cap; docs/methods.md), not the
+    model's own: gemma2 (query_pre_attn_scalar, soft-cap) and granite (attention_multiplier) scale theirs otherwise,
+    so there the two choices evict differently, and the naive loop above follows kvpress. Pinned, so that changing
+    the choice is done on purpose (TOVA and H2O score with the model's own weights)."""
+    model = build(name)
+    got = score(model, ids, settings(SNAPKV, "original"), find_rotary(model))
+    by_model = scored_logprobs(model, ids, "snapkv", *BUDGETS, "original", evict_every=EVERY, params=SNAPKV,
+                               snapkv_votes="model")
+    assert (got.logprobs - by_model).abs().max() > 1e-2
+
+
+def head_counts(stream) -> list[list[int]]:
+    """Per layer, the tokens each key/value head holds now (heads holding fewer are padded with dead slots)."""
+    counts = []
+    for layer in stream.cache.layers:
+        held = torch.full((layer.tokens.shape[0],), layer.tokens.shape[1])
+        counts.append((held if layer.dead is None else held - layer.dead.sum(1)).tolist())
+    return counts
+
+
+def test_adakv_token_loop_equals_the_naive_loop(arch, model, ids, dense):
+    setting = settings(ADAKV, "original")
+    if refused(arch, model, ids, setting):
+        return
+    stream = open_stream(model, setting, find_rotary(model))
+    logits, counts = [], []
+    for token in ids[:-1].tolist():
+        logits.append(stream.step(token))
+        counts.append(head_counts(stream))
+    got = torch.log_softmax(torch.stack(logits), -1).gather(-1, ids[1:, None])[:, 0]
+    trace = []
+    expected = scored_logprobs(model, ids, "snapkv", *BUDGETS, "original", evict_every=EVERY, params=ADAKV,
+                               trace=trace)
+    torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
+    assert counts == trace  # every head of every layer holds what the definition says after every step
+    assert any(len(set(heads)) > 1 for step in counts for heads in step)  # the heads' budgets did differ
+    assert all(sum(heads) == CAPACITY * len(heads) for heads in counts[(N - 1) // EVERY * EVERY - 1])  # C on average
+    assert (got - dense).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("method, positions, params", [
+    ("token", "shifted", SNAPKV), ("chunked", "original", SNAPKV), ("token", "original", ADAKV)],
+    ids=["snapkv-token-shifted", "snapkv-chunked-original", "adakv-token-original"])
+def test_a_budget_as_long_as_the_stream_is_dense(arch, model, ids, method, positions, params):
+    """Events fall (after 4 and 8 tokens) but never find more than C: nothing is evicted, the numbers are dense.
+    (SnapKV's token loop in original positions is AdaKV's path less the budgets: the naive loop proves it above.)"""
+    short = ids[:SHORT]
+    setting = settings(params, positions, method, budgets=(1, 0, SHORT))
+    if refused(arch, model, short, setting):
+        return
+    got = score(model, short, setting, find_rotary(model))
+    assert got.evicted == 0
+    torch.testing.assert_close(got.logprobs, dense_logprobs(model, short), rtol=0, atol=TOL)
+
+
+# --- the token-loop-only types: their own attention code exposes no queries ----------------------------
+
+QUERIES_REFUSED = r"policy={policy} scores with the queries of each segment, which {cls}'s own attention code " \
+                  r"does not expose .*use a policy that scores by weights or keys"
+ALIBI_ORIGINAL = r"positions=original cannot serve {type} \(ALiBi\).*Use positions=shifted"
+TOKEN_LOOP_CASES = [
+    ("snapkv", SNAPKV, "shifted"), ("snapkv", SNAPKV, "original"), ("snapkv", ADAKV, "original"),
+    ("expected_attention", {"n_future_positions": 8, "n_sink": 1, "head_budgets": "adaptive"}, "original"),
+]
+
+
+@pytest.mark.parametrize("policy, params, positions", TOKEN_LOOP_CASES,
+                         ids=["snapkv-shifted", "snapkv-original", "adakv-snapkv", "adakv-expected"])
+@pytest.mark.parametrize("name", list(TOKEN_LOOP_TYPES))
+def test_token_loop_types_refuse_methods_scored_by_queries(models, name, policy, params, positions):
+    """Falcon's, MPT's and BLOOM's attention hands a scored policy its weights (output_attentions), never its
+    queries: SnapKV and AdaKV are refused when the stream opens, naming the policy and what serves instead;
+    MPT and BLOOM (ALiBi) refuse original positions first, whatever the policy."""
+    model = models[name]
+    setting = settings(params, positions, policy=policy)
+    if positions == "original" and name not in ROTARY:
+        with pytest.raises(NotImplementedError, match=ALIBI_ORIGINAL.format(type=model.config.model_type)):
+            check_model_supported(model, setting)
+        return
+    check_model_supported(model, setting)  # the type and position mode are served: the policy is what is refused
+    with pytest.raises(ValueError, match=QUERIES_REFUSED.format(policy=policy, cls=type(model).__name__)):
+        score(model, torch.arange(3, 3 + N), setting, find_rotary(model))
