@@ -146,24 +146,67 @@ def head_counts(stream) -> list[list[int]]:
     return counts
 
 
-def test_adakv_token_loop_equals_the_naive_loop(arch, model, ids, dense):
-    setting = settings(ADAKV, "original")
-    if refused(arch, model, ids, setting):
-        return
+def stepped(model, ids, setting):
+    """The token loop one step at a time: log-probs, and after every step each head's count (``head_counts``)."""
     stream = open_stream(model, setting, find_rotary(model))
     logits, counts = [], []
     for token in ids[:-1].tolist():
         logits.append(stream.step(token))
         counts.append(head_counts(stream))
-    got = torch.log_softmax(torch.stack(logits), -1).gather(-1, ids[1:, None])[:, 0]
+    assert stream.evicted == EVICTED  # per head on average
+    return torch.log_softmax(torch.stack(logits), -1).gather(-1, ids[1:, None])[:, 0], counts
+
+
+def check_head_budgets(counts) -> None:
+    """The heads' budgets did differ somewhere, and at every event the heads of a layer kept C on average."""
+    assert any(len(set(heads)) > 1 for step in counts for heads in step)
+    for event in range(EVERY, N, EVERY):
+        assert all(sum(heads) <= CAPACITY * len(heads) for heads in counts[event - 1])
+    assert all(sum(heads) == CAPACITY * len(heads) for heads in counts[(N - 1) // EVERY * EVERY - 1])
+
+
+def test_adakv_token_loop_equals_the_naive_loop(arch, model, ids, dense):
+    setting = settings(ADAKV, "original")
+    if refused(arch, model, ids, setting):
+        return
+    got, counts = stepped(model, ids, setting)
     trace = []
     expected = scored_logprobs(model, ids, "snapkv", *BUDGETS, "original", evict_every=EVERY, params=ADAKV,
                                trace=trace)
     torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
     assert counts == trace  # every head of every layer holds what the definition says after every step
-    assert any(len(set(heads)) > 1 for step in counts for heads in step)  # the heads' budgets did differ
-    assert all(sum(heads) == CAPACITY * len(heads) for heads in counts[(N - 1) // EVERY * EVERY - 1])  # C on average
+    check_head_budgets(counts)
     assert (got - dense).abs().max() > 1e-2
+
+
+# Expected Attention un-rotates the segment's queries with the model's one RoPE: refused without one.
+EXPECTED_ATTENTION = {"n_future_positions": 16, "n_sink": 0, "head_budgets": "adaptive", "alpha_safeguard": 0.25}
+ONE_ROPE = r"policy=expected_attention needs one rotary embedding for every layer \(RoPE\); {cls} has {what}"
+EXPECTED_ATTENTION_REFUSED = {"gpt2": "none"} | {name: "different ones by layer" for name in (
+    "gemma3-local-global", "exaone4-hybrid", "smollm3", "cohere2")}  # local/global RoPE, layers without RoPE
+
+
+def test_adakv_on_expected_attention_where_one_rope_serves_it(arch, model, ids, dense):
+    """AdaKV over Expected Attention, on every type with one RoPE for every layer (every layout: interleaved,
+    partial, scaled): its events evict, its heads keep different counts, C on average, and a budget as long as the
+    stream is dense. The naive loop has no Expected Attention (its scores are checked against kvpress in
+    test_compression_math.py, its observation in test_method_observation.py); the refusals are asserted."""
+    setting = settings(EXPECTED_ATTENTION, "original", policy="expected_attention")
+    if arch in EXPECTED_ATTENTION_REFUSED:
+        message = ONE_ROPE.format(cls=type(model).__name__, what=EXPECTED_ATTENTION_REFUSED[arch])
+        with pytest.raises(ValueError, match=message):
+            score(model, ids, setting, find_rotary(model))
+        return
+    if refused(arch, model, ids, setting):
+        return
+    got, counts = stepped(model, ids, setting)
+    check_head_budgets(counts)
+    assert (got - dense).abs().max() > 1e-2
+    short = ids[:SHORT]
+    whole = score(model, short, settings(EXPECTED_ATTENTION, "original", budgets=(1, 0, SHORT),
+                                         policy="expected_attention"), find_rotary(model))
+    assert whole.evicted == 0
+    torch.testing.assert_close(whole.logprobs, dense_logprobs(model, short), rtol=0, atol=TOL)
 
 
 @pytest.mark.parametrize("method, positions, params", [
