@@ -296,3 +296,31 @@ def test_a_sliding_window_of_c_plus_1_between_events(one_thread):
     logits = torch.cat([stream.read(stream_ids[:9])] + [stream.step(int(t))[None] for t in stream_ids[9:-1]])
     decoded = torch.log_softmax(logits, -1).gather(-1, stream_ids[1:, None])[:, 0]
     torch.testing.assert_close(decoded, expected, rtol=0, atol=TOL)
+
+
+# --- positions between events: shifted positions reach C + K - 1 -------------------------------------
+
+POSITIONS_BEYOND = {
+    # learned positions 0..63; C = 20 < 64 is accepted, but an event every 50 tokens reads tokens at slot 69
+    "gpt2": (lambda: transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                                             bos_token_id=1, eos_token_id=2), 50),
+    # dynamic RoPE, fixed below 512: C + max(chunk_size, 256) = 276 < 512 is accepted, but slots reach 539
+    "llama-dynamic": (lambda: ARCHITECTURE_CONFIGS["llama-dynamic"][0](128), 540),
+}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "engine bug: check_model_supported bounds shifted positions by C (learned positions: C < n_positions; RoPE "
+    "whose frequencies change: C + max(chunk_size, 256) < limit), but between events they reach C + evict_every - 1: "
+    "gpt2 then fails with IndexError 'index out of range in self' (token and chunked), dynamic RoPE silently reads "
+    "past its fixed frequencies. Fix: count evict_every in both bounds"))
+@pytest.mark.parametrize("name", list(POSITIONS_BEYOND))
+def test_positions_between_events_stay_where_the_model_has_them(name, one_thread):
+    """Shifted positions reach min(e, C) + t - e <= C + K - 1 (docs/semantics.md, "Events"): settings whose
+    positions pass the model's learned or fixed-frequency positions are refused before anything is read."""
+    config, every = POSITIONS_BEYOND[name]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config()).eval()
+    setting = resolve(start_size=4, recent_size=16, evict_every=every, positions="shifted", method="token")
+    with pytest.raises(NotImplementedError, match="evict_every"):
+        check_model_supported(model, setting)
