@@ -306,14 +306,17 @@ POSITIONS_BEYOND = {
                                              bos_token_id=1, eos_token_id=2), 50),
     # dynamic RoPE, fixed below 512: C + max(chunk_size, 256) = 276 < 512 is accepted, but slots reach 539
     "llama-dynamic": (lambda: ARCHITECTURE_CONFIGS["llama-dynamic"][0](128), 540),
+    # a rotary table of 512 positions: the same bound, the same reach
+    "gptj": (lambda: ARCHITECTURE_CONFIGS["gptj"][0](128), 540),
 }
 
 
 @pytest.mark.xfail(strict=True, reason=(
     "engine bug: check_model_supported bounds shifted positions by C (learned positions: C < n_positions; RoPE "
     "whose frequencies change: C + max(chunk_size, 256) < limit), but between events they reach C + evict_every - 1: "
-    "gpt2 then fails with IndexError 'index out of range in self' (token and chunked), dynamic RoPE silently reads "
-    "past its fixed frequencies. Fix: count evict_every in both bounds"))
+    "gpt2 then fails with IndexError 'index out of range in self' (token and chunked), gptj with IndexError 'index "
+    "512 is out of bounds' (its rotary table), dynamic RoPE silently reads past its fixed frequencies. Fix: count "
+    "evict_every in these bounds"))
 @pytest.mark.parametrize("name", list(POSITIONS_BEYOND))
 def test_positions_between_events_stay_where_the_model_has_them(name, one_thread):
     """Shifted positions reach min(e, C) + t - e <= C + K - 1 (docs/semantics.md, "Events"): settings whose
@@ -324,3 +327,17 @@ def test_positions_between_events_stay_where_the_model_has_them(name, one_thread
     setting = resolve(start_size=4, recent_size=16, evict_every=every, positions="shifted", method="token")
     with pytest.raises(NotImplementedError, match="evict_every"):
         check_model_supported(model, setting)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "engine bug: MPT's ALiBi bias is built for max_seq_len keys and check_architecture_settings requires only C + 1 <= "
+    "max_seq_len, but between events a step attends to C + evict_every keys: the token loop then fails with "
+    "RuntimeError 'The size of tensor a (17) must match the size of tensor b (16)'. Fix: C + evict_every <= "
+    "max_seq_len"))
+def test_mpt_bias_table_holds_the_keys_between_events():
+    """MPT with max_seq_len = 16 and C = 12 (C + 1 = 13 keys fit), an event every 6 tokens (18 keys): refused."""
+    mpt = transformers.AutoModelForCausalLM.from_config(transformers.MptConfig(
+        vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=16, bos_token_id=1, eos_token_id=2)).eval()
+    setting = resolve(start_size=3, recent_size=9, evict_every=6, positions="shifted", method="token")
+    with pytest.raises(NotImplementedError, match="evict_every"):
+        check_model_supported(mpt, setting)
