@@ -136,6 +136,20 @@ def test_snapkv_chunked_equals_the_token_loop(arch, model, ids, snapkv_token_loo
     torch.testing.assert_close(got.logprobs, expected.logprobs, rtol=0, atol=TOL)
 
 
+def test_snapkv_decode_steps_equal_the_token_loop(arch, model, ids, snapkv_token_loop):
+    """Generation's path: a chunked read that ends inside a segment (6 tokens, events every 4), then one step per
+    token; the window's queries span the read and the steps."""
+    setting = settings(SNAPKV, "original", "chunked")
+    if refused(arch, model, ids, setting):
+        return
+    stream = open_stream(model, setting, find_rotary(model))
+    logits = torch.cat([stream.read(ids[:6])] + [stream.step(int(token))[None] for token in ids[6:-1]])
+    got = torch.log_softmax(logits, -1).gather(-1, ids[1:, None])[:, 0]
+    token = snapkv_token_loop("original")
+    torch.testing.assert_close(got, token.logprobs, rtol=0, atol=TOL)
+    assert stream.evicted == token.evicted == EVICTED
+
+
 @pytest.mark.parametrize("name", ["gemma2", "granite"])
 def test_snapkv_votes_with_kvpress_scale_not_the_model_s(name, ids):
     """SnapKV's window attention is kvpress's (logits times 1/sqrt(head_dim), no soft-cap; docs/methods.md), not the
