@@ -6,18 +6,21 @@ stream of N = 18 tokens with C = 5 and an event every 4 tokens (11 evictions per
 
 - ``policy=snapkv`` (the segment's last ``window_size=2`` queries vote, pooled over 3 keys): the token loop equals
   the naive scored loop of tests/helpers/scored_reference.py in both position modes, the chunked path (original
-  positions, the one mode it serves SnapKV in) equals the token loop, and a budget as long as the stream is dense;
-- ``head_budgets=adaptive`` on SnapKV (served by every type that serves a scored policy, where Expected Attention
-  needs one RoPE for every layer): the token loop (original positions, the only mode and path AdaKV runs in)
-  equals the naive loop with AdaKV's rule, the heads of a layer hold the counts the naive loop gives them, which
-  differ somewhere, and a budget as long as the stream is dense.
+  positions, the one mode it serves SnapKV in) and the decode steps equal the token loop, and a budget as long as
+  the stream is dense;
+- ``head_budgets=adaptive`` (AdaKV; token loop, original positions, the only path and mode it runs in) over SnapKV,
+  which every type serving a scored policy serves: equals the naive loop with AdaKV's rule, each head's count after
+  every step included, and those counts differ somewhere; over Expected Attention, on the types with one RoPE for
+  every layer (refused elsewhere, asserted): the heads' counts differ and C is kept on average; a budget as long as
+  the stream is dense for both.
 
 The naive loop's shifted positions move a key with ``rotary.find_rotary``'s shift: the one piece taken from
 streaming_lm, proven against each model's own rotation in test_architectures.py
 (``test_rotary_shift_moves_keys_like_the_model``); which keys each query sees, the scores and the evictions are
 the naive loop's own. gpt_oss refuses scored policies (its learned sink logits are not in their weights), and the
 token-loop-only types (Falcon, MPT, BLOOM: attention in model code, which exposes no queries) refuse both methods:
-those refusals are asserted instead.
+those refusals are asserted instead. The last tests (xfail, strict) are engine bugs found here: between events a
+step attends to C + K keys at positions up to C + K - 1, which the support checks bound by C.
 """
 
 from __future__ import annotations
