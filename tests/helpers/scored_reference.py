@@ -1,14 +1,23 @@
 """A deliberately naive reference for scored eviction policies (shared/docs/eviction-policies.md).
 
-Nothing here imports streaming_lm. Step t re-runs the model over the whole prefix x_0..x_t with an eager
-attention function written here: row s of layer l, head h attends exactly to the tokens that head held
-before step s plus s itself, at their original positions or (shifted) at their ranks 0..|K|-1, so every
-key and value is the one computed at its own step. Row t's softmax weights then score the held tokens,
+Nothing here imports streaming_lm. Step t re-runs the model over the whole prefix x_0..x_t, with no cache, with an
+eager attention function written here: row t of layer l, head h attends exactly to the tokens that head held
+before step t plus t itself, at their original positions or (shifted) at their ranks 0..|K|-1; the rows of the
+earlier tokens get the outputs their own steps computed (from the same inputs), so every key and value is the one
+computed at its own step (one row per step: the loop costs O(n) rows, not O(n²)). Row t's softmax weights then
+score the held tokens,
 and the lowest-scored unprotected token of each head (or layer) is dropped, again until C are left, after
 every ``evict_every`` steps (docs/semantics.md, "Events"; between them nothing is dropped).
+
+It serves any model whose attention goes through transformers' ``AttentionInterface`` (the key/value heads are
+read off the keys the model hands it). Shifted positions: token s is read at its slot, the count its head held
+before it (the model's own position ids, so learned absolute positions are served too), and at step t each held
+key is moved from the slot it was read at to its rank by ``rotate`` (see ``scored_logprobs``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from transformers import AttentionInterface
@@ -38,41 +47,57 @@ def _rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> tor
 
 @torch.no_grad()
 def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: int, heavy: int,
-                    positions: str, evict_every: int = 1, params: dict | None = None) -> torch.Tensor:
-    """``params``: the policy's own (snapkv: ``window_size``, ``kernel_size``)."""
+                    positions: str, evict_every: int = 1, params: dict | None = None,
+                    rotate: Callable | None = None, trace: list | None = None,
+                    snapkv_votes: str = "kvpress") -> torch.Tensor:
+    """``params``: the policy's own (snapkv: ``window_size``, ``kernel_size``). ``rotate(x, delta, layer)``
+    (shifted positions): head vectors ``x`` [..., seq, dim] of decoder layer ``layer`` moved by per-position
+    deltas [seq]; by default a rotate_half RoPE over the whole head with ``model.model.rotary_emb.inv_freq``
+    (the Llama layout). A model whose keys carry no rotation (learned absolute positions) passes the identity.
+    ``trace``: a list that gets, after every step, the tokens each head of each layer holds ([layers][heads]).
+    ``snapkv_votes``: the window's attention SnapKV pools, ``kvpress`` (logits scaled by 1/sqrt(head_dim), no
+    soft-cap: docs/methods.md) or ``model`` (the model's own weights: its scaling and soft-cap)."""
     params = params or {}
     capacity = start + recent + heavy
-    config = model.config
-    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
-    group = config.num_attention_heads // kv_heads
-    inv_freq = model.model.rotary_emb.inv_freq
+    if positions == "shifted" and rotate is None:
+        inv_freq = model.model.rotary_emb.inv_freq
+
+        def rotate(x, delta, layer):
+            return _rotate(x, delta, inv_freq)
     visible: dict = {}  # (layer, head, s) -> tokens row s attends to
-    held = [[[] for _ in range(kv_heads)] for _ in range(layers)]
-    totals = [[{} for _ in range(kv_heads)] for _ in range(layers)]  # h2o: accumulated attention per token
+    held: dict = {}  # layer -> per key/value head, the tokens held (set up at the layer's first call)
+    totals: dict = {}  # h2o: (layer, head) -> {token: attention accumulated while held}
+    slot: list = []  # shifted: the position token s was read at (the tokens its head held before it)
     last: dict = {}  # layer -> (weights per kv head [group, K], keys per kv head [K, dim]) of the newest row
     every_row: dict = {}  # (layer, head, s) -> row s's weights [group, its visible tokens] (snapkv's window)
+    every_dot: dict = {}  # (layer, head, s) -> row s's unscaled logits q·k, [group, its visible tokens]
+    done: dict = {}  # (layer, s) -> row s's attention output [heads, dim], computed at step s
 
-    def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-        layer, q_len = module.layer_idx, query.shape[2]
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        layer, q_len, kv_heads = module.layer_idx, query.shape[2], key.shape[1]
+        group = query.shape[1] // kv_heads
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        heads_held = held.setdefault(layer, [[] for _ in range(kv_heads)])
         out = torch.zeros_like(query[0].transpose(0, 1))  # [q_len, heads, dim]
-        rows = {}
+        for s in range(q_len - 1):  # the rows of earlier steps: as their own step computed them
+            out[s] = done[(layer, s)]
+        rows, s = {}, q_len - 1
         for h in range(kv_heads):
-            for s in range(q_len):
-                tokens = visible[(layer, h, s)]
-                index = torch.tensor(tokens)
-                q = query[0, h * group : (h + 1) * group, s : s + 1]  # rotated at s by the model
-                k = key[0, h, index]  # rotated at their own indices
-                if positions == "shifted":
-                    q = _rotate(q, torch.tensor([len(tokens) - 1 - s]), inv_freq)
-                    k = _rotate(k, torch.arange(len(tokens)) - index, inv_freq)
-                logits = (q @ k.T)[:, 0] * scaling
-                if kwargs.get("softcap") is not None:
-                    logits = torch.tanh(logits / kwargs["softcap"]) * kwargs["softcap"]
-                weights = torch.softmax(logits.float(), -1)
-                every_row[(layer, h, s)] = weights
-                out[s, h * group : (h + 1) * group] = weights @ value[0, h, index]
-                if s == q_len - 1:
-                    rows[h] = (weights, key[0, h, index])
+            tokens = visible[(layer, h, s)] = heads_held[h] + [s]
+            index = torch.tensor(tokens)
+            q = query[0, h * group : (h + 1) * group, s : s + 1]  # at s's position (its slot, if shifted)
+            k = key[0, h, index]  # each at its own position
+            if positions == "shifted":  # from the slot each key was read at to its rank now
+                k = rotate(k, torch.arange(len(tokens)) - torch.tensor(slot)[index], layer)
+            every_dot[(layer, h, s)] = dot = (q @ k.T)[:, 0].float()
+            logits = dot * scaling
+            if kwargs.get("softcap") is not None:
+                logits = torch.tanh(logits / kwargs["softcap"]) * kwargs["softcap"]
+            weights = torch.softmax(logits.float(), -1)
+            every_row[(layer, h, s)] = weights
+            out[s, h * group : (h + 1) * group] = weights @ value[0, h, index]
+            rows[h] = (weights, key[0, h, index])
+        done[(layer, s)] = out[s].clone()
         last[layer] = rows
         return out[None], None
 
@@ -85,7 +110,7 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
         """AdaKV at an event (shared/docs/compression-methods.md): each head's int(C·alpha) best are safe, then the
         lowest (head, token) cells of the layer go one at a time (ties: the older token, then the lower head)
         until the heads hold C per head."""
-        if (t + 1) % evict_every or sum(len(tokens) for tokens, _ in by_head.values()) <= capacity * kv_heads:
+        if (t + 1) % evict_every or sum(len(tokens) for tokens, _ in by_head.values()) <= capacity * len(by_head):
             for h, (tokens, _) in by_head.items():
                 held_layer[h] = tokens
             return
@@ -98,34 +123,34 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
             while len(rest) > safe:  # the safe ones are what evicting down to ``safe`` leaves
                 del rest[lowest(rest, lambda key: key[1])]
             cells.update({key: float("inf") if key in rest else value for key, value in mine.items()})
-        while len(cells) > capacity * kv_heads:
+        while len(cells) > capacity * len(by_head):
             del cells[lowest(cells, lambda key: (key[1], key[0]))]
         for h in by_head:
             held_layer[h] = sorted(j for head, j in cells if head == h)
 
     AttentionInterface.register(NAME, attention)
-    previous = config._attn_implementation
+    previous = model.config._attn_implementation
     model.set_attn_implementation(NAME)
     out = []
     try:
         for t in range(ids.numel() - 1):
-            for layer in range(layers):
-                for h in range(kv_heads):
-                    visible[(layer, h, t)] = held[layer][h] + [t]
-            logits = model(ids[None, : t + 1], position_ids=torch.arange(t + 1)[None], use_cache=False).logits
+            slot.append(len(held[0][0]) if held else 0)
+            read_at = torch.tensor(slot) if positions == "shifted" else torch.arange(t + 1)
+            logits = model(ids[None, : t + 1], position_ids=read_at[None], use_cache=False).logits
             out.append(torch.log_softmax(logits[0, -1].float(), -1)[ids[t + 1]])
-            for layer in range(layers):
+            for layer in sorted(held):
                 by_head = {}  # head_budgets=adaptive: every head's (tokens, scores), decided together
-                rows = last[layer]
+                rows, kv_heads = last[layer], len(held[layer])
                 if policy == "tova":  # all heads of the layer (they hold the same tokens)
                     tova = torch.stack([rows[h][0] for h in range(kv_heads)]).mean((0, 1))
                 for h in range(kv_heads):
                     tokens = visible[(layer, h, t)]
                     weights, keys = rows[h]
                     if policy == "h2o":
+                        total = totals.setdefault((layer, h), {})
                         for i, j in enumerate(tokens):
-                            totals[layer][h][j] = totals[layer][h].get(j, 0.0) + float(weights[:, i].sum())
-                        score = [totals[layer][h][j] for j in tokens]
+                            total[j] = total.get(j, 0.0) + float(weights[:, i].sum())
+                        score = [total[j] for j in tokens]
                     elif policy == "tova":
                         score = tova.tolist()
                     elif policy == "knorm":
@@ -135,8 +160,10 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
                         # all see the tokens before the window, the first n - w of their visible lists.
                         w, kernel, n = params["window_size"], params["kernel_size"], len(tokens)
                         if n - w > 0:
-                            votes = torch.stack([every_row[(layer, h, s)][:, : n - w]
-                                                 for s in range(t - w + 1, t + 1)]).mean(0)  # [group, n - w]
+                            window = [every_row[(layer, h, s)] if snapkv_votes == "model" else
+                                      torch.softmax(every_dot[(layer, h, s)] / keys.shape[-1] ** 0.5, -1)
+                                      for s in range(t - w + 1, t + 1)]
+                            votes = torch.stack([row[:, : n - w] for row in window]).mean(0)  # [group, n - w]
                             pooled = torch.nn.functional.avg_pool1d(votes[:, None], kernel, 1, kernel // 2,
                                                                     count_include_pad=True)[:, 0].mean(0)
                             score = pooled.tolist() + [float("inf")] * w
@@ -149,7 +176,7 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
                         by_head[h] = (tokens, score)
                         continue
                     if params.get("layer_budgets") == "pyramid":
-                        kept = pyramid(t + 1, layers, capacity, params["window_size"], params["beta"])[layer]
+                        kept = pyramid(t + 1, len(held), capacity, params["window_size"], params["beta"])[layer]
                     while len(tokens) > kept and (t + 1) % evict_every == 0:
                         # Protected: the sinks and the last W tokens; ties (within a relative 1e-5: float
                         # rounding) go to the older token. One at a time, each the lowest left.
@@ -161,6 +188,8 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
                     held[layer][h] = tokens
                 if by_head:
                     adaptive(by_head, held[layer], t)
+            if trace is not None:
+                trace.append([[len(tokens) for tokens in held[layer]] for layer in sorted(held)])
     finally:
         model.set_attn_implementation(previous)
     return torch.stack(out)
