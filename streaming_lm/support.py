@@ -61,7 +61,7 @@ ARCHITECTURES = (
     # that route each token alone): positions enter only through one rotate_half RoPE.
     Architecture(("olmo", "olmo2", "granite", "starcoder2", "mixtral", "qwen2_moe", "qwen3_moe"), "RoPE", "RoPE",
                  "as above", "supported (granite's multipliers, olmo's `clip_qkv`, MoE layers included); "
-                 "`sliding_window`, where set, must be ≥ C + 1"),
+                 "`sliding_window`, where set, must be ≥ C + evict_every"),
     Architecture(("phi3",), "RoPE, partial allowed", "RoPE, partial allowed; `longrope` (the 128k models)",
                  "as above; the non-rotary tail of each head is never moved",
                  "supported; `longrope` only while its frequencies are fixed: `C + max(chunk_size, 256) < "
@@ -70,31 +70,31 @@ ARCHITECTURES = (
                  "as above", "supported"),
     Architecture(("gemma2",), "RoPE", "RoPE; sliding/full layers, attention soft-capping",
                  "as above; the soft-cap is applied in the chunked attention too",
-                 "supported if `sliding_window ≥ C + 1`"),
-    Architecture(("ministral",), "RoPE", "RoPE; sliding/full layers", "as above", "supported if `sliding_window ≥ C + 1`"),
+                 "supported if `sliding_window ≥ C + evict_every`"),
+    Architecture(("ministral",), "RoPE", "RoPE; sliding/full layers", "as above", "supported if `sliding_window ≥ C + evict_every`"),
     Architecture(("gemma3_text", "olmo3"), "RoPE per layer type", "RoPE per layer type (local and global may differ: "
                  "Gemma 3's local base 10k, global 1M)", "as above; each layer's keys move with its own frequencies",
-                 "supported if `sliding_window ≥ C + 1`"),
+                 "supported if `sliding_window ≥ C + evict_every`"),
     Architecture(("exaone4", "smollm3"), "RoPE, some layers without", "RoPE; layers without RoPE (`no_rope_layers`; "
                  "exaone4's global layers once `sliding_window` is set)",
                  "as above; keys of layers without RoPE carry no position and never move",
-                 "supported if `sliding_window ≥ C + 1`"),
+                 "supported if `sliding_window ≥ C + evict_every`"),
     Architecture(("cohere", "helium", "glm", "glm4"), "RoPE, interleaved", "RoPE on interleaved pairs `(2i, 2i + 1)` "
                  "(the layout is read off the model's own rotary code); `glm`, `glm4`: partial",
                  "as above", "supported"),
     Architecture(("cohere2",), "RoPE, interleaved, sliding layers only", "interleaved RoPE on sliding layers; "
                  "global layers without RoPE", "as above; global layers' keys never move",
-                 "supported if `sliding_window ≥ C + 1`"),
+                 "supported if `sliding_window ≥ C + evict_every`"),
     Architecture(("gptj",), "RoPE, interleaved, from a table", "partial RoPE (`rotary_dim`) on interleaved pairs, "
                  "angles from a fixed table of `n_positions` positions", "as above",
-                 "supported if `C + max(chunk_size, 256) < n_positions`; `original` only for streams of at most "
+                 "supported if `C + max(chunk_size, 256) + evict_every − 1 < n_positions`; `original` only for streams of at most "
                  "`n_positions` tokens"),
     Architecture(("gpt_oss",), "RoPE", "RoPE (YaRN); a learned sink logit per head; 128-token sliding layers",
                  "as above; the learned sink logits join every softmax of the chunked attention too",
-                 "supported if `C ≤ 127` (its sliding window, 128, must hold `C + 1` keys)"),
+                 "supported if `C + evict_every ≤ 128` (its sliding window must hold the keys a step attends to)"),
     Architecture(("gpt2",), ABSOLUTE, "learned absolute embeddings",
                  "token `t` is read at position `min(t, C)` / `t`; a key keeps the embedding it was read with",
-                 "supported if `C < n_positions`; `original` only for streams of at most `n_positions` tokens"),
+                 "supported if `C + evict_every ≤ n_positions`; `original` only for streams of at most `n_positions` tokens"),
     # The StreamingLLM paper's own models: attention in model code that reads the cache it is given.
     Architecture(("falcon",), "RoPE", "RoPE; `new_decoder_architecture` (40B/180B: grouped keys/values) or "
                  "multi-query with `parallel_attn` (7B)", "as above",
@@ -107,14 +107,14 @@ ARCHITECTURES = (
                  "`shifted`: the bias by slot distance, sink `j` at `min(t, C) − j` (the paper's setting for ALiBi); "
                  "`original` refused (text distances cannot reach the model's bias)",
                  f"supported on the token loop with `positions=shifted` ({TOKEN_LOOP_STATUS}); mpt if "
-                 "`C + 1 ≤ max_seq_len`", TOKEN_LOOP_PATHS,
+                 "`C + evict_every ≤ max_seq_len`", TOKEN_LOOP_PATHS,
                  "ALiBi is added inside the model's own attention code (no attention interface), by the key's index "
                  "in the cache, so the chunked path cannot give each query its own visible keys and distances",
                  max_keys="max_seq_len"),  # mpt's bias table; bloom builds its bias for any length
 )
 ARCHITECTURE_OF = {name: arch for arch in ARCHITECTURES for name in arch.model_types}
 SUPPORTED_ARCHITECTURES = {name: arch.scheme for arch in ARCHITECTURES for name in arch.model_types}
-SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention with a window of at least C + 1 tokens")
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention with a window of at least C + evict_every tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +169,7 @@ def check_trust_positions(value) -> str | None:
 def check_model_supported(model, settings: StreamingSettings | None = None, trust_positions: str | None = None) -> None:
     """Raise a clear ``NotImplementedError`` for models a sink+window cache cannot serve exactly.
 
-    Sliding-window layers are accepted only with ``settings`` whose ``C + 1`` keys per step fit inside
+    Sliding-window layers are accepted only with ``settings`` whose ``C + evict_every`` keys per step fit inside
     the window (the window then never masks a key the cache holds); without ``settings`` they are refused.
     ``trust_positions="rope"`` accepts a model type not in the registry if it passes every structural
     check here and ``self_check`` on its own weights.

@@ -19,8 +19,8 @@ streaming_lm, proven against each model's own rotation in test_architectures.py
 (``test_rotary_shift_moves_keys_like_the_model``); which keys each query sees, the scores and the evictions are
 the naive loop's own. gpt_oss refuses scored policies (its learned sink logits are not in their weights), and the
 token-loop-only types (Falcon, MPT, BLOOM: attention in model code, which exposes no queries) refuse both methods:
-those refusals are asserted instead. The last tests (xfail, strict) are engine bugs found here: between events a
-step attends to C + K keys at positions up to C + K - 1, which the support checks bound by C.
+those refusals are asserted instead. The last tests are bugs found here and fixed: between events a step attends to
+C + K keys at positions up to C + K - 1, which the support checks used to bound by C (now ``keys_attended``).
 """
 
 from __future__ import annotations
@@ -285,12 +285,6 @@ def test_token_loop_types_refuse_methods_scored_by_queries(models, name, policy,
 # --- sliding windows between events -------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: between events a layer holds up to C + K - 1 tokens, so a step attends to C + K keys, but "
-    "check_model_supported accepts any sliding_window >= C + 1; the paths that run the model's own attention (the "
-    "token loop of index-only policies, the decode steps) then let its sliding-window mask hide the oldest held keys "
-    "(here the sinks): 1.48 nats off the masked dense pass, which the chunked path and the scored token loop equal. "
-    "Fix: require sliding_window >= C + evict_every (or keep the model's mask out of those paths)"))
 def test_a_sliding_window_of_c_plus_1_between_events(one_thread):
     """Mistral with sliding_window = C + 1, the smallest window check_model_supported accepts, and an event every 4
     tokens: either the settings are refused, naming the window, or the token loop and the decode steps give the
@@ -328,12 +322,6 @@ POSITIONS_BEYOND = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: check_model_supported bounds shifted positions by C (learned positions: C < n_positions; RoPE "
-    "whose frequencies change: C + max(chunk_size, 256) < limit), but between events they reach C + evict_every - 1: "
-    "gpt2 then fails with IndexError 'index out of range in self' (token and chunked), gptj with IndexError 'index "
-    "512 is out of bounds' (its rotary table), dynamic RoPE silently reads past its fixed frequencies. Fix: count "
-    "evict_every in these bounds"))
 @pytest.mark.parametrize("name", list(POSITIONS_BEYOND))
 def test_positions_between_events_stay_where_the_model_has_them(name, one_thread):
     """Shifted positions reach min(e, C) + t - e <= C + K - 1 (docs/semantics.md, "Events"): settings whose
@@ -346,11 +334,6 @@ def test_positions_between_events_stay_where_the_model_has_them(name, one_thread
         check_model_supported(model, setting)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: MPT's ALiBi bias is built for max_seq_len keys and check_architecture_settings requires only C + 1 <= "
-    "max_seq_len, but between events a step attends to C + evict_every keys: the token loop then fails with "
-    "RuntimeError 'The size of tensor a (17) must match the size of tensor b (16)'. Fix: C + evict_every <= "
-    "max_seq_len"))
 def test_mpt_bias_table_holds_the_keys_between_events():
     """MPT with max_seq_len = 16 and C = 12 (C + 1 = 13 keys fit), an event every 6 tokens (18 keys): refused."""
     mpt = transformers.AutoModelForCausalLM.from_config(transformers.MptConfig(
