@@ -24,7 +24,7 @@ def smollm2_by_name():
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory, smollm2_by_name) -> Path:
     """SmolLM2 as a plain float32 checkpoint, from the model loaded by name (fast to reload)."""
-    return convert_smollm2(tmp_path_factory.mktemp("smollm2"), smollm2_by_name.model)
+    return convert_smollm2(tmp_path_factory.mktemp("smollm2"), smollm2_by_name.model, smollm2_by_name.tokenizer)
 
 
 @pytest.fixture(scope="session")
