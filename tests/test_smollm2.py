@@ -13,8 +13,9 @@ from streaming_lm.settings import StreamingSettings
 
 pytestmark = pytest.mark.slow
 
-START, RECENT = 4, 124  # C = 128: a 400-token stream evicts on its last 271 steps (over 3 C)
-STREAM_TOKENS = 400  # longer streams are the tiny models' (tests/test_long_haul.py, test_chunked.py)
+START, RECENT = 4, 36  # C = 40: a 160-token stream evicts on its last 119 steps (3 C)
+STREAM_TOKENS = 160  # longer streams are the tiny models' (tests/test_long_haul.py, test_chunked.py)
+SHORT_CHARS = 300  # the no-eviction request: about 70 tokens, read in chunks of 32
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def token_scores(smollm2, stream):
 def short_dense(smollm2, excerpt_text):
     """A short request and dense ``hf``'s numbers for it, computed once."""
     model, tokenizer = smollm2
-    request = rolling(excerpt_text[:700])
+    request = rolling(excerpt_text[:SHORT_CHARS])
     return request, HFLM(pretrained=model, tokenizer=tokenizer, device="cpu").loglikelihood_rolling(request)
 
 
@@ -50,8 +51,8 @@ def test_short_stream_equals_dense_hf(smollm2, short_dense, positions, method):
     request, dense = short_dense
     n_tokens = len(tokenizer(request[0].args[0], add_special_tokens=False).input_ids) + 1
     lm = StreamingHFLM(pretrained=model, tokenizer=tokenizer, device="cpu", start_size=4,
-                       recent_size=n_tokens - 5, positions=positions, method=method, chunk_size=100)
-    assert lm.streaming.capacity + 1 == n_tokens  # the longest stream that must equal dense
+                       recent_size=n_tokens - 5, positions=positions, method=method, chunk_size=32)
+    assert lm.streaming.capacity + 1 == n_tokens > 2 * 32  # the longest stream that must equal dense, 3+ chunks
     assert lm.loglikelihood_rolling(request) == pytest.approx(dense, rel=1e-4)
     assert lm.get_model_info()["streaming"]["evicted_tokens"] == 0
 
@@ -77,7 +78,7 @@ def test_shifted_equals_naive_loop(smollm2, stream, token_scores):
 
 
 @pytest.mark.parametrize("positions", ["shifted", "original"])
-@pytest.mark.parametrize("chunk", [100, 256])  # 399 scored tokens: the last chunk is partial
+@pytest.mark.parametrize("chunk", [32, 100])  # below and above C; 159 scored tokens: the last chunk is partial
 def test_chunked_equals_token_loop(smollm2, stream, token_scores, positions, chunk):
     model, _ = smollm2
     settings = StreamingSettings(START, RECENT, positions)

@@ -23,7 +23,7 @@ TASKS = REPO / "tasks"
 SAMPLE = TASKS / "wikitext_streaming" / "sample" / "wikitext-2-raw-test-excerpt.txt"
 SHARED = REPO / ".." / "shared" / "data" / "wikitext-2-raw-test.txt"
 SAMPLE_WORDS, SAMPLE_BYTES = 3305, 16771  # whitespace-separated words, UTF-8 bytes
-CAP = 250  # words = 336 SmolLM2 tokens: a 4+252 cache evicts 80, token-by-token scoring stays short
+CAP = 100  # words = 130 SmolLM2 tokens: a 4+60 cache evicts 66, token-by-token scoring stays short
 
 
 # ---------------------------------------------------------------- independent helpers
@@ -201,7 +201,7 @@ def test_e2e_hf(dense_result):
 @pytest.mark.slow
 def test_e2e_streaming_hf_is_the_token_loop(smollm2, dense_result):
     model, tokenizer = smollm2
-    lm = StreamingHFLM(pretrained=model, tokenizer=tokenizer, device="cpu", start_size=4, recent_size=252)
+    lm = StreamingHFLM(pretrained=model, tokenizer=tokenizer, device="cpu", start_size=4, recent_size=60)
     res = run_lm_eval(lm)
     check_consistent(res)
     assert res["word_perplexity,none"] != pytest.approx(dense_result["word_perplexity,none"], rel=1e-6)

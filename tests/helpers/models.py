@@ -18,11 +18,13 @@ def smollm2_folder() -> Path | None:
     return Path(spec.submodule_search_locations[0])
 
 
-def convert_smollm2(out_dir: Path, gguf_model=None) -> Path:
-    """Dequantise the GGUF once and save a plain transformers checkpoint (fast to reload). ``gguf_model``: the
-    float32 model already loaded from the GGUF (dequantising takes most of the time)."""
+def convert_smollm2(out_dir: Path, gguf_model=None, tokenizer=None) -> Path:
+    """Dequantise the GGUF once and save a plain transformers checkpoint (fast to reload). ``gguf_model`` and
+    ``tokenizer``: the float32 model and its tokenizer already loaded from the GGUF (each GGUF read parses its
+    49k-token vocabulary again: most of the time)."""
     folder = smollm2_folder()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    if tokenizer is None:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     if gguf_model is None:
         gguf_model = transformers.AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
