@@ -191,7 +191,8 @@ def main(argv=None) -> dict:
         lm = StreamingHFLM(**shared, **row.args)
         record = run(name, lm, texts[token_tokens if row.path == "token" else args.tokens])
         if row.fastest and row.path != "token" and token_tokens < args.tokens:
-            record["ppl_on_token_text"] = run(f"{name} (PPL check)", lm, texts[token_tokens])["ppl"]  # for the PPL check
+            # the PPL check compares the token loop's tokens
+            record["ppl_on_token_text"] = run(f"{name} (PPL check)", lm, texts[token_tokens])["ppl"]
         info = lm.get_model_info()["streaming"]
         record |= {"cache": row.cache, "path": row.path, "fastest": row.fastest,
                    **{k: info[k] for k in ("policy", "start_size", "recent_size", "heavy_size", "positions",
@@ -237,8 +238,9 @@ def print_table(results: dict, streaming_args: dict, text_name: str, token_token
     print(f"{'method':<{width}}{'tokens':>8}{'tokens/s':>10}{'seconds':>9}{'PPL':>11}{'held':>6}{'vs sw':>7}  fastest")
     for method, r in results["methods"].items():
         ratio = r.get("vs_sink_window_chunked")
+        ratio = "" if ratio is None else f"{ratio:.2f}x"
         print(f"{method:<{width}}{r['tokens']:>8}{r['tokens_per_s']:>10.1f}{r['seconds']:>9.1f}{r['ppl']:>11.4f}"
-              f"{r.get('held_max', ''):>6}{'' if ratio is None else f'{ratio:.2f}x':>7}  {'*' if r.get('fastest') else ''}")
+              f"{r.get('held_max', ''):>6}{ratio:>7}  {'*' if r.get('fastest') else ''}")
     for method, reason in results["not_run"].items():
         shown = reason in list(results["not_run"].values())[: list(results["not_run"]).index(method)]
         print(f"{method:<{width}}  n/a: {'(as above)' if shown else reason}")
