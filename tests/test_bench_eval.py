@@ -111,7 +111,7 @@ def test_methods_suite_grid():
     """The issue's grid, resolved without a model: eight methods at C = 256, evict_every 1 and 64, dense beside."""
     args = bench_eval.parse_args(["--pretrained", "x", "--methods_suite"])
     assert (args.methods, args.evict_everies) == ("dense", "1,64")
-    rows = bench_caches.parse_caches(args.caches, bench_caches.parse_everies(args.evict_everies))
+    rows = bench_caches.parse_caches(bench_caches.SUITE, bench_caches.parse_everies(args.evict_everies))
     caches = list(dict.fromkeys(row.cache for row in rows))
     assert caches == ["sink_window", "tova", "h2o", "knorm", "snapkv", "pyramidkv", "adakv", "expected_attention"]
     assert all(row.args["start_size"] + row.args["recent_size"] + row.args["heavy_size"] == 256 for row in rows)
@@ -121,3 +121,12 @@ def test_methods_suite_grid():
     fastest = {row.name for row in rows if row.fastest}
     assert fastest == {f"{c} chunked{e}" for c in caches for e in ("", " every=64")} - not_served - {
         "adakv chunked every=64"} | {"adakv token every=64"}
+
+
+def test_methods_suite_at_one_evict_every():
+    """--methods_suite --evict_every 1: the SnapKV family is n/a (its window needs a longer segment), not an error;
+    the same cache given in --caches is refused."""
+    rows = bench_caches.parse_caches(bench_caches.SUITE, [1], strict=False)
+    assert {row.cache for row in rows if row.reason} == {"snapkv", "pyramidkv", "adakv"}
+    with pytest.raises(ValueError, match="evict_every > window_size"):
+        bench_caches.parse_caches("snapkv:4+0+252:window_size=32", [1])

@@ -86,8 +86,6 @@ def parse_args(argv=None):
         args.methods = bench_caches.SUITE_METHODS if suite else "dense,token,chunked"
     if args.evict_everies is None:
         args.evict_everies = bench_caches.SUITE_EVICT_EVERY if suite else "1"
-    if suite:
-        args.caches = ",".join(c for c in (args.caches, bench_caches.SUITE) if c)
     return args
 
 
@@ -137,8 +135,10 @@ def main(argv=None) -> dict:
     own_paths = tuple(m for m in bench_caches.PATHS if m in methods)
     rows = bench_caches.cache_rows("", streaming_args, {}, everies, own_paths) if own_paths else []
     speed_only = {"chunk_size": args.chunk_size} if args.chunk_size is not None else {}
-    rows += [dataclasses.replace(row, args=speed_only | row.args) for row in bench_caches.parse_caches(args.caches,
-                                                                                                       everies)]
+    cache_rows = bench_caches.parse_caches(args.caches, everies)
+    if args.methods_suite:  # a suite cache no evict_every given serves is n/a, not an error
+        cache_rows += bench_caches.parse_caches(bench_caches.SUITE, everies, strict=False)
+    rows += [dataclasses.replace(row, args=speed_only | row.args) for row in cache_rows]
     if args.tokens < 2:  # the prefix token plus at least one scored token
         sys.exit(f"--tokens must be an integer >= 2, got {args.tokens}")
     token_tokens = args.tokens if args.token_tokens is None else args.token_tokens
