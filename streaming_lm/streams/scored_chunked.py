@@ -50,8 +50,8 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
         row = torch.softmax(logits[:, :, r].masked_fill(~alive[:, None, :], float("-inf")), dim=-1)
         weights[:, :, r] = row
         event = policy.schedule.event_after(t0 + r)
-        capacity = layer.capacity(t0 + r + 1)
-        over = int(alive[0].sum()) > capacity and event
+        capacity = layer.capacity(t0 + r + 1) if event else None  # a budget is asked for at events only (pyramid)
+        over = event and int(alive[0].sum()) > capacity
         if policy.accumulate or over:
             attention = row.reshape(heads, columns) if policy.needs_attention else None
             queries = None
