@@ -20,6 +20,8 @@ from helpers.engine import token_loop_word_perplexity
 from helpers.local_tasks import ROLLING_YAML, read_docs, write_task
 from helpers.models import streaming
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost
+
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 RUNS = ["hf", "streaming_s0_r16_shifted", "streaming_s0_r32_shifted", "streaming_s4_r16_shifted",
         "streaming_s4_r32_shifted"]
