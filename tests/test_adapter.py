@@ -9,6 +9,8 @@ from helpers.engine import score_stream
 
 from streaming_lm import StreamingHFLM
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost
+
 TEXT = " The tower is 324 metres tall, about the same height as an 81-storey building. " * 3
 
 

@@ -10,6 +10,8 @@ from helpers.models import streaming
 
 from streaming_lm.tools import bench_caches, bench_eval
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost
+
 
 def test_bench_eval_tiny(tiny_dir, tiny, tmp_path, excerpt_text):
     text = tmp_path / "text.txt"

@@ -13,6 +13,8 @@ from streaming_lm.streams.chunked import PLAN_KWARG
 from streaming_lm.rotary import find_rotary
 from streaming_lm.settings import StreamingSettings
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost
+
 
 @contextlib.contextmanager
 def threads(n):

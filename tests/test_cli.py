@@ -26,6 +26,8 @@ from helpers.local_tasks import ROLLING_YAML, read_docs, write_task
 from streaming_lm import StreamingHFLM
 from streaming_lm.__main__ import main as streaming_lm_main
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost
+
 START, RECENT = 4, 60  # C = 64: the byte tokenizer makes one token per byte, plus the prefix token
 TASKS = "tiny_rolling,tiny_short"
 LM_EVAL = [str(Path(sys.executable).with_name("lm_eval"))]

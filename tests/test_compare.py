@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 
 import lm_eval
 import lm_eval.tasks
@@ -18,6 +19,8 @@ from streaming_lm.compare import run as compare_run
 from helpers.engine import token_loop_word_perplexity
 from helpers.local_tasks import ROLLING_YAML, read_docs, write_task
 from helpers.models import streaming
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 RUNS = ["hf", "streaming_s0_r16_shifted", "streaming_s0_r32_shifted", "streaming_s4_r16_shifted",
@@ -56,7 +59,8 @@ def task_dir(tmp_path_factory, excerpt_text):
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory, tiny_dir, task_dir):
-    """Runs the 2x2 grid once for the module; counts lm-eval evaluations and keeps the progress lines."""
+    """Runs the 2x2 grid once for the module; counts lm-eval evaluations and keeps the progress lines. The task
+    manager skips lm-eval's ~10k built-in tasks (seconds to index; the task comes from --include_path)."""
     out = tmp_path_factory.mktemp("compare") / "out"
     calls, said = [], []
     real = lm_eval.simple_evaluate
@@ -64,6 +68,7 @@ def grid(tmp_path_factory, tiny_dir, task_dir):
         for key, value in OFFLINE.items():
             mp.setenv(key, value)
         mp.setattr(lm_eval, "simple_evaluate", lambda **kw: calls.append(kw) or real(**kw))
+        mp.setattr(lm_eval.tasks, "TaskManager", partial(lm_eval.tasks.TaskManager, include_defaults=False))
         mp.setattr(compare_run, "say", said.append)
         compare.main(grid_args(tiny_dir, task_dir, out))
     return out, calls, said

@@ -26,6 +26,8 @@ from streaming_lm.compression.tova import tova_scores
 from streaming_lm.policy import KeyNorm, SinkWindow
 from streaming_lm.settings import StreamingSettings
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost
+
 FIXTURE = Path(__file__).resolve().parent / "data" / "kvpress_scores.pt"
 KV = torch.load(FIXTURE, weights_only=True)
 LAYERS = KV["layers"]

@@ -14,6 +14,8 @@ from streaming_lm.rotary import find_rotary
 from streaming_lm.loglik import NoEvictionError
 from streaming_lm.settings import StreamingSettings
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost
+
 
 @pytest.fixture(scope="module")
 def model():

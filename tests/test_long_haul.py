@@ -164,7 +164,7 @@ def test_bfloat16(tiny_dir, excerpt_text):
     reference = float(torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None]).double().sum())
     (hf_value,) = dense.loglikelihood_rolling(rolling(short))
     model32 = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    long = long_text(excerpt_text, 3000)
+    long = long_text(excerpt_text, 1000)  # 1001 tokens: 936 evictions (15 C) on every path
     # The references on the evicting streams, the same for both methods: computed once (token loops are slow).
     small_settings = dict(start_size=START, recent_size=RECENT, chunk_size=64)
     probe = StreamingHFLM(pretrained=model, tokenizer=tokenizer, method="token", **small_settings)
@@ -184,7 +184,7 @@ def test_bfloat16(tiny_dir, excerpt_text):
         assert got == pytest.approx(reference, rel=1e-4)  # bf16 logits: ~1e-3 per token, averaging out
         assert got == pytest.approx(hf_value, rel=5e-3)  # HFLM sums in bf16 (spacing 16 at 2000 nats)
         # Evicting runs against the engine's bf16 token loop on the same ids. Measured: the token method is
-        # that loop (identical); chunked differs by ~3e-6 relative on 3000 tokens, ~3e-5 on a 20-token
+        # that loop (identical); chunked differed by ~3e-6 relative on 3000 tokens, ~3e-5 on a 20-token
         # continuation (bf16 rounds at other places in other pass shapes), and the float32 run by ~2e-5.
         small = StreamingHFLM(pretrained=model, tokenizer=tokenizer, method=method, **small_settings)
         assert dataclasses.replace(small.streaming, method="token") == token_loop

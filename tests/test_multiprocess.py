@@ -25,6 +25,8 @@ from helpers.engine import token_loop_loglikelihood
 
 from streaming_lm import StreamingHFLM
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost
+
 
 START, RECENT = 4, 60  # C = 64 tokens; the byte tokenizer makes one token per byte
 COMMON_ENV = {

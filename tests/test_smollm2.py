@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 START, RECENT = 4, 36  # C = 40: a 160-token stream evicts on its last 119 steps (3 C)
 STREAM_TOKENS = 160  # longer streams are the tiny models' (tests/test_long_haul.py, test_chunked.py)
-SHORT_CHARS = 300  # the no-eviction request: about 70 tokens, read in chunks of 32
+SHORT_CHARS = 150  # the no-eviction request: about 35 tokens, read in chunks of 16
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,8 @@ def test_short_stream_equals_dense_hf(smollm2, short_dense, positions, method):
     request, dense = short_dense
     n_tokens = len(tokenizer(request[0].args[0], add_special_tokens=False).input_ids) + 1
     lm = StreamingHFLM(pretrained=model, tokenizer=tokenizer, device="cpu", start_size=4,
-                       recent_size=n_tokens - 5, positions=positions, method=method, chunk_size=32)
-    assert lm.streaming.capacity + 1 == n_tokens > 2 * 32  # the longest stream that must equal dense, 3+ chunks
+                       recent_size=n_tokens - 5, positions=positions, method=method, chunk_size=16)
+    assert lm.streaming.capacity + 1 == n_tokens > 2 * 16  # the longest stream that must equal dense, 3+ chunks
     assert lm.loglikelihood_rolling(request) == pytest.approx(dense, rel=1e-4)
     assert lm.get_model_info()["streaming"]["evicted_tokens"] == 0
 
