@@ -17,7 +17,7 @@ from helpers.engine import score_stream
 from helpers.models import tiny_llama
 from helpers.reference import dense_logprobs, perplexity, sink_window_allowed
 
-from streaming_lm.policy import POLICIES
+from streaming_lm.policy import POLICIES, EvictionPolicy
 from streaming_lm.settings import StreamingSettings
 from streaming_lm.streams import open_stream
 from streaming_lm.rotary import find_rotary
@@ -41,7 +41,7 @@ def policy_params():
     (dense when C >= n, the chunked path equals the token loop, C keys per head between steps) are made for them
     in tests/test_policies.py, parametrised over ``settings.POLICIES``."""
     for name, cls in POLICIES.items():
-        if getattr(cls, "index_only", True):
+        if issubclass(cls, EvictionPolicy):  # held() from token indices: the every-K index rule (duo is once only)
             yield pytest.param(name, id=name)
 
 
@@ -215,7 +215,7 @@ def test_memory_is_exactly_the_cache_between_steps(model, ids, policy, path, pos
 
 
 def test_every_policy_has_a_reference():
-    assert set(REFERENCE_VISIBILITY) == {name for name, cls in POLICIES.items() if getattr(cls, "index_only", True)}
+    assert set(REFERENCE_VISIBILITY) == {name for name, cls in POLICIES.items() if issubclass(cls, EvictionPolicy)}
 
 
 @pytest.mark.parametrize("start,recent", [(4, 16), (0, 7), (3, 1)])
