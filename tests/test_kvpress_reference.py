@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 from streaming_lm.forward_args import cache_kwarg
 
+from helpers.once import masked_logprobs
 from helpers.kvpress_reference import (
     METHODS,
     QS,
@@ -170,23 +171,8 @@ def test_kept_sets_at_original_positions_reproduce_kvpress(smollm2, one_thread, 
     positions in which the last Q context tokens and the continuation see, of the prefill, only the tokens kvpress
     kept (per layer and key/value head, from the file) and each other causally, gives kvpress's log-probabilities.
     So the file's conventions (original positions, causal read, kept sets) are all an engine needs."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     model, _ = smollm2
-    assert model.config._attn_implementation == "sdpa"
-    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    heads = model.config.num_attention_heads
     case = next(c for c in cases(method, ratio=0.5) if c.q == QS[-1] and c.context == 0)
-    ids = case.context_ids + case.continuation_ids
-    n, p = len(ids), case.prefill_tokens
-    masks = []
-    for kept in case.kept(KV_HEADS):
-        allowed = torch.ones(n, n, dtype=torch.bool).tril().repeat(heads, 1, 1)
-        allowed[:, p:, :p] &= torch.from_numpy(kept).repeat_interleave(heads // KV_HEADS, 0)[:, None, :]
-        masks.append(allowed[None])
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa",
-                        lambda module, q, k, v, mask, **kw: sdpa(module, q, k, v, masks[module.layer_idx], **kw))
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, len(case.context_ids) - 1 : -1].double()
-    ours = logits.log_softmax(-1).gather(-1, torch.tensor(case.continuation_ids)[:, None])[:, 0].tolist()
+    ours = masked_logprobs(model, case.context_ids, case.continuation_ids, case.prefill_tokens, case.kept(KV_HEADS),
+                           monkeypatch)
     assert logprob_mismatch(ours, case.logprobs) is None, (case.name, sum(ours), sum(case.logprobs))

@@ -14,7 +14,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from ..compression.budgets import adaptive_head_keep, uniform_keep
 from ..compression.snapkv import window_attention
 from .accounting import KVAccounting
-from .scored import gather_columns, packed, step_scores
+from .scored import gather_columns, packed, protected_tokens, step_scores
 
 
 def scored_keep(policy, layer: int, layers: int, keys, values, queries, scale: float) -> torch.Tensor:
@@ -27,8 +27,7 @@ def scored_keep(policy, layer: int, layers: int, keys, values, queries, scale: f
     score = step_scores(policy, keys, values, attention, None, keys.shape[0],
                         queries if policy.needs_queries else None, n - 1)
     index = torch.arange(n, device=keys.device)
-    settings = policy.settings
-    protected = (index < settings.start_size) | (index >= n - settings.recent_size)
+    protected = protected_tokens(index, n - 1, policy.settings)
     if policy.keeps_last_once:
         protected |= index == n - 1
     score = score.masked_fill(protected, float("inf"))

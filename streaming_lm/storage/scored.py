@@ -52,6 +52,12 @@ def compress(score: torch.Tensor, tokens: torch.Tensor, t: int, policy: ScoredPo
     return alive
 
 
+def protected_tokens(tokens: torch.Tensor, t: int, settings) -> torch.Tensor:
+    """bool, the shape of ``tokens`` (token indices): the tokens an event after step t never evicts, the first
+    ``start_size`` and the last ``recent_size`` read (shared/docs/eviction-policies.md; docs/policies.md)."""
+    return (tokens < settings.start_size) | (tokens > t - settings.recent_size)
+
+
 def victims(score: torch.Tensor, tokens: torch.Tensor, t: int, policy: ScoredPolicy,
             dead: torch.Tensor | None = None) -> torch.Tensor:
     """The column each head evicts after step t: the lowest-scored unprotected held token (ties: the older).
@@ -60,7 +66,7 @@ def victims(score: torch.Tensor, tokens: torch.Tensor, t: int, policy: ScoredPol
     token order, so the first column within ``TIE`` of the lowest score is the oldest of the tied tokens.
     """
     settings = policy.settings
-    protected = (tokens < settings.start_size) | (tokens > t - settings.recent_size)
+    protected = protected_tokens(tokens, t, settings)
     if dead is not None:
         protected = protected | dead
     return lowest_oldest(score.masked_fill(protected, float("inf")))
@@ -80,7 +86,7 @@ def adaptive_compress(score: torch.Tensor, tokens: torch.Tensor, t: int, policy:
     union = torch.unique(tokens[alive])  # sorted: the grid's columns
     column = torch.searchsorted(union, tokens.clamp(min=0))
     grid = torch.full((alive.shape[0], union.numel()), ABSENT, device=score.device)
-    protected = (tokens < settings.start_size) | (tokens > t - settings.recent_size)
+    protected = protected_tokens(tokens, t, settings)
     grid[heads[alive], column[alive]] = score.float().masked_fill(protected, float("inf"))[alive]
     kept, _ = adaptive_head_keep(grid, capacity, policy.alpha_safeguard)
     return alive & kept[heads, column.clamp(max=union.numel() - 1)]

@@ -159,8 +159,7 @@ class EvictingStream(CachedStream):
     def __init__(self, model, settings, shift, batch_size: int = 1):
         self.model, self.settings, self.shift = model, settings, shift
         self.policy = policy_for(settings)
-        if not self.policy.index_only:
-            self.policy.bind(model, shift)
+        self.policy.bind(model, shift)  # what the policy needs of the model (nothing for most)
         self._limit = position_limit(model, settings, shift is not None)
         self.n = 0
         self.max_held, self.held_per_layer = 0, ()

@@ -17,11 +17,10 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from ..forward_args import num_decoder_layers
-from ..policy import policy_for
-from ..positions import check_positions_fit, position_limit
+from ..positions import check_positions_fit
 from ..storage.context import ContextCache
 from .attention import attention_function, refuse_learned_sinks, soft_capped
-from .base import CachedStream, as_ids, forward_kwargs
+from .base import EvictingStream, as_ids
 
 ATTENTION_NAME = "streaming_lm_context"
 CACHE_KWARG = "streaming_context_cache"
@@ -55,24 +54,17 @@ def _context_attention(module, query, key, value, attention_mask, scaling, dropo
 AttentionInterface.register(ATTENTION_NAME, _context_attention)
 
 
-class ContextStream(CachedStream):
+class ContextStream(EvictingStream):
     """``evict_every=context``: a stream that is compressed once, when ``compress`` is called (the request walk calls it
     after each prefill: continuation.py, generation.py)."""
 
     def __init__(self, model, settings, shift, batch_size: int = 1):
-        self.model, self.settings, self.shift = model, settings, shift
-        self.policy = policy_for(settings)
-        self.policy.bind(model, shift)
-        self._limit = position_limit(model, settings, shift is not None)
-        self.n = 0
-        self.max_held, self.held_per_layer = 0, ()
-        window = getattr(self.policy, "query_window", 0)
         self._layers = num_decoder_layers(model)
-        self.cache = ContextCache(self._layers, window)
-        self._kwargs = tuple(kwargs | {CACHE_KWARG: self.cache} for kwargs in forward_kwargs(model, self.cache))
+        super().__init__(model, settings, shift)
+        self._kwargs = tuple(kwargs | {CACHE_KWARG: self.cache} for kwargs in self._kwargs)
 
-    def _shared(self):
-        return (self.shift, self.policy)
+    def new_cache(self):
+        return ContextCache(self._layers, getattr(self.policy, "query_window", 0))
 
     @property
     def compressed(self) -> bool:
