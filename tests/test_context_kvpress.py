@@ -27,7 +27,9 @@ pytestmark = pytest.mark.slow
 
 
 def selected(method):
-    return [c for c in cases(method) if (c.compression_ratio, c.q, c.context) in SELECTED]
+    found = [c for c in cases(method) if (c.compression_ratio, c.q, c.context) in SELECTED]
+    assert len(found) == len(SELECTED), f"{method}: {len(found)} of the selected cases in the file"  # never vacuous
+    return found
 
 
 @pytest.mark.parametrize("method", METHODS)
