@@ -350,13 +350,13 @@ HEAD_BUDGETS = (
 
 
 def check_head_budgets(settings) -> None:
-    """``head_budgets=adaptive``: heads hold different counts in a padded layout that the token loop's attention
-    function masks (original positions: a shifted query's position would differ by head)."""
+    """``head_budgets=adaptive``: heads hold different counts in a padded layout that the attention functions mask;
+    original positions only (a shifted query's position, the count of tokens held, would differ by head)."""
     if settings.policy_params["head_budgets"] != "adaptive" or settings.once:  # once: original, any method
         return
-    if settings.positions == "shifted" or settings.method != "token":
-        raise ValueError(f"head_budgets=adaptive runs on method=token with positions=original (heads hold different "
-                         f"counts); got method={settings.method}, positions={settings.positions}")
+    if settings.positions == "shifted":
+        raise ValueError("head_budgets=adaptive needs positions=original (heads hold different counts, so a shifted "
+                         "position would differ by head); got positions=shifted")
 
 
 def check_layer_budgets(settings, window: int) -> None:

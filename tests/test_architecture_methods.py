@@ -8,9 +8,9 @@ stream of N = 18 tokens with C = 5 and an event every 4 tokens (11 evictions per
   the naive scored loop of tests/helpers/scored_reference.py in both position modes, the chunked path (original
   positions, the one mode it serves SnapKV in) and the decode steps equal the token loop, and a budget as long as
   the stream is dense;
-- ``head_budgets=adaptive`` (AdaKV; token loop, original positions, the only path and mode it runs in) over SnapKV,
-  which every type serving a scored policy serves: equals the naive loop with AdaKV's rule, each head's count after
-  every step included, and those counts differ somewhere; over Expected Attention, on the types with one RoPE for
+- ``head_budgets=adaptive`` (AdaKV; original positions, the one mode it runs in) over SnapKV, which every type
+  serving a scored policy serves: the token loop equals the naive loop with AdaKV's rule, each head's count after
+  every step included, those counts differ somewhere, and the chunked path equals the token loop; over Expected Attention, on the types with one RoPE for
   every layer (refused elsewhere, asserted): the heads' counts differ and C is kept on average; a budget as long as
   the stream is dense for both.
 
@@ -206,6 +206,9 @@ def test_adakv_token_loop_equals_the_naive_loop(arch, model, ids, dense):
     assert counts == trace  # every head of every layer holds what the definition says after every step
     check_head_budgets(counts)
     assert (got - dense).abs().max() > 1e-2
+    # The chunked path (rows in order; passes end across the events) is the token loop.
+    chunked = score(model, ids, dataclasses.replace(setting, method="chunked", chunk_size=CHUNK), find_rotary(model))
+    torch.testing.assert_close(chunked.logprobs, got, rtol=0, atol=TOL)
 
 
 # Expected Attention un-rotates the segment's queries with the model's one RoPE: refused without one.

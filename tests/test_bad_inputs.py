@@ -273,9 +273,10 @@ CASES = [
     Case("head_budgets-per-layer-policy", "ValueError",
          "policy=tova has no parameter 'head_budgets' (it is a parameter of snapkv, expected_attention)",
          ("policy", "head_budgets", "snapkv"), model_args(policy="tova", head_budgets="adaptive"),
-         also=((model_args(policy="snapkv", window_size=4, evict_every=8, head_budgets="adaptive"),
-                "head_budgets=adaptive runs on method=token with positions=original (heads hold different counts); "
-                "got method=chunked", ("head_budgets", "method=token", "positions=original")),)),
+         also=((model_args(policy="snapkv", window_size=4, evict_every=8, head_budgets="adaptive", method="token",
+                           positions="shifted"),
+                "head_budgets=adaptive needs positions=original (heads hold different counts, so a shifted position "
+                "would differ by head); got positions=shifted", ("head_budgets", "positions=original")),)),
     Case("pyramid-cannot-split", "ValueError",
          "layer_budgets=pyramid cannot split C=16 tokens: its smallest layer budget C / beta = 0.8 (beta=20) is below "
          "window_size=4", ("layer_budgets", "beta", "window_size", "C >= beta * window_size"),

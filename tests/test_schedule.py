@@ -143,8 +143,9 @@ def test_the_chunked_path_equals_the_token_loop(model, ids, token_loop, policy, 
     chunked = score(model, ids, setting, find_rotary(model))
     torch.testing.assert_close(chunked.logprobs, token.logprobs, rtol=0, atol=TOL)
     assert chunked.evicted == token.evicted
-    # Between passes a layer holds at most its budget + K - 1 tokens (a pass adds its chunk while it runs).
-    assert chunked.max_held <= max(max(held_per_layer(policy, params, budgets, every, n)) for n in range(N))
+    # Between passes a layer holds at most what the token loop holds after some step (its budget + K - 1 tokens,
+    # test above; more for one head of AdaKV's): a pass's end is a step's.
+    assert chunked.max_held <= token.max_held
 
 
 @pytest.mark.parametrize("policy,params,budgets,every,positions", list(cases_on("chunked")))
@@ -157,7 +158,10 @@ def test_decoding_equals_the_token_loop(model, ids, token_loop, policy, params, 
     for token_id in ids[9:-1].tolist():
         logits.append(stream.step(token_id)[None])
         held = held_per_layer(policy, params, budgets, every, stream.n)
-        assert stream.cache.held_tokens() == held, stream.n
+        if params.get("head_budgets") == "adaptive":  # the heads' counts differ; on average they are the layer's
+            assert [layer.held_per_head().float().mean().item() for layer in stream.cache.layers] == held, stream.n
+        else:
+            assert stream.cache.held_tokens() == held, stream.n
     got = torch.log_softmax(torch.cat(logits), -1).gather(-1, ids[1:, None])[:, 0]
     torch.testing.assert_close(got, token.logprobs, rtol=0, atol=TOL)
     assert stream.evicted == token.evicted

@@ -199,6 +199,12 @@ class ScoredDynamicLayer(DynamicLayer):
         if over:
             self.keep(compress(score, self.tokens, t, policy, alive, capacity), rotate=True)
 
+    def held_per_head(self) -> torch.Tensor:
+        """long [kv_heads]: the tokens each key/value head holds (they differ with head_budgets=adaptive, whose
+        padding the storage's width counts)."""
+        width = torch.full((self.tokens.shape[0],), self.tokens.shape[1], device=self.tokens.device)
+        return width if self.dead is None else width - self.dead.sum(1)
+
     def capacity(self, n: int) -> int:
         """Tokens this layer keeps at an event after ``n`` tokens read (the policy's budget for this layer)."""
         return self.policy.layer_capacity(self.index, self.layers, n)

@@ -19,7 +19,7 @@ from transformers import AttentionInterface
 from ..forward_args import num_decoder_layers
 from ..positions import check_positions_fit
 from ..storage import ScoredDynamicCache
-from ..storage.scored import compress, held_scores, step_scores
+from ..storage.scored import adaptive_compress, compress, held_scores, step_scores
 from .attention import attention_function, grouped_rows, refuse_learned_sinks, soft_capped
 from .base import EvictingStream, as_ids
 from .weights import CACHE_KWARG
@@ -38,7 +38,7 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
     logits = torch.matmul(grouped_rows(query.float(), kv_heads)[0], key[0].float().transpose(-1, -2))
     logits = soft_capped((logits * scaling).reshape(kv_heads, group, q_len, columns), kwargs.get("softcap"))
     alive = torch.zeros((kv_heads, columns), dtype=torch.bool, device=key.device)
-    alive[:, :first] = True
+    alive[:, :first] = True if layer.dead is None else ~layer.dead[:, :first]  # AdaKV: heads hold different counts
     weights = torch.empty_like(logits)
     t0 = layer.seen - q_len
     # A score that reads neither attention nor history (key-norm) is the same for every row: once per chunk.
@@ -51,7 +51,7 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
         weights[:, :, r] = row
         event = policy.schedule.event_after(t0 + r)
         capacity = layer.capacity(t0 + r + 1) if event else None  # a budget is asked for at events only (pyramid)
-        over = event and int(alive[0].sum()) > capacity
+        over = event and int(alive.sum()) > capacity * kv_heads
         if policy.accumulate or over:
             attention = row.reshape(heads, columns) if policy.needs_attention else None
             queries = None
@@ -65,7 +65,8 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
             else:
                 score = held_scores(policy, key[0], value[0], attention, alive, queries, t0 + r)
             if over:
-                alive = compress(score, layer.tokens, t0 + r, policy, alive, capacity)
+                evict = adaptive_compress if policy.adaptive_heads else compress
+                alive = evict(score, layer.tokens, t0 + r, policy, alive, capacity)
         if event:
             layer.queries, segment = None, r + 1
     out = torch.matmul(weights.to(value.dtype).reshape(kv_heads, group * q_len, columns), value[0])

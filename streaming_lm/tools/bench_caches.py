@@ -23,7 +23,7 @@ GOAL = 0.5  # issue 18: every method's fastest path at least this fraction of si
 # scored policies keep the same 4 sinks and fill the rest by their score, as their papers and kvpress do (no
 # protected recent window), except H2O, which keeps half recent, half heavy hitters, as in its paper. SnapKV's
 # observation window is 32 (it must be shorter than evict_every's segment: n/a at 1); PyramidKV's smallest layer
-# budget C / beta must hold that window, so beta = 8 (C / 8 = 32); AdaKV runs on the token loop only.
+# budget C / beta must hold that window, so beta = 8 (C / 8 = 32).
 SUITE = ",".join((
     "sink_window=sink_window:4+252",
     "tova=tova:4+0+252",

@@ -78,7 +78,7 @@ CASES = [
     pytest.param("expected_attention", {"n_future_positions": 8, "n_sink": 1}, (1, 0, 7), 4, id="expected-K4"),
     pytest.param("expected_attention", {"n_future_positions": 16, "n_sink": 0, "use_covariance": False,
                                         "use_vnorm": False, "epsilon": 0.5}, (0, 1, 6), 6, id="expected-plain-K6"),
-    # AdaKV: the heads of a layer keep C per head on average (token loop, original positions).
+    # AdaKV: the heads of a layer keep C per head on average (original positions).
     pytest.param("snapkv", {"window_size": 2, "kernel_size": 3, "head_budgets": "adaptive", "alpha_safeguard": 0.25},
                  (0, 0, 8), 5, id="adakv-snapkv-K5"),
     pytest.param("expected_attention", {"n_future_positions": 8, "n_sink": 1, "head_budgets": "adaptive"}, (1, 0, 7),
