@@ -13,7 +13,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..compression.budgets import adaptive_head_keep
-from ..compression.ties import lowest_oldest
+from ..compression.ties import evict_lowest
 from ..policy import ScoredPolicy
 from ..rotary import LayerShifts, RotaryShift
 from .accounting import KVAccounting
@@ -34,42 +34,22 @@ def step_scores(policy: ScoredPolicy, keys, values, attention, totals, heads: in
     return score
 
 
-# Scores this close (relative) are a tie. A repeated token's layer-0 keys are equal but for float rounding,
-# and that rounding differs between a one-token and a many-token pass: without a margin the token loop and the
-# chunked path would break such ties differently (docs/policies.md).
-TIE = 1e-5
-
-
 def compress(score: torch.Tensor, tokens: torch.Tensor, t: int, policy: ScoredPolicy,
              alive: torch.Tensor, capacity: int) -> torch.Tensor:
     """The event after step t: evict from the columns ``alive`` marks (bool [kv_heads, K], as many per head),
     one lowest-scored unprotected token per head at a time, until ``capacity`` (the layer's) are left; returns
-    the mask."""
-    alive = alive.clone()
-    heads = torch.arange(alive.shape[0], device=alive.device)
-    for _ in range(int(alive[0].sum()) - capacity):
-        alive[heads, victims(score, tokens, t, policy, dead=~alive)] = False
-    return alive
+    the mask. (compression/ties.py ``evict_lowest`` does the single evictions in one sort per head.)"""
+    protected = protected_tokens(tokens, t, policy.settings)
+    index = alive.nonzero()[:, 1].reshape(alive.shape[0], -1)  # each head's held columns, in token order
+    held = score.masked_fill(protected, float("inf")).gather(1, index)
+    kept = evict_lowest(held, max(index.shape[1] - capacity, 0))
+    return torch.zeros_like(alive).scatter(1, index, kept)
 
 
 def protected_tokens(tokens: torch.Tensor, t: int, settings) -> torch.Tensor:
     """bool, the shape of ``tokens`` (token indices): the tokens an event after step t never evicts, the first
     ``start_size`` and the last ``recent_size`` read (shared/docs/eviction-policies.md; docs/policies.md)."""
     return (tokens < settings.start_size) | (tokens > t - settings.recent_size)
-
-
-def victims(score: torch.Tensor, tokens: torch.Tensor, t: int, policy: ScoredPolicy,
-            dead: torch.Tensor | None = None) -> torch.Tensor:
-    """The column each head evicts after step t: the lowest-scored unprotected held token (ties: the older).
-
-    Protected: the first S tokens and the last W read (shared/docs/eviction-policies.md). Columns are in
-    token order, so the first column within ``TIE`` of the lowest score is the oldest of the tied tokens.
-    """
-    settings = policy.settings
-    protected = protected_tokens(tokens, t, settings)
-    if dead is not None:
-        protected = protected | dead
-    return lowest_oldest(score.masked_fill(protected, float("inf")))
 
 
 # A score below any real one, for (head, token) cells a head does not hold (finite: the tie margin is relative).

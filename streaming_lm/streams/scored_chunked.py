@@ -4,9 +4,9 @@ the token loop's numbers.
 In a causal model the inputs of layer l for a chunk of queries do not depend on layer l's evictions:
 the model still runs layer by layer, and inside each layer's attention (a function registered with
 transformers' ``AttentionInterface``) the rows are taken in order. Row t attends to the tokens its head
-held before step t plus t itself; its softmax weights score the held tokens and the policy's victim is
-dropped before row t + 1 (storage/scored.py's rule). Projections and MLPs run once per chunk; only the
-attention rows are sequential. With original positions every key keeps the rotation it was read with,
+held before step t plus t itself; at an event its softmax weights score the held tokens and the policy's
+victims are dropped before row t + 1 (storage/scored.py's rule). Projections and MLPs run once per chunk;
+only the events are sequential: the rows of a segment (between two events) share one masked softmax. With original positions every key keeps the rotation it was read with,
 so nothing moves.
 """
 
@@ -45,10 +45,19 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
     fixed = None if policy.needs_attention or policy.needs_queries or policy.accumulate else \
         step_scores(policy, key[0], value[0], None, None, kv_heads)
     segment = 0  # the first row of this chunk in the current segment (earlier rows: layer.queries)
-    for r in range(q_len):
-        alive[:, first + r] = True
-        row = torch.softmax(logits[:, :, r].masked_fill(~alive[:, None, :], float("-inf")), dim=-1)
-        weights[:, :, r] = row
+    columns_at = torch.arange(columns, device=key.device)
+    a = 0  # the first row of the next block
+    for r in _block_ends(policy, t0, q_len):
+        # Rows a..r in one softmax: between events nothing is evicted, so row i sees what ``alive`` marks plus the
+        # chunk's tokens a..i (causal). An accumulating policy scores every row: its blocks are single rows.
+        fresh = (columns_at[None, :] >= first + a) & (columns_at[None, :] <= first + torch.arange(
+            a, r + 1, device=key.device)[:, None])
+        seen = alive[:, None, :] | fresh[None]  # [kv_heads, rows, columns]
+        weights[:, :, a : r + 1] = torch.softmax(logits[:, :, a : r + 1].masked_fill(~seen[:, None], float("-inf")),
+                                                 dim=-1)
+        alive[:, first + a : first + r + 1] = True
+        a = r + 1
+        row = weights[:, :, r]
         event = policy.schedule.event_after(t0 + r)
         capacity = layer.capacity(t0 + r + 1) if event else None  # a budget is asked for at events only (pyramid)
         over = event and int(alive.sum()) > capacity * kv_heads
@@ -74,6 +83,15 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
     if segment < q_len:
         layer.observe(query[0, :, segment:])  # the rest of the segment, for the next chunk's event
     return out.reshape(1, heads, q_len, -1).transpose(1, 2).contiguous(), None
+
+
+def _block_ends(policy, t0: int, q_len: int) -> list[int]:
+    """The chunk's rows (its first token is ``t0``) after which something may change: each event's row and the last
+    row; every row for a policy that accumulates scores."""
+    if policy.accumulate:
+        return list(range(q_len))
+    ends = [r for r in range(q_len) if policy.schedule.event_after(t0 + r)]
+    return ends if ends and ends[-1] == q_len - 1 else ends + [q_len - 1]
 
 
 AttentionInterface.register(ATTENTION_NAME, _rows_attention)
