@@ -361,8 +361,8 @@ def check_head_budgets(settings) -> None:
 
 def check_layer_budgets(settings, window: int) -> None:
     """``layer_budgets=pyramid`` must be able to split ``C``: its smallest layer budget ``C / beta`` reaches the
-    window (else PyramidKV's rule falls back to uniform budgets at every event, a pyramid that never is), and holds
-    the protected tokens."""
+    window (else PyramidKV's rule falls back to uniform budgets at every event, a pyramid that never is); that it
+    holds the tokens an event never evicts is ``SnapKV.check_kept_always``."""
     params = settings.policy_params
     if params["layer_budgets"] != "pyramid" or settings.ratio_budget:  # a ratio: kvpress's own rule at each event
         return
@@ -375,11 +375,6 @@ def check_layer_budgets(settings, window: int) -> None:
             f"layer_budgets=pyramid cannot split C={settings.capacity} tokens: its smallest layer budget C / beta = "
             f"{low:g} (beta={params['beta']:g}) is below window_size={window}; it needs C >= beta * window_size = "
             f"{params['beta'] * window:g} (raise heavy_size, lower beta or window_size)"
-        )
-    if settings.start_size + settings.recent_size > window:
-        raise ValueError(
-            f"layer_budgets=pyramid: start_size + recent_size = {settings.start_size + settings.recent_size} "
-            f"protected tokens exceed window_size={window}, the smallest budget a layer may get"
         )
 
 
@@ -414,6 +409,26 @@ class SnapKV(ScoredPolicy):
             )
         check_layer_budgets(settings, window)
         check_head_budgets(settings)
+        cls.check_kept_always(settings, window)
+
+    @staticmethod
+    def check_kept_always(settings, window: int) -> None:
+        """An event never evicts the sinks, the recent window or SnapKV's observation window (the last
+        ``window_size`` tokens): a token budget must hold them in every layer (else an event could not reach it)."""
+        if settings.ratio_budget:
+            return
+        params = settings.policy_params
+        always = settings.start_size + max(settings.recent_size, window)
+        smallest = settings.capacity
+        where = f"C = {smallest}"
+        if params["layer_budgets"] == "pyramid":
+            smallest = settings.capacity / params["beta"]
+            where = f"its smallest layer budget C / beta = {smallest:g} (layer_budgets=pyramid, beta={params['beta']:g})"
+        if always > smallest:
+            raise ValueError(
+                f"policy=snapkv keeps start_size + max(recent_size, window_size) = {always} tokens at every event (the "
+                f"sinks, then the recent or observation window, whichever is longer), more than {where}: raise "
+                f"heavy_size, or lower start_size, recent_size, window_size or beta")
 
     def layer_capacity(self, layer, layers, n):
         if self.layer_budgets == "uniform":
@@ -464,9 +479,12 @@ class ExpectedAttention(ScoredPolicy):
     @classmethod
     def check_settings(cls, settings) -> None:
         sinks = settings.policy_params["n_sink"]
-        if settings.capacity < sinks and not settings.ratio_budget:
-            raise ValueError(f"policy=expected_attention keeps its n_sink={sinks} first tokens: the budget C = "
-                             f"start_size + recent_size + heavy_size = {settings.capacity} must hold them")
+        always = max(sinks, settings.start_size) + settings.recent_size
+        if settings.capacity < always and not settings.ratio_budget:
+            raise ValueError(f"policy=expected_attention keeps its n_sink={sinks} first tokens (and start_size="
+                             f"{settings.start_size}, recent_size={settings.recent_size}): the budget C = start_size + "
+                             f"recent_size + heavy_size = {settings.capacity} must hold max(n_sink, start_size) + "
+                             f"recent_size = {always}")
         check_head_budgets(settings)
 
     def bind(self, model, shift) -> None:

@@ -284,11 +284,23 @@ CASES = [
                     layer_budgets="pyramid"),
          also=((model_args(policy="snapkv", window_size=4, evict_every=8, start_size=0, heavy_size=16,
                            layer_budgets="pyramid", beta=2, positions="shifted", method="token"),
-                "layer_budgets=pyramid needs positions=original", ("layer_budgets", "positions")),
-               (model_args(policy="snapkv", window_size=4, evict_every=8, start_size=4, recent_size=2, heavy_size=16,
+                "layer_budgets=pyramid needs positions=original", ("layer_budgets", "positions")),)),
+    Case("budget-below-kept-tokens", "ValueError",
+         "policy=snapkv keeps start_size + max(recent_size, window_size) = 10 tokens at every event (the sinks, then "
+         "the recent or observation window, whichever is longer), more than C = 9: raise heavy_size, or lower "
+         "start_size, recent_size, window_size or beta",
+         ("start_size", "window_size", "heavy_size"),
+         model_args(policy="snapkv", window_size=6, evict_every=8, start_size=4, heavy_size=5),
+         also=((model_args(policy="snapkv", window_size=4, evict_every=8, start_size=4, recent_size=2, heavy_size=9,
                            layer_budgets="pyramid", beta=2),
-                "layer_budgets=pyramid: start_size + recent_size = 6 protected tokens exceed window_size=4",
-                ("start_size", "recent_size", "window_size")))),
+                "policy=snapkv keeps start_size + max(recent_size, window_size) = 8 tokens at every event (the sinks, "
+                "then the recent or observation window, whichever is longer), more than its smallest layer budget C / "
+                "beta = 7.5 (layer_budgets=pyramid, beta=2)",
+                ("start_size", "recent_size", "window_size", "beta")),
+               (model_args(policy="expected_attention", n_sink=4, start_size=2, recent_size=3, heavy_size=0),
+                "policy=expected_attention keeps its n_sink=4 first tokens (and start_size=2, recent_size=3): the "
+                "budget C = start_size + recent_size + heavy_size = 5 must hold max(n_sink, start_size) + "
+                "recent_size = 7", ("n_sink", "start_size", "recent_size")))),
     Case("misspelt-arg", "ValueError", "unknown model arg 'recent_sise'; did you mean 'recent_size'?",
          ("recent_sise", "recent_size", "start_size", "chunk_size"), model_args(recent_sise=60)),
     Case("trust_positions-unknown", "ValueError", "trust_positions must be one of rope; got 'alibi'",

@@ -13,7 +13,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..compression.budgets import adaptive_head_keep
-from ..compression.ties import evict_lowest
+from ..compression.ties import evict_lowest, lowest_oldest
 from ..policy import ScoredPolicy
 from ..rotary import LayerShifts, RotaryShift
 from .accounting import KVAccounting
@@ -39,10 +39,18 @@ def compress(score: torch.Tensor, tokens: torch.Tensor, t: int, policy: ScoredPo
     """The event after step t: evict from the columns ``alive`` marks (bool [kv_heads, K], as many per head),
     one lowest-scored unprotected token per head at a time, until ``capacity`` (the layer's) are left; returns
     the mask. (compression/ties.py ``evict_lowest`` does the single evictions in one sort per head.)"""
-    protected = protected_tokens(tokens, t, policy.settings)
+    masked = score.masked_fill(protected_tokens(tokens, t, policy.settings) | ~alive, float("inf"))
+    count = int(alive[0].sum()) - capacity
+    if count > 0 and int(torch.isfinite(masked).sum(1).min()) < count:  # the settings' checks should prevent it
+        raise RuntimeError(f"an event must evict {count} tokens per head to reach the layer's budget of {capacity}, "
+                           f"but fewer are evictable: the tokens it never evicts (start_size, recent_size, the "
+                           f"policy's own) exceed the budget")
+    if count == 1:  # evict_every=1: one argmin per head
+        alive = alive.clone()
+        alive[torch.arange(alive.shape[0], device=alive.device), lowest_oldest(masked)] = False
+        return alive
     index = alive.nonzero()[:, 1].reshape(alive.shape[0], -1)  # each head's held columns, in token order
-    held = score.masked_fill(protected, float("inf")).gather(1, index)
-    kept = evict_lowest(held, max(index.shape[1] - capacity, 0))
+    kept = evict_lowest(masked.gather(1, index), max(count, 0))
     return torch.zeros_like(alive).scatter(1, index, kept)
 
 

@@ -23,14 +23,14 @@ GOAL = 0.5  # issue 18: every method's fastest path at least this fraction of si
 # scored policies keep the same 4 sinks and fill the rest by their score, as their papers and kvpress do (no
 # protected recent window), except H2O, which keeps half recent, half heavy hitters, as in its paper. SnapKV's
 # observation window is 32 (it must be shorter than evict_every's segment: n/a at 1); PyramidKV's smallest layer
-# budget C / beta must hold that window, so beta = 8 (C / 8 = 32).
+# budget C / beta must hold the 4 sinks and that window, so beta = 7 (C / 7 = 36.6).
 SUITE = ",".join((
     "sink_window=sink_window:4+252",
     "tova=tova:4+0+252",
     "h2o=h2o:4+124+128",
     "knorm=knorm:4+0+252",
     "snapkv=snapkv:4+0+252:window_size=32",
-    "pyramidkv=snapkv:4+0+252:window_size=32,layer_budgets=pyramid,beta=8",
+    "pyramidkv=snapkv:4+0+252:window_size=32,layer_budgets=pyramid,beta=7",
     "adakv=snapkv:4+0+252:window_size=32,head_budgets=adaptive",
     "expected_attention=expected_attention:4+0+252",
 ))

@@ -12,7 +12,7 @@ and ``recompute``: sliding window with re-computation over the same C tokens, on
         --start_size 4 --recent_size 252 --methods dense,chunked,recompute --strides 1,16,252
 
 ``--caches`` adds caches of any policy, ``[LABEL=]POLICY:S+W+H[:PARAM=VALUE,...]`` (the policy's own parameters,
-e.g. ``pyramidkv=snapkv:4+0+252:window_size=32,layer_budgets=pyramid,beta=8``), each read by the token loop and by
+e.g. ``pyramidkv=snapkv:4+0+252:window_size=32,layer_budgets=pyramid,beta=7``), each read by the token loop and by
 the chunked path where an exact one serves it; ``--evict_every 1,64`` repeats every cache row (the flags' own
 token/chunked rows too) once per value; a row no path serves prints as n/a with the reason. Every row reports the
 keys held (the most any layer held between passes), its tokens/s over sink_window chunked's at the same
