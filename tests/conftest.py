@@ -1,4 +1,5 @@
 import functools
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,14 @@ from helpers.models import convert_smollm2, smollm2_folder
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
 EXCERPT = REPO / "tests" / "data" / "wikitext-excerpt.txt"
+
+
+def pytest_configure(config):
+    # Under pytest-xdist (the README's `-n 2`) each worker runs one thread, its subprocesses too: two workers of two
+    # threads each on 2 cores would oversubscribe them (5-10x slower).
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
