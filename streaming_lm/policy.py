@@ -1,8 +1,7 @@
 """Eviction policies: which tokens a cache holds. The one place that decides what is visible, and the one
 registry of policies (``POLICIES``): what each one is and which parameters it takes.
 
-Two kinds (docs/policies.md; the team's definitions: shared/docs/eviction-policies.md and
-compression-methods.md):
+Two kinds (docs/policies.md, docs/methods.md):
 
 - **index-only** (``SinkWindow``): the held set is known from token indices alone;
 - **scored** (``ScoredPolicy``: TOVA, H2O, key-norm, user plug-ins): at an event the protected tokens

@@ -1,7 +1,7 @@
 """The math of the KV-cache compression methods the field compares, as pure tensor functions.
 
 Each function takes what an attention layer holds at an event (the tokens kept so far plus a segment's,
-shared/docs terms in docs/methods.md) and returns scores (low goes first) or keep-masks. Nothing here
+terms of docs/methods.md) and returns scores (low goes first) or keep-masks. Nothing here
 touches a model or a cache: the engine calls these at an event and applies the result.
 
 - ``ties``: the one tie rule (scores within ``TIE`` relative are tied, the oldest goes) and top-B keeping;

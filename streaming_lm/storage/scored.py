@@ -41,22 +41,30 @@ def compress(score: torch.Tensor, tokens: torch.Tensor, t: int, policy: ScoredPo
     the mask. (compression/ties.py ``evict_lowest`` does the single evictions in one sort per head.)"""
     masked = score.masked_fill(protected_tokens(tokens, t, policy.settings) | ~alive, float("inf"))
     count = int(alive[0].sum()) - capacity
-    if count > 0 and int(torch.isfinite(masked).sum(1).min()) < count:  # the settings' checks should prevent it
-        raise RuntimeError(f"an event must evict {count} tokens per head to reach the layer's budget of {capacity}, "
-                           f"but fewer are evictable: the tokens it never evicts (start_size, recent_size, the "
-                           f"policy's own) exceed the budget")
     if count == 1:  # evict_every=1: one argmin per head
+        victim = lowest_oldest(masked)
+        if bool(masked.gather(1, victim[:, None]).isinf().any()):
+            raise _not_evictable(count, capacity)
         alive = alive.clone()
-        alive[torch.arange(alive.shape[0], device=alive.device), lowest_oldest(masked)] = False
+        alive[torch.arange(alive.shape[0], device=alive.device), victim] = False
         return alive
+    if count > 0 and int(torch.isfinite(masked).sum(1).min()) < count:
+        raise _not_evictable(count, capacity)
     index = alive.nonzero()[:, 1].reshape(alive.shape[0], -1)  # each head's held columns, in token order
     kept = evict_lowest(masked.gather(1, index), max(count, 0))
     return torch.zeros_like(alive).scatter(1, index, kept)
 
 
+def _not_evictable(count: int, capacity: int) -> RuntimeError:
+    # The settings' checks (SnapKV.check_kept_always, ExpectedAttention.check_settings) should make it impossible.
+    return RuntimeError(f"an event must evict {count} tokens per head to reach the layer's budget of {capacity}, but "
+                        f"fewer are evictable: the tokens it never evicts (start_size, recent_size, the policy's own) "
+                        f"exceed the budget")
+
+
 def protected_tokens(tokens: torch.Tensor, t: int, settings) -> torch.Tensor:
     """bool, the shape of ``tokens`` (token indices): the tokens an event after step t never evicts, the first
-    ``start_size`` and the last ``recent_size`` read (shared/docs/eviction-policies.md; docs/policies.md)."""
+    ``start_size`` and the last ``recent_size`` read (docs/policies.md)."""
     return (tokens < settings.start_size) | (tokens > t - settings.recent_size)
 
 

@@ -48,14 +48,14 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
     columns_at = torch.arange(columns, device=key.device)
     a = 0  # the first row of the next block
     for r in _block_ends(policy, t0, q_len):
-        # Rows a..r in one softmax: between events nothing is evicted, so row i sees what ``alive`` marks plus the
-        # chunk's tokens a..i (causal). An accumulating policy scores every row: its blocks are single rows.
-        fresh = (columns_at[None, :] >= first + a) & (columns_at[None, :] <= first + torch.arange(
-            a, r + 1, device=key.device)[:, None])
-        seen = alive[:, None, :] | fresh[None]  # [kv_heads, rows, columns]
+        # Rows a..r in one softmax: between events nothing is evicted, so row i sees what ``alive`` marks up to
+        # its own token (causal). An accumulating policy scores every row: its blocks are single rows.
+        alive[:, first + a : first + r + 1] = True
+        seen = alive[:, None, :]  # [kv_heads, rows, columns]
+        if r > a:
+            seen = seen & (columns_at[None, :] <= first + torch.arange(a, r + 1, device=key.device)[:, None])
         weights[:, :, a : r + 1] = torch.softmax(logits[:, :, a : r + 1].masked_fill(~seen[:, None], float("-inf")),
                                                  dim=-1)
-        alive[:, first + a : first + r + 1] = True
         a = r + 1
         row = weights[:, :, r]
         event = policy.schedule.event_after(t0 + r)

@@ -1,4 +1,4 @@
-"""A deliberately naive reference for scored eviction policies (shared/docs/eviction-policies.md).
+"""A deliberately naive reference for scored eviction policies (docs/policies.md).
 
 Nothing here imports streaming_lm. Step t re-runs the model over the whole prefix x_0..x_t, with no cache, with an
 eager attention function written here: row t of layer l, head h attends exactly to the tokens that head held
@@ -26,7 +26,7 @@ NAME = "test_scored_reference"
 
 
 def pyramid(n: int, layers: int, budget: int, window: int, beta: float) -> list[int]:
-    """PyramidKV's per-layer budgets for a token budget (shared/docs/compression-methods.md), written again here."""
+    """PyramidKV's per-layer budgets for a token budget (docs/methods.md), written again here."""
     low = budget / beta
     high = 2 * budget - low
     if high >= n - window:
@@ -107,7 +107,7 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
         return min((key for key, value in cells.items() if value <= low + 1e-5 * abs(low)), key=order)
 
     def adaptive(by_head: dict, held_layer: list, t: int) -> None:
-        """AdaKV at an event (shared/docs/compression-methods.md): each head's int(C·alpha) best are safe, then the
+        """AdaKV at an event (docs/methods.md): each head's int(C·alpha) best are safe, then the
         lowest (head, token) cells of the layer go one at a time (ties: the older token, then the lower head)
         until the heads hold C per head."""
         if (t + 1) % evict_every or sum(len(tokens) for tokens, _ in by_head.values()) <= capacity * len(by_head):
