@@ -293,9 +293,12 @@ def test_plot_of_a_metric_against_compression_ratio_one_line_per_policy(tmp_path
                   "string_match_all")  # has no ratio: not on this plot
     results = compare.load_results_dir(tmp_path / "runs")
     lines = compare.plot_lines(results, "ruler_offline_vt", "string_match_all", "compression_ratio")
-    assert lines == {"S=4 shifted": list(zip((0.25, 0.5, 0.75), accuracy["sink_window"])),
-                     "knorm W=0 S=4 original": list(zip((0.25, 0.5, 0.75), accuracy["knorm"]))}
-    assert compare.plot_lines(results, "ruler_offline_vt", "string_match_all") == {"S=4 shifted": [(20, 0.3)]}
+    # Labels name what tells the lines apart (not the start size both have, nor the recent size the ratio sets).
+    assert lines == {"sink_window shifted": list(zip((0.25, 0.5, 0.75), accuracy["sink_window"])),
+                     "knorm original": list(zip((0.25, 0.5, 0.75), accuracy["knorm"]))}
+    # A line alone is labelled with its whole setting.
+    assert compare.plot_lines(results, "ruler_offline_vt", "string_match_all") == {
+        "sink_window W=16 S=4 shifted": [(20, 0.3)]}
 
     pytest.importorskip("matplotlib")
     refuse_evaluation(monkeypatch)

@@ -132,18 +132,33 @@ def x_value(result: Result, x: str):
 
 
 def plot_lines(results: list[Result], task: str, metric: str, x: str = "capacity") -> dict[str, list]:
-    """{label: [(x, value), ...]}: one line per setting other than x (policy, start size, positions, ...)."""
-    lines: dict[str, list] = {}
+    """{label: [(x, value), ...]}: one line per setting other than x (policy, start size, positions, ...). A label
+    names what tells its line from the others (all of its setting when it is the only line)."""
+    runs = []
     for r in sorted((r for r in results if r.model != BASELINE and x_value(r, x) is not None), key=plot_key):
         value = dict(((t, m), v) for t, m, v in metrics(r.data)).get((task, metric))
         if value is not None:
-            s = r.stream
-            label = "" if knob(s, "policy") == settings_mod.DEFAULT_POLICY else f"{knob(s, 'policy')} W={knob(s, 'recent_size')} "
-            label += f"S={knob(s, 'start_size')} {knob(s, 'positions')}"
-            label += f" {s['method']}" if s.get("method") else ""
-            label += "".join(f" {k}={v}" for k, v in other_knobs(s).items())  # e.g. one line per stride
-            lines.setdefault(label, []).append((x_value(r, x), value))
+            runs.append((line_parts(r.stream, x), x_value(r, x), value))
+    common = {k for k in runs[0][0] if all(parts.get(k) == runs[0][0][k] for parts, _, _ in runs)} if runs else set()
+    lines: dict[str, list] = {}
+    for parts, at, value in runs:
+        shown = parts if len({tuple(p.items()) for p, _, _ in runs}) == 1 else \
+            {k: v for k, v in parts.items() if k not in common}
+        label = " ".join(str(v) if k in ("policy", "positions", "method") else f"{k}={v}" for k, v in shown.items())
+        lines.setdefault(label, []).append((at, value))
     return {label: sorted(points) for label, points in lines.items()}
+
+
+def line_parts(stream: dict, x: str) -> dict:
+    """What sets a plotted run apart, in label order: its policy, recent size (unless x is the ratio that sets it),
+    start size, positions, method and any other knob or policy parameter (e.g. one line per stride)."""
+    parts = {"policy": knob(stream, "policy")}
+    if x != "compression_ratio":
+        parts["W"] = knob(stream, "recent_size")
+    parts |= {"S": knob(stream, "start_size"), "positions": knob(stream, "positions")}
+    if stream.get("method"):
+        parts["method"] = stream["method"]
+    return parts | other_knobs(stream)
 
 
 def write_plot(path: Path, results: list[Result], metric: str | None = None, x: str = "capacity") -> bool:
@@ -162,13 +177,13 @@ def write_plot(path: Path, results: list[Result], metric: str | None = None, x: 
         say(f"comparison.png: runs without a {x} are left out of the plot")
     ncols = min(3, len(tasks)) or 1
     nrows = math.ceil(len(tasks) / ncols) or 1
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.8 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(7.5 * ncols, 3.8 * nrows), squeeze=False)  # legends at the right
     for ax, task in zip(axes.flat, tasks):
         shown_metric = metric or main_metric(results, task)
         lines = plot_lines(results, task, shown_metric, x)
         for label, points in lines.items():
             # original-position lines dotted: with start_size=0 they coincide with the shifted ones.
-            style = dict(marker="s", linestyle=":") if "original" in label else dict(marker="o")
+            style = dict(marker="s", linestyle=":") if "original" in label.split() else dict(marker="o")
             ax.plot(*zip(*points), label=label, **style)
         shown = [v for points in lines.values() for _, v in points]
         for r in results:
@@ -180,11 +195,11 @@ def write_plot(path: Path, results: list[Result], metric: str | None = None, x: 
         ax.set(title=task, xlabel=PLOT_X[x], ylabel=shown_metric)
         if shown and min(shown) > 0 and max(shown) > 10 * min(shown):
             ax.set_yscale("log")  # without sinks perplexity can grow by orders of magnitude
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     for ax in list(axes.flat)[len(tasks):]:
         ax.set_visible(False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
 
