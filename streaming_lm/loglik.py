@@ -43,6 +43,8 @@ def check_evicted(n_tokens: int, evicted: int, settings: StreamingSettings) -> N
     read = n_tokens - 1
     if settings.once:  # one event per request, placed by the request walk; ContextStream.compress keeps the count
         return
+    if settings.keys_attended is None:  # duo: its pattern, not C, sizes its streaming heads (bound at stream open)
+        return
     if settings.schedule.last_event(read) > settings.capacity and evicted == 0:
         raise NoEvictionError(
             f"a stream of {n_tokens} tokens passed a cache of {settings.capacity} tokens without a single "

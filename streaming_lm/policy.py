@@ -88,6 +88,9 @@ class Policy:
     name: ClassVar[str]
     params: ClassVar[tuple[Param, ...]] = ()
     index_only: ClassVar[bool]
+    # An index-only policy whose key/value heads hold different tokens (DuoAttention): evict_every=K runs it on the
+    # scored storage's padded layout (storage/scored.py), one event rule per head (``event_keep``).
+    holds_by_head: ClassVar[bool] = False
     # method -> the position modes in which that path serves the policy exactly
     paths: ClassVar[dict[str, tuple[str, ...]]]
     default_positions: ClassVar[str]
@@ -533,6 +536,9 @@ class Duo(Policy):
     """
 
     name = "duo"
+    holds_by_head = True
+    # What the scored storage asks of a policy (storage/scored.py): duo reads neither attention nor queries.
+    needs_attention = needs_queries = needs_step = accumulate = adaptive_heads = False
     params = (Param("pattern", str, "", "a folder in DuoAttention's format (config.json with sink_size and "
                     "recent_size; full_attention_heads.tsv, one row per layer, one column per key/value head)",
                     check=_duo_pattern),
@@ -549,9 +555,6 @@ class Duo(Policy):
         if not settings.policy_params["pattern"]:
             raise ValueError(f"policy=duo needs pattern=<folder>: {FORMAT}. No pattern ships with a model no one "
                              f"measured; DuoAttention publishes patterns for the models it trained")
-        if not settings.once:
-            raise ValueError("policy=duo runs with evict_every=context (its streaming heads are applied once, after "
-                             "the context); evict_every=K is not served yet")
         if settings.compression_ratio is not None:
             raise ValueError("policy=duo sizes its heads by the pattern and head_compression_ratio; compression_ratio "
                              f"does not apply (got compression_ratio={settings.compression_ratio})")
@@ -570,6 +573,14 @@ class Duo(Policy):
         from .compression.duo import duo_keep
 
         return duo_keep(keys.shape[1], self.streaming[layer], self.sink_size, self.recent_size).to(keys.device)
+
+    def event_keep(self, layer: int, alive: torch.Tensor) -> torch.Tensor:
+        """evict_every=K: bool [kv_heads, K], what layer ``layer``'s heads keep at an event of the held columns
+        ``alive`` marks (each head's in token order): a streaming head its first ``sink_size`` and last
+        ``recent_size``, a retrieval head everything."""
+        from .compression.duo import duo_held_keep
+
+        return duo_held_keep(alive, self.streaming[layer], self.sink_size, self.recent_size)
 
 
 

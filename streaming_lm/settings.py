@@ -111,9 +111,12 @@ class StreamingSettings:
     @property
     def keys_attended(self) -> int | None:
         """The most keys one step attends to: ``C + K`` (what a layer kept at the last event plus the segment so far;
-        ``C + 1`` with ``evict_every=1``), so shifted positions reach ``C + K - 1``. None under ``evict_every=context``:
-        the prefill is read whole, as long as the context."""
-        return None if self.once else self.capacity + self.schedule.extra_slots()
+        ``C + 1`` with ``evict_every=1``), so shifted positions reach ``C + K - 1``. None under ``evict_every=context``
+        (the prefill is read whole, as long as the context) and for a policy some of whose heads keep every token
+        (duo's retrieval heads)."""
+        if self.once or _policy_class(self.policy).holds_by_head:
+            return None
+        return self.capacity + self.schedule.extra_slots()
 
     @property
     def once(self) -> bool:

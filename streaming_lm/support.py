@@ -219,7 +219,8 @@ def check_model_supported(model, settings: StreamingSettings | None = None, trus
             if settings is None:
                 why = "the cache settings were not given, so C is unknown"
             elif attended is None:
-                why = "evict_every=context reads each prefill whole"
+                why = "evict_every=context reads each prefill whole" if settings.once else \
+                    f"policy={settings.policy} keeps every token in some heads"
             else:
                 every = settings.evict_every
                 why = f"here C = {settings.capacity}" + (f", evict_every = {every}" if every > 1 else "") + \
@@ -244,7 +245,7 @@ def check_model_supported(model, settings: StreamingSettings | None = None, trus
         if SUPPORTED_ARCHITECTURES[config.model_type] != ABSOLUTE:
             raise NotImplementedError(f"{config.model_type}: no rotary embedding found; supported: {supported_list()}")
         limit = getattr(text, "max_position_embeddings", None)
-        reach = None if settings is None or settings.once else settings.keys_attended - 1
+        reach = None if settings is None or settings.keys_attended is None else settings.keys_attended - 1
         if reach is not None and limit is not None and reach >= limit:
             extra = " + evict_every - 1" if settings.evict_every > 1 else ""
             raise NotImplementedError(

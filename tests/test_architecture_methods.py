@@ -344,3 +344,22 @@ def test_mpt_bias_table_holds_the_keys_between_events():
     setting = resolve(start_size=3, recent_size=9, evict_every=6, positions="shifted", method="token")
     with pytest.raises(NotImplementedError, match="evict_every"):
         check_model_supported(mpt, setting)
+
+
+@pytest.mark.parametrize("name", sorted(ROTARY))
+def test_token_loop_types_refuse_duo_every_k(models, name, tmp_path):
+    """duo every K tokens holds different tokens in different heads; Falcon's own attention code cannot mask the
+    padding of the heads holding fewer, so the stream refuses when it opens (evict_every=context serves it)."""
+    from streaming_lm.forward_args import num_decoder_layers
+
+    model = models[name]
+    text = model.config.get_text_config(decoder=True)
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads  # as Duo.bind counts them
+    (tmp_path / "config.json").write_text('{"sink_size": 1, "recent_size": 2}')
+    rows = ["\t".join(["0.5"] * kv_heads)] * num_decoder_layers(model)
+    (tmp_path / "full_attention_heads.tsv").write_text("\n".join(rows))
+    setting = resolve(policy="duo", policy_params={"pattern": str(tmp_path)}, evict_every=2, positions="original",
+                      method="token")
+    with pytest.raises(ValueError, match=rf"policy=duo holds different tokens in different heads, which "
+                                         rf"{type(model).__name__}'s own attention code cannot mask"):
+        score(model, torch.arange(3, 3 + N), setting, find_rotary(model))

@@ -79,6 +79,12 @@ def duo_keep(n: int, streaming: torch.Tensor, sink_size: int, recent_size: int) 
     """bool [kv_heads, n]: a streaming head (``streaming`` bool [kv_heads], one layer's) keeps the first
     ``sink_size`` and the last ``recent_size`` of its ``n`` held tokens; every other head keeps all."""
     check_int("n", n, 0)
-    index = torch.arange(n)
-    window = (index < sink_size) | (index >= n - recent_size)
-    return window[None, :] | ~streaming.bool()[:, None]
+    return duo_held_keep(torch.ones((streaming.numel(), n), dtype=torch.bool), streaming, sink_size, recent_size)
+
+
+def duo_held_keep(alive: torch.Tensor, streaming: torch.Tensor, sink_size: int, recent_size: int) -> torch.Tensor:
+    """``duo_keep`` when heads hold different tokens: of the columns ``alive`` marks (bool [kv_heads, K], each head's
+    held tokens in token order), a streaming head keeps its first ``sink_size`` and last ``recent_size``."""
+    rank = alive.long().cumsum(1) - 1  # a column's place among its head's held tokens
+    window = (rank < sink_size) | (rank >= alive.sum(1, keepdim=True) - recent_size)
+    return alive & (window | ~streaming.bool().to(alive.device)[:, None])

@@ -138,7 +138,7 @@ class ScoredDynamicLayer(DynamicLayer):
         self.policy, self.shift = policy, shift
         self.rows = rows  # the chunked path decides row by row in its attention function (keep)
         self.seen = 0  # tokens read into this layer: the token of this step is seen - 1
-        self.evicted = 0
+        self.evicted, self.evicted_cells = 0, 0  # per head, and (head, token) cells in all
         self.tokens: torch.Tensor | None = None  # long [kv_heads, K]: the token held in each slot
         self.totals: torch.Tensor | None = None  # float32 [kv_heads, K]: accumulated scores (accumulate)
         # float32 [query_heads, s, head_dim]: the queries read since the last event (needs_queries)
@@ -168,7 +168,7 @@ class ScoredDynamicLayer(DynamicLayer):
             zero = torch.zeros((heads, count), dtype=torch.float32, device=keys.device)
             self.totals = zero if self.totals is None else torch.cat((self.totals, zero), dim=1)
         self.seen += count
-        if not self.policy.needs_attention and not self.policy.needs_queries and not self.rows:
+        if not (self.policy.needs_attention or self.policy.needs_queries or self.policy.holds_by_head or self.rows):
             self.after_attention(None)  # the score reads keys only: decide now, attention sees all C + 1
         return keys, values
 
@@ -180,9 +180,13 @@ class ScoredDynamicLayer(DynamicLayer):
         event = policy.schedule.event_after(t)
         if event:
             self.queries = None  # the next segment starts empty
-        capacity = self.capacity(t + 1)
         alive = torch.ones(self.tokens.shape, dtype=torch.bool, device=self.tokens.device) if self.dead is None \
             else ~self.dead
+        if policy.holds_by_head:  # an index rule per head (duo)
+            if event:
+                self.keep(policy.event_keep(self.index, alive))
+            return
+        capacity = self.capacity(t + 1) if event else 0  # a budget is asked for at events only (pyramid)
         over = event and int(alive.sum()) > capacity * alive.shape[0]
         if not policy.accumulate and not over:
             return
@@ -216,7 +220,8 @@ class ScoredDynamicLayer(DynamicLayer):
             # Shifted: positions are slots, so every key moves back by the evictions before it.
             moved = keep - torch.arange(keep.shape[1], device=keep.device)[None, :]
             keys = torch.where((moved > 0)[None, :, :, None], self.shift.rotate(keys, -moved), keys)
-        self.evicted += (held_before - int(counts.sum())) // alive.shape[0]  # per head (on average, AdaKV)
+        self.evicted_cells += held_before - int(counts.sum())
+        self.evicted = self.evicted_cells // alive.shape[0]  # per head (on average: AdaKV, duo)
         self.dead = dead
         self.keys = keys
         self.values = gather_columns(self.values, keep)
@@ -239,5 +244,7 @@ class ScoredDynamicCache(KVAccounting, Cache):
     @property
     def evicted_tokens(self) -> int:
         """Tokens evicted so far per head of the first layer (the same at every layer and head unless budgets
-        differ by layer)."""
+        differ by layer); duo: of the layer that evicted most (its first layers may hold only retrieval heads)."""
+        if self.policy.holds_by_head:
+            return max(layer.evicted for layer in self.layers)
         return self.layers[0].evicted

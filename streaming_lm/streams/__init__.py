@@ -40,8 +40,9 @@ def open_stream(model, settings: StreamingSettings | None, shift: RotaryShift | 
     if settings.once:
         return ContextStream(model, settings, shift, batch_size)
     path = PATHS[settings.method]
-    if path is ChunkedStream and not policy_class(settings.policy).index_only:
-        path = ScoredChunkedStream  # the chunked path of scored policies decides row by row
+    cls = policy_class(settings.policy)
+    if path is ChunkedStream and (not cls.index_only or cls.holds_by_head):
+        path = ScoredChunkedStream  # scored policies (and heads holding different tokens) decide row by row
     return path(model, settings, shift, batch_size)
 
 

@@ -42,8 +42,8 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
     weights = torch.empty_like(logits)
     t0 = layer.seen - q_len
     # A score that reads neither attention nor history (key-norm) is the same for every row: once per chunk.
-    fixed = None if policy.needs_attention or policy.needs_queries or policy.accumulate else \
-        step_scores(policy, key[0], value[0], None, None, kv_heads)
+    fixed = None if policy.needs_attention or policy.needs_queries or policy.accumulate or policy.holds_by_head \
+        else step_scores(policy, key[0], value[0], None, None, kv_heads)
     segment = 0  # the first row of this chunk in the current segment (earlier rows: layer.queries)
     columns_at = torch.arange(columns, device=key.device)
     a = 0  # the first row of the next block
@@ -59,8 +59,12 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
         a = r + 1
         row = weights[:, :, r]
         event = policy.schedule.event_after(t0 + r)
-        capacity = layer.capacity(t0 + r + 1) if event else None  # a budget is asked for at events only (pyramid)
-        over = event and int(alive.sum()) > capacity * kv_heads
+        if policy.holds_by_head:  # an index rule per head (duo)
+            alive = policy.event_keep(layer.index, alive) if event else alive
+            over = False
+        else:
+            capacity = layer.capacity(t0 + r + 1) if event else None  # asked for at events only (pyramid)
+            over = event and int(alive.sum()) > capacity * kv_heads
         if policy.accumulate or over:
             attention = row.reshape(heads, columns) if policy.needs_attention else None
             queries = None

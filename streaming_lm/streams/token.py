@@ -25,8 +25,14 @@ class TokenStream(EvictingStream):
         super().__init__(model, settings, shift)
         # A policy that scores by attention gets this step's weights from our attention function, or, where
         # attention runs in model code, from the weights the model returns.
-        weights = not self.policy.index_only and (self.policy.needs_attention or self.policy.needs_queries)
+        # Heads holding different tokens (duo) need it too: it masks the padding of the heads holding fewer.
+        weights = self.policy.holds_by_head or not self.policy.index_only and (self.policy.needs_attention or
+                                                                              self.policy.needs_queries)
         self._returned = weights and weights_from_outputs(model)
+        if self._returned and self.policy.holds_by_head:
+            raise ValueError(f"policy={settings.policy} holds different tokens in different heads, which "
+                             f"{type(model).__name__}'s own attention code cannot mask; use evict_every=context or "
+                             f"another policy")
         if self._returned and self.policy.needs_queries:
             raise ValueError(
                 f"policy={settings.policy} scores with the queries of each segment, which {type(model).__name__}'s "
@@ -42,7 +48,8 @@ class TokenStream(EvictingStream):
     def new_cache(self):
         # Original positions keep every key's phase; only shifted slots need re-rotation on eviction.
         rotate = self.shift if self.settings.positions == "shifted" else None
-        storage = EvictingDynamicCache if self.policy.index_only else ScoredDynamicCache
+        storage = EvictingDynamicCache if self.policy.index_only and not self.policy.holds_by_head else \
+            ScoredDynamicCache
         return storage(num_decoder_layers(self.model), self.policy, rotate)
 
     def read_passes(self, ids, last_only: bool = False):

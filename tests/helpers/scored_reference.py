@@ -50,7 +50,8 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
                     positions: str, evict_every: int = 1, params: dict | None = None,
                     rotate: Callable | None = None, trace: list | None = None,
                     snapkv_votes: str = "kvpress") -> torch.Tensor:
-    """``params``: the policy's own (snapkv: ``window_size``, ``kernel_size``). ``rotate(x, delta, layer)``
+    """``params``: the policy's own (snapkv: ``window_size``, ``kernel_size``; duo: ``streaming`` [layers][heads] of
+    bools, ``sink_size``, ``recent_size``: the pattern read by hand). ``rotate(x, delta, layer)``
     (shifted positions): head vectors ``x`` [..., seq, dim] of decoder layer ``layer`` moved by per-position
     deltas [seq]; by default a rotate_half RoPE over the whole head with ``model.model.rotary_emb.inv_freq``
     (the Llama layout). A model whose keys carry no rotation (learned absolute positions) passes the identity.
@@ -146,6 +147,12 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
                 for h in range(kv_heads):
                     tokens = visible[(layer, h, t)]
                     weights, keys = rows[h]
+                    if policy == "duo":  # a streaming head keeps its first sink_size and last recent_size held
+                        if params["streaming"][layer][h] and (t + 1) % evict_every == 0:
+                            sink, window = params["sink_size"], params["recent_size"]
+                            tokens = tokens[:sink] + tokens[max(sink, len(tokens) - window):]
+                        held[layer][h] = tokens
+                        continue
                     if policy == "h2o":
                         total = totals.setdefault((layer, h), {})
                         for i, j in enumerate(tokens):
