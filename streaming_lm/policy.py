@@ -243,6 +243,9 @@ class ScoredPolicy(Policy):
     needs_queries = False
     needs_step = False
     accumulate = False
+    # Whether check_settings proves that an event can always reach the budget (what it never evicts fits in C): the
+    # built-ins' checks do; a plug-in's infinite scores are checked at every event (storage/scored.compress).
+    reaches_budget = False
     # evict_every=context: the last token of the prefill always stays (kvpress's TOVAPress)
     keeps_last_once = False
 
@@ -281,6 +284,7 @@ class TOVA(ScoredPolicy):
     """
 
     name = "tova"
+    reaches_budget = True
     paths = {"token": BOTH, "chunked": ("original",)}
     keeps_last_once = True
 
@@ -296,6 +300,7 @@ class H2O(ScoredPolicy):
     """
 
     name = "h2o"
+    reaches_budget = True
     paths = {"token": BOTH, "chunked": ("original",)}
     accumulate = True
 
@@ -312,6 +317,7 @@ class KeyNorm(ScoredPolicy):
     """
 
     name = "knorm"
+    reaches_budget = True
     paths = {"token": BOTH, "chunked": ("original",)}
     needs_attention = False
 
@@ -391,6 +397,7 @@ class SnapKV(ScoredPolicy):
     """
 
     name = "snapkv"
+    reaches_budget = True
     params = (Param("window_size", int, 64, "the observation window: the segment's last queries that score",
                     minimum=1),
               Param("kernel_size", int, 5, "average pooling of the scores over neighbouring keys (odd)", minimum=1,
@@ -466,6 +473,7 @@ class ExpectedAttention(ScoredPolicy):
     """
 
     name = "expected_attention"
+    reaches_budget = True
     params = (Param("n_future_positions", int, 512, "future positions the query statistics are rotated over",
                     minimum=1),
               Param("n_sink", int, 4, "first tokens kept and left out of the query statistics", minimum=0),

@@ -308,3 +308,16 @@ def test_a_parameter_is_parsed_as_its_kind(param, given, expected):
             param.parse(given)
     else:
         assert param.parse(given) == expected and type(param.parse(given)) is param.kind
+
+
+@pytest.mark.parametrize("method, every", [("token", 1), ("chunked", 1), ("chunked", 3)])
+def test_an_event_that_cannot_reach_the_budget_raises(method, every):
+    """A plug-in that keeps more tokens than C (infinite scores) makes an event unable to evict down to C: the
+    storage raises instead of keeping more (built-in policies are refused before that by their settings checks)."""
+    model = tiny_llama()
+    setting = resolve(policy="helpers.policies:Keeper", policy_params={"keep": 6}, start_size=0, recent_size=0,
+                      heavy_size=4, evict_every=every, positions="original", method=method)
+    with pytest.raises(RuntimeError, match="fewer are evictable: the tokens it never evicts"):
+        score(model, torch.arange(3, 20), setting, find_rotary(model))
+    fits = dataclasses.replace(setting, policy_params={"keep": 2})
+    assert score(model, torch.arange(3, 20), fits, find_rotary(model)).evicted > 0

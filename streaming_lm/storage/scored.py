@@ -43,7 +43,7 @@ def compress(score: torch.Tensor, tokens: torch.Tensor, t: int, policy: ScoredPo
     count = int(alive[0].sum()) - capacity
     if count == 1:  # evict_every=1: one argmin per head
         victim = lowest_oldest(masked)
-        if bool(masked.gather(1, victim[:, None]).isinf().any()):
+        if not policy.reaches_budget and bool(masked.gather(1, victim[:, None]).isinf().any()):
             raise _not_evictable(count, capacity)
         alive = alive.clone()
         alive[torch.arange(alive.shape[0], device=alive.device), victim] = False

@@ -87,3 +87,18 @@ CASES = [
     pytest.param("snapkv", {"window_size": 2, "kernel_size": 3, "layer_budgets": "pyramid", "beta": 2.0}, (0, 0, 8),
                  5, id="pyramidkv-K5"),
 ]
+
+
+class Keeper(ScoredPolicy):
+    """Never lets its last ``keep`` tokens go (score +inf), as a method that keeps a window would: with ``keep`` above
+    the budget an event cannot reach it, and the storage must say so rather than hold more."""
+
+    name = "keeper"
+    needs_attention = False
+    paths = {"token": ("shifted", "original"), "chunked": ("original",)}
+    params = (Param("keep", int, 4, "tokens at the end that always stay", minimum=0),)
+
+    def score(self, keys, values, attention):
+        score = torch.zeros(keys.shape[1])
+        score[max(keys.shape[1] - self.keep, 0):] = float("inf")
+        return score
