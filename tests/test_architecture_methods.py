@@ -32,6 +32,7 @@ import torch
 import transformers
 from helpers.reference import dense_logprobs, original_positions_logprobs
 from helpers.scored_reference import scored_logprobs
+from helpers.stepping import stepped
 from test_architectures import ARCHITECTURES as ARCHITECTURE_CONFIGS
 from test_architectures import _decoder, arch, build, model  # noqa: F401 (fixtures: the tiny model of every type)
 from test_token_loop_architectures import ARCHITECTURES as TOKEN_LOOP_TYPES
@@ -166,26 +167,6 @@ def test_snapkv_votes_with_kvpress_scale_not_the_model_s(name, ids):
     assert (got.logprobs - by_model).abs().max() > 1e-2
 
 
-def head_counts(stream) -> list[list[int]]:
-    """Per layer, the tokens each key/value head holds now (heads holding fewer are padded with dead slots)."""
-    counts = []
-    for layer in stream.cache.layers:
-        held = torch.full((layer.tokens.shape[0],), layer.tokens.shape[1])
-        counts.append((held if layer.dead is None else held - layer.dead.sum(1)).tolist())
-    return counts
-
-
-def stepped(model, ids, setting):
-    """The token loop one step at a time: log-probs, and after every step each head's count (``head_counts``)."""
-    stream = open_stream(model, setting, find_rotary(model))
-    logits, counts = [], []
-    for token in ids[:-1].tolist():
-        logits.append(stream.step(token))
-        counts.append(head_counts(stream))
-    assert stream.evicted == EVICTED  # per head on average
-    return torch.log_softmax(torch.stack(logits), -1).gather(-1, ids[1:, None])[:, 0], counts
-
-
 def check_head_budgets(counts) -> None:
     """The heads' budgets did differ somewhere, and at every event the heads of a layer kept C on average."""
     assert any(len(set(heads)) > 1 for step in counts for heads in step)
@@ -198,7 +179,8 @@ def test_adakv_token_loop_equals_the_naive_loop(arch, model, ids, dense):
     setting = settings(ADAKV, "original")
     if refused(arch, model, ids, setting):
         return
-    got, counts = stepped(model, ids, setting)
+    got, counts, evicted = stepped(model, ids, setting)
+    assert evicted == EVICTED  # per head on average
     trace = []
     expected = scored_logprobs(model, ids, "snapkv", *BUDGETS, "original", evict_every=EVERY, params=ADAKV,
                                trace=trace)
@@ -231,7 +213,8 @@ def test_adakv_on_expected_attention_where_one_rope_serves_it(arch, model, ids, 
         return
     if refused(arch, model, ids, setting):
         return
-    got, counts = stepped(model, ids, setting)
+    got, counts, evicted = stepped(model, ids, setting)
+    assert evicted == EVICTED  # per head on average
     check_head_budgets(counts)
     assert (got - dense).abs().max() > 1e-2
     short = ids[:SHORT]

@@ -22,6 +22,7 @@ import torch
 from helpers.models import tiny_llama
 from helpers.reference import dense_logprobs
 from helpers.scored_reference import scored_logprobs
+from helpers.stepping import stepped
 
 from streaming_lm.rolling import score
 from streaming_lm.rotary import find_rotary
@@ -50,19 +51,6 @@ def ids():
 def settings(every, method="token", ratio=0.5, chunk_size=5):
     return resolve(policy="duo", policy_params={"pattern": str(PATTERN), "head_compression_ratio": ratio},
                    evict_every=every, positions="original", method=method, chunk_size=chunk_size)
-
-
-def head_counts(stream) -> list[list[int]]:
-    return [layer.held_per_head().tolist() for layer in stream.cache.layers]
-
-
-def stepped(model, ids, setting):
-    stream = open_stream(model, setting, find_rotary(model))
-    logits, counts = [], []
-    for token in ids[:-1].tolist():
-        logits.append(stream.step(token))
-        counts.append(head_counts(stream))
-    return torch.log_softmax(torch.stack(logits), -1).gather(-1, ids[1:, None])[:, 0], counts, stream.evicted
 
 
 @pytest.mark.parametrize("every", [1, 3, 4])

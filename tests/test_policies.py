@@ -310,11 +310,16 @@ def test_a_parameter_is_parsed_as_its_kind(param, given, expected):
         assert param.parse(given) == expected and type(param.parse(given)) is param.kind
 
 
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama()
+
+
 @pytest.mark.parametrize("method, every", [("token", 1), ("chunked", 1), ("chunked", 3)])
-def test_an_event_that_cannot_reach_the_budget_raises(method, every):
+def test_an_event_that_cannot_reach_the_budget_raises(llama, method, every):
     """A plug-in that keeps more tokens than C (infinite scores) makes an event unable to evict down to C: the
     storage raises instead of keeping more (built-in policies are refused before that by their settings checks)."""
-    model = tiny_llama()
+    model = llama
     setting = resolve(policy="helpers.policies:Keeper", policy_params={"keep": 6}, start_size=0, recent_size=0,
                       heavy_size=4, evict_every=every, positions="original", method=method)
     with pytest.raises(RuntimeError, match="fewer are evictable: the tokens it never evicts"):
