@@ -7,6 +7,7 @@ and leaves loading, tokenisation and everything else to ``HFLM``.
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import inspect
 import logging
@@ -49,6 +50,14 @@ def _refuse_misspelt_args(kwargs: dict) -> None:
             )
 
 
+def _leave_process_group() -> None:
+    """At exit, while the interpreter is still whole: lm-eval never destroys the process group, and gloo's worker
+    threads torn down during interpreter finalisation abort the process (SIGABRT, "terminate called without an
+    active exception"; pytorch issue 190489), now and then, after the results were written."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 class StreamingHFLM(HFLM):
     """``HFLM`` whose every request type is computed through a bounded streaming cache.
 
@@ -81,6 +90,8 @@ class StreamingHFLM(HFLM):
             # HFLM splits requests across `accelerate launch` processes only with 2+ GPUs; on CPU
             # (or one GPU) every process would score every request. Split them as on GPUs.
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+        if accelerator is not None and accelerator.num_processes > 1:
+            atexit.register(_leave_process_group)
         if self._streaming_args["compression_ratio"] is not None:
             self.streaming = settings_mod.resolve(**self._streaming_args, max_length=self.max_length)
         # A type no chunked path serves reads with the token loop by default (same numbers), and says so.

@@ -187,6 +187,8 @@ def find_rotary(model) -> RotaryShift | LayerShifts | None:
     """
     # dynamic/longrope rewrite inv_freq in place past their limit and restore it below: read the frequencies of
     # positions below it, which check_rotary_reach keeps every path to.
+    if getattr(model.config, "alibi", False):  # falcon-rw: it builds a rotary module and never applies it (ALiBi)
+        return None
     changing = bool(rope_types(model.config) & set(SEQUENCE_DEPENDENT_ROPE))
     named = {
         name.replace("original_inv_freq", "inv_freq"): buf

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 
+from .streams.attention import attention_reach
 from .rotary import SEQUENCE_DEPENDENT_ROPE, RotaryShift, find_rotary, rope_types, rotary_position_limit, rotary_table
 from .rolling import score
 from .settings import StreamingSettings
@@ -26,8 +27,12 @@ ALL_PATHS = ("token", "chunked", "decode", "recompute")
 # (and its steps, which generate_until decodes with) and the cache-free recompute windows serve it; the
 # chunked path's attention function and the decode slots' order-free keys cannot.
 TOKEN_LOOP_PATHS = ("token", "recompute")
-TOKEN_LOOP_STATUS = ("the default `method` falls back to it, `generate_until` steps through it; every policy: `tova`, "
-                     "`h2o` read the weights the model returns with `output_attentions`")
+TOKEN_LOOP_STATUS = ("the default `method` falls back to it, `generate_until` steps through it; `tova`, `h2o` read the "
+                     "weights its eager attention returns with `output_attentions`")
+# The versions the registry's rows were last proven on (tests/test_architectures.py,
+# tests/test_token_loop_architectures.py; constraints.txt pins them). Which paths serve a loaded model is decided
+# by what it does (``serving_paths``: the probe), not by the version.
+PROVEN_ON = "transformers 5.25.0, torch 2.13.0"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,18 +44,23 @@ class Architecture:
     positions: str  # the README's longer account of it
     modes: str  # what shifted / original mean there
     status: str
-    paths: tuple[str, ...] = ALL_PATHS  # the paths that serve it (tested per path)
+    paths: tuple[str, ...] = ALL_PATHS  # the paths proven for it (tested per path); the probe may serve fewer
     own_attention: str = ""  # where attention runs, if in model code: why no chunked path serves it
-    refused_variant: Callable | None = None  # config -> reason a released variant of the type is refused, or None
+    variant: Callable | None = None  # config -> the row of a released variant that streams differently, or None
     max_keys: str = ""  # the config field, where set, bounding the keys one step attends to (a bias table's length)
 
 
-def _falcon_variant(config) -> str | None:
-    if getattr(config, "alibi", False):
-        return ("falcon with alibi=True (the RefinedWeb models, falcon-rw-1b/7b): transformers' Falcon adds that bias "
-                "once in its SDPA attention and twice in its eager one (their logits differ), so there is no one model "
-                "to stream exactly; Falcon with RoPE (alibi=False: falcon-7b, -40b, -180b) is supported")
-    return None
+def _falcon_variant(config) -> Architecture | None:
+    return FALCON_ALIBI if getattr(config, "alibi", False) else None
+
+
+# falcon-rw (alibi=True): FalconModel adds the bias to the attention mask it builds, by the key's slot in the cache.
+FALCON_ALIBI = Architecture(
+    ("falcon",), ALIBI, "ALiBi (`alibi=True`: falcon-rw-1b/7b), added to the mask FalconModel builds",
+    "`shifted`: the bias by slot distance, as for `mpt`, `bloom`; `original` refused",
+    f"falcon-rw: supported on the token loop with `positions=shifted` ({TOKEN_LOOP_STATUS})", TOKEN_LOOP_PATHS,
+    "falcon-rw adds ALiBi to the attention mask FalconModel builds, by the key's index in the cache, which the chunked "
+    "path's per-query visible sets would replace")
 
 
 ARCHITECTURES = (
@@ -66,8 +76,8 @@ ARCHITECTURES = (
                  "as above; the non-rotary tail of each head is never moved",
                  "supported; `longrope` only while its frequencies are fixed: `C + max(chunk_size, 256) < "
                  "original_max_position_embeddings`, and `original` for streams of at most that many tokens"),
-    Architecture(("gpt_neox", "phi"), "partial RoPE", "partial RoPE (`rotary_pct`, `partial_rotary_factor`)",
-                 "as above", "supported"),
+    Architecture(("gpt_neox", "phi", "stablelm"), "partial RoPE", "partial RoPE (`rotary_pct`, "
+                 "`partial_rotary_factor`)", "as above", "supported"),
     Architecture(("gemma2",), "RoPE", "RoPE; sliding/full layers, attention soft-capping",
                  "as above; the soft-cap is applied in the chunked attention too",
                  "supported if `sliding_window ≥ C + evict_every`"),
@@ -98,11 +108,9 @@ ARCHITECTURES = (
     # The StreamingLLM paper's own models: attention in model code that reads the cache it is given.
     Architecture(("falcon",), "RoPE", "RoPE; `new_decoder_architecture` (40B/180B: grouped keys/values) or "
                  "multi-query with `parallel_attn` (7B)", "as above",
-                 f"supported on the token loop ({TOKEN_LOOP_STATUS}); `alibi=True` (falcon-rw) refused: "
-                 "transformers' eager and SDPA attention add that bias differently", TOKEN_LOOP_PATHS,
-                 "its attention runs inside FalconAttention (SDPA or eager), not through transformers' attention "
-                 "interface, so the chunked path cannot give each query its visible keys and sink rotation",
-                 _falcon_variant),
+                 "supported on every path where its attention runs through transformers' attention interface "
+                 f"(transformers 5.25; probed at load), else on the token loop ({TOKEN_LOOP_STATUS}); `alibi=True` "
+                 "(falcon-rw): its own row (ALiBi)", variant=_falcon_variant),
     Architecture(("mpt", "bloom"), ALIBI, "ALiBi: attention biased by the key's distance in cache slots",
                  "`shifted`: the bias by slot distance, sink `j` at `min(t, C) − j` (the paper's setting for ALiBi); "
                  "`original` refused (text distances cannot reach the model's bias)",
@@ -113,6 +121,7 @@ ARCHITECTURES = (
                  max_keys="max_seq_len"),  # mpt's bias table; bloom builds its bias for any length
 )
 ARCHITECTURE_OF = {name: arch for arch in ARCHITECTURES for name in arch.model_types}
+VARIANTS = (FALCON_ALIBI,)  # rows reached through a type's ``variant``
 SUPPORTED_ARCHITECTURES = {name: arch.scheme for arch in ARCHITECTURES for name in arch.model_types}
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention with a window of at least C + evict_every tokens")
 
@@ -127,9 +136,6 @@ class Refusal:
 
 
 REFUSED_ARCHITECTURES = (
-    Refusal(("stablelm",), "partial RoPE",
-            "StableLmDecoderLayer does not pass the forward's keyword arguments on to its attention, so the chunked "
-            "path's plan never reaches the attention function"),
     Refusal(("deepseek_v2", "deepseek_v3"), "RoPE on a decoupled key part (MLA)",
             "multi-head latent attention caches the compressed latent as keys and the rotary part of the key as "
             "values, so re-rotating the cache's keys would move the wrong tensor"),
@@ -146,8 +152,9 @@ def supported_list() -> str:
 
 def support_table() -> str:
     """The README's support table, generated from the registry (supported rows, then the known refusals)."""
-    lines = ["| model_type | positions | `shifted` / `original` there | paths | status |", "|---|---|---|---|---|"]
-    for arch in ARCHITECTURES:
+    lines = [f"| model_type | positions | `shifted` / `original` there | paths (proven on {PROVEN_ON}) | status |",
+             "|---|---|---|---|---|"]
+    for arch in ARCHITECTURES + VARIANTS:
         types = ", ".join(f"`{name}`" for name in arch.model_types)
         lines.append(f"| {types} | {arch.positions} | {arch.modes} | {', '.join(arch.paths)} | {arch.status} |")
     for refusal in REFUSED_ARCHITECTURES:
@@ -196,14 +203,13 @@ def check_model_supported(model, settings: StreamingSettings | None = None, trus
             + ("" if config.model_type in REFUSED_REASONS else
                "; or pass trust_positions=rope to accept a RoPE model after a start-up self-check")
         )
-    arch = ARCHITECTURE_OF.get(config.model_type)
+    arch = architecture_of(config)
     if arch is not None:
         check_architecture_settings(model, arch, settings)
-    if (arch is None or "chunked" in arch.paths) and not type(model).is_backend_compatible():
+    elif not attention_reach(model).served:  # trust_positions: its self-check runs the chunked path
         raise NotImplementedError(
-            f"{config.model_type} ({type(model).__name__}) does not run its attention through transformers' "
-            "attention interface with the forward's keyword arguments (_supports_attention_backend is False), "
-            "so the chunked path cannot reach it"
+            f"{config.model_type}: {attention_reach(model).reason(model)}, so streaming_lm's attention functions "
+            f"cannot serve it. Supported model types: {supported_list()}"
         )
     text = config.get_text_config(decoder=True)
     if getattr(text, "use_bidirectional_attention", False) or getattr(text, "attention_chunk_size", None):
@@ -241,8 +247,8 @@ def check_model_supported(model, settings: StreamingSettings | None = None, trus
                 f"trust_positions=rope: {config.model_type} has no rotary embedding (no inv_freq buffer)"
             )
         self_check(model, shift, settings)
-    elif shift is None and SUPPORTED_ARCHITECTURES[config.model_type] != ALIBI:
-        if SUPPORTED_ARCHITECTURES[config.model_type] != ABSOLUTE:
+    elif shift is None and arch.scheme != ALIBI:
+        if arch.scheme != ABSOLUTE:
             raise NotImplementedError(f"{config.model_type}: no rotary embedding found; supported: {supported_list()}")
         limit = getattr(text, "max_position_embeddings", None)
         reach = None if settings is None or settings.keys_attended is None else settings.keys_attended - 1
@@ -262,12 +268,36 @@ def fall_back_to_token_loop(model, settings: StreamingSettings, method_given: bo
     Returns the settings to run and the line to log when they changed (None: unchanged). A method the user
     named is kept, and ``check_model_supported`` refuses it if it cannot serve the type (naming method=token).
     """
-    arch = ARCHITECTURE_OF.get(model.config.model_type)
-    if method_given or arch is None or settings.method in arch.paths:
+    arch = architecture_of(model.config)
+    if method_given or arch is None or settings.method in serving_paths(model, arch):
         return settings, None
     line = (f"streaming_hf: the {settings.method} path cannot serve model_type {model.config.model_type!r} "
-            f"({arch.own_attention}); reading with method=token instead: the same numbers, one token per pass")
+            f"({unserved_reason(model, arch, settings.method)}); reading with method=token instead: the same "
+            "numbers, one token per pass")
     return dataclasses.replace(settings, method="token"), line
+
+
+def architecture_of(config) -> Architecture | None:
+    """The registry row of a loaded model's config: its type's, or that of the released variant it is."""
+    arch = ARCHITECTURE_OF.get(config.model_type)
+    if arch is not None and arch.variant is not None:
+        return arch.variant(config) or arch
+    return arch
+
+
+def serving_paths(model, arch: Architecture) -> tuple[str, ...]:
+    """The paths serving this loaded model: the row's proven paths, less the ones that read through the engine's
+    attention functions where the model's attention does not reach them (``attention_reach``, probed once)."""
+    if attention_reach(model).served:
+        return arch.paths
+    return tuple(path for path in arch.paths if path in TOKEN_LOOP_PATHS)
+
+
+def unserved_reason(model, arch: Architecture, path: str) -> str:
+    """Why ``path`` does not serve this model: the row's own reason, or what the probe saw."""
+    if path not in arch.paths:
+        return arch.own_attention
+    return attention_reach(model).reason(model)
 
 
 def check_architecture_settings(model, arch: Architecture, settings: StreamingSettings | None) -> None:
@@ -275,16 +305,19 @@ def check_architecture_settings(model, arch: Architecture, settings: StreamingSe
     (A scored policy's weights come from the model's outputs where attention runs in model code: every type
     with ``own_attention`` returns them with ``output_attentions``, tests/test_token_loop_architectures.py.)"""
     config = model.config
-    variant = arch.refused_variant(config) if arch.refused_variant is not None else None
-    if variant:
-        raise NotImplementedError(f"streaming_lm does not support {variant}. Supported model types: {supported_list()}")
     if settings is None:
         return
-    if settings.method not in arch.paths:
+    paths = serving_paths(model, arch)
+    if settings.method not in paths:
         raise NotImplementedError(
-            f"method={settings.method} cannot serve model_type {config.model_type!r}: {arch.own_attention}. Use "
-            f"method=token (the same numbers, one token per pass); paths serving {config.model_type}: "
-            f"{', '.join(arch.paths)}"
+            f"method={settings.method} cannot serve model_type {config.model_type!r}: "
+            f"{unserved_reason(model, arch, settings.method)}. Use method=token (the same numbers, one token per "
+            f"pass); paths serving {config.model_type}: {', '.join(paths)}"
+        )
+    if settings.once and not attention_reach(model).served:
+        raise NotImplementedError(
+            f"evict_every=context cannot serve model_type {config.model_type!r}: it reads through streaming_lm's "
+            f"attention function, and {attention_reach(model).reason(model)}. Use evict_every=K (an integer)"
         )
     if arch.scheme == ALIBI and settings.positions != "shifted":
         raise NotImplementedError(

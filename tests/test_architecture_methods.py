@@ -168,8 +168,10 @@ def test_snapkv_votes_with_kvpress_scale_not_the_model_s(name, ids):
 
 
 def check_head_budgets(counts) -> None:
-    """The heads' budgets did differ somewhere, and at every event the heads of a layer kept C on average."""
-    assert any(len(set(heads)) > 1 for step in counts for heads in step)
+    """The heads' budgets did differ somewhere (where a layer has several key/value heads: Falcon-7B's one is shared
+    by every query head), and at every event the heads of a layer kept C on average."""
+    several = any(len(heads) > 1 for step in counts for heads in step)
+    assert not several or any(len(set(heads)) > 1 for step in counts for heads in step)
     for event in range(EVERY, N, EVERY):
         assert all(sum(heads) <= CAPACITY * len(heads) for heads in counts[event - 1])
     assert all(sum(heads) == CAPACITY * len(heads) for heads in counts[(N - 1) // EVERY * EVERY - 1])
@@ -252,11 +254,12 @@ TOKEN_LOOP_CASES = [
 
 @pytest.mark.parametrize("policy, params, positions", TOKEN_LOOP_CASES,
                          ids=["snapkv-shifted", "snapkv-original", "adakv-snapkv", "adakv-expected"])
-@pytest.mark.parametrize("name", list(TOKEN_LOOP_TYPES))
+@pytest.mark.parametrize("name", [name for name in TOKEN_LOOP_TYPES if name not in ROTARY])
 def test_token_loop_types_refuse_methods_scored_by_queries(models, name, policy, params, positions):
-    """Falcon's, MPT's and BLOOM's attention hands a scored policy its weights (output_attentions), never its
-    queries: SnapKV and AdaKV are refused when the stream opens, naming the policy and what serves instead;
-    MPT and BLOOM (ALiBi) refuse original positions first, whatever the policy."""
+    """The attention of MPT, BLOOM and falcon-rw does not reach the engine's functions (model code; ALiBi in the
+    mask): it hands a scored policy its weights (output_attentions), never its queries, so SnapKV and AdaKV are
+    refused when the stream opens, naming the policy and what serves instead; these ALiBi types refuse original
+    positions first, whatever the policy. (Falcon with RoPE reaches them: test_architectures.py's models.)"""
     model = models[name]
     setting = settings(params, positions, policy=policy)
     if positions == "original" and name not in ROTARY:
@@ -329,15 +332,16 @@ def test_mpt_bias_table_holds_the_keys_between_events():
         check_model_supported(mpt, setting)
 
 
-@pytest.mark.parametrize("name", sorted(ROTARY))
-def test_token_loop_types_refuse_duo_every_k(models, name, tmp_path):
-    """duo every K tokens holds different tokens in different heads; Falcon's own attention code cannot mask the
-    padding of the heads holding fewer, so the stream refuses when it opens (evict_every=context serves it)."""
+def test_model_code_attention_refuses_duo_every_k(tmp_path):
+    """duo every K tokens holds different tokens in different heads; a model whose attention runs in its own code
+    (here a Llama whose second layer bypasses transformers' attention interface) cannot mask the padding of the
+    heads holding fewer, so the stream refuses when it opens (evict_every=context serves it where the interface
+    is reached)."""
+    from helpers.models import bypassing_llama
     from streaming_lm.forward_args import num_decoder_layers
 
-    model = models[name]
-    text = model.config.get_text_config(decoder=True)
-    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads  # as Duo.bind counts them
+    model = bypassing_llama()
+    kv_heads = model.config.num_key_value_heads
     (tmp_path / "config.json").write_text('{"sink_size": 1, "recent_size": 2}')
     rows = ["\t".join(["0.5"] * kv_heads)] * num_decoder_layers(model)
     (tmp_path / "full_attention_heads.tsv").write_text("\n".join(rows))

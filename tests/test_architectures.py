@@ -54,6 +54,11 @@ def _decoder(vocab, **extra):
     ) | extra
 
 
+def _falcon(vocab, **extra):
+    return transformers.FalconConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     initializer_range=0.1, bos_token_id=1, eos_token_id=2, **extra)
+
+
 def _one_rope(theta=10000.0):
     return {"rope_type": "default", "rope_theta": theta}
 
@@ -131,6 +136,12 @@ ARCHITECTURES = {
     "gpt2": (lambda v: transformers.GPT2Config(
         vocab_size=v, n_embd=64, n_layer=2, n_head=4, n_positions=512, initializer_range=0.1,
         bos_token_id=1, eos_token_id=2), None),
+    # The StreamingLLM paper's Falcon: its attention reaches transformers' interface since 5.25 (through a decoder
+    # layer that drops the forward's keyword arguments: the engine hands its plan over in a context variable).
+    "falcon-7b-style": (lambda v: _falcon(v, multi_query=True, parallel_attn=True), 16),
+    "falcon-40b-style": (lambda v: _falcon(v, new_decoder_architecture=True, num_kv_heads=2), 16),
+    # A decoder layer that drops the forward's keyword arguments (refused while the plan travelled in them).
+    "stablelm": (lambda v: transformers.StableLmConfig(**_decoder(v), qk_layernorm=True), 4),  # partial 0.25
 }
 INTERLEAVED = {"cohere", "cohere2", "helium", "glm", "glm4", "gptj"}  # the layout RotaryShift must read off the model
 SLIDING = {"mistral-window", "phi3", "gemma2", "gemma3", "gemma3-local-global", "olmo3", "starcoder2", "ministral",
@@ -447,10 +458,6 @@ REFUSED = {
         settings(), r"gptj reads its rotary angles from a table of positions 0\.\.255, but the streaming paths reach "
                     r"position C \+ max\(chunk_size, 256\) = 276",
     ),
-    "stablelm (kwargs dropped)": (
-        lambda: transformers.StableLmConfig(**_BASE), settings(),
-        "does not support model_type 'stablelm': StableLmDecoderLayer does not pass.*" + SUPPORTED_LIST,
-    ),
     "deepseek_v3 (MLA)": (
         lambda: transformers.DeepseekV3Config(
             **_BASE, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
@@ -488,18 +495,14 @@ def test_every_known_refusal_is_tested():
     assert all(set(refusal.model_types) & tested for refusal in REFUSED_ARCHITECTURES)
 
 
-@pytest.mark.parametrize("config, error", [
-    (lambda: transformers.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2),
-     r"0 of 1 layers ran the chunked attention function"),
-    (REFUSED["stablelm (kwargs dropped)"][0], r"streaming_lm_chunked attention called without a streaming_plan"),
-], ids=["falcon", "stablelm"])
-def test_the_chunked_path_cannot_reach_their_attention(config, error, one_thread):
-    """Why falcon is served by the token loop only and stablelm is refused, shown: the chunked path fails loudly
-    instead of silently (support.check_model_supported refuses method=chunked on falcon before it gets here)."""
+def test_the_chunked_path_cannot_reach_model_code_attention(one_thread):
+    """MPT computes attention in model code: the chunked path, run anyway, fails loudly instead of silently
+    (support.check_model_supported refuses it before it gets here: tests/test_support.py)."""
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config()).eval()
+    model = transformers.AutoModelForCausalLM.from_config(transformers.MptConfig(
+        vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=128)).eval()
     ids = torch.randint(3, 64, (CAPACITY + 4,))
-    with pytest.raises(RuntimeError, match=error):
+    with pytest.raises(RuntimeError, match=r"0 of 2 layers ran the streaming_lm_chunked attention function"):
         score_stream_chunked(model, ids, settings(), find_rotary(model), CHUNK)
 
 
@@ -570,9 +573,10 @@ def test_adapter_trusts_an_unlisted_rope_type_after_its_self_check(tmp_path, one
 
 
 def test_adapter_refuses_an_unsupported_model_type_at_construction(tmp_path):
-    config = transformers.StableLmConfig(**_BASE | {"vocab_size": len(tiny_tokenizer())})
-    folder = save_tiny(tmp_path / "stablelm", config)
-    with pytest.raises(NotImplementedError, match="does not support model_type 'stablelm'.*" + SUPPORTED_LIST):
+    config = REFUSED["deepseek_v3 (MLA)"][0]()
+    config.vocab_size = len(tiny_tokenizer())
+    folder = save_tiny(tmp_path / "deepseek_v3", config)
+    with pytest.raises(NotImplementedError, match="does not support model_type 'deepseek_v3'.*" + SUPPORTED_LIST):
         StreamingHFLM(pretrained=str(folder), **ADAPTER)
 
 

@@ -9,7 +9,7 @@ from helpers.models import tiny_llama
 from helpers.reference import perplexity, shifted_one_layer_logprobs
 from helpers.engine import score_stream, score_stream_chunked
 
-from streaming_lm.streams.chunked import PLAN_KWARG
+from streaming_lm.streams.attention import state_in_pass
 from streaming_lm.rotary import find_rotary
 from streaming_lm.settings import StreamingSettings
 
@@ -99,7 +99,7 @@ def test_memory_bounded_on_a_long_stream():
     def hook(module, args, kwargs):
         cache = kwargs["cache"] if "cache" in kwargs else kwargs["past_key_values"]
         held.append(max(layer.get_seq_length() for layer in cache.layers))
-        attended.append(kwargs[PLAN_KWARG].allowed.shape[1])
+        attended.append(state_in_pass().allowed.shape[1])
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     ids = torch.randint(0, 128, (20_000,))

@@ -1,18 +1,23 @@
-"""The StreamingLLM paper's own families on the token loop: Falcon (RoPE), MPT and BLOOM (ALiBi) (issue #20).
+"""The StreamingLLM paper's own families on the token loop: Falcon (RoPE), falcon-rw, MPT and BLOOM (ALiBi)
+(issues #20, #25).
 
-Their attention runs in model code that the chunked path's attention function cannot reach, but it reads
-keys and values from the cache it is given: the token loop serves them. Each case is checked against a plain
-loop written here, with nothing from streaming_lm: one token per pass through the model's own attention, and
-transformers' own ``DynamicCache`` cut after every step (to the first S and last W tokens; for a scored
-policy, per head the lowest-scored unprotected token, scored from the keys or from the weights the model
-returns). Falcon takes its positions through ``position_ids`` (``original``: the text's; ``shifted``: cache
-slots, the kept keys behind an evicted one re-rotated back by one slot, docs/semantics.md); MPT and BLOOM
-bias attention by the distance in cache slots, which is ``shifted`` itself.
+MPT's and BLOOM's attention runs in model code that the engine's attention functions cannot reach, and falcon-rw
+adds its ALiBi bias through the mask its model code builds; all of them read keys and values from the cache they
+are given: the token loop serves them. Falcon with RoPE runs its attention through transformers' attention
+interface (transformers 5.25), so every path serves it (tests/test_architectures.py proves the chunked ones);
+here its token loop is checked too. Each case is checked against a plain loop written here, with nothing from
+streaming_lm: one token per pass through the model's own attention, and transformers' own ``DynamicCache`` cut
+after every step (to the first S and last W tokens; for a scored policy, per head the lowest-scored unprotected
+token, scored from the keys or from the weights the model's eager attention returns). Falcon takes its positions
+through ``position_ids`` (``original``: the text's; ``shifted``: cache slots, the kept keys behind an evicted one
+re-rotated back by one slot, docs/semantics.md); the ALiBi types bias attention by the distance in cache slots,
+which is ``shifted`` itself.
 """
 
 import dataclasses
 import inspect
 import logging
+import sys
 
 import pytest
 import torch
@@ -27,7 +32,11 @@ from streaming_lm.rolling import score
 from streaming_lm.settings import StreamingSettings
 from streaming_lm.streams import open_stream
 from streaming_lm.rotary import find_rotary
-from streaming_lm.support import TOKEN_LOOP_PATHS, ARCHITECTURE_OF, check_model_supported
+from streaming_lm.streams.attention import attention_reach
+from streaming_lm.support import (
+    ALIBI, ARCHITECTURES as ROWS, FALCON_ALIBI, TOKEN_LOOP_PATHS, VARIANTS, architecture_of, check_model_supported,
+    serving_paths,
+)
 
 START, RECENT = 3, 8  # C = 11
 CAPACITY = START + RECENT
@@ -45,6 +54,8 @@ def _falcon(vocab, **extra):
 ARCHITECTURES = {
     "falcon-7b-style": lambda v: _falcon(v, multi_query=True, parallel_attn=True),
     "falcon-40b-style": lambda v: _falcon(v, new_decoder_architecture=True, num_kv_heads=2),
+    # falcon-rw-1b's layout: ALiBi, one key/value head per query head, sequential attention and MLP.
+    "falcon-rw": lambda v: _falcon(v, alibi=True, multi_query=False, parallel_attn=False),
     "mpt": lambda v: transformers.MptConfig(vocab_size=v, d_model=32, n_layers=2, n_heads=4, max_seq_len=128,
                                             initializer_range=0.1, bos_token_id=1, eos_token_id=2),
     "bloom": lambda v: transformers.BloomConfig(vocab_size=v, hidden_size=32, n_layer=2, n_head=4,
@@ -88,8 +99,24 @@ def sink_window(models, ids):
 
 
 def test_every_token_loop_type_is_covered():
-    covered = {ARCHITECTURES[name](64).model_type for name in ARCHITECTURES}
-    assert covered == {name for name, arch in ARCHITECTURE_OF.items() if arch.paths == TOKEN_LOOP_PATHS}
+    """Every row (or released variant) that only the token loop serves is here, and each config finds its row."""
+    token_only = {arch for arch in ROWS + VARIANTS if arch.paths == TOKEN_LOOP_PATHS}
+    covered = {architecture_of(ARCHITECTURES[name](64)) for name in ARCHITECTURES}
+    assert token_only <= covered and FALCON_ALIBI in covered
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_the_probe_says_which_reach_the_engine(models, name):
+    """Falcon with RoPE calls transformers' attention interface in every layer; MPT and BLOOM in none; falcon-rw in
+    every layer, but with ALiBi in the mask, which the engine's functions would replace: not served."""
+    model = models[name]
+    reach = attention_reach(model)
+    # Read off the model's own code, independently of the probe: does its attention call the interface?
+    calls = "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(sys.modules[type(model).__module__])
+    assert reach.called == (reach.layers if calls else 0)
+    assert reach.biased == (calls and name == "falcon-rw")
+    assert reach.served == (calls and name in ROTARY)
+    assert ("chunked" in serving_paths(model, architecture_of(model.config))) == reach.served
 
 
 class PlainLoop:
@@ -100,7 +127,8 @@ class PlainLoop:
         self.capacity = start + recent + heavy
         self.cache = transformers.DynamicCache(config=model.config)
         rotary = getattr(model.transformer, "rotary_emb", None)
-        self.inv_freq = rotary.inv_freq if model.config.model_type == "falcon" else None
+        rope = model.config.model_type == "falcon" and not model.config.alibi
+        self.inv_freq = rotary.inv_freq if rope else None
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.tokens = {}  # layer -> long [heads, K]: the token in each slot
         self.totals = {}  # h2o: layer -> float [heads, K], attention summed while held
@@ -111,7 +139,15 @@ class PlainLoop:
         t, kwargs = self.t, {self.cache_arg: self.cache, "use_cache": True}
         if self.inv_freq is not None:
             kwargs["position_ids"] = torch.tensor([[min(t, self.capacity) if self.positions == "shifted" else t]])
-        out = self.model(torch.tensor([[token]]), output_attentions=self.policy in ("tova", "h2o"), **kwargs)
+        weights = self.policy in ("tova", "h2o")
+        previous = self.model.config._attn_implementation
+        if weights and previous != "eager":  # SDPA returns no weights
+            self.model.set_attn_implementation("eager")
+        try:
+            out = self.model(torch.tensor([[token]]), output_attentions=weights, **kwargs)
+        finally:
+            if weights and previous != "eager":
+                self.model.set_attn_implementation(previous)
         for i, layer in enumerate(self.cache.layers):
             heads = layer.keys.shape[1]
             self.tokens[i] = torch.cat((self.tokens.get(i, torch.empty(heads, 0, dtype=torch.long)),
@@ -205,8 +241,8 @@ def test_decode_steps_equal_the_token_loop(models, ids, sink_window, name, posit
 @pytest.mark.parametrize("policy", ["knorm", "tova", "h2o"])
 @pytest.mark.parametrize("name, positions", CASES)
 def test_scored_policies_equal_the_plain_loop(models, ids, sink_window, name, positions, policy):
-    """Key-norm scores keys; TOVA and H2O the weights these models return with output_attentions (their attention
-    never calls streaming_lm's weights function)."""
+    """Key-norm scores keys; TOVA and H2O attention weights: Falcon's (RoPE) from streaming_lm's weights function,
+    which its attention reaches; the others' from the weights their eager attention returns (output_attentions)."""
     model, heavy = models[name], RECENT - RECENT // 2
     scored_settings = StreamingSettings(START, RECENT // 2, positions, "token", policy=policy, heavy_size=heavy)
     check_model_supported(model, scored_settings)
@@ -230,8 +266,9 @@ def test_recompute_windows_are_dense_passes(models, ids, name):
 
 
 REFUSALS = [
-    ("falcon-7b-style", dataclasses.replace(settings(), method="chunked"),
-     r"method=chunked cannot serve model_type 'falcon': its attention runs inside FalconAttention.*Use method=token"),
+    ("falcon-rw", dataclasses.replace(settings(), method="chunked"),
+     r"method=chunked cannot serve model_type 'falcon': falcon-rw adds ALiBi to the attention mask.*Use method=token"),
+    ("falcon-rw", settings("original"), r"positions=original cannot serve falcon \(ALiBi\).*Use positions=shifted"),
     ("mpt", dataclasses.replace(settings(), method="chunked"),
      r"method=chunked cannot serve model_type 'mpt': ALiBi is added inside.*Use method=token"),
     ("bloom", settings("original"), r"positions=original cannot serve bloom \(ALiBi\).*Use positions=shifted"),
@@ -247,18 +284,18 @@ def test_what_these_types_cannot_serve_is_refused(models, name, given, message):
         check_model_supported(models[name], given)
 
 
-def test_falcon_with_alibi_is_refused(one_thread):
-    """falcon-rw's layout; the reason shown: transformers' eager and SDPA attention give it different logits."""
-    config = _falcon(64, alibi=True, multi_query=False, parallel_attn=False)
-    logits = []
+def test_falcon_rw_adds_its_bias_once(models, ids):
+    """falcon-rw is served because transformers 5.25 adds its ALiBi bias once, in eager and SDPA attention alike
+    (earlier releases added it twice in eager attention: this test would then fail, and the row with it)."""
+    model = models["falcon-rw"]
+    assert architecture_of(model.config).scheme == ALIBI and find_rotary(model) is None
+    logits, previous = {}, model.config._attn_implementation
     for implementation in ("eager", "sdpa"):
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=implementation).eval()
-        with pytest.raises(NotImplementedError, match=r"does not support falcon with alibi=True .*once in its SDPA "
-                                                      r"attention and twice in its eager one.*Supported model types"):
-            check_model_supported(model, settings())
-        logits.append(model(torch.arange(3, 23)[None]).logits)
-    assert (logits[0] - logits[1]).abs().max() > 1e-2
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            logits[implementation] = model(ids[None, :20]).logits
+    model.set_attn_implementation(previous)
+    torch.testing.assert_close(logits["eager"], logits["sdpa"], rtol=0, atol=1e-5)
 
 
 # --- through lm-eval ------------------------------------------------------------------------------
@@ -292,9 +329,9 @@ def plain(lm) -> PlainLoop:
     return PlainLoop(lm.model, lm.streaming.start_size, lm.streaming.recent_size)
 
 
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
+@pytest.mark.parametrize("name", [name for name in ARCHITECTURES if name not in ROTARY])
 def test_adapter_falls_back_to_the_token_loop_and_says_so(name, adapters):
-    """The default method (chunked) cannot serve these types: streaming_hf reads with the token loop (the same
+    """The default method (chunked) cannot serve the ALiBi types: streaming_hf reads with the token loop (the same
     numbers), logs one line saying why, and records the method that ran; method=chunked given is refused."""
     lm, folder, records = adapters(name)
     fallback = [r.getMessage() for r in records if "reading with method=token instead" in r.getMessage()]

@@ -95,7 +95,6 @@ class ContextCache(KVAccounting, Cache):
 
     def __init__(self, num_layers: int, window: int | None):
         super().__init__(layers=[ContextLayer(window) for _ in range(num_layers)])
-        self.calls = 0  # attention layers run through streams/context.py's function (a bypass must not pass)
 
     @property
     def evicted_tokens(self) -> int:

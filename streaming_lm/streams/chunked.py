@@ -23,7 +23,7 @@ from ..positions import check_positions_fit, first_recent, query_position
 from ..rotary import LayerShifts, RotaryShift
 from ..storage import EvictingDynamicCache
 from ..loglik import ContinuationScore
-from .attention import attention_function, grouped_rows, soft_capped
+from .attention import attention_function, grouped_rows, pass_state, run_pass, soft_capped
 from .base import EvictingStream, as_ids, continuation_score
 from .decode import DecodeStream
 
@@ -31,7 +31,6 @@ ATTENTION_NAME = "streaming_lm_chunked"
 # Continuations of one context read in one pass (a batch): that many copies of the context state while
 # they are read (docs/requests.md's memory bound).
 CONTINUATION_ROWS = 8
-PLAN_KWARG = "streaming_plan"
 
 
 @dataclasses.dataclass
@@ -42,14 +41,10 @@ class ChunkPlan:
     n_sink: int  # the first n_sink key columns are sinks
     query_shift: torch.Tensor  # long [Q]: p(t) - L(t), the extra rotation for sink logits
     shift: RotaryShift | LayerShifts | None  # for_layer(module.layer_idx): the layer's own
-    calls: int = 0  # layers whose attention ran here: a model that bypasses the function must not pass silently
 
 
 def _chunk_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    plan: ChunkPlan | None = kwargs.get(PLAN_KWARG)
-    if plan is None:
-        raise RuntimeError(f"{ATTENTION_NAME} attention called without a {PLAN_KWARG}")
-    plan.calls += 1
+    plan: ChunkPlan = pass_state(ATTENTION_NAME)
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
@@ -119,13 +114,8 @@ class ChunkedStream(EvictingStream):
             for a in range(0, width, chunk):
                 b = min(a + chunk, width)
                 plan, positions = plan_chunk(first + a, first + b, self, rows.device)
-                logits = self.model(input_ids=rows[:, a:b], position_ids=positions.expand(rows.shape[0], -1),
-                                    **kwargs, **{PLAN_KWARG: plan}).logits
-                if plan.calls < self._layers:
-                    raise RuntimeError(
-                        f"{type(self.model).__name__}: {plan.calls} of {self._layers} layers ran the chunked attention "
-                        "function; the others computed attention in model code that cannot see the chunk's plan"
-                    )
+                logits = run_pass(self.model, ATTENTION_NAME, plan, input_ids=rows[:, a:b],
+                                  position_ids=positions.expand(rows.shape[0], -1), **kwargs).logits
                 self.note_held()
                 self.n = first + b
                 yield a, logits.float()

@@ -19,19 +19,15 @@ from transformers import AttentionInterface
 from ..forward_args import num_decoder_layers
 from ..positions import check_positions_fit
 from ..storage.context import ContextCache
-from .attention import attention_function, refuse_learned_sinks, soft_capped
+from .attention import attention_function, pass_state, refuse_learned_sinks, run_pass, soft_capped
 from .base import EvictingStream, as_ids
 
 ATTENTION_NAME = "streaming_lm_context"
-CACHE_KWARG = "streaming_context_cache"
 
 
 def _context_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    cache: ContextCache | None = kwargs.get(CACHE_KWARG)
-    if cache is None:
-        raise RuntimeError(f"{ATTENTION_NAME} attention called without a {CACHE_KWARG}")
+    cache: ContextCache = pass_state(ATTENTION_NAME)
     refuse_learned_sinks(kwargs)
-    cache.calls += 1
     layer = cache.layers[module.layer_idx]
     layer.record(query[0], scaling)
     heads, q_len, columns = query.shape[1], query.shape[2], key.shape[2]
@@ -61,7 +57,6 @@ class ContextStream(EvictingStream):
     def __init__(self, model, settings, shift, batch_size: int = 1):
         self._layers = num_decoder_layers(model)
         super().__init__(model, settings, shift)
-        self._kwargs = tuple(kwargs | {CACHE_KWARG: self.cache} for kwargs in self._kwargs)
 
     def new_cache(self):
         return ContextCache(self._layers, getattr(self.policy, "query_window", 0))
@@ -89,12 +84,8 @@ class ContextStream(EvictingStream):
             for a in range(0, ids.numel(), chunk):
                 b = min(a + chunk, ids.numel())
                 positions = torch.arange(first + a, first + b, device=ids.device)[None]
-                calls = self.cache.calls
-                logits = self.model(input_ids=ids[None, a:b], position_ids=positions, **kwargs).logits
-                if self.cache.calls - calls != self._layers:  # a model whose attention bypasses the function
-                    raise RuntimeError(f"{type(self.model).__name__} ran {self.cache.calls - calls} of its "
-                                       f"{self._layers} attention layers outside {ATTENTION_NAME}: evict_every=context "
-                                       f"cannot read it")
+                logits = run_pass(self.model, ATTENTION_NAME, self.cache, input_ids=ids[None, a:b],
+                                  position_ids=positions, **kwargs).logits
                 self.n = first + b
                 self.note_held()
                 yield a, logits[0].float()

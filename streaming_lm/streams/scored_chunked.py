@@ -20,15 +20,14 @@ from ..forward_args import num_decoder_layers
 from ..positions import check_positions_fit
 from ..storage import ScoredDynamicCache
 from ..storage.scored import adaptive_compress, compress, held_scores, step_scores
-from .attention import attention_function, grouped_rows, refuse_learned_sinks, soft_capped
+from .attention import attention_function, grouped_rows, pass_state, refuse_learned_sinks, run_pass, soft_capped
 from .base import EvictingStream, as_ids
-from .weights import CACHE_KWARG
 
 ATTENTION_NAME = "streaming_lm_scored_rows"
 
 
 def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    layer = kwargs[CACHE_KWARG].layers[module.layer_idx]
+    layer = pass_state(ATTENTION_NAME).layers[module.layer_idx]
     refuse_learned_sinks(kwargs)
     policy = layer.policy
     _, heads, q_len, dim = query.shape
@@ -109,7 +108,6 @@ class ScoredChunkedStream(EvictingStream):
         if settings.positions != "original":
             raise ValueError("the scored chunked path serves positions=original only")
         super().__init__(model, settings, shift)
-        self._kwargs = tuple(kwargs | {CACHE_KWARG: self.cache} for kwargs in self._kwargs)
 
     def new_cache(self):
         # Original positions: every key keeps the rotation it was read with, so the storage rotates nothing.
@@ -123,7 +121,8 @@ class ScoredChunkedStream(EvictingStream):
             for a in range(0, ids.numel(), chunk):
                 b = min(a + chunk, ids.numel())
                 positions = torch.arange(first + a, first + b, device=ids.device)[None]
-                logits = self.model(input_ids=ids[None, a:b], position_ids=positions, **kwargs).logits
+                logits = run_pass(self.model, ATTENTION_NAME, self.cache, input_ids=ids[None, a:b],
+                                  position_ids=positions, **kwargs).logits
                 self.note_held()
                 self.n = first + b
                 yield a, logits[0].float()

@@ -12,9 +12,9 @@ from ..rotary import RotaryShift
 from ..settings import StreamingSettings
 from ..forward_args import num_decoder_layers
 from ..storage import EvictingDynamicCache, ScoredDynamicCache
-from .attention import attention_function
+from .attention import attention_function, run_pass
 from .base import EvictingStream, as_ids
-from .weights import ATTENTION_NAME, CACHE_KWARG, hand_over, weights_from_outputs
+from .weights import ATTENTION_NAME, hand_over, weights_from_outputs
 
 
 class TokenStream(EvictingStream):
@@ -23,8 +23,8 @@ class TokenStream(EvictingStream):
 
     def __init__(self, model, settings: StreamingSettings, shift: RotaryShift | None, batch_size: int = 1):
         super().__init__(model, settings, shift)
-        # A policy that scores by attention gets this step's weights from our attention function, or, where
-        # attention runs in model code, from the weights the model returns.
+        # A policy that scores by attention gets this step's weights from our attention function, or, where the
+        # model's attention does not reach it, from the weights its eager attention returns.
         # Heads holding different tokens (duo) need it too: it masks the padding of the heads holding fewer.
         weights = self.policy.holds_by_head or not self.policy.index_only and (self.policy.needs_attention or
                                                                               self.policy.needs_queries)
@@ -40,8 +40,6 @@ class TokenStream(EvictingStream):
                 "that scores by weights or keys (tova, h2o, knorm, sink_window)"
             )
         self._weights = weights and not self._returned
-        if self._weights:
-            self._kwargs = tuple(kwargs | {CACHE_KWARG: self.cache} for kwargs in self._kwargs)
         if self._returned:
             self._kwargs = tuple(kwargs | {"output_attentions": True} for kwargs in self._kwargs)
 
@@ -60,17 +58,21 @@ class TokenStream(EvictingStream):
                 yield i, self.step(token)[None]
 
     def _attention(self):
-        return attention_function(self.model, ATTENTION_NAME) if self._weights else contextlib.nullcontext()
+        if self._weights:
+            return attention_function(self.model, ATTENTION_NAME)
+        # output_attentions returns weights from eager attention only (SDPA gives None)
+        return attention_function(self.model, "eager") if self._returned else contextlib.nullcontext()
 
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:
         check_positions_fit(self.model, self.n + 1, self._limit)
         ids = torch.tensor([[token]], device=self.model.device)
         position = torch.tensor([[query_position(self.n, self.settings)]], device=ids.device)
+        forward = dict(input_ids=ids, position_ids=position, **self._kwargs[False])
         with self._attention():
-            out = self.model(input_ids=ids, position_ids=position, **self._kwargs[False])
+            out = run_pass(self.model, ATTENTION_NAME, self.cache, **forward) if self._weights else self.model(**forward)
         if self._returned:
-            hand_over(self.cache, out.attentions)
+            hand_over(self.cache, out.attentions, self.settings.policy, self.model)
         self.n += 1
         self.note_held()
         return out.logits[0, -1].float()

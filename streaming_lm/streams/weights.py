@@ -11,17 +11,14 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 
-from .attention import grouped_rows, refuse_learned_sinks, soft_capped
+from .attention import attention_reach, grouped_rows, pass_state, refuse_learned_sinks, soft_capped
 
 ATTENTION_NAME = "streaming_lm_weights"
-CACHE_KWARG = "streaming_scored_cache"
 
 
 def _weights_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    cache = kwargs.get(CACHE_KWARG)
+    cache = pass_state(ATTENTION_NAME)
     refuse_learned_sinks(kwargs)
-    if cache is None:
-        raise RuntimeError(f"{ATTENTION_NAME} attention called without a {CACHE_KWARG}")
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     if batch != 1 or q_len != 1:
@@ -42,17 +39,22 @@ AttentionInterface.register(ATTENTION_NAME, _weights_attention)
 
 
 def weights_from_outputs(model) -> bool:
-    """Whether a step's weights must come from the model's outputs (``output_attentions``) instead: its attention
-    runs in its own code, which never calls ``_weights_attention`` (Falcon, MPT, BLOOM; support.py says which).
-    Layers evict only after their own attention, so every layer's eviction can wait for the end of the pass."""
-    return not type(model).is_backend_compatible()
+    """Whether a step's weights must come from the model's outputs (``output_attentions``, under its eager
+    attention) instead: its attention does not reach ``_weights_attention`` (the probe, ``attention_reach``: MPT and
+    BLOOM compute it in model code, falcon-rw adds ALiBi through its mask). Layers evict only after their own
+    attention, so every layer's eviction can wait for the end of the pass."""
+    return not attention_reach(model).served
 
 
-def hand_over(cache, attentions) -> None:
+def hand_over(cache, attentions, policy: str, model) -> None:
     """The weights a model returned ([1, query_heads, 1, K] per layer) to each layer of a scored cache, in float32."""
-    if attentions is None or len(attentions) != len(cache.layers):  # never evict on weights a model did not give
-        raise RuntimeError("the model returned no attention weights for every layer (output_attentions=True); a "
-                           "policy that scores by attention cannot run on it")
+    # Never evict on weights a model did not give.
+    if attentions is None or len(attentions) != len(cache.layers) or any(w is None for w in attentions):
+        raise RuntimeError(
+            f"policy={policy} scores by attention weights, and {type(model).__name__} returned none for some layers "
+            f"with output_attentions=True under attn_implementation={model.config._attn_implementation!r}; use a "
+            "policy that scores by keys (knorm) or sink_window"
+        )
     for layer, weights in zip(cache.layers, attentions):
         layer.after_attention(weights[0, :, -1].float())
 

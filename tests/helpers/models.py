@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -54,6 +55,17 @@ def tiny_llama(seed: int = 0, **overrides):
     config = transformers.LlamaConfig(**(fields | overrides))
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config).eval()
+
+
+def bypassing_llama(seed: int = 0, **overrides):
+    """``tiny_llama`` whose second layer computes attention in its own code, whatever implementation the model is
+    switched to (it keeps a config of its own, pinned to SDPA): a model whose attention does not reach the engine's
+    attention functions, as MPT's and BLOOM's does not, with RoPE."""
+    model = tiny_llama(seed, **overrides)
+    own = copy.deepcopy(model.config)
+    own._attn_implementation = "sdpa"
+    model.model.layers[1].self_attn.config = own
+    return model
 
 
 def tiny_tokenizer():
