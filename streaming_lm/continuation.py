@@ -37,7 +37,7 @@ def score_requests(
         _check(context, [continuation])
     results: list = [None] * len(requests)
 
-    def visit(stream, members):
+    def visit(stream, members, spare):
         scores = stream.score_continuations([], [list(requests[i][1]) for i in members])
         for i, scored in zip(members, scores, strict=True):
             results[i] = scored

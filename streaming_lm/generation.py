@@ -117,10 +117,12 @@ def generate_requests(
     (``streams.shared``; ``share=False``: only identical contexts are). ``on_result(index, generation)``."""
     results: list = [None] * len(requests)
 
-    def visit(stream, members):
-        for i in members:
-            # Decoding changes the state; the context's state stays for the requests after this one.
-            results[i] = _generate_after_context(stream.fork(), requests[i].max_new_tokens, requests[i].decode_kwargs)
+    def visit(stream, members, spare):
+        for k, i in enumerate(members):
+            # Decoding changes the state; the context's state stays for the requests after this one (and for
+            # longer contexts through it, unless ``spare``).
+            branch = stream if spare and k == len(members) - 1 else stream.fork()
+            results[i] = _generate_after_context(branch, requests[i].max_new_tokens, requests[i].decode_kwargs)
             if on_result is not None:
                 on_result(i, results[i])
 

@@ -461,6 +461,9 @@ class SnapKV(ScoredPolicy):
         return snapkv_scores(queries[:, -self.window_size:], keys, self.kernel_size)
 
 
+ROTATIONS_KEPT = 512  # Expected Attention's mean rotations remembered (16 KiB each at head_dim 64)
+
+
 class ExpectedAttention(ScoredPolicy):
     """Expected Attention: at an event, the attention that future queries are expected to pay each held key, from
     the mean and covariance of the segment's queries before RoPE, rotated on average over the next
@@ -505,6 +508,7 @@ class ExpectedAttention(ScoredPolicy):
                              f"{type(model).__name__} has {'none' if shift is None else 'different ones by layer'}")
         scaling = {float(getattr(m, "attention_scaling")) for m in model.modules() if hasattr(m, "attention_scaling")}
         self.rotary, self.attention_scaling = shift, scaling.pop() if len(scaling) == 1 else 1.0
+        self._rotations: dict = {}  # event step -> its mean rotation (``score``)
         if scaling:
             raise ValueError("policy=expected_attention: the model's rotary modules scale differently")
 
@@ -520,8 +524,15 @@ class ExpectedAttention(ScoredPolicy):
 
         index = torch.arange(step - queries.shape[1] + 1, step + 1, device=queries.device)
         before = self.before_rope(queries, index)
-        rotation = mean_rotation(self.rotary.inv_freq.float(), step + 1, self.n_future_positions, keys.shape[-1],
-                                 self.rotary.layout, self.attention_scaling)
+        # The same for every layer at one event: computed once per event (the chunked path takes each layer's rows
+        # in turn, so a few hundred events are remembered), not once per layer.
+        rotation = self._rotations.get(step)
+        if rotation is None:
+            if len(self._rotations) >= ROTATIONS_KEPT:
+                self._rotations.pop(next(iter(self._rotations)))
+            rotation = self._rotations[step] = mean_rotation(
+                self.rotary.inv_freq.float(), step + 1, self.n_future_positions, keys.shape[-1], self.rotary.layout,
+                self.attention_scaling)
         return expected_attention_scores(before, index, keys, values, rotation, n_sink=self.n_sink,
                                          use_covariance=self.use_covariance, use_vnorm=self.use_vnorm,
                                          epsilon=self.epsilon)

@@ -19,6 +19,7 @@ from helpers.reference import dense_logprobs
 from streaming_lm.continuation import score_requests
 from streaming_lm.rotary import find_rotary
 from streaming_lm.settings import resolve
+from streaming_lm.streams import context as context_stream
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,11 +96,15 @@ def test_nothing_evicted_is_dense(model, ids, duo_pattern, policy, params, budge
     assert np.allclose(ours, dense, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("prefill_pass", [None, 5], ids=["prefill-one-pass", "prefill-5-a-pass"])
 @pytest.mark.parametrize("policy, params, budget, q", CASES)
 def test_engine_equals_the_definition_and_token_equals_chunked(model, ids, duo_pattern, monkeypatch, policy, params,
-                                                               budget, q):
-    """The chunked reading (5 tokens a pass) equals the token method (one a pass) and the masked dense forward on the
-    kept sets; something was evicted, and it changed the numbers."""
+                                                               budget, q, prefill_pass):
+    """The chunked reading (the prefill in one causal pass, or 5 tokens a pass after the first; 5 a pass after the
+    event) equals the token method (one a pass) and the masked dense forward on the kept sets; something was evicted,
+    and it changed the numbers."""
+    if prefill_pass is not None:
+        monkeypatch.setattr(context_stream, "PREFILL_PASS", prefill_pass)
     shift = find_rotary(model)
     context, continuation = ids[:CONTEXT], ids[CONTEXT:]
     chunked, kept = engine_logprobs(model, shift, context, continuation,

@@ -61,7 +61,7 @@ def record_walk(contexts, share=True):
     Recorder.alive = Recorder.most = 0
     seen = {}
 
-    def visit(stream, members):
+    def visit(stream, members, spare):
         branch = stream.fork()  # as the real visitors do before reading
         seen[tuple(members)] = tuple(branch.ids)
 

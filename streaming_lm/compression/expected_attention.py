@@ -78,9 +78,12 @@ def expected_attention_scores(queries: torch.Tensor, query_index: torch.Tensor, 
     rotation = rotation.float()
     mean = observed.mean(dim=1)  # [heads, d]
     held = keys[:, n_sink:].float()
-    grouped = held.repeat_interleave(heads // kv_heads, dim=0)  # [heads, n', d]
-    logits = scale * torch.einsum("hnd,hd->hn", grouped, mean @ rotation.T)
-    if use_covariance:
+    group = heads // kv_heads
+    # k · μ' for each query head of each key/value head, without copying the keys per query head.
+    expected = (mean @ rotation.T).reshape(kv_heads, group, d)
+    logits = scale * torch.matmul(held, expected.transpose(1, 2)).transpose(1, 2).reshape(heads, -1)
+    if use_covariance and observed.shape[1] > 1:  # one query (an event every token): its covariance is 0
+        grouped = held.repeat_interleave(group, dim=0)  # [heads, n', d]
         centered = observed - mean[:, None, :]
         cov = torch.einsum("hsi,hsj->hij", centered, centered) / observed.shape[1]
         cov = rotation @ cov @ rotation.T

@@ -23,6 +23,9 @@ from .attention import attention_function, pass_state, refuse_learned_sinks, run
 from .base import EvictingStream, as_ids
 
 ATTENTION_NAME = "streaming_lm_context"
+# Tokens per pass before the event (method=chunked): a prefill of up to this many tokens is one causal pass with no
+# mask, as kvpress reads it; longer ones continue in passes of this size (each holds this many tokens' activations).
+PREFILL_PASS = 4096
 
 
 def _context_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -32,11 +35,16 @@ def _context_attention(module, query, key, value, attention_mask, scaling, dropo
     layer.record(query[0], scaling)
     heads, q_len, columns = query.shape[1], query.shape[2], key.shape[2]
     group = heads // key.shape[1]
+    softcap = kwargs.get("softcap")
+    if softcap is None and layer.dead is None and q_len in (1, columns):
+        # Nothing masked but causality: a pass from an empty cache (the prefill, read in one pass where it fits) or
+        # one query over every held key; SDPA's causal kernels (flash on a GPU) need no mask.
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=q_len > 1, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
     # Every held key, then this pass's tokens causally (the mask transformers built is not used: layers differ).
     allowed = torch.ones((q_len, columns), dtype=torch.bool, device=query.device).tril(columns - q_len)[None, None]
     if layer.dead is not None:
         allowed = allowed & ~layer.dead.repeat_interleave(group, dim=0)[None, :, None, :]
-    softcap = kwargs.get("softcap")
     if softcap is None:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=True)
     else:  # Gemma-style soft-capping: eager, float32 softmax
@@ -79,6 +87,10 @@ class ContextStream(EvictingStream):
         ids = as_ids(ids, self.model.device)
         check_positions_fit(self.model, self.n + ids.numel(), self._limit)
         chunk = self.settings.chunk_size if self.settings.method == "chunked" else 1
+        if not self.compressed and self.settings.method == "chunked":
+            # Before the event every key is visible causally: few long passes through the causal kernel beat many
+            # masked ones (docs/requests.md: the memory bound is a pass of PREFILL_PASS tokens' activations).
+            chunk = max(chunk, PREFILL_PASS)
         kwargs, first = self._kwargs[last_only], self.n
         with attention_function(self.model, ATTENTION_NAME):
             for a in range(0, ids.numel(), chunk):

@@ -111,12 +111,15 @@ class WalkStats:
     forks: int
 
 
-def walk(trie: Trie, open_stream: Callable[[], Stream], visit: Callable[[Stream, list[int]], None]) -> WalkStats:
-    """Read every context of ``trie`` once through shared prefixes; ``visit(stream, members)`` at each.
+def walk(trie: Trie, open_stream: Callable[[], Stream], visit: Callable[[Stream, list[int], bool], None]
+         ) -> WalkStats:
+    """Read every context of ``trie`` once through shared prefixes; ``visit(stream, members, spare)`` at each.
 
     ``stream`` has read exactly that context (its ``last_logits()`` predict the next token); ``members`` are
-    the indices of the requests with that context, in order. ``visit`` must not change ``stream``: it forks
-    (``Stream.fork``) before reading anything, and its branch counts as one state alive.
+    the indices of the requests with that context, in order. Unless ``spare`` (no longer context goes through
+    this one, so nothing reads ``stream`` after the visit: it may take it over instead of copying it), ``visit``
+    must not change ``stream``: it forks (``Stream.fork``) before reading anything, and its branch counts as one
+    state alive.
     """
     stats = WalkStats(trie.requests, 0, 0, 0, 0, 0)
     # (node, the parent's stream, whether this node may take that stream over instead of forking it)
@@ -138,7 +141,7 @@ def walk(trie: Trie, open_stream: Callable[[], Stream], visit: Callable[[Stream,
         if node.members:
             stats.contexts += 1
             stats.tokens_unshared += node.depth
-            visit(stream, node.members)
+            visit(stream, node.members, not node.children)
         if node.children:
             waiting += 1
         for k, child in enumerate(reversed(node.children)):
@@ -148,8 +151,9 @@ def walk(trie: Trie, open_stream: Callable[[], Stream], visit: Callable[[Stream,
 
 
 def read_contexts(contexts: Sequence[Sequence[int]], open_stream: Callable[[], Stream],
-                  visit: Callable[[Stream, list[int]], None], share: bool = True, schedule=None) -> WalkStats:
-    """``visit(stream, members)`` once per distinct context, ``stream`` having read it (``walk``'s contract).
+                  visit: Callable[[Stream, list[int], bool], None], share: bool = True, schedule=None) -> WalkStats:
+    """``visit(stream, members, spare)`` once per distinct context, ``stream`` having read it (``walk``'s
+    contract).
 
     With a ``schedule.ContextSchedule``: ``stream`` has read the context's prefill, been compressed once
     (``ContextStream.compress``) and read the rest of the context with nothing evicted."""
@@ -157,8 +161,9 @@ def read_contexts(contexts: Sequence[Sequence[int]], open_stream: Callable[[], S
         return walk(Trie(contexts, share=share), open_stream, visit)
     split = [schedule.prefill(len(context)) for context in contexts]
 
-    def after_prefill(stream: Stream, members: list[int]) -> None:
-        compressed = stream.fork()  # the dense state stays for longer prefills through this node
+    def after_prefill(stream: Stream, members: list[int], spare: bool) -> None:
+        # The dense state stays for longer prefills through this node; none: compress it in place (no copy).
+        compressed = stream if spare else stream.fork()
         compressed.compress()
         questions: dict[tuple, list[int]] = {}
         for i in members:
@@ -166,12 +171,12 @@ def read_contexts(contexts: Sequence[Sequence[int]], open_stream: Callable[[], S
         for k, (question, group) in enumerate(questions.items()):
             branch = compressed if k == len(questions) - 1 else compressed.fork()
             branch.extend(list(question))
-            visit(branch, group)
+            visit(branch, group, True)  # each branch is this visit's own
 
     with_prefill = [i for i, n in enumerate(split) if n > 0]
     stats = walk(Trie([contexts[i][: split[i]] for i in with_prefill], share=share), open_stream,
-                 lambda stream, members: after_prefill(stream, [with_prefill[m] for m in members]))
+                 lambda stream, members, spare: after_prefill(stream, [with_prefill[m] for m in members], spare))
     short = [i for i, n in enumerate(split) if n == 0]  # contexts of at most query_size tokens: nothing to compress
     if short:
-        after_prefill(open_stream(), short)
+        after_prefill(open_stream(), short, True)
     return stats

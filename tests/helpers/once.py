@@ -36,7 +36,7 @@ def engine_logprobs(model, shift, context, continuation, settings) -> tuple[list
     found = {}
     prefill = settings.schedule.prefill(len(context))
 
-    def visit(stream, members):
+    def visit(stream, members, spare):
         branch = stream.fork()
         logits = torch.cat((stream.last_logits(), branch.read(list(continuation[:-1])))) if len(continuation) > 1 \
             else stream.last_logits()
