@@ -258,3 +258,23 @@ def test_chunked_reads_a_contexts_continuations_as_one_batch_with_the_one_row_nu
         reference = score_stream(model, context + continuation, settings, shift)  # the token loop
         assert scored.logprob == pytest.approx(float(reference.logprobs[-len(continuation):].double().sum()), abs=5e-4)
         assert scored.evicted == reference.evicted
+
+
+@pytest.mark.parametrize("policy", ["knorm", "snapkv"])
+def test_once_after_the_context_reads_continuations_as_one_batch_with_the_one_row_numbers(tiny, policy):
+    """evict_every=context: after the event, more continuations than CONTINUATION_ROWS, of mixed lengths, read as the
+    rows of batches from the compressed state, give each one's numbers read alone (to float rounding), the event's
+    evictions and what each layer kept."""
+    from streaming_lm.streams.base import CONTINUATION_ROWS
+
+    model, tokenizer = tiny
+    settings = resolve(policy=policy, evict_every="context", query_size=3, compression_ratio=0.5, start_size=0,
+                       chunk_size=8, policy_params={"window_size": 4} if policy == "snapkv" else None)
+    shift = find_rotary(model)
+    context = tokenizer.encode("A context that the event compresses to half: 0123456789")
+    continuations = [tokenizer.encode(" " + "abcdefghijklmnopqrstuvwxyz"[: k % 13]) for k in range(CONTINUATION_ROWS + 3)]
+    got, _ = score_requests(model, [(context, c) for c in continuations], settings, shift)
+    for continuation, scored in zip(continuations, got, strict=True):
+        (alone,), _ = score_requests(model, [(context, continuation)], settings, shift)
+        assert_same(scored, alone, exact=False, n_tokens=len(continuation))
+        assert scored.evicted > 0 and scored.kept_per_layer == alone.kept_per_layer

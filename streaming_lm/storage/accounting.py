@@ -1,4 +1,4 @@
-"""What every cache storage reports: tokens held and evicted, bytes held and allocated."""
+"""What every cache storage reports (tokens held and evicted, bytes held and allocated), and its batch expansion."""
 
 from __future__ import annotations
 
@@ -25,6 +25,14 @@ class KVAccounting:
     def allocated_bytes(self) -> int:
         """Bytes of keys and values allocated: a growing cache allocates exactly what it holds."""
         return self.held_bytes()
+
+    def expand_batch(self, rows: int) -> None:
+        """Make a one-row cache ``rows`` rows (views: the next update writes new tensors), so that several
+        continuations of one state are read as a batch (``streams.base.score_batched``)."""
+        for layer in self.layers:
+            if getattr(layer, "is_initialized", False) and layer.keys is not None:
+                layer.keys = layer.keys.expand(rows, -1, -1, -1)
+                layer.values = layer.values.expand(rows, -1, -1, -1)
 
     @property
     def overhead_tokens(self) -> float:

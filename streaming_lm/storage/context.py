@@ -53,8 +53,8 @@ class ContextLayer(DynamicLayer):
         self.kept: float | None = None  # tokens held right after the event, per key/value head on average
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if key_states.shape[0] != 1:
-            raise ValueError("the evict_every=context cache reads one stream at a time")
+        if key_states.shape[0] != 1 and not self.compressed:  # after the event: continuations as rows of a batch
+            raise ValueError("the evict_every=context cache reads one stream at a time until its event")
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         if self.dead is not None:
             fresh = torch.zeros((self.dead.shape[0], key_states.shape[-2]), dtype=torch.bool, device=keys.device)

@@ -73,14 +73,6 @@ class EvictingDynamicCache(KVAccounting, Cache):
         """Tokens evicted so far (the same at every layer)."""
         return self.layers[0].evicted
 
-    def expand_batch(self, rows: int) -> None:
-        """Make a one-row cache ``rows`` rows (views: the next update writes new tensors), so that several
-        continuations of one state are read as a batch."""
-        for layer in self.layers:
-            if getattr(layer, "is_initialized", False) and layer.keys is not None:
-                layer.keys = layer.keys.expand(rows, -1, -1, -1)
-                layer.values = layer.values.expand(rows, -1, -1, -1)
-
 
 class DenseCache(KVAccounting, DynamicCache):
     """transformers' ``DynamicCache`` (every token kept) with the storages' accounting."""

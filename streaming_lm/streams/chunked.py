@@ -14,6 +14,7 @@ Decoding (``step``) hands the state over to a ``DecodeStream`` (static slots, de
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from transformers import AttentionInterface
@@ -24,13 +25,10 @@ from ..rotary import LayerShifts, RotaryShift
 from ..storage import EvictingDynamicCache
 from ..loglik import ContinuationScore
 from .attention import attention_function, grouped_rows, pass_state, run_pass, soft_capped
-from .base import EvictingStream, as_ids, continuation_score
+from .base import CONTINUATION_ROWS, EvictingStream, as_ids, score_batched  # noqa: F401 (CONTINUATION_ROWS)
 from .decode import DecodeStream
 
 ATTENTION_NAME = "streaming_lm_chunked"
-# Continuations of one context read in one pass (a batch): that many copies of the context state while
-# they are read (docs/requests.md's memory bound).
-CONTINUATION_ROWS = 8
 
 
 @dataclasses.dataclass
@@ -41,6 +39,26 @@ class ChunkPlan:
     n_sink: int  # the first n_sink key columns are sinks
     query_shift: torch.Tensor  # long [Q]: p(t) - L(t), the extra rotation for sink logits
     shift: RotaryShift | LayerShifts | None  # for_layer(module.layer_idx): the layer's own
+    # Worked out at the first layer and reused by the others (a layer's attention runs per pass, the plan once).
+    _hidden: dict = dataclasses.field(default_factory=dict)
+
+    def hidden(self, group: int) -> torch.Tensor:
+        """bool [group * Q, K]: what each grouped row may not see (the mask, repeated for the query heads)."""
+        if group not in self._hidden:
+            self._hidden[group] = ~self.allowed.repeat(group, 1)
+        return self._hidden[group]
+
+    @functools.cached_property
+    def rotates_sinks(self) -> bool:
+        """Whether some query's sink logits need a rotation (one device sync per pass, not per layer)."""
+        return bool(self.n_sink) and self.shift is not None and bool(self.query_shift.any())
+
+    def sink_tables(self, shift: RotaryShift, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotation tables of ``query_shift`` for ``shift`` (layers sharing a shift share them)."""
+        key = id(shift)
+        if key not in self._hidden:
+            self._hidden[key] = shift._cos_sin(self.query_shift, device, torch.float32)
+        return self._hidden[key]
 
 
 def _chunk_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -51,10 +69,11 @@ def _chunk_attention(module, query, key, value, attention_mask, scaling, dropout
     rows = grouped_rows(query, kv_heads)
     logits = torch.matmul(rows, key.transpose(-1, -2)) * scaling
     shift = plan.shift.for_layer(getattr(module, "layer_idx", None)) if plan.shift is not None else None
-    if plan.n_sink and shift is not None and bool(plan.query_shift.any()):
-        sink_query = grouped_rows(shift.rotate(query, plan.query_shift), kv_heads)
+    if shift is not None and plan.rotates_sinks:
+        cos, sin = plan.sink_tables(shift, query.device)
+        sink_query = grouped_rows(shift.rotate_by(query, cos, sin), kv_heads)
         logits[..., : plan.n_sink] = torch.matmul(sink_query, key[..., : plan.n_sink, :].transpose(-1, -2)) * scaling
-    logits = soft_capped(logits, kwargs.get("softcap")).masked_fill(~plan.allowed.repeat(group, 1), float("-inf"))
+    logits = soft_capped(logits, kwargs.get("softcap")).masked_fill(plan.hidden(group), float("-inf"))
     learned = kwargs.get("s_aux")  # gpt-oss: a learned logit per head joins every softmax, then is dropped
     if learned is not None:
         column = learned.to(logits.dtype).view(1, kv_heads, group, 1, 1).expand(batch, -1, -1, q_len, 1)
@@ -122,39 +141,10 @@ class ChunkedStream(EvictingStream):
 
     @torch.inference_mode()
     def score_continuations(self, context, continuations) -> list[ContinuationScore]:
-        """As ``Stream.score_continuations``, but the continuations of a context are read together, up to
-        ``CONTINUATION_ROWS`` per forward pass as the rows of a batch (right-padded: a row's padding comes
-        after its tokens, so no real token sees it). A pass of a few tokens costs about as much as reading
-        the weights once, so this is what makes multiple choice fast; the numbers are the one-row ones to
-        float rounding (other matmul shapes), as chunking is."""
+        """The continuations of a context read together, as the rows of a batch (``score_batched``)."""
         if self._decoder is not None:
             return super().score_continuations(context, continuations)
-        if len(context):
-            self.extend(context)
-        last, n = self.last_logits(), self.n
-        results: list = [None] * len(continuations)
-        longer = sorted((i for i, c in enumerate(continuations) if len(c) > 1), key=lambda i: -len(continuations[i]))
-        for i, continuation in enumerate(continuations):
-            if len(continuation) == 1:
-                results[i] = continuation_score(last, continuation, self.evicted, n, self.settings,
-                                                self.held_per_layer)
-        for start in range(0, len(longer), CONTINUATION_ROWS):
-            batch = longer[start : start + CONTINUATION_ROWS]  # longest first: rows of similar length together
-            width = len(continuations[batch[0]]) - 1
-            rows = torch.tensor([[*continuations[i][:-1], *[continuations[i][0]] * (width + 1 - len(continuations[i]))]
-                                 for i in batch], dtype=torch.long, device=self.model.device)
-            branch = self.fork()
-            branch.cache.expand_batch(len(batch))
-            logits = torch.cat([out for _, out in branch._read_rows(rows)], dim=1)
-            held = branch.held_per_layer  # the longest row's (rows read alike; padding never reads past it)
-            del branch  # B copies of the state: gone before the next batch
-            for r, i in enumerate(batch):
-                continuation = continuations[i]
-                # The row's evictions are those of its own stream (the padding read after it is not its).
-                evicted = self.policy.evicted_count(n + len(continuation) - 1)
-                results[i] = continuation_score(torch.cat((last, logits[r, : len(continuation) - 1])), continuation,
-                                                evicted, n, self.settings, held)
-        return results
+        return score_batched(self, context, continuations, self.policy.evicted_count)
 
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:

@@ -20,11 +20,11 @@ from ..forward_args import num_decoder_layers
 from ..positions import check_positions_fit
 from ..storage.context import ContextCache
 from .attention import attention_function, pass_state, refuse_learned_sinks, run_pass, soft_capped
-from .base import EvictingStream, as_ids
+from .base import EvictingStream, as_ids, score_batched
 
 ATTENTION_NAME = "streaming_lm_context"
-# Tokens per pass before the event (method=chunked): a prefill of up to this many tokens is one causal pass with no
-# mask, as kvpress reads it; longer ones continue in passes of this size (each holds this many tokens' activations).
+# The first pass of a stream (method=chunked): up to this many tokens in one causal pass with no mask, as kvpress reads
+# a prefill (it holds this many tokens' activations; SDPA's causal kernel materialises no [tokens, tokens] logits).
 PREFILL_PASS = 4096
 
 
@@ -84,23 +84,39 @@ class ContextStream(EvictingStream):
         return self.cache.kept_per_layer()
 
     def read_passes(self, ids, last_only: bool = False):
-        ids = as_ids(ids, self.model.device)
-        check_positions_fit(self.model, self.n + ids.numel(), self._limit)
+        for a, logits in self._read_rows(as_ids(ids, self.model.device)[None], last_only):
+            yield a, logits[0]
+
+    @torch.inference_mode()
+    def score_continuations(self, context, continuations):
+        """After the event the continuations of a context are read together, as the rows of a batch (nothing is
+        evicted after it: every row's evictions are the event's)."""
+        if not self.compressed:
+            return super().score_continuations(context, continuations)
+        return score_batched(self, context, continuations, lambda n: self.evicted)
+
+    def _read_rows(self, rows: torch.Tensor, last_only: bool = False):
+        """Read ``rows`` ([B, L] token ids; B > 1 only after the event, on a state thrown away after): yields
+        ``(offset, float32 logits [B, q, vocab])`` per pass."""
+        width = rows.shape[1]
+        check_positions_fit(self.model, self.n + width, self._limit)
         chunk = self.settings.chunk_size if self.settings.method == "chunked" else 1
-        if not self.compressed and self.settings.method == "chunked":
-            # Before the event every key is visible causally: few long passes through the causal kernel beat many
-            # masked ones (docs/requests.md: the memory bound is a pass of PREFILL_PASS tokens' activations).
-            chunk = max(chunk, PREFILL_PASS)
         kwargs, first = self._kwargs[last_only], self.n
+        ends = list(range(chunk, width, chunk)) + [width]
+        if first == 0 and self.settings.method == "chunked":
+            # From an empty cache every key is visible causally: the first PREFILL_PASS tokens in one pass through
+            # SDPA's causal kernel, no mask (as kvpress reads a prefill); later passes are masked, chunk_size long, so
+            # that no pass materialises more than [heads, chunk_size, keys] of attention.
+            head = min(width, max(chunk, PREFILL_PASS))
+            ends = [head] + list(range(head + chunk, width, chunk)) + ([width] if width > head else [])
         with attention_function(self.model, ATTENTION_NAME):
-            for a in range(0, ids.numel(), chunk):
-                b = min(a + chunk, ids.numel())
-                positions = torch.arange(first + a, first + b, device=ids.device)[None]
-                logits = run_pass(self.model, ATTENTION_NAME, self.cache, input_ids=ids[None, a:b],
+            for a, b in zip([0] + ends[:-1], ends):
+                positions = torch.arange(first + a, first + b, device=rows.device).expand(rows.shape[0], -1)
+                logits = run_pass(self.model, ATTENTION_NAME, self.cache, input_ids=rows[:, a:b],
                                   position_ids=positions, **kwargs).logits
                 self.n = first + b
                 self.note_held()
-                yield a, logits[0].float()
+                yield a, logits.float()
 
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:

@@ -4,7 +4,8 @@
    and C + 1 tokens equal the dense model. Printed with the largest difference; a failure exits 1.
 2. A random-weight model of Llama-2-7B's shape in bfloat16: tokens/s of one dense forward pass over
    ``--tokens`` tokens, the chunked path with a ``--start_size`` + ``--recent_size`` cache over the same
-   tokens, and the token loop over them (stopped after ``--token_seconds``; its row says how many it read).
+   tokens, the once-after-the-context regime (``evict_every=context``: the tokens as one prefill, then one
+   knorm event at r = 0.5; kvpress's regime), and the token loop over them (stopped after ``--token_seconds``; its row says how many it read).
    Ratios are against the dense pass of the same run.
 
     PYTHONPATH=. python scripts/gpu_check.py            # on the GPU machine, from the repository root
@@ -131,6 +132,17 @@ def timings(args) -> list[dict]:
 
         run(f"chunked {cache} (chunk {settings.chunk_size})", chunked)
 
+        def once():
+            # kvpress's regime: the prefill read with nothing evicted, then one event (knorm at r = 0.5)
+            context = resolve(policy="knorm", evict_every="context", compression_ratio=0.5, start_size=0,
+                              chunk_size=settings.chunk_size)
+            stream = open_stream(model, context, shift)
+            stream.extend(ids)
+            stream.compress()
+            return stream.n, stream.evicted
+
+        run("once after the context, knorm r=0.5", once)
+
         def token_loop():
             stream = open_stream(model, resolve(**knob_args(args), method="token"), shift)
             t, n = time.perf_counter(), 0
@@ -159,9 +171,9 @@ def main(argv=None) -> dict:
         print(f"{'ok  ' if row['ok'] else 'FAIL'} {row['check']}: max |diff| {row['max_diff']:.2e}")
     rows = timings(args)
     print(f"\n{args.shape}, bf16, random weights, on {device}; torch {torch.__version__}")
-    print(f"{'path':<34}{'tokens':>8}{'evicted':>9}{'seconds':>10}{'tokens/s':>11}{'vs dense':>10}")
+    print(f"{'path':<40}{'tokens':>8}{'evicted':>9}{'seconds':>10}{'tokens/s':>11}{'vs dense':>10}")
     for row in rows:
-        print(f"{row['path']:<34}{row['tokens']:>8}{row['evicted']:>9}{row['seconds']:>10}{row['tokens_per_s']:>11}"
+        print(f"{row['path']:<40}{row['tokens']:>8}{row['evicted']:>9}{row['seconds']:>10}{row['tokens_per_s']:>11}"
               f"{row['vs_dense']:>10}")
     results = {"device": device, "shape": args.shape, "checks": checks, "timings": rows}
     if args.json:
