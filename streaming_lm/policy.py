@@ -1,9 +1,11 @@
 """Eviction policies: which tokens a cache holds. The one place that decides what is visible, and the one
 registry of policies (``POLICIES``): what each one is and which parameters it takes.
 
-Two kinds (docs/policies.md, docs/methods.md):
+Three kinds (docs/policies.md, docs/methods.md):
 
 - **index-only** (``SinkWindow``): the held set is known from token indices alone;
+- **index-only per head** (``Duo``): each key/value head holds its own set, known from token indices and the
+  head's pattern (``holds_by_head``);
 - **scored** (``ScoredPolicy``: TOVA, H2O, key-norm, user plug-ins): at an event the protected tokens
   (the first ``S``, the last ``W``) stay and, while the cache holds more than ``C``, the held token with
   the lowest score goes (ties: the older). A scored policy only says how to score held tokens; the

@@ -4,10 +4,11 @@
   after every pass (the token loop and the chunked path);
 - ``EvictingStaticCache``: preallocated slots for one-token decode steps, freeing the slot of
   whatever the policy evicts (no copies per token);
-- ``ScoredDynamicCache``: per key/value head, the tokens a scored policy keeps (token loop);
+- ``ScoredDynamicCache``: per key/value head, the tokens a scored policy keeps (token loop, scored chunked path);
+- ``ContextCache`` (context.py): every token until the one event of ``evict_every=context``, then what it kept;
 - ``DenseCache``: transformers' ``DynamicCache``, nothing evicted (the dense baseline).
 
-All three answer the same accounting questions (``KVAccounting``).
+All of them answer the same accounting questions and expand to a batch alike (``KVAccounting``).
 """
 
 from .accounting import KVAccounting

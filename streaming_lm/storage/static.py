@@ -39,7 +39,7 @@ REBASE_EVERY = 256  # frame resets: one window rotation per 256 tokens; position
 
 
 class EvictingStaticLayer(DynamicLayer):
-    """One layer's slots: ``keys``/``values`` hold ``S`` sink slots then ``W + 1`` others."""
+    """One layer's slots: ``keys``/``values`` hold ``S`` sink slots then the others, ``C + K`` in all."""
 
     def __init__(self, owner: EvictingStaticCache, keys: torch.Tensor, values: torch.Tensor, sink_keys: torch.Tensor,
                  shift: RotaryShift | None):

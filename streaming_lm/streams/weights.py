@@ -23,7 +23,7 @@ def _weights_attention(module, query, key, value, attention_mask, scaling, dropo
     kv_heads = key.shape[1]
     if batch != 1 or q_len != 1:
         raise ValueError("scored policies read one token per pass")
-    # Each key/value head's query heads as rows; logits and softmax in float32 (eviction-policies.md).
+    # Each key/value head's query heads as rows; logits and softmax in float32 (docs/policies.md).
     rows = grouped_rows(query.float(), kv_heads)[0]
     logits = soft_capped(torch.matmul(rows, key[0].float().transpose(-1, -2)) * scaling, kwargs.get("softcap"))
     dead = cache.layers[module.layer_idx].dead  # padding of heads holding fewer tokens (head_budgets=adaptive)
