@@ -463,9 +463,6 @@ class SnapKV(ScoredPolicy):
         return snapkv_scores(queries[:, -self.window_size:], keys, self.kernel_size)
 
 
-ROTATIONS_KEPT = 512  # Expected Attention's mean rotations remembered (16 KiB each at head_dim 64)
-
-
 class ExpectedAttention(ScoredPolicy):
     """Expected Attention: at an event, the attention that future queries are expected to pay each held key, from
     the mean and covariance of the segment's queries before RoPE, rotated on average over the next
@@ -510,17 +507,13 @@ class ExpectedAttention(ScoredPolicy):
                              f"{type(model).__name__} has {'none' if shift is None else 'different ones by layer'}")
         scaling = {float(getattr(m, "attention_scaling")) for m in model.modules() if hasattr(m, "attention_scaling")}
         self.rotary, self.attention_scaling = shift, scaling.pop() if len(scaling) == 1 else 1.0
-        self._rotations: dict = {}  # (event step, segment length) -> its rotation tables (``score``)
         if scaling:
             raise ValueError("policy=expected_attention: the model's rotary modules scale differently")
 
-    def before_rope(self, queries, index, tables=None):
+    def before_rope(self, queries, index):
         """The segment's queries before RoPE: each rotated back from its text position ``index`` and its rotary
-        scaling undone (float32 [query_heads, s, head_dim]); ``tables``: ``rotary._cos_sin(-index)``, if at hand."""
-        import torch
-
-        cos, sin = tables if tables is not None else self.rotary._cos_sin(-index, queries.device, torch.float32)
-        return self.rotary.rotate_by(queries, cos, sin) / self.attention_scaling
+        scaling undone (float32 [query_heads, s, head_dim])."""
+        return self.rotary.rotate(queries, -index) / self.attention_scaling
 
     def score(self, keys, values, attention, queries, step):
         import torch
@@ -528,18 +521,9 @@ class ExpectedAttention(ScoredPolicy):
         from .compression.expected_attention import expected_attention_scores, mean_rotation
 
         index = torch.arange(step - queries.shape[1] + 1, step + 1, device=queries.device)
-        # The same for every layer at one event: computed once per event (the chunked path takes each layer's rows
-        # in turn, so a few hundred events are remembered), not once per layer.
-        event = (step, queries.shape[1])
-        if event not in self._rotations:
-            if len(self._rotations) >= ROTATIONS_KEPT:
-                self._rotations.pop(next(iter(self._rotations)))
-            self._rotations[event] = (
-                self.rotary._cos_sin(-index, queries.device, torch.float32),  # the segment's queries rotated back
-                mean_rotation(self.rotary.inv_freq.float(), step + 1, self.n_future_positions, keys.shape[-1],
-                              self.rotary.layout, self.attention_scaling))
-        tables, rotation = self._rotations[event]
-        before = self.before_rope(queries, index, tables)
+        before = self.before_rope(queries, index)
+        rotation = mean_rotation(self.rotary.inv_freq.float(), step + 1, self.n_future_positions, keys.shape[-1],
+                                 self.rotary.layout, self.attention_scaling)
         return expected_attention_scores(before, index, keys, values, rotation, n_sink=self.n_sink,
                                          use_covariance=self.use_covariance, use_vnorm=self.use_vnorm,
                                          epsilon=self.epsilon)

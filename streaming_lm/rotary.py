@@ -54,6 +54,11 @@ class RotaryShift:
             self._tables[key] = self._cos_sin(torch.tensor(delta), device, torch.float32)
         return self._tables[key]
 
+    def tables(self, delta: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float32 tables of a tensor of deltas, for ``rotate_by`` (worth keeping where several layers rotate
+        by the same deltas: the chunk plan's sink queries)."""
+        return self._cos_sin(delta, device, torch.float32)
+
     def rotate(self, x: torch.Tensor, delta) -> torch.Tensor:
         """Rotate ``x`` of shape [..., seq, head_dim] by ``delta`` positions.
 
@@ -65,7 +70,7 @@ class RotaryShift:
                 return x
             cos, sin = self.cos_sin(delta, x.device)
         else:
-            cos, sin = self._cos_sin(delta, x.device, torch.float32)
+            cos, sin = self.tables(delta, x.device)
         return self.rotate_by(x, cos, sin)
 
     def rotate_by(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -46,12 +46,9 @@ class Architecture:
     status: str
     paths: tuple[str, ...] = ALL_PATHS  # the paths proven for it (tested per path); the probe may serve fewer
     own_attention: str = ""  # where attention runs, if in model code: why no chunked path serves it
-    variant: Callable | None = None  # config -> the row of a released variant that streams differently, or None
+    # Released variants that stream differently: (config -> whether it is one, its own row); checked in order.
+    variants: tuple[tuple[Callable, Architecture], ...] = ()
     max_keys: str = ""  # the config field, where set, bounding the keys one step attends to (a bias table's length)
-
-
-def _falcon_variant(config) -> Architecture | None:
-    return FALCON_ALIBI if getattr(config, "alibi", False) else None
 
 
 # falcon-rw (alibi=True): FalconModel adds the bias to the attention mask it builds, by the key's slot in the cache.
@@ -110,7 +107,8 @@ ARCHITECTURES = (
                  "multi-query with `parallel_attn` (7B)", "as above",
                  "supported on every path where its attention runs through transformers' attention interface "
                  f"(transformers 5.25; probed at load), else on the token loop ({TOKEN_LOOP_STATUS}); `alibi=True` "
-                 "(falcon-rw): its own row (ALiBi)", variant=_falcon_variant),
+                 "(falcon-rw): its own row (ALiBi)",
+                 variants=((lambda config: getattr(config, "alibi", False), FALCON_ALIBI),)),
     Architecture(("mpt", "bloom"), ALIBI, "ALiBi: attention biased by the key's distance in cache slots",
                  "`shifted`: the bias by slot distance, sink `j` at `min(t, C) − j` (the paper's setting for ALiBi); "
                  "`original` refused (text distances cannot reach the model's bias)",
@@ -121,7 +119,7 @@ ARCHITECTURES = (
                  max_keys="max_seq_len"),  # mpt's bias table; bloom builds its bias for any length
 )
 ARCHITECTURE_OF = {name: arch for arch in ARCHITECTURES for name in arch.model_types}
-VARIANTS = (FALCON_ALIBI,)  # rows reached through a type's ``variant``
+VARIANTS = tuple(row for arch in ARCHITECTURES for _, row in arch.variants)  # rows reached through a type's row
 SUPPORTED_ARCHITECTURES = {name: arch.scheme for arch in ARCHITECTURES for name in arch.model_types}
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention with a window of at least C + evict_every tokens")
 
@@ -280,8 +278,9 @@ def fall_back_to_token_loop(model, settings: StreamingSettings, method_given: bo
 def architecture_of(config) -> Architecture | None:
     """The registry row of a loaded model's config: its type's, or that of the released variant it is."""
     arch = ARCHITECTURE_OF.get(config.model_type)
-    if arch is not None and arch.variant is not None:
-        return arch.variant(config) or arch
+    for matches, row in arch.variants if arch is not None else ():
+        if matches(config):
+            return row
     return arch
 
 
@@ -301,7 +300,7 @@ def unserved_reason(model, arch: Architecture, path: str) -> str:
 
 
 def check_architecture_settings(model, arch: Architecture, settings: StreamingSettings | None) -> None:
-    """What a registry row says beyond its type: refused variants, the paths and position modes serving it.
+    """What a registry row says beyond its type: the paths and position modes serving it, the keys it can attend.
     (A scored policy's weights come from the model's outputs where attention runs in model code: every type
     with ``own_attention`` returns them with ``output_attentions``, tests/test_token_loop_architectures.py.)"""
     config = model.config

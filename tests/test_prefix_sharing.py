@@ -245,12 +245,12 @@ def test_adapter_returns_lm_evals_order_and_the_unshared_numbers(tiny):
 def test_chunked_reads_a_contexts_continuations_as_one_batch_with_the_one_row_numbers(tiny, positions):
     """More continuations than CONTINUATION_ROWS, of mixed lengths (one token: no pass at all), evicting."""
     from helpers.engine import score_stream
-    from streaming_lm.streams import chunked
+    from streaming_lm.streams.base import CONTINUATION_ROWS
 
     model, tokenizer = tiny
     shift, settings = find_rotary(model), settings_for("chunked", positions, chunk_size=8)
     context = tokenizer.encode("A context longer than the cache: 0123456789")
-    continuations = [tokenizer.encode(" " + "abcdefghijklmnopqrstuvwxyz"[: k % 13]) for k in range(chunked.CONTINUATION_ROWS + 3)]
+    continuations = [tokenizer.encode(" " + "abcdefghijklmnopqrstuvwxyz"[: k % 13]) for k in range(CONTINUATION_ROWS + 3)]
     got = score_continuations(model, context, continuations, settings, shift)
     for continuation, scored in zip(continuations, got, strict=True):
         (alone,) = score_continuations(model, context, [continuation], settings, shift)

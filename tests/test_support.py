@@ -68,8 +68,9 @@ def test_a_model_that_leaves_the_interface_loses_the_engine_paths_with_the_reaso
 
 
 def test_its_token_loop_is_the_model_s_own(models):
-    """The token loop runs the model's own attention: the bypassing layer changes nothing (the same weights give
-    the same numbers as the plain Llama); the chunked path, run anyway, fails loudly."""
+    """The fallback keeps its promise: the token loop runs the model's own attention, so the bypassing layer changes
+    nothing (the same weights give the plain Llama's token loop), and that is the chunked path's numbers, which the
+    plain Llama reaches (the token loop alone could not tell); the chunked path, run anyway, fails loudly."""
     llama, bypassing = models
     ids = torch.randint(3, 128, (30,), generator=torch.Generator().manual_seed(0))
     token = StreamingSettings(2, 6, method="token")
@@ -77,6 +78,8 @@ def test_its_token_loop_is_the_model_s_own(models):
     got = score(bypassing, ids, token, find_rotary(bypassing))
     assert got.evicted == expected.evicted > 0
     torch.testing.assert_close(got.logprobs, expected.logprobs, rtol=0, atol=1e-5)
+    chunked = score(llama, ids, dataclasses.replace(token, method="chunked", chunk_size=4), find_rotary(llama))
+    torch.testing.assert_close(got.logprobs, chunked.logprobs, rtol=0, atol=2e-5)
     with pytest.raises(RuntimeError, match="1 of 2 layers ran the streaming_lm_chunked attention function"):
         score(bypassing, ids, dataclasses.replace(token, method="chunked"), find_rotary(bypassing))
 

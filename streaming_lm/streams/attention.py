@@ -15,6 +15,7 @@ import dataclasses
 import weakref
 
 import torch
+import transformers
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import logging as transformers_logging
@@ -125,8 +126,6 @@ class Reach:
         return self.called == self.layers and not self.biased and not self.error
 
     def reason(self, model) -> str:
-        import transformers
-
         name, version = type(model).__name__, transformers.__version__
         if self.error:
             return f"{name} cannot run with an attention function registered by streaming_lm ({self.error})"

@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from ..forward_args import cache_kwarg, forward_takes
 from ..loglik import ContinuationScore, StreamScore, check_evicted, target_logprobs
 from ..policy import policy_for
-from ..positions import position_limit
+from ..positions import check_positions_fit, position_limit
+from .attention import attention_function, run_pass
 
 
 class Stream(ABC):
@@ -212,6 +213,28 @@ class EvictingStream(CachedStream):
 
     def _shared(self):
         return (self.shift, self.policy)
+
+    def _read_in_passes(self, rows: torch.Tensor, spans, name: str, plan, last_only: bool = False):
+        """The one chunk loop of the paths that read several tokens a pass: ``rows`` ([B, L] token ids) in the
+        passes ``spans`` (``(a, b)``: tokens ``a .. b-1`` of each row), every layer through the registered attention
+        function ``name`` (``run_pass`` checks that each ran it); ``plan(a, b)`` (stream indices) gives the pass's
+        state and its position ids [1, b - a]. Yields ``(a, float32 logits [B, q, vocab])``."""
+        check_positions_fit(self.model, self.n + rows.shape[1], self._limit)
+        kwargs, first = self._kwargs[last_only], self.n
+        with attention_function(self.model, name):  # once around the loop: switching costs milliseconds
+            for a, b in spans:
+                state, positions = plan(first + a, first + b)
+                logits = run_pass(self.model, name, state, input_ids=rows[:, a:b],
+                                  position_ids=positions.expand(rows.shape[0], -1), **kwargs).logits
+                self.note_held()
+                self.n = first + b
+                yield a, logits.float()
+
+
+def chunk_spans(width: int, chunk: int, first: int | None = None) -> list[tuple[int, int]]:
+    """Passes ``(a, b)`` over ``width`` tokens: ``chunk`` a pass, the first ``first`` long where given."""
+    head = min(width, chunk if first is None else first)
+    return [(0, head)] + [(a, min(a + chunk, width)) for a in range(head, width, chunk)]
 
 
 def forward_kwargs(model, cache) -> tuple[dict, dict]:

@@ -20,12 +20,12 @@ import torch
 from transformers import AttentionInterface
 
 from ..forward_args import num_decoder_layers
-from ..positions import check_positions_fit, first_recent, query_position
+from ..positions import first_recent, query_position
 from ..rotary import LayerShifts, RotaryShift
 from ..storage import EvictingDynamicCache
 from ..loglik import ContinuationScore
-from .attention import attention_function, grouped_rows, pass_state, run_pass, soft_capped
-from .base import CONTINUATION_ROWS, EvictingStream, as_ids, score_batched  # noqa: F401 (CONTINUATION_ROWS)
+from .attention import grouped_rows, pass_state, soft_capped
+from .base import EvictingStream, as_ids, chunk_spans, score_batched
 from .decode import DecodeStream
 
 ATTENTION_NAME = "streaming_lm_chunked"
@@ -57,7 +57,7 @@ class ChunkPlan:
         """The rotation tables of ``query_shift`` for ``shift`` (layers sharing a shift share them)."""
         key = id(shift)
         if key not in self._hidden:
-            self._hidden[key] = shift._cos_sin(self.query_shift, device, torch.float32)
+            self._hidden[key] = shift.tables(self.query_shift, device)
         return self._hidden[key]
 
 
@@ -126,18 +126,8 @@ class ChunkedStream(EvictingStream):
     def _read_rows(self, rows: torch.Tensor, last_only: bool = False):
         """Read ``rows`` ([B, L] token ids; B > 1 only on a state that is thrown away after, see
         ``score_continuations``): yields ``(offset, float32 logits [B, q, vocab])`` per chunk of L."""
-        width = rows.shape[1]
-        check_positions_fit(self.model, self.n + width, self._limit)
-        kwargs, chunk, first = self._kwargs[last_only], self.settings.chunk_size, self.n
-        with attention_function(self.model, ATTENTION_NAME):
-            for a in range(0, width, chunk):
-                b = min(a + chunk, width)
-                plan, positions = plan_chunk(first + a, first + b, self, rows.device)
-                logits = run_pass(self.model, ATTENTION_NAME, plan, input_ids=rows[:, a:b],
-                                  position_ids=positions.expand(rows.shape[0], -1), **kwargs).logits
-                self.note_held()
-                self.n = first + b
-                yield a, logits.float()
+        return self._read_in_passes(rows, chunk_spans(rows.shape[1], self.settings.chunk_size), ATTENTION_NAME,
+                                    lambda a, b: plan_chunk(a, b, self, rows.device), last_only)
 
     @torch.inference_mode()
     def score_continuations(self, context, continuations) -> list[ContinuationScore]:

@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from ..forward_args import num_decoder_layers
-from ..positions import check_positions_fit
 from ..storage.context import ContextCache
-from .attention import attention_function, pass_state, refuse_learned_sinks, run_pass, soft_capped
-from .base import EvictingStream, as_ids, score_batched
+from .attention import pass_state, refuse_learned_sinks, soft_capped
+from .base import EvictingStream, as_ids, chunk_spans, score_batched
 
 ATTENTION_NAME = "streaming_lm_context"
 # The first pass of a stream (method=chunked): up to this many tokens in one causal pass with no mask, as kvpress reads
@@ -98,25 +97,14 @@ class ContextStream(EvictingStream):
     def _read_rows(self, rows: torch.Tensor, last_only: bool = False):
         """Read ``rows`` ([B, L] token ids; B > 1 only after the event, on a state thrown away after): yields
         ``(offset, float32 logits [B, q, vocab])`` per pass."""
-        width = rows.shape[1]
-        check_positions_fit(self.model, self.n + width, self._limit)
-        chunk = self.settings.chunk_size if self.settings.method == "chunked" else 1
-        kwargs, first = self._kwargs[last_only], self.n
-        ends = list(range(chunk, width, chunk)) + [width]
-        if first == 0 and self.settings.method == "chunked":
-            # From an empty cache every key is visible causally: the first PREFILL_PASS tokens in one pass through
-            # SDPA's causal kernel, no mask (as kvpress reads a prefill); later passes are masked, chunk_size long, so
-            # that no pass materialises more than [heads, chunk_size, keys] of attention.
-            head = min(width, max(chunk, PREFILL_PASS))
-            ends = [head] + list(range(head + chunk, width, chunk)) + ([width] if width > head else [])
-        with attention_function(self.model, ATTENTION_NAME):
-            for a, b in zip([0] + ends[:-1], ends):
-                positions = torch.arange(first + a, first + b, device=rows.device).expand(rows.shape[0], -1)
-                logits = run_pass(self.model, ATTENTION_NAME, self.cache, input_ids=rows[:, a:b],
-                                  position_ids=positions, **kwargs).logits
-                self.n = first + b
-                self.note_held()
-                yield a, logits.float()
+        chunked = self.settings.method == "chunked"
+        chunk = self.settings.chunk_size if chunked else 1
+        # From an empty cache every key is visible causally: the first PREFILL_PASS tokens in one pass through SDPA's
+        # causal kernel, no mask (as kvpress reads a prefill); later passes are masked, chunk_size long, so that no pass
+        # materialises more than [heads, chunk_size, keys] of attention.
+        first = max(chunk, PREFILL_PASS) if chunked and self.n == 0 else None
+        return self._read_in_passes(rows, chunk_spans(rows.shape[1], chunk, first), ATTENTION_NAME,
+                                    lambda a, b: (self.cache, torch.arange(a, b, device=rows.device)[None]), last_only)
 
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:

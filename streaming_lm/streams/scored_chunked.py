@@ -17,11 +17,10 @@ import torch
 from transformers import AttentionInterface
 
 from ..forward_args import num_decoder_layers
-from ..positions import check_positions_fit
 from ..storage import ScoredDynamicCache
 from ..storage.scored import adaptive_compress, compress, held_scores, step_scores
-from .attention import attention_function, grouped_rows, pass_state, refuse_learned_sinks, run_pass, soft_capped
-from .base import EvictingStream, as_ids
+from .attention import grouped_rows, pass_state, refuse_learned_sinks, soft_capped
+from .base import EvictingStream, as_ids, chunk_spans
 
 ATTENTION_NAME = "streaming_lm_scored_rows"
 
@@ -115,17 +114,11 @@ class ScoredChunkedStream(EvictingStream):
 
     def read_passes(self, ids, last_only: bool = False):
         ids = as_ids(ids, self.model.device)
-        check_positions_fit(self.model, self.n + ids.numel(), self._limit)
-        kwargs, chunk, first = self._kwargs[last_only], self.settings.chunk_size, self.n
-        with attention_function(self.model, ATTENTION_NAME):
-            for a in range(0, ids.numel(), chunk):
-                b = min(a + chunk, ids.numel())
-                positions = torch.arange(first + a, first + b, device=ids.device)[None]
-                logits = run_pass(self.model, ATTENTION_NAME, self.cache, input_ids=ids[None, a:b],
-                                  position_ids=positions, **kwargs).logits
-                self.note_held()
-                self.n = first + b
-                yield a, logits[0].float()
+        # Original positions: a pass's position ids are its tokens' stream indices.
+        passes = self._read_in_passes(ids[None], chunk_spans(ids.numel(), self.settings.chunk_size), ATTENTION_NAME,
+                                      lambda a, b: (self.cache, torch.arange(a, b, device=ids.device)[None]), last_only)
+        for a, logits in passes:
+            yield a, logits[0]
 
     def step(self, token: int) -> torch.Tensor:
         return self.read([token])[-1]
