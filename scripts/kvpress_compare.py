@@ -23,7 +23,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from helpers.kvpress_reference import METHODS, cases, load, tied_cells, weights_sha256  # noqa: E402
-from helpers.once import engine_greedy, engine_logprobs, press_settings  # noqa: E402
+from helpers.context_regime import engine_greedy, engine_logprobs, press_settings  # noqa: E402
 
 from streaming_lm.rotary import find_rotary  # noqa: E402
 

@@ -22,7 +22,7 @@ def score_continuations(
 ) -> list[ContinuationScore]:
     """Score each continuation (token ids) after the same context (token ids, at least one)."""
     _check(context, continuations)
-    if settings is not None and settings.once:  # the event falls inside the context: the request walk places it
+    if settings is not None and settings.context_regime:  # the event falls inside the context: the request walk places it
         return score_requests(model, [(context, c) for c in continuations], settings, shift)[0]
     return open_stream(model, settings, shift).score_continuations(list(context), [list(c) for c in continuations])
 
@@ -30,9 +30,11 @@ def score_continuations(
 def score_requests(
     model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], settings: StreamingSettings,
     shift: RotaryShift | None, share: bool = True, on_result: Callable[[int, ContinuationScore], None] | None = None,
+    policy=None,
 ) -> tuple[list[ContinuationScore], WalkStats]:
     """Every ``(context, continuation)``, in the order given; contexts' common prefixes are read once
-    (``share=False``: only identical contexts are). ``on_result(index, score)`` as each one is done."""
+    (``share=False``: only identical contexts are). ``on_result(index, score)`` as each one is done; ``policy``: the
+    settings' method bound once (``engine.Engine``)."""
     for context, continuation in requests:
         _check(context, [continuation])
     results: list = [None] * len(requests)
@@ -44,8 +46,8 @@ def score_requests(
             if on_result is not None:
                 on_result(i, scored)
 
-    stats = read_contexts([context for context, _ in requests], lambda: open_stream(model, settings, shift), visit,
-                          share, None if settings is None else settings.schedule)
+    stats = read_contexts([context for context, _ in requests], lambda: open_stream(model, settings, shift, policy=policy),
+                          visit, share, None if settings is None else settings.schedule)
     return results, stats
 
 

@@ -54,6 +54,7 @@ class Generation:
     max_held: int = 0  # most tokens any layer held between passes
     held_per_layer: tuple[int, ...] = ()  # the most tokens each layer held between passes
     kept_per_layer: tuple[float, ...] = ()  # evict_every=context: held per layer right after the event (head mean)
+    held_per_head: tuple[tuple[int, ...], ...] = ()  # the most each key/value head of each layer held
 
 
 def decode(
@@ -94,7 +95,7 @@ def generate(
     """Stream ``context`` (token ids, at least one) through the cache, then ``decode``."""
     if len(context) == 0:
         raise ValueError("generation needs at least one context token")
-    if settings is not None and settings.once:  # the event falls inside the context: the request walk places it
+    if settings is not None and settings.context_regime:  # the event falls inside the context: the request walk places it
         return generate_requests(model, [GenerationRequest(context, max_new_tokens, decode_kwargs)], settings,
                                  shift)[0][0]
     stream = open_stream(model, settings, shift)
@@ -111,10 +112,11 @@ class GenerationRequest:
 
 def generate_requests(
     model, requests: Sequence[GenerationRequest], settings: StreamingSettings, shift: RotaryShift | None,
-    share: bool = True, on_result: Callable[[int, Generation], None] | None = None,
+    share: bool = True, on_result: Callable[[int, Generation], None] | None = None, policy=None,
 ) -> tuple[list[Generation], WalkStats]:
     """``generate`` for every request, in the order given; contexts' common prefixes are read once
-    (``streams.shared``; ``share=False``: only identical contexts are). ``on_result(index, generation)``."""
+    (``streams.shared``; ``share=False``: only identical contexts are). ``on_result(index, generation)``; ``policy``:
+    the settings' method bound once (``engine.Engine``)."""
     results: list = [None] * len(requests)
 
     def visit(stream, members, spare):
@@ -126,12 +128,14 @@ def generate_requests(
             if on_result is not None:
                 on_result(i, results[i])
 
-    stats = read_contexts([request.context for request in requests], lambda: open_stream(model, settings, shift),
-                          visit, share, None if settings is None else settings.schedule)
+    stats = read_contexts([request.context for request in requests],
+                          lambda: open_stream(model, settings, shift, policy=policy), visit, share,
+                          None if settings is None else settings.schedule)
     return results, stats
 
 
 def _generate_after_context(stream, max_new_tokens: int, decode_kwargs: dict) -> Generation:
     logits = stream.last_logits()[-1]
     tokens = decode(stream, logits, max_new_tokens, **decode_kwargs) if max_new_tokens > 0 else []
-    return Generation(tokens, stream.evicted, stream.max_held, tuple(stream.held_per_layer), stream.kept_per_layer())
+    return Generation(tokens, stream.evicted, stream.max_held, tuple(stream.held_per_layer), stream.kept_per_layer(),
+                      tuple(stream.held_per_head))

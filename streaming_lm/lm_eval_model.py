@@ -1,7 +1,7 @@
 """``streaming_hf``: lm-eval's ``HFLM`` scored through a sink+window streaming cache.
 
-Thin adapter: it maps lm-eval requests onto the engine (``streaming_lm.rolling`` for rolling
-log-likelihoods, ``.continuation`` for ``loglikelihood``, ``.generation`` for ``generate_until``)
+Thin adapter: it maps lm-eval requests onto the engine (``engine.Engine``, built once: rolling log-likelihoods,
+``loglikelihood`` continuations, ``generate_until``)
 and leaves loading, tokenisation and everything else to ``HFLM``.
 """
 
@@ -24,13 +24,10 @@ from lm_eval.models.utils_hf import stop_sequences_criteria
 from tqdm.auto import tqdm
 
 from . import settings as settings_mod
-from .continuation import score_requests
-from .generation import SAMPLING_DEFAULTS, GenerationRequest, generate_requests, greedy, sampler
+from .engine import Engine
+from .generation import SAMPLING_DEFAULTS, GenerationRequest, greedy, sampler
 from .offline_models import resolve_pretrained
-from .policy import policy_for
-from .rolling import score
 from .streams import uses_batch_size
-from .rotary import find_rotary
 from .support import check_model_supported, check_trust_positions, fall_back_to_token_loop
 
 # Under lm-eval's logger, so its CLI shows our lines with its own.
@@ -84,6 +81,7 @@ class StreamingHFLM(HFLM):
         _refuse_misspelt_args(kwargs)
         self._max_length_arg = kwargs.get("max_length")
         self.streaming = settings_mod.resolve(**self._streaming_args, max_length=self._max_length_arg)
+        self._resolved_for = self._max_length_arg
         super().__init__(pretrained, **kwargs)
         accelerator = getattr(self, "accelerator", None)
         if accelerator is not None and accelerator.num_processes > 1 and self.world_size == 1:
@@ -92,7 +90,7 @@ class StreamingHFLM(HFLM):
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         if accelerator is not None and accelerator.num_processes > 1:
             atexit.register(_leave_process_group)
-        if self._streaming_args["compression_ratio"] is not None:
+        if self._streaming_args["compression_ratio"] is not None and self.max_length != self._resolved_for:
             self.streaming = settings_mod.resolve(**self._streaming_args, max_length=self.max_length)
         # A type no chunked path serves reads with the token loop by default (same numbers), and says so.
         self.streaming, fallback = fall_back_to_token_loop(self.model, self.streaming,
@@ -100,11 +98,11 @@ class StreamingHFLM(HFLM):
         if fallback:
             eval_logger.warning(fallback)
         check_model_supported(self.model, self.streaming, self._trust_positions)
-        self.rotary = find_rotary(self.model)
-        # What the policy needs of the model (Expected Attention: RoPE; duo: a pattern of its shape), refused now.
-        policy_for(self.streaming).bind(self.model, self.rotary)
+        # The method bound to the model once (what it needs of it refused now), for every request.
+        self.engine = Engine(self.model, self.streaming)
         self._evicted = 0
         self._held_per_layer: tuple[int, ...] = ()  # the most each layer held, over every request
+        self._held_per_head: tuple[tuple[int, ...], ...] = ()  # the most each key/value head of each layer held
         self._kept: list = [0, None]  # evict_every=context: requests, and per layer the sum held after their event
         eval_logger.info("streaming_hf cache: %s", self.streaming.as_dict())
 
@@ -115,7 +113,8 @@ class StreamingHFLM(HFLM):
             max_length = self._max_length_arg or resolve_max_length(
                 self.config, self.tokenizer, default=self._DEFAULT_MAX_LENGTH
             )
-            settings_mod.resolve(**self._streaming_args, max_length=max_length)
+            self.streaming = settings_mod.resolve(**self._streaming_args, max_length=max_length)
+            self._resolved_for = max_length  # HFLM's max_length is the same unless it finds another: resolved once
         super()._create_model(pretrained, *args, **kwargs)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -124,10 +123,9 @@ class StreamingHFLM(HFLM):
         show = not disable_tqdm and self.rank == 0
         for request in tqdm(requests, disable=not show, desc="streaming requests"):
             (string,) = request.args
-            scored = score(self.model, self.rolling_ids(string), self.streaming, self.rotary, progress=show,
-                           batch_size=windows_per_pass)
+            scored = self.engine.score(self.rolling_ids(string), progress=show, batch_size=windows_per_pass)
             self._evicted += scored.evicted
-            self._note_held(scored.held_per_layer)
+            self._note_held(scored)
             total = float(scored.logprobs.double().sum())
             results.append(total)
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
@@ -154,12 +152,12 @@ class StreamingHFLM(HFLM):
 
         def done(i, scored):
             self._evicted += scored.evicted
-            self._note_held(scored.held_per_layer, scored.kept_per_layer)
+            self._note_held(scored)
             self.cache_hook.add_partial("loglikelihood", requests[i][0], (scored.logprob, scored.is_greedy))
             bar.update(1)
 
         pairs = [(context, continuation) for _, context, continuation in requests]
-        scores, stats = score_requests(self.model, pairs, self.streaming, self.rotary, self.share_prefixes, done)
+        scores, stats = self.engine.score_requests(pairs, self.share_prefixes, done)
         bar.close()
         self._log_done("loglikelihood", len(requests), stats)
         return [(scored.logprob, scored.is_greedy) for scored in scores]
@@ -194,12 +192,12 @@ class StreamingHFLM(HFLM):
 
         def done(i, out):
             self._evicted += out.evicted
-            self._note_held(out.held_per_layer, out.kept_per_layer)
+            self._note_held(out)
             results[i] = self._postprocess(out.tokens, untils[i])
             self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
             bar.update(1)
 
-        _, stats = generate_requests(self.model, prepared, self.streaming, self.rotary, self.share_prefixes, done)
+        _, stats = self.engine.generate_requests(prepared, self.share_prefixes, done)
         bar.close()
         self._log_done("generate_until", len(requests), stats)
         return results
@@ -271,9 +269,14 @@ class StreamingHFLM(HFLM):
             torch.distributed.all_gather_object(counts, self._evicted)
             self._evicted_all_ranks = sum(counts)
 
-    def _note_held(self, held: tuple[int, ...], kept: tuple[float, ...] = ()) -> None:
+    def _note_held(self, result) -> None:
+        """A request's memory (a ``StreamScore``, ``ContinuationScore`` or ``Generation``) into the run's."""
+        held, kept = result.held_per_layer, getattr(result, "kept_per_layer", ())
         before = self._held_per_layer or (0,) * len(held)
         self._held_per_layer = tuple(max(a, b) for a, b in zip(before, held))
+        before = self._held_per_head or tuple(() for _ in result.held_per_head)
+        self._held_per_head = tuple(tuple(map(max, old, new)) if len(old) == len(new) else tuple(new)
+                                    for old, new in zip(before, result.held_per_head))
         if kept:
             total = self._kept[1] or (0.0,) * len(kept)
             self._kept = [self._kept[0] + 1, tuple(a + b for a, b in zip(total, kept))]
@@ -281,19 +284,20 @@ class StreamingHFLM(HFLM):
     def get_model_info(self) -> dict:
         info = super().get_model_info()
         evicted = getattr(self, "_evicted_all_ranks", self._evicted) if self.world_size > 1 else self._evicted
-        info["streaming"] = self.streaming.as_dict() | {"evicted_tokens": evicted} | held_report(self._held_per_layer)
+        info["streaming"] = self.streaming.as_dict() | {"evicted_tokens": evicted} | held_report(self._held_per_layer, self._held_per_head)
         if self._kept[0]:  # evict_every=context: what each layer kept at the requests' events, on average
             info["streaming"]["held_tokens_after_event_per_layer"] = [round(total / self._kept[0], 2)
                                                                       for total in self._kept[1]]
         return info
 
 
-def held_report(per_layer: tuple[int, ...]) -> dict:
-    """The results file's memory: the most tokens each layer held between passes over the run (this rank's), and
-    per key/value head their mean and maximum. A layer's count is its storage's width: every head's count but with
-    head_budgets=adaptive, where it is the most any head holds (the mean is then an upper bound). Empty for
-    recompute (no cache) and before any request."""
+def held_report(per_layer: tuple[int, ...], per_head: tuple[tuple[int, ...], ...] = ()) -> dict:
+    """The results file's memory: the most tokens each layer held between passes over the run (this rank's: its
+    storage's width, what it allocates), and per key/value head the mean and maximum of the most each head held (heads
+    hold different counts with AdaKV and duo: the mean is theirs exactly, not the widths'). Empty for recompute (no
+    cache) and before any request."""
     if not per_layer:
         return {}
+    heads = [count for layer in per_head for count in layer] or list(per_layer)
     return {"held_tokens_per_layer": list(per_layer),
-            "held_tokens_per_head": {"mean": sum(per_layer) / len(per_layer), "max": max(per_layer)}}
+            "held_tokens_per_head": {"mean": sum(heads) / len(heads), "max": max(per_layer)}}

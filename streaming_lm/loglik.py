@@ -21,6 +21,7 @@ class StreamScore:
     max_held: int  # most tokens any layer held between steps (recompute: tokens in a window)
     greedy: torch.Tensor | None = None  # bool [n - 1]: x_{t+1} was the argmax (recompute only)
     held_per_layer: tuple[int, ...] = ()  # the most tokens each layer held between passes (cache paths)
+    held_per_head: tuple[tuple[int, ...], ...] = ()  # the most each key/value head of each layer held
 
 
 @dataclasses.dataclass
@@ -30,6 +31,7 @@ class ContinuationScore:
     evicted: int  # tokens evicted over the stream context + continuation
     held_per_layer: tuple[int, ...] = ()  # the most tokens each layer held between passes (cache paths)
     kept_per_layer: tuple[float, ...] = ()  # evict_every=context: held per layer right after the event (head mean)
+    held_per_head: tuple[tuple[int, ...], ...] = ()  # the most each key/value head of each layer held
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -41,7 +43,7 @@ def check_evicted(n_tokens: int, evicted: int, settings: StreamingSettings) -> N
     """A stream of ``n_tokens`` reads all but its last; once an event falls after more than C tokens were read
     (docs/semantics.md, "Events"), something must have been evicted."""
     read = n_tokens - 1
-    if settings.once:  # one event per request, placed by the request walk; ContextStream.compress keeps the count
+    if settings.context_regime:  # one event per request, placed by the request walk; ContextStream.compress keeps the count
         return
     if settings.keys_attended is None:  # duo: its pattern, not C, sizes its streaming heads (bound at stream open)
         return

@@ -9,17 +9,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-import numbers
 import re
 
-from . import policy as policy_mod
+from . import methods
+from .methods.base import HEADS, OBSERVATIONS, SCORED as _SCORED_KIND
 from .schedule import CONTEXT, ContextSchedule, Schedule
-from .values import as_choice, as_int
+from .values import as_choice, as_fraction, as_int
 
 POSITIONS = ("shifted", "original")
-# Built-in eviction policies: the registry's names (streaming_lm/policy.py declares what each one is and
-# takes); "package.module:Class" names a user policy (docs/policies.md).
-POLICIES: tuple[str, ...] = tuple(policy_mod.POLICIES)
+# Built-in compression methods: the registry's names (streaming_lm/methods/ declares what each one is and takes);
+# "package.module:Class" names a user's (docs/policies.md).
+POLICIES: tuple[str, ...] = tuple(methods.POLICIES)
 DEFAULT_POLICY = "sink_window"
 # chunked: exact and fast; token: the reference loop; recompute: a fresh dense pass per window
 # (the paper's "sliding window with re-computation" baseline, not a streaming cache).
@@ -75,7 +75,7 @@ class StreamingSettings:
     def __post_init__(self):
         cls = _policy_class(self.policy)
         object.__setattr__(self, "policy_params", check_policy_params(cls, self.policy, self.policy_params))
-        scored = not cls.index_only
+        scored = cls.kind == _SCORED_KIND
         object.__setattr__(self, "evict_every", _check_evict_every(self.evict_every, self.method))
         object.__setattr__(self, "query_size", _check_query_size(self.query_size, self.evict_every))
         object.__setattr__(self, "start_size", as_int("start_size", self.start_size, 0))
@@ -106,7 +106,7 @@ class StreamingSettings:
     @property
     def schedule(self) -> Schedule | ContextSchedule:
         """When the cache is compressed (schedule.py): after every ``evict_every`` tokens, or once per request."""
-        return ContextSchedule(self.query_size) if self.once else Schedule(self.evict_every)
+        return ContextSchedule(self.query_size) if self.context_regime else Schedule(self.evict_every)
 
     @property
     def keys_attended(self) -> int | None:
@@ -114,20 +114,21 @@ class StreamingSettings:
         ``C + 1`` with ``evict_every=1``), so shifted positions reach ``C + K - 1``. None under ``evict_every=context``
         (the prefill is read whole, as long as the context) and for a policy some of whose heads keep every token
         (duo's retrieval heads)."""
-        if self.once or _policy_class(self.policy).holds_by_head:
+        if self.context_regime or _policy_class(self.policy).kind == HEADS:
             return None
         return self.capacity + self.schedule.extra_slots()
 
     @property
-    def once(self) -> bool:
-        """``evict_every=context``: one event per request, after its context minus its last ``query_size`` tokens."""
+    def context_regime(self) -> bool:
+        """``evict_every=context`` (kvpress's regime): one event per request, after its context minus its last
+        ``query_size`` tokens."""
         return self.evict_every == CONTEXT
 
     @property
     def ratio_budget(self) -> bool:
         """Whether budgets come from ``compression_ratio`` at each event, kvpress's ``int(n·(1 − r))`` of the ``n``
         tokens a layer holds (evict_every=context), instead of a token budget C."""
-        return self.once and self.compression_ratio is not None
+        return self.context_regime and self.compression_ratio is not None
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self) | {"capacity": self.capacity}
@@ -144,25 +145,34 @@ RESULT_KNOBS: tuple[str, ...] = tuple(
     name for name in KNOBS if not StreamingSettings.__dataclass_fields__[name].metadata.get(SPEED_ONLY)
 )
 # The registry's answers that messages and defaults need (policy.py declares them on each class).
-SCORED: tuple[str, ...] = tuple(name for name, cls in policy_mod.POLICIES.items() if not cls.index_only)
+SCORED: tuple[str, ...] = tuple(name for name, cls in methods.POLICIES.items() if cls.kind == _SCORED_KIND)
 
 
 def _policy_class(policy) -> type:
-    """A built-in name or ``package.module:Class`` (loaded, and checked for the interface, by policy.py)."""
+    """A built-in name or ``package.module:Class`` (loaded, and checked for the interface, by methods/)."""
     if policy not in POLICIES and not (isinstance(policy, str)
                                        and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", policy)):
         raise ValueError(f"policy must be one of {', '.join(POLICIES)} or package.module:Class; got {policy!r}")
-    cls = policy_mod.policy_class(policy)
+    cls = methods.policy_class(policy)
     check_declarations(cls, policy)
     return cls
 
 
 def check_declarations(cls, policy: str) -> None:
-    """What a policy class declares must name real methods, position modes and knobs (a plug-in's too)."""
+    """What a method's class declares must name real paths, position modes, observations and knobs (a plug-in's
+    too)."""
     for method, modes in cls.paths.items():
         if method not in METHODS or not set(modes) <= set(POSITIONS):
             raise ValueError(f"policy={policy}: paths must map methods {METHODS} to position modes {POSITIONS}; "
                              f"got {method!r}: {modes!r}")
+    old = [flag for flag in ("needs_attention", "needs_queries", "needs_step", "accumulate") if hasattr(cls, flag)]
+    if old:
+        raise ValueError(f"policy={policy}: {', '.join(old)} is no longer read; declare what an event reads as "
+                         f"observes = frozenset({{...}}) of {', '.join(OBSERVATIONS)} (docs/policies.md)")
+    unknown = set(cls.observes) - set(OBSERVATIONS)
+    if unknown:
+        raise ValueError(f"policy={policy}: observes names {sorted(unknown)}; an event can observe "
+                         f"{', '.join(OBSERVATIONS)}")
     if cls.default_positions not in POSITIONS:
         raise ValueError(f"policy={policy}: default_positions must be one of {', '.join(POSITIONS)}")
     clash = [param.name for param in cls.params if param.name in KNOBS or param.name in _OTHER_ARGS]
@@ -186,7 +196,7 @@ def check_policy_params(cls, policy: str, given) -> dict:
 def known_policy_params() -> dict[str, list[str]]:
     """Parameter name -> the built-in policies that declare it."""
     known: dict[str, list[str]] = {}
-    for name, cls in policy_mod.POLICIES.items():
+    for name, cls in methods.POLICIES.items():
         for param in cls.params:
             known.setdefault(param.name, []).append(name)
     return known
@@ -215,8 +225,8 @@ def policy_param_names(policy: str) -> tuple[str, ...]:
 
 
 def is_scored(policy: str) -> bool:
-    """Whether the policy evicts by a score (its class is not index-only): budgets by heavy_size."""
-    return not _policy_class(policy).index_only
+    """Whether the method is not index-only (scored, or per head): budgets by heavy_size."""
+    return _policy_class(policy).kind == _SCORED_KIND
 
 
 def default_positions(policy: str) -> str:
@@ -235,7 +245,7 @@ def _check_method(cls, policy: str, method: str, positions: str, evict_every=1) 
         _check_once(cls, policy, positions)
         return
     if method == "recompute" and method not in cls.paths:
-        served = [name for name, other in policy_mod.POLICIES.items() if "recompute" in other.paths]
+        served = [name for name, other in methods.POLICIES.items() if "recompute" in other.paths]
         raise ValueError(
             f"method=recompute re-encodes the sink+window tokens: it applies to policy={', '.join(served)} only, "
             f"got policy={policy}; use method=token"
@@ -244,7 +254,7 @@ def _check_method(cls, policy: str, method: str, positions: str, evict_every=1) 
         return  # its position rule is _check_stride's
     if positions not in cls.paths.get(method, ()):
         served = ", ".join(f"{name} with positions={' or '.join(other.paths[method])}"
-                           for name, other in policy_mod.POLICIES.items() if method in other.paths)
+                           for name, other in methods.POLICIES.items() if method in other.paths)
         raise ValueError(
             f"method={method} has no exact path for policy={policy} with positions={positions}; use method=token "
             f"(the {method} path serves {served})"
@@ -257,7 +267,7 @@ def _check_once(cls, policy: str, positions: str) -> None:
     if positions != "original":
         raise ValueError(f"evict_every=context reads the question and the answer at their text positions, as kvpress "
                          f"does: it needs positions=original, got positions={positions}")
-    if getattr(cls, "accumulate", False):
+    if "history" in cls.observes:
         raise ValueError(f"policy={policy} accumulates attention over every step it holds a token; evict_every=context "
                          f"scores once, after the context: use evict_every=K (an integer) with this policy")
 
@@ -304,15 +314,6 @@ def _check_stride(stride, method: str, positions: str, recent_size: int | None) 
     return stride
 
 
-def check_compression_ratio(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"compression_ratio must be a number in [0, 1), got {value!r}")
-    value = float(value)
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"compression_ratio must be in [0, 1), got {value}")
-    return value
-
-
 def recent_size_from_ratio(ratio: float, start_size: int, max_length: int) -> int:
     """W = round((1 - r) * L) - S; raises when that leaves fewer than one recent token."""
     capacity = round((1.0 - ratio) * max_length)
@@ -351,11 +352,11 @@ def resolve(
     cls = _policy_class(policy)
     policy_params = check_policy_params(cls, policy, policy_params)
     start_size = as_int("start_size", start_size, 0)
-    once = evict_every == CONTEXT
+    context_regime = evict_every == CONTEXT
     # Once after the context, positions are the text's (kvpress's) and the context path serves every policy chunked.
-    positions = ("original" if once else cls.default_positions) if positions is None else positions
+    positions = ("original" if context_regime else cls.default_positions) if positions is None else positions
     as_choice("positions", positions, POSITIONS)
-    method = ("chunked" if once else cls.default_method(positions)) if method is None else method
+    method = ("chunked" if context_regime else cls.default_method(positions)) if method is None else method
     as_choice("method", method, METHODS)
     evict_every = _check_evict_every(evict_every, method)
     _check_method(cls, policy, method, positions, evict_every)
@@ -364,7 +365,7 @@ def resolve(
     stride = _check_stride(stride, method, positions, None)
     common = dict(positions=positions, method=method, chunk_size=chunk_size, stride=stride, policy=policy,
                   evict_every=evict_every, query_size=query_size, policy_params=policy_params)
-    if not cls.index_only:
+    if cls.kind == _SCORED_KIND:
         return _resolve_scored(start_size, recent_size, heavy_size, compression_ratio, max_length, common)
     # index-only: a heavy_size other than 0 is refused by StreamingSettings, with its name.
     common["heavy_size"] = 0 if heavy_size is None else heavy_size
@@ -376,8 +377,8 @@ def resolve(
             "give either recent_size or compression_ratio, not both "
             f"(got recent_size={recent_size!r}, compression_ratio={compression_ratio!r})"
         )
-    ratio = check_compression_ratio(compression_ratio)
-    if once:  # the ratio sizes each event (kvpress's int(n·(1 − r))); the recent window is what the sinks leave
+    ratio = as_fraction("compression_ratio", compression_ratio, upper_open=True)
+    if context_regime:  # the ratio sizes each event (kvpress's int(n·(1 − r))); the recent window is what the sinks leave
         return StreamingSettings(start_size, 0, compression_ratio=ratio, **common)
     if max_length is None:
         # Placeholder recent_size (the smallest a stride allows) until max_length is known.
@@ -397,7 +398,7 @@ def _resolve_scored(start_size, recent_size, heavy_size, compression_ratio, max_
             "give either heavy_size or compression_ratio, not both "
             f"(got heavy_size={heavy_size!r}, compression_ratio={compression_ratio!r})"
         )
-    ratio = check_compression_ratio(compression_ratio)
+    ratio = as_fraction("compression_ratio", compression_ratio, upper_open=True)
     if max_length is None or common["evict_every"] == CONTEXT:  # once: the ratio sizes each event (kvpress's)
         return StreamingSettings(start_size, recent, heavy_size=0, compression_ratio=ratio, **common)
     max_length = as_int("max_length", max_length, 1)

@@ -223,7 +223,7 @@ def check_model_supported(model, settings: StreamingSettings | None = None, trus
             if settings is None:
                 why = "the cache settings were not given, so C is unknown"
             elif attended is None:
-                why = "evict_every=context reads each prefill whole" if settings.once else \
+                why = "evict_every=context reads each prefill whole" if settings.context_regime else \
                     f"policy={settings.policy} keeps every token in some heads"
             else:
                 every = settings.evict_every
@@ -313,7 +313,7 @@ def check_architecture_settings(model, arch: Architecture, settings: StreamingSe
             f"{unserved_reason(model, arch, settings.method)}. Use method=token (the same numbers, one token per "
             f"pass); paths serving {config.model_type}: {', '.join(paths)}"
         )
-    if settings.once and not attention_reach(model).served:
+    if settings.context_regime and not attention_reach(model).served:
         raise NotImplementedError(
             f"evict_every=context cannot serve model_type {config.model_type!r}: it reads through streaming_lm's "
             f"attention function, and {attention_reach(model).reason(model)}. Use evict_every=K (an integer)"
@@ -351,7 +351,7 @@ def check_rotary_reach(model, settings: StreamingSettings | None, limit: int) ->
                 f"positions reach {limit} (keys rotated before could not be moved with fixed frequencies)")
     if settings is None:
         raise NotImplementedError(f"{what}; the cache settings were not given, so the positions reached are unknown")
-    if settings.once:  # original positions: the stream's own length is checked (positions.position_limit)
+    if settings.context_regime:  # original positions: the stream's own length is checked (positions.position_limit)
         return
     extra = max(settings.chunk_size, REBASE_EVERY) + settings.evict_every - 1  # the segment since the last event
     reach = settings.capacity + extra

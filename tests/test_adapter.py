@@ -88,3 +88,21 @@ def test_results_report_tokens_held_per_layer_and_head(tiny_dir, method):
     lm.generate_until(generations((TEXT[:80], {"until": [], "max_gen_toks": 3})))
     after = lm.get_model_info()["streaming"]["held_tokens_per_layer"]
     assert len(after) == len(per_layer) and all(a >= b for a, b in zip(after, per_layer))
+
+
+def test_results_report_the_exact_mean_where_heads_hold_different_counts(tiny_dir):
+    """AdaKV: the heads of a layer hold different counts, padded to the fullest; the results file's mean per head is
+    the heads' own (from their counts), below the mean of the layers' widths, which is what memory allocates."""
+    from streaming_lm.rolling import score
+
+    lm = streaming(tiny_dir, policy="snapkv", window_size=2, kernel_size=3, evict_every=5, start_size=0,
+                   heavy_size=8, head_budgets="adaptive", alpha_safeguard=0.0)
+    lm.loglikelihood_rolling(rolling(TEXT))
+    info = lm.get_model_info()["streaming"]
+    expected = score(lm.model, lm.rolling_ids(TEXT), lm.streaming, find_rotary(lm.model))
+    heads = [count for layer in expected.held_per_head for count in layer]
+    assert len(expected.held_per_head) == len(info["held_tokens_per_layer"])
+    assert info["held_tokens_per_head"]["mean"] == pytest.approx(sum(heads) / len(heads))
+    widths = info["held_tokens_per_layer"]
+    assert info["held_tokens_per_head"]["mean"] < sum(widths) / len(widths)  # the heads differ: not the widths
+    assert [max(layer) for layer in expected.held_per_head] == widths  # the fullest head is the width

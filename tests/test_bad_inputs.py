@@ -1,9 +1,9 @@
-"""Every bad input the package rejects: one case per row of README's "Bad inputs and their errors".
+"""Every bad input the package rejects: one case per row of the table in docs/bad-inputs.md.
 
 Each case checks the exception (or exit status), the exact start of the message, and that the message
 names the argument and its allowed values. Model arguments and script flags must fail before anything
 is loaded: the loaders are patched to raise, and model arguments point at a path that does not exist.
-The last test keeps the README table and the cases here in step.
+The last test keeps that table and the cases here in step.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import streaming_lm.streams.base
 import streaming_lm.tools.bench_eval
 import streaming_lm.tools.throughput
 from streaming_lm import StreamingHFLM, compare, tools
-from streaming_lm import policy as policy_mod
+from streaming_lm import methods as policy_mod
 
 REPO = Path(__file__).resolve().parents[1]
 NOWHERE = "/nonexistent/model"
@@ -42,7 +42,7 @@ class Case:
     names: tuple[str, ...]  # the argument and its allowed values, somewhere in the message
     run: Callable  # run(ctx) must raise
     loads: str = "nothing"  # what may load before the error: "nothing", "config" (no weights), "model"
-    # More inputs of the same README row: (run, exact start of its message[, names if not the case's]).
+    # More inputs of the same table row: (run, exact start of its message[, names if not the case's]).
     also: tuple[tuple, ...] = ()
 
 
@@ -148,7 +148,7 @@ def bad_reference(ctx):
                 "--tasks", "DROP")(ctx)
 
 
-# ---------------------------------------------------------------- the cases (README table order)
+# ---------------------------------------------------------------- the cases (docs/bad-inputs.md table order)
 
 CASES = [
     # model args (streaming_hf), all before anything loads
@@ -208,7 +208,7 @@ CASES = [
          also=((model_args(policy="json:Missing"), "policy=json:Missing: module 'json' has no attribute 'Missing'",
                 ("policy", "Missing")),)),
     Case("policy-plugin-not-a-policy", "ValueError",
-         "policy=json:JSONDecoder: JSONDecoder must subclass streaming_lm.policy.ScoredPolicy",
+         "policy=json:JSONDecoder: JSONDecoder must subclass streaming_lm.methods.ScoredPolicy",
          ("policy", "ScoredPolicy", "score"), model_args(policy="json:JSONDecoder")),
     Case("heavy_size-with-sink_window", "ValueError", "heavy_size applies to scored policies",
          ("heavy_size", "sink_window"), model_args(heavy_size=16)),
@@ -632,12 +632,12 @@ def test_rejected(case, tmp_path, monkeypatch, capsys, checkpoints, tiny_model):
     assert not (tmp_path / "out").exists()  # refused before anything was written (compare's --output-dir)
 
 
-# ---------------------------------------------------------------- the README table
+# ---------------------------------------------------------------- the table in docs/bad-inputs.md
 
 
 def readme_rows() -> list[tuple[str, str, str]]:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text.split("## Bad inputs and their errors", 1)[1].split("\n## ", 1)[0]
+    text = (REPO / "docs" / "bad-inputs.md").read_text(encoding="utf-8")
+    section = text.split("# Bad inputs and their errors", 1)[1].split("\n## ", 1)[0]
     rows = []
     for line in section.splitlines():
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]

@@ -16,14 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from streaming_lm.compression.budgets import adaptive_head_keep, kept_count, pyramid_layer_budgets, uniform_keep
-from streaming_lm.compression.checks import check_expected_attention, check_pyramid, check_snapkv
-from streaming_lm.compression.duo import duo_keep, load_duo_pattern, streaming_heads
-from streaming_lm.compression.expected_attention import expected_attention_scores, mean_rotation
-from streaming_lm.compression.snapkv import snapkv_scores, window_attention
-from streaming_lm.compression.ties import TIE, evict_lowest, keep_top, lowest_oldest
-from streaming_lm.compression.tova import tova_scores
-from streaming_lm.policy import KeyNorm, SinkWindow
+from streaming_lm.methods import KeyNorm, SinkWindow
+from streaming_lm.methods.budgets import adaptive_head_keep, check_pyramid, kept_count, pyramid_layer_budgets, uniform_keep
+from streaming_lm.methods.duo import duo_keep, load_duo_pattern, streaming_heads
+from streaming_lm.methods.expected_attention import check_expected_attention, expected_attention_scores, mean_rotation
+from streaming_lm.methods.snapkv import check_snapkv, snapkv_scores, window_attention
+from streaming_lm.methods.ties import TIE, evict_lowest, keep_top, lowest_oldest
+from streaming_lm.methods.tova import tova_scores
 from streaming_lm.settings import StreamingSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost
@@ -227,7 +226,7 @@ def test_window_larger_than_budget_keeps_its_newest():
 def test_tova_at_an_event_is_the_policy_score_of_the_last_query():
     """tova_scores is policy.TOVA's every-token score, taken once from the last token's query, with that
     token kept."""
-    from streaming_lm.policy import TOVA
+    from streaming_lm.methods import TOVA
 
     layer = LAYERS[1]
     attention = window_attention(layer["q_post"][:, -1:], layer["keys"])[:, 0]

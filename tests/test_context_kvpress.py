@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers.kvpress_reference import METHODS, cases, load, logprob_mismatch, tied_cells
-from helpers.once import engine_greedy, engine_logprobs, masked_logprobs, press_settings
+from helpers.context_regime import engine_greedy, engine_logprobs, masked_logprobs, press_settings
 
 from streaming_lm.rotary import find_rotary
 

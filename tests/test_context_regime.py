@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.models import tiny_llama
-from helpers.once import engine_greedy, engine_logprobs, masked_logprobs
+from helpers.context_regime import engine_greedy, engine_logprobs, masked_logprobs
 from helpers.reference import dense_logprobs
 
 from streaming_lm.continuation import score_requests

@@ -97,7 +97,7 @@ def test_nothing_evicted_is_dense(model, ids, method):
 
 def test_one_event_covering_the_prefill_is_the_once_regime(model, ids):
     """An event after the first m tokens and none after (K = m, a stream of fewer than 2m tokens) is the
-    once-after-the-context regime with a prefill of m (two implementations: storage/scored.py, storage/context.py)."""
+    once-after-the-context regime with a prefill of m (two paths: the scored storage every K tokens, the context regime's)."""
     from streaming_lm.continuation import score_continuations
 
     m = 12

@@ -8,7 +8,7 @@ from helpers.models import tiny_llama
 from helpers.reference import original_positions_logprobs, perplexity, shifted_llama_logprobs
 from helpers.engine import score_stream
 
-from streaming_lm.policy import SinkWindow
+from streaming_lm.methods import SinkWindow
 from streaming_lm.storage import EvictingDynamicCache
 from streaming_lm.rotary import find_rotary
 from streaming_lm.loglik import NoEvictionError

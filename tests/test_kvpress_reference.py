@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 from streaming_lm.forward_args import cache_kwarg
 
-from helpers.once import masked_logprobs
+from helpers.context_regime import masked_logprobs
 from helpers.kvpress_reference import (
     METHODS,
     QS,

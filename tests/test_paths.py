@@ -1,6 +1,6 @@
 """Every eviction policy on every execution path, on a tiny random model (seconds).
 
-Parametrised over ``streaming_lm.policy.POLICIES`` x the paths of ``streaming_lm.streams``: registering a
+Parametrised over ``streaming_lm.methods.POLICIES`` x the paths of ``streaming_lm.streams``: registering a
 policy tests it here, once its independent reference visibility is added to ``REFERENCE_VISIBILITY``
 (``test_every_policy_has_a_reference`` fails until then). The checks are the engine's contract
 (docs/semantics.md): a stream of at most C + 1 tokens gives the dense numbers on every path; every fast
@@ -17,7 +17,7 @@ from helpers.engine import score_stream
 from helpers.models import tiny_llama
 from helpers.reference import dense_logprobs, perplexity, sink_window_allowed
 
-from streaming_lm.policy import POLICIES, EvictionPolicy
+from streaming_lm.methods import POLICIES, EvictionPolicy
 from streaming_lm.settings import StreamingSettings
 from streaming_lm.streams import open_stream
 from streaming_lm.rotary import find_rotary

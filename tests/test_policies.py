@@ -1,7 +1,7 @@
 """Scored eviction policies (TOVA, H2O, key-norm, plug-ins) against the definition, on tiny models.
 
 Every check is parametrised over ``SCORED`` (and both position modes): a new policy is tested by adding
-its name there; the paths' own checks (tests/test_paths.py) run over ``streaming_lm.policy.POLICIES``.
+its name there; the paths' own checks (tests/test_paths.py) run over ``streaming_lm.methods.POLICIES``.
 """
 
 import dataclasses
@@ -15,11 +15,11 @@ from helpers.models import tiny_llama
 from helpers.scored_reference import scored_logprobs
 
 from streaming_lm import StreamingHFLM
-from streaming_lm import policy as policy_mod
+from streaming_lm import methods as policy_mod
 from streaming_lm import settings
 from streaming_lm.continuation import score_continuations
 from streaming_lm.generation import generate
-from streaming_lm.policy import ScoredPolicy
+from streaming_lm.methods import ScoredPolicy
 from streaming_lm.rolling import score
 from streaming_lm.settings import resolve
 from streaming_lm.streams import open_stream
@@ -54,7 +54,7 @@ N = 28  # 18 evictions
 class OldestFirst(ScoredPolicy):
     """A plug-in for the tests: evicts the oldest unprotected token, i.e. a sink+window cache of W + H."""
 
-    needs_attention = False
+    observes = frozenset()
 
     def score(self, keys, values, attention):
         return torch.arange(keys.shape[1], dtype=torch.float32)
@@ -174,7 +174,7 @@ def test_plug_in_loads_and_bad_ones_are_refused():
         policy_mod.policy_class("no_such_module:Policy")
     with pytest.raises(ValueError, match="has no attribute 'Missing'"):
         policy_mod.policy_class("test_policies:Missing")
-    with pytest.raises(ValueError, match="must subclass streaming_lm.policy.ScoredPolicy"):
+    with pytest.raises(ValueError, match="must subclass streaming_lm.methods.ScoredPolicy"):
         policy_mod.policy_class("dataclasses:dataclass")
 
 
@@ -205,7 +205,7 @@ def test_the_adapter_serves_every_request_type(tiny):
 
 def test_every_policy_declares_what_it_is():
     for name, cls in policy_mod.POLICIES.items():
-        assert cls.name == name and isinstance(cls.index_only, bool)
+        assert cls.name == name and cls.kind in ("index", "heads", "scored")
         assert all(isinstance(param, policy_mod.Param) for param in cls.params)
         assert cls.default_positions in settings.POSITIONS and "token" in cls.paths
         assert all(m in settings.METHODS and set(p) <= set(settings.POSITIONS) for m, p in cls.paths.items())

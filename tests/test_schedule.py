@@ -17,7 +17,7 @@ from helpers.policies import CASES
 from helpers.reference import dense_logprobs, original_positions_logprobs, shifted_llama_logprobs
 from helpers.scored_reference import pyramid, scored_logprobs
 
-from streaming_lm.policy import policy_class
+from streaming_lm.methods import policy_class
 from streaming_lm.rolling import score
 from streaming_lm.rotary import find_rotary
 from streaming_lm.settings import resolve
@@ -180,7 +180,7 @@ def test_no_event_beyond_the_budget_is_dense(model, ids, policy, params, budgets
     """K at least the stream: the only segment is the whole stream, so nothing is evicted whatever C is (and with
     C >= n, whatever K is)."""
     dense = dense_logprobs(model, ids)
-    whole = (0, N, 0) if policy_class(policy).index_only else (0, 0, N)  # C = N: a recent window, or heavy slots
+    whole = (0, N, 0) if policy_class(policy).kind == "index" else (0, 0, N)  # C = N: a recent window, or heavy slots
     for every, budgets_used in ((N, budgets), (every, whole)):
         got = score(model, ids, settings_of(policy, params, budgets_used, every, positions, method),
                     find_rotary(model))

@@ -116,8 +116,9 @@ def compare(args: argparse.Namespace) -> dict[str, Path]:
     if "pretrained" not in common:
         raise CompareError("give --pretrained (or pretrained=... in --model_args)")
     # A named offline checkpoint (smollm2) becomes its folder and file here, so the dense hf run finds it too.
+    name = common["pretrained"]  # the results folders are named after it, as lm-eval's CLI names them
     try:
-        pretrained, common = resolve_pretrained(common["pretrained"], common)
+        pretrained, common = resolve_pretrained(name, common)
     except ModuleNotFoundError as error:
         raise CompareError(str(error)) from None
     common["pretrained"] = pretrained
@@ -144,7 +145,7 @@ def compare(args: argparse.Namespace) -> dict[str, Path]:
     metadata = _metadata(args.metadata)
     say(f"{len(runs)} runs ({', '.join(r.name for r in runs)}) into {args.output_dir}")
     results = run_grid(runs, args.output_dir, common, tasks, args.include_path, args.limit, args.device,
-                       args.batch_size, metadata)
+                       args.batch_size, metadata, model_name=name)
     return write_outputs(args.output_dir, results, reference, args.plot_metric, args.plot_x)
 
 

@@ -4,8 +4,10 @@
   after every pass (the token loop and the chunked path);
 - ``EvictingStaticCache``: preallocated slots for one-token decode steps, freeing the slot of
   whatever the policy evicts (no copies per token);
-- ``ScoredDynamicCache``: per key/value head, the tokens a scored policy keeps (token loop, scored chunked path);
-- ``ContextCache`` (context.py): every token until the one event of ``evict_every=context``, then what it kept;
+- ``ScoredDynamicCache``: per key/value head, the tokens a scored method keeps, or a method whose heads hold
+  different tokens (token loop, scored chunked path);
+- ``ContextCache`` (in streams/context.py, the context regime's one module): every token until the one event of
+  ``evict_every=context``, then what it kept;
 - ``DenseCache``: transformers' ``DynamicCache``, nothing evicted (the dense baseline).
 
 All of them answer the same accounting questions and expand to a batch alike (``KVAccounting``).

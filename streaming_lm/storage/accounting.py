@@ -10,6 +10,19 @@ class KVAccounting:
         """Tokens held by each layer right now."""
         return [layer.get_seq_length() for layer in self.layers]
 
+    def held_tokens_per_head(self) -> list[list[int]]:
+        """Tokens each key/value head of each layer holds right now: its layer's count, less the padding of a head
+        that holds fewer (``dead``: AdaKV, duo)."""
+        out = []
+        for count, layer in zip(self.held_tokens(), self.layers):
+            keys = getattr(layer, "keys", None) if getattr(layer, "is_initialized", False) else None
+            dead = getattr(layer, "dead", None)
+            if dead is not None:
+                out.append((count - dead.sum(1)).tolist())
+            else:
+                out.append([count] * (1 if keys is None else keys.shape[1]))
+        return out
+
     @property
     def evicted_tokens(self) -> int:
         return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from ..policy import EvictionPolicy
+from ..methods import EvictionPolicy
 from ..rotary import LayerShifts, RotaryShift
 from .accounting import KVAccounting
 

@@ -29,7 +29,7 @@ import heapq
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from ..policy import EvictionPolicy
+from ..methods import EvictionPolicy
 from ..positions import first_recent, query_position
 from ..rotary import LayerShifts, RotaryShift
 from ..settings import StreamingSettings

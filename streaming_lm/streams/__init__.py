@@ -13,7 +13,8 @@
 
 from __future__ import annotations
 
-from ..policy import policy_class
+from ..methods import policy_class
+from ..methods.base import INDEX
 from ..rotary import RotaryShift
 from ..settings import StreamingSettings
 from .base import Stream
@@ -29,26 +30,26 @@ PATHS = {"token": TokenStream, "chunked": ChunkedStream, "recompute": RecomputeS
 
 
 def open_stream(model, settings: StreamingSettings | None, shift: RotaryShift | None = None,
-                batch_size: int = 1) -> Stream:
+                batch_size: int = 1, policy=None) -> Stream:
     """An empty stream on the path ``settings.method`` names; the dense baseline for ``settings=None``.
 
     ``batch_size``: passes run together where the path can (recompute windows); the cache paths read one
-    token stream at a time and ignore it.
+    token stream at a time and ignore it. ``policy``: the settings' method bound to the model (``engine.Engine``
+    binds it once); bound afresh when None.
     """
     if settings is None:
         return DenseStream(model)
-    if settings.once:
-        return ContextStream(model, settings, shift, batch_size)
+    if settings.context_regime:
+        return ContextStream(model, settings, shift, batch_size, policy)
     path = PATHS[settings.method]
-    cls = policy_class(settings.policy)
-    if path is ChunkedStream and (not cls.index_only or cls.holds_by_head):
-        path = ScoredChunkedStream  # scored policies (and heads holding different tokens) decide row by row
-    return path(model, settings, shift, batch_size)
+    if path is ChunkedStream and policy_class(settings.policy).kind != INDEX:
+        path = ScoredChunkedStream  # scored methods (and heads holding different tokens) decide row by row
+    return path(model, settings, shift, batch_size, policy)
 
 
 def uses_batch_size(settings: StreamingSettings) -> bool:
     """Whether ``batch_size`` changes how the settings' path runs (it never changes a number)."""
-    return not settings.once and PATHS[settings.method].uses_batch_size
+    return not settings.context_regime and PATHS[settings.method].uses_batch_size
 
 
 __all__ = ["Stream", "open_stream", "uses_batch_size", "TokenStream", "ChunkedStream", "DecodeStream", "RecomputeStream",

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..forward_args import cache_kwarg, forward_takes
 from ..loglik import ContinuationScore, StreamScore, check_evicted, target_logprobs
-from ..policy import policy_for
+from ..methods import policy_for
 from ..positions import check_positions_fit, position_limit
 from .attention import attention_function, run_pass
 
@@ -29,6 +29,7 @@ class Stream(ABC):
     n: int = 0  # tokens read so far: the next token is x_n
     max_held: int = 0  # the most tokens any layer held between passes (recompute: tokens in a window)
     held_per_layer: tuple[int, ...] = ()  # the most tokens each layer held between passes (cache paths)
+    held_per_head: tuple[tuple[int, ...], ...] = ()  # the most each key/value head of each layer held (cache paths)
     uses_batch_size = False  # whether passes of one stream can be batched (recompute windows)
 
     @property
@@ -98,7 +99,8 @@ class Stream(ABC):
                     b = a + logits.shape[0]
                     logprobs[a:b] = target_logprobs(logits, ids[a + 1 : b + 1]).cpu()
                     bar.update(b - a)
-        return StreamScore(logprobs, self.evicted, self.max_held, held_per_layer=tuple(self.held_per_layer))
+        return StreamScore(logprobs, self.evicted, self.max_held, held_per_layer=tuple(self.held_per_layer),
+                           held_per_head=tuple(self.held_per_head))
 
     @torch.inference_mode()
     def score_continuations(self, context, continuations) -> list[ContinuationScore]:
@@ -116,7 +118,7 @@ class Stream(ABC):
                 branch = self.fork()
                 logits = torch.cat((last, branch.read(continuation[:-1])))
             results.append(continuation_score(logits, continuation, branch.evicted, self.n, self.settings,
-                                              branch.held_per_layer, self.kept_per_layer()))
+                                              branch.held_per_layer, self.kept_per_layer(), branch.held_per_head))
         return results
 
 
@@ -142,7 +144,7 @@ def score_batched(stream, context, continuations, evicted_after) -> list[Continu
     for i, continuation in enumerate(continuations):
         if len(continuation) == 1:
             results[i] = continuation_score(last, continuation, stream.evicted, n, stream.settings,
-                                            stream.held_per_layer, kept)
+                                            stream.held_per_layer, kept, stream.held_per_head)
     for start in range(0, len(longer), CONTINUATION_ROWS):
         batch = longer[start : start + CONTINUATION_ROWS]  # longest first: rows of similar length together
         width = len(continuations[batch[0]]) - 1
@@ -151,23 +153,25 @@ def score_batched(stream, context, continuations, evicted_after) -> list[Continu
         branch = stream.fork()
         branch.cache.expand_batch(len(batch))
         logits = torch.cat([out for _, out in branch._read_rows(rows)], dim=1)
-        held = branch.held_per_layer  # the longest row's (rows read alike; padding never reads past it)
+        # The longest row's (rows read alike; padding never reads past it).
+        held, per_head = branch.held_per_layer, branch.held_per_head
         del branch  # B copies of the state: gone before the next batch
         for r, i in enumerate(batch):
             continuation = continuations[i]
             results[i] = continuation_score(torch.cat((last, logits[r, : len(continuation) - 1])), continuation,
-                                            evicted_after(n + len(continuation) - 1), n, stream.settings, held, kept)
+                                            evicted_after(n + len(continuation) - 1), n, stream.settings, held, kept,
+                                            per_head)
     return results
 
 
 def continuation_score(logits, continuation, evicted: int, n_context: int, settings,
-                       held_per_layer=(), kept_per_layer=()) -> ContinuationScore:
+                       held_per_layer=(), kept_per_layer=(), held_per_head=()) -> ContinuationScore:
     target = torch.as_tensor(continuation, dtype=torch.long, device=logits.device)
     if settings is not None:
         check_evicted(n_context + len(continuation), evicted, settings)
     chosen = target_logprobs(logits, target)
     return ContinuationScore(float(chosen.double().sum()), bool((logits.argmax(-1) == target).all()), evicted,
-                             tuple(held_per_layer), tuple(kept_per_layer))
+                             tuple(held_per_layer), tuple(kept_per_layer), tuple(held_per_head))
 
 
 class CachedStream(Stream):
@@ -176,11 +180,16 @@ class CachedStream(Stream):
     cache = None
 
     def note_held(self) -> None:
-        """After a pass: what each layer holds now raises ``held_per_layer`` and ``max_held``, the most held."""
+        """After a pass: what each layer and head holds now raises ``held_per_layer``, ``held_per_head`` and
+        ``max_held``, the most held."""
         held = self.cache.held_tokens()
         before = self.held_per_layer or (0,) * len(held)
         self.held_per_layer = tuple(max(a, b) for a, b in zip(before, held))
         self.max_held = max(self.max_held, *held)
+        now = self.cache.held_tokens_per_head()
+        before = self.held_per_head or tuple(() for _ in now)
+        self.held_per_head = tuple(tuple(map(max, old, new)) if len(old) == len(new) else tuple(new)
+                                   for old, new in zip(before, now))
 
     @property
     def evicted(self) -> int:
@@ -194,16 +203,16 @@ class CachedStream(Stream):
 
 
 class EvictingStream(CachedStream):
-    """A stream read from empty into a cache that the settings' policy trims: the token loop and the chunked
-    paths. Each builds its own storage (``new_cache``); the rest is common."""
+    """A stream read from empty into a cache that the settings' method trims: the token loop, the chunked paths and
+    the context regime. Each builds its own storage (``new_cache``); the rest is common."""
 
-    def __init__(self, model, settings, shift, batch_size: int = 1):
+    def __init__(self, model, settings, shift, batch_size: int = 1, policy=None):
         self.model, self.settings, self.shift = model, settings, shift
-        self.policy = policy_for(settings)
-        self.policy.bind(model, shift)  # what the policy needs of the model (nothing for most)
+        # The method bound to the model: an engine's (bound once for every stream), or bound here.
+        self.policy = policy_for(settings, model, shift) if policy is None else policy
         self._limit = position_limit(model, settings, shift is not None)
         self.n = 0
-        self.max_held, self.held_per_layer = 0, ()
+        self.max_held, self.held_per_layer, self.held_per_head = 0, (), ()
         self.cache = self.new_cache()
         self._kwargs = forward_kwargs(model, self.cache)
 

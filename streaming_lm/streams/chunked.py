@@ -106,9 +106,9 @@ class ChunkedStream(EvictingStream):
     """``method="chunked"``: ``chunk_size`` tokens per pass; the cache keeps recent keys in the local frame
     (so it re-rotates on eviction in both position modes)."""
 
-    def __init__(self, model, settings, shift, batch_size: int = 1):
+    def __init__(self, model, settings, shift, batch_size: int = 1, policy=None):
         self._layers = num_decoder_layers(model)
-        super().__init__(model, settings, shift)
+        super().__init__(model, settings, shift, policy=policy)
         self._decoder: DecodeStream | None = None  # once the stream steps
 
     def new_cache(self):
@@ -146,5 +146,5 @@ class ChunkedStream(EvictingStream):
             self.cache = self._decoder.cache  # accounting (evicted, bytes) is the decode slots' from now on
         logits = self._decoder.step(token)
         self.n, self.max_held = self._decoder.n, self._decoder.max_held
-        self.held_per_layer = self._decoder.held_per_layer
+        self.held_per_layer, self.held_per_head = self._decoder.held_per_layer, self._decoder.held_per_head
         return logits

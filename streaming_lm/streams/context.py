@@ -1,4 +1,4 @@
-"""``evict_every=context``: read a request's prefill (its context minus the last ``query_size`` tokens) with nothing
+"""The context regime (``evict_every=context``, kvpress's): read a request's prefill (its context minus the last ``query_size`` tokens) with nothing
 evicted, compress the cache once (``compress``: every layer and head by the policy and budgets), then read the
 question, the continuation or the generated tokens with nothing more evicted, at original positions (kvpress's
 regime; docs/semantics.md "Events", docs/kvpress.md).
@@ -6,8 +6,13 @@ regime; docs/semantics.md "Events", docs/kvpress.md).
 Before the event every layer holds every token, so a pass is plain causal attention: ``chunk_size`` tokens at a time
 (``method=chunked``) or one (``method=token``: the same numbers), through SDPA. The attention function records the
 queries the event will read (``ScoredPolicy.query_window``) and, after the event, masks the padding of heads that
-keep fewer tokens (storage/context.py). Registered with transformers' ``AttentionInterface``; no model code is
-copied or patched.
+keep fewer tokens. Registered with transformers' ``AttentionInterface``; no model code is copied or patched.
+
+The regime's storage is here too (``ContextCache``): every token held until the request's one event, then what the
+event rule (methods/event.py) keeps, per layer and key/value head; nothing is evicted after it. Heads of a layer may
+keep different counts (AdaKV, DuoAttention) and layers too (PyramidKV): a layer is as wide as its fullest head, kept
+tokens packed in text order, the padding marked ``dead``. Memory is what each layer's fullest head holds, not a masked
+full cache.
 """
 
 from __future__ import annotations
@@ -16,8 +21,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from transformers.cache_utils import Cache, DynamicLayer
+
 from ..forward_args import num_decoder_layers
-from ..storage.context import ContextCache
+from ..methods.event import Observation, keep
+from ..methods.snapkv import window_attention
+from ..storage.accounting import KVAccounting
+from ..storage.scored import gather_columns, packed
 from .attention import pass_state, refuse_learned_sinks, soft_capped
 from .base import EvictingStream, as_ids, chunk_spans, score_batched
 
@@ -57,13 +67,78 @@ def _context_attention(module, query, key, value, attention_mask, scaling, dropo
 AttentionInterface.register(ATTENTION_NAME, _context_attention)
 
 
+class ContextLayer(DynamicLayer):
+    """One layer: grows while the prefill is read (recording the queries its event will read), keeps what its one event
+    keeps (``keep``), then grows again without eviction."""
+
+    def __init__(self, window: int | None):
+        super().__init__()
+        self.window = window  # the prefill's last queries the event reads (None: all; 0: none)
+        self.queries: torch.Tensor | None = None  # float32 [query_heads, s, head_dim]
+        self.scale: float | None = None  # the attention's scaling (the event recomputes weights)
+        self.dead: torch.Tensor | None = None  # bool [kv_heads, K]: padding of heads keeping fewer
+        self.compressed = False  # after the event
+        self.kept_tokens: torch.Tensor | None = None  # long [kv_heads, width]: the prefill token in each kept slot
+        self.evicted = 0.0  # tokens evicted, per key/value head on average
+        self.kept: float | None = None  # tokens held right after the event, per key/value head on average
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if key_states.shape[0] != 1 and not self.compressed:  # after the event: continuations as rows of a batch
+            raise ValueError("the evict_every=context cache reads one stream at a time until its event")
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if self.dead is not None:
+            fresh = torch.zeros((self.dead.shape[0], key_states.shape[-2]), dtype=torch.bool, device=keys.device)
+            self.dead = torch.cat((self.dead, fresh), dim=1)
+        return keys, values
+
+    def record(self, query: torch.Tensor, scale: float) -> None:
+        """The pass's queries ([query_heads, q, head_dim], after RoPE), kept for the event while it is to come."""
+        if self.compressed or self.window == 0:
+            return
+        self.scale = scale
+        query = query.float()
+        self.queries = query if self.queries is None else torch.cat((self.queries, query), dim=1)
+        if self.window is not None:
+            self.queries = self.queries[:, -self.window:]
+
+    def keep(self, alive: torch.Tensor | None) -> None:
+        """The event: keep the held columns ``alive`` marks (bool [kv_heads, n]; None: every one)."""
+        if self.compressed:
+            raise RuntimeError("an evict_every=context stream is compressed once")
+        self.compressed, self.queries = True, None
+        if alive is None:
+            alive = torch.ones(self.keys.shape[1:3], dtype=torch.bool, device=self.keys.device)
+        n = self.keys.shape[-2]
+        keep, self.dead = packed(alive)
+        self.kept_tokens = keep
+        self.keys, self.values = gather_columns(self.keys, keep), gather_columns(self.values, keep)
+        self.kept = float(alive.sum(1).float().mean())
+        self.evicted = n - self.kept
+
+
+class ContextCache(KVAccounting, Cache):
+    """A ``Cache`` of ``ContextLayer`` s, one per decoder layer."""
+
+    def __init__(self, num_layers: int, window: int | None):
+        super().__init__(layers=[ContextLayer(window) for _ in range(num_layers)])
+
+    @property
+    def evicted_tokens(self) -> int:
+        """Tokens evicted per key/value head, on average over the layers (they differ with budgets by layer)."""
+        return round(sum(layer.evicted for layer in self.layers) / len(self.layers))
+
+    def kept_per_layer(self) -> tuple[float, ...]:
+        """Tokens each layer held right after the event (per key/value head on average); () before it."""
+        return tuple(layer.kept for layer in self.layers) if self.layers[0].compressed else ()
+
+
 class ContextStream(EvictingStream):
     """``evict_every=context``: a stream that is compressed once, when ``compress`` is called (the request walk calls it
     after each prefill: continuation.py, generation.py)."""
 
-    def __init__(self, model, settings, shift, batch_size: int = 1):
+    def __init__(self, model, settings, shift, batch_size: int = 1, policy=None):
         self._layers = num_decoder_layers(model)
-        super().__init__(model, settings, shift)
+        super().__init__(model, settings, shift, policy=policy)
 
     def new_cache(self):
         return ContextCache(self._layers, getattr(self.policy, "query_window", 0))
@@ -73,9 +148,24 @@ class ContextStream(EvictingStream):
         return self.cache.layers[0].compressed
 
     def compress(self) -> None:
-        """The request's one event, after its prefill: every layer keeps what the policy says."""
+        """The request's one event, after its prefill: every layer keeps what the event rule says of what it holds
+        (every prefill token, in text order). The observation: the prefill's last queries (``query_window``) and, for a
+        method that reads attention, the last one's weights, recomputed from its query (SDPA returns none; as
+        kvpress's TOVA does)."""
+        observes = self.policy.observes
         for index, layer in enumerate(self.cache.layers):
-            layer.compress(self.policy, index, self._layers)
+            if layer.compressed:
+                raise RuntimeError("an evict_every=context stream is compressed once")
+            if not layer.is_initialized or layer.keys.shape[-2] == 0:
+                layer.compressed, layer.queries, layer.kept = True, None, 0.0
+                continue
+            keys, values, n = layer.keys[0], layer.values[0], layer.keys.shape[-2]
+            attention = window_attention(layer.queries[:, -1:], keys, layer.scale)[:, 0] if "attention" in observes \
+                else None
+            obs = Observation(keys, values, n - 1, attention, layer.queries if "queries" in observes else None)
+            alive = torch.ones((keys.shape[0], n), dtype=torch.bool, device=keys.device)
+            tokens = torch.arange(n, device=keys.device).expand(keys.shape[0], -1)
+            layer.keep(keep(self.policy, index, self._layers, obs, alive, tokens, context_regime=True))
         self.note_held()
 
     def kept_per_layer(self) -> tuple[float, ...]:

@@ -23,7 +23,7 @@ class DecodeStream(CachedStream):
         """Take over a chunked stream's dynamic cache (recent keys in its local frame)."""
         cache = EvictingStaticCache.from_dynamic(stream.cache, stream.n, stream.settings, stream.shift)
         decoder = cls(stream.model, stream.settings, stream.shift, cache, stream._limit, stream.max_held)
-        decoder.held_per_layer = stream.held_per_layer
+        decoder.held_per_layer, decoder.held_per_head = stream.held_per_layer, stream.held_per_head
         return decoder
 
     def _shared(self):

@@ -23,7 +23,7 @@ import copy
 import torch
 from tqdm.auto import tqdm
 
-from ..policy import policy_for
+from ..methods import policy_for
 from ..loglik import ContinuationScore, StreamScore, target_logprobs
 from ..settings import StreamingSettings
 from ..forward_args import forward_takes
@@ -44,9 +44,9 @@ class RecomputeStream(Stream):
 
     uses_batch_size = True
 
-    def __init__(self, model, settings: StreamingSettings, shift=None, batch_size: int = 1):
+    def __init__(self, model, settings: StreamingSettings, shift=None, batch_size: int = 1, policy=None):
         self.model, self.settings, self.batch_size = model, settings, batch_size
-        self.policy = policy_for(settings)
+        self.policy = policy_for(settings) if policy is None else policy
         self.ids = torch.empty(0, dtype=torch.long, device=model.device)
         self.max_held = 0
         self._last = None

@@ -11,29 +11,32 @@ from ..positions import check_positions_fit, query_position
 from ..rotary import RotaryShift
 from ..settings import StreamingSettings
 from ..forward_args import num_decoder_layers
+from ..methods.base import HEADS, INDEX, SCORED
 from ..storage import EvictingDynamicCache, ScoredDynamicCache
 from .attention import attention_function, run_pass
 from .base import EvictingStream, as_ids
-from .weights import ATTENTION_NAME, hand_over, weights_from_outputs
+from .weights import ATTENTION_NAME, after_step, hand_over, weights_from_outputs
 
 
 class TokenStream(EvictingStream):
     """``method="token"``: an ``EvictingDynamicCache`` (index-only policies) or a ``ScoredDynamicCache`` in the
     settings' own position mode."""
 
-    def __init__(self, model, settings: StreamingSettings, shift: RotaryShift | None, batch_size: int = 1):
-        super().__init__(model, settings, shift)
+    def __init__(self, model, settings: StreamingSettings, shift: RotaryShift | None, batch_size: int = 1, policy=None):
+        super().__init__(model, settings, shift, policy=policy)
         # A policy that scores by attention gets this step's weights from our attention function, or, where the
         # model's attention does not reach it, from the weights its eager attention returns.
         # Heads holding different tokens (duo) need it too: it masks the padding of the heads holding fewer.
-        weights = self.policy.holds_by_head or not self.policy.index_only and (self.policy.needs_attention or
-                                                                              self.policy.needs_queries)
+        kind, observes = self.policy.kind, self.policy.observes
+        weights = kind == HEADS or kind == SCORED and bool(observes & {"attention", "queries"})
+        # A score of keys and values alone: every layer's event after the pass (the step attended to all C + 1).
+        self._after_pass = kind == SCORED and not weights
         self._returned = weights and weights_from_outputs(model)
-        if self._returned and self.policy.holds_by_head:
+        if self._returned and kind == HEADS:
             raise ValueError(f"policy={settings.policy} holds different tokens in different heads, which "
                              f"{type(model).__name__}'s own attention code cannot mask; use evict_every=context or "
                              f"another policy")
-        if self._returned and self.policy.needs_queries:
+        if self._returned and "queries" in observes:
             raise ValueError(
                 f"policy={settings.policy} scores with the queries of each segment, which {type(model).__name__}'s "
                 "own attention code does not expose (only its weights, through output_attentions); use a policy "
@@ -46,8 +49,7 @@ class TokenStream(EvictingStream):
     def new_cache(self):
         # Original positions keep every key's phase; only shifted slots need re-rotation on eviction.
         rotate = self.shift if self.settings.positions == "shifted" else None
-        storage = EvictingDynamicCache if self.policy.index_only and not self.policy.holds_by_head else \
-            ScoredDynamicCache
+        storage = EvictingDynamicCache if self.policy.kind == INDEX else ScoredDynamicCache
         return storage(num_decoder_layers(self.model), self.policy, rotate)
 
     def read_passes(self, ids, last_only: bool = False):
@@ -73,6 +75,9 @@ class TokenStream(EvictingStream):
             out = run_pass(self.model, ATTENTION_NAME, self.cache, **forward) if self._weights else self.model(**forward)
         if self._returned:
             hand_over(self.cache, out.attentions, self.settings.policy, self.model)
+        elif self._after_pass:
+            for layer in self.cache.layers:
+                after_step(layer)
         self.n += 1
         self.note_held()
         return out.logits[0, -1].float()

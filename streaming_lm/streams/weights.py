@@ -1,4 +1,5 @@
-"""Attention that also hands its weights to a scored policy's cache (the token loop of TOVA, H2O, ...).
+"""The token loop's observation of a scored method (TOVA, H2O, ...): an attention function that hands each layer's
+weights and query to the event rule (``after_step``), or the weights a model returns (``hand_over``).
 
 One query per pass: the weights over the ``C + 1`` held keys cost what the model's own attention costs,
 so nothing falls back to eager attention for the whole model. Registered with transformers'
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 
+from ..methods.event import Observation, keep, step_scores
 from .attention import attention_reach, grouped_rows, pass_state, refuse_learned_sinks, soft_capped
 
 ATTENTION_NAME = "streaming_lm_weights"
@@ -31,7 +33,7 @@ def _weights_attention(module, query, key, value, attention_mask, scaling, dropo
         logits = logits.masked_fill(dead[:, None, :], float("-inf"))
     weights = torch.softmax(logits, dim=-1)  # [kv_heads, group, K]
     out = torch.matmul(weights.to(value.dtype), value[0]).reshape(1, heads, 1, -1)
-    cache.layers[module.layer_idx].after_attention(weights.reshape(heads, -1), query[0])
+    after_step(cache.layers[module.layer_idx], weights.reshape(heads, -1), query[0])
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -56,5 +58,23 @@ def hand_over(cache, attentions, policy: str, model) -> None:
             "policy that scores by keys (knorm) or sink_window"
         )
     for layer, weights in zip(cache.layers, attentions):
-        layer.after_attention(weights[0, :, -1].float())
+        after_step(layer, weights[0, :, -1].float())
+
+
+def after_step(layer, attention=None, query=None) -> None:
+    """A step of the token loop is in for ``layer`` (a ``ScoredDynamicLayer``): its attention weights (float32
+    [query_heads, K]) and query ([query_heads, 1, head_dim]) where the method reads them. Scores accumulate (history);
+    at an event the layer keeps what the event rule says."""
+    policy, t = layer.policy, layer.seen - 1
+    queries = layer.observe(query) if query is not None else None
+    event = policy.schedule.event_after(t)
+    if event:
+        layer.queries = None  # the next segment starts empty
+    obs = Observation(layer.keys[0], layer.values[0], t, attention, queries)
+    if layer.history:
+        obs.scores = step_scores(policy, obs, layer.tokens.shape[0], layer.totals)
+    if event:
+        kept = keep(policy, layer.index, layer.layers, obs, layer.alive(), layer.tokens)
+        if kept is not None:
+            layer.keep(kept)
 

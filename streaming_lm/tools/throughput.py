@@ -334,11 +334,10 @@ def main(argv=None) -> dict:
     lm = load(args)
     import torch
 
-    from ..rolling import score
     from ..streams import open_stream
 
     torch.set_grad_enabled(False)
-    model, settings, shift, show = lm.model, lm.streaming, lm.rotary, True
+    model, settings, engine, show = lm.model, lm.streaming, lm.engine, True
     prompt = read_tokens(lm, args.prompt_file, args.prompt_tokens)
     results = {
         "model": args.pretrained, "gguf_file": args.gguf_file, "dtype": str(model.dtype), "device": args.device,
@@ -348,14 +347,14 @@ def main(argv=None) -> dict:
     print(f"[throughput] {args.new_tokens} new tokens after a {len(prompt)}-token prompt; cache {settings.start_size}+"
           f"{settings.recent_size} ({settings.positions})", file=sys.stderr, flush=True)
     for name, cache in (("dense", None), ("streaming", settings)):
-        stream = open_stream(model, cache, shift)  # None: the dense DynamicCache baseline
+        stream = engine.open() if cache else open_stream(model, None)  # None: the dense DynamicCache baseline
         results["decode"][name] = run_decode(name, stream, prompt, args.new_tokens, args.device, show)
         del stream
     if args.ppl_tokens:
         text = read_tokens(lm, args.ppl_file, args.ppl_tokens)
         results["ppl"] = {"ppl_file": str(args.ppl_file)}
         scorers = {"dense": lambda ids: open_stream(model, None).score(ids, progress=show),
-                   "streaming": lambda ids: score(model, ids, settings, shift, progress=show)}
+                   "streaming": lambda ids: engine.score(ids, progress=show)}
         for name, scorer in scorers.items():
             results["ppl"][name] = run_ppl(scorer, text)
     warnings = summarise(results, settings)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streaming_lm.policy import ExpectedAttention, Param, ScoredPolicy
+from streaming_lm.methods import ExpectedAttention, Param, ScoredPolicy
 
 
 def _not_zero(value: float) -> None:
@@ -19,7 +19,7 @@ class Recency(ScoredPolicy):
     token (a sink+window cache of W + H), ``step < 0`` the newest one."""
 
     name = "recency"
-    needs_attention = False
+    observes = frozenset()
     params = (Param("step", float, 1.0, "score per slot of age (> 0: the oldest goes; < 0: the newest)",
                     check=_not_zero),
               Param("label", str, "plain", "a string parameter", choices=("plain", "fancy")))
@@ -34,8 +34,7 @@ class QueryAffinity(ScoredPolicy):
     handed exactly the segment: as many queries as tokens read since the last event."""
 
     name = "query_affinity"
-    needs_attention = False
-    needs_queries = True
+    observes = frozenset({"queries"})
     paths = {"token": ("shifted", "original"), "chunked": ("original",)}
 
     def score(self, keys, values, attention, queries):
@@ -94,7 +93,7 @@ class Keeper(ScoredPolicy):
     the budget an event cannot reach it, and the storage must say so rather than hold more."""
 
     name = "keeper"
-    needs_attention = False
+    observes = frozenset()
     paths = {"token": ("shifted", "original"), "chunked": ("original",)}
     params = (Param("keep", int, 4, "tokens at the end that always stay", minimum=0),)
 

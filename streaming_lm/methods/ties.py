@@ -8,7 +8,8 @@ between a one-token and a many-token pass: without the margin two exact paths wo
 
 from __future__ import annotations
 
-import torch
+
+from .lazy_torch import torch
 
 # Scores this close (relative) are a tie.
 TIE = 1e-5

@@ -13,9 +13,55 @@ import json
 import math
 from pathlib import Path
 
-import torch
+from ..values import as_count, as_fraction
+from .base import HeadIndexPolicy, Param
+from .lazy_torch import torch
 
-from .checks import check_fraction, check_int
+
+def _check_pattern(value: str) -> None:
+    if value:  # the folder's format, before any model loads (its shape is checked against the model in bind)
+        load_duo_pattern(value)
+
+
+class Duo(HeadIndexPolicy):
+    """DuoAttention: the ``round(h · layers · heads)`` key/value heads of lowest pattern score are *streaming
+    heads*, holding the first ``sink_size`` and the last ``recent_size`` tokens (the pattern's); every other head
+    holds everything (docs/methods.md). Sizes come from the pattern, not from ``C``.
+
+    Xiao et al., *DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads*, 2024,
+    https://arxiv.org/abs/2410.10819
+    """
+
+    name = "duo"
+    params = (Param("pattern", str, "", "a folder in DuoAttention's format (config.json with sink_size and "
+                    "recent_size; full_attention_heads.tsv, one row per layer, one column per key/value head)",
+                    check=_check_pattern),
+              Param("head_compression_ratio", float, 0.5, "the fraction of (layer, key/value head) pairs that stream",
+                    minimum=0.0, check=lambda value: as_fraction("head_compression_ratio", value)))
+
+    @classmethod
+    def check_settings(cls, settings) -> None:
+        if not settings.policy_params["pattern"]:
+            raise ValueError(f"policy=duo needs pattern=<folder>: {FORMAT}. No pattern ships with a model no one "
+                             f"measured; DuoAttention publishes patterns for the models it trained")
+        if settings.compression_ratio is not None:
+            raise ValueError("policy=duo sizes its heads by the pattern and head_compression_ratio; compression_ratio "
+                             f"does not apply (got compression_ratio={settings.compression_ratio})")
+
+    def bind(self, model, shift) -> None:
+        from ..forward_args import num_decoder_layers
+
+        config = model.config.get_text_config(decoder=True)
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        pattern = load_duo_pattern(self.pattern, num_decoder_layers(model), kv_heads)
+        self.sink_size, self.recent_size = pattern.sink_size, pattern.recent_size
+        self.streaming = streaming_heads(pattern.head_scores, self.head_compression_ratio)
+
+    def event_keep(self, layer, alive, budget):
+        """A streaming head keeps its first ``sink_size`` and last ``recent_size`` held tokens, a retrieval head
+        everything (the budget is the pattern's, not the settings')."""
+        return duo_held_keep(alive, self.streaming[layer], self.sink_size, self.recent_size)
+
 
 FORMAT = ("a folder with config.json (integers sink_size >= 0, recent_size >= 1) and full_attention_heads.tsv "
           "(one row per layer, one tab-separated number per key/value head), as DuoAttention's attn_patterns/")
@@ -68,7 +114,7 @@ def streaming_heads(head_scores: torch.Tensor, head_compression_ratio: float) ->
 
     Equal scores: the earlier pair in row-major order (lower layer, then lower head) becomes streaming first.
     """
-    h = check_fraction("head_compression_ratio", head_compression_ratio)
+    h = as_fraction("head_compression_ratio", head_compression_ratio)
     count = round(head_scores.numel() * h)
     mask = torch.zeros(head_scores.numel(), dtype=torch.bool)
     mask[torch.sort(head_scores.flatten(), stable=True).indices[:count]] = True
@@ -78,7 +124,7 @@ def streaming_heads(head_scores: torch.Tensor, head_compression_ratio: float) ->
 def duo_keep(n: int, streaming: torch.Tensor, sink_size: int, recent_size: int) -> torch.Tensor:
     """bool [kv_heads, n]: a streaming head (``streaming`` bool [kv_heads], one layer's) keeps the first
     ``sink_size`` and the last ``recent_size`` of its ``n`` held tokens; every other head keeps all."""
-    check_int("n", n, 0)
+    as_count("n", n, 0)
     return duo_held_keep(torch.ones((streaming.numel(), n), dtype=torch.bool), streaming, sink_size, recent_size)
 
 

@@ -8,15 +8,81 @@ from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
+from ..values import as_choice, as_count, as_float
+from .base import Param, ScoredPolicy
+from .lazy_torch import F, torch
+from .budgets import HEAD_BUDGETS, check_head_budgets
 
-from ..rotary import HALF, LAYOUTS
-from .checks import check_expected_attention, check_int
+
+class ExpectedAttention(ScoredPolicy):
+    """Expected Attention: at an event, the attention that future queries are expected to pay each held key, from
+    the mean and covariance of the segment's queries before RoPE, rotated on average over the next
+    ``n_future_positions`` positions, times the value's norm (docs/methods.md). The first ``n_sink`` tokens are
+    kept. Original positions (the segment's queries are un-rotated from their text positions; kvpress keeps
+    positions too).
+
+    Devoto et al., *Expected Attention: KV Cache Compression by Estimating Attention from Future Queries
+    Distribution*, 2025, https://arxiv.org/abs/2510.00636
+    """
+
+    name = "expected_attention"
+    reaches_budget = True
+    params = (Param("n_future_positions", int, 512, "future positions the query statistics are rotated over",
+                    minimum=1),
+              Param("n_sink", int, 4, "first tokens kept and left out of the query statistics", minimum=0),
+              Param("use_covariance", bool, True, "add the queries' covariance term"),
+              Param("use_vnorm", bool, True, "multiply by the value's norm"),
+              Param("epsilon", float, 0.0, "added to the score before the value norm", minimum=0.0),
+              *HEAD_BUDGETS)
+    paths = {"token": ("original",), "chunked": ("original",)}
+    observes = frozenset({"queries", "step"})
+
+    @classmethod
+    def check_settings(cls, settings) -> None:
+        sinks = settings.policy_params["n_sink"]
+        always = max(sinks, settings.start_size) + settings.recent_size
+        if settings.capacity < always and not settings.ratio_budget:
+            raise ValueError(f"policy=expected_attention keeps its n_sink={sinks} first tokens (and start_size="
+                             f"{settings.start_size}, recent_size={settings.recent_size}): the budget C = start_size + "
+                             f"recent_size + heavy_size = {settings.capacity} must hold max(n_sink, start_size) + "
+                             f"recent_size = {always}")
+        check_head_budgets(settings)
+
+    def bind(self, model, shift) -> None:
+        from ..rotary import RotaryShift
+
+        if not isinstance(shift, RotaryShift):
+            raise ValueError(f"policy=expected_attention needs one rotary embedding for every layer (RoPE); "
+                             f"{type(model).__name__} has {'none' if shift is None else 'different ones by layer'}")
+        scaling = {float(getattr(m, "attention_scaling")) for m in model.modules() if hasattr(m, "attention_scaling")}
+        self.rotary, self.attention_scaling = shift, scaling.pop() if len(scaling) == 1 else 1.0
+        if scaling:
+            raise ValueError("policy=expected_attention: the model's rotary modules scale differently")
+
+    def before_rope(self, queries, index):
+        """The segment's queries before RoPE: each rotated back from its text position ``index`` and its rotary
+        scaling undone (float32 [query_heads, s, head_dim])."""
+        return self.rotary.rotate(queries, -index) / self.attention_scaling
+
+    def score(self, keys, values, attention, queries, step):
+        index = torch.arange(step - queries.shape[1] + 1, step + 1, device=queries.device)
+        before = self.before_rope(queries, index)
+        rotation = mean_rotation(self.rotary.inv_freq.float(), step + 1, self.n_future_positions, keys.shape[-1],
+                                 self.rotary.layout, self.attention_scaling)
+        return expected_attention_scores(before, index, keys, values, rotation, n_sink=self.n_sink,
+                                         use_covariance=self.use_covariance, use_vnorm=self.use_vnorm,
+                                         epsilon=self.epsilon)
+
+
+def check_expected_attention(n_future_positions=512, n_sink=4, epsilon=0.0) -> None:
+    """Expected Attention's knobs: ``n_future_positions >= 1``, ``n_sink >= 0``, a finite ``epsilon >= 0``."""
+    as_count("n_future_positions", n_future_positions, 1)
+    as_count("n_sink", n_sink, 0)
+    as_float("epsilon", epsilon, 0)
 
 
 def mean_rotation(inv_freq: torch.Tensor, first_position: int, count: int, head_dim: int,
-                  layout: str = HALF, attention_scaling: float = 1.0) -> torch.Tensor:
+                  layout: str = "rotate_half", attention_scaling: float = 1.0) -> torch.Tensor:
     """float32 [head_dim, head_dim]: the mean of the RoPE matrices of positions ``first_position ..
     first_position + count - 1`` (``R x`` rotates ``x`` as the model rotates a query at that position).
 
@@ -26,10 +92,11 @@ def mean_rotation(inv_freq: torch.Tensor, first_position: int, count: int, head_
     pairs feature ``i`` with ``i + rotary_dim/2`` (Llama, Mistral, Qwen), ``interleaved`` pairs ``2i`` and
     ``2i + 1``. Features beyond ``rotary_dim`` are not rotated.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
-    check_int("n_future_positions", count, 1)
-    check_int("first_position", first_position, 0)
+    from ..rotary import HALF, LAYOUTS
+
+    as_choice("layout", layout, LAYOUTS)
+    as_count("n_future_positions", count, 1)
+    as_count("first_position", first_position, 0)
     inv_freq = inv_freq.detach().float().cpu()
     half = inv_freq.numel()
     if 2 * half > head_dim:

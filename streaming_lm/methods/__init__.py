@@ -1,0 +1,60 @@
+"""The KV-cache compression methods, one module each, and their one registry (``POLICIES``, the names the ``policy``
+knob takes). No torch at import: settings.py reads the registry before any model loads.
+
+A method's module holds its class (name, parameters with defaults and checks, paper link, what its events read) and
+its math; ``base.py`` the kinds of method, ``budgets.py`` the budgets by layer and by head, ``ties.py`` the tie rule,
+``event.py`` the one event rule every path hands its observation to. Adding a method: a module here, its line below
+(docs/policies.md "Adding a method").
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import OBSERVATIONS, EvictionPolicy, HeadIndexPolicy, Policy, ScoredPolicy
+from .duo import Duo
+from .expected_attention import ExpectedAttention
+from .h2o import H2O
+from .knorm import KeyNorm
+from .params import Param
+from .sink_window import SinkWindow
+from .snapkv import SnapKV
+from .tova import TOVA
+
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (SinkWindow, TOVA, H2O, KeyNorm, SnapKV,
+                                                               ExpectedAttention, Duo)}
+
+
+def policy_class(name: str) -> type[Policy]:
+    """The class a ``policy`` knob names: a built-in, or ``package.module:Class`` (a ``ScoredPolicy``).
+
+    Called before any model loads, so a bad plug-in fails first."""
+    if name in POLICIES:
+        return POLICIES[name]
+    module_name, _, class_name = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"policy={name}: cannot import module {module_name!r} ({error})") from None
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise ValueError(f"policy={name}: module {module_name!r} has no attribute {class_name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, ScoredPolicy)) or cls.score is ScoredPolicy.score:
+        raise ValueError(
+            f"policy={name}: {class_name} must subclass streaming_lm.methods.ScoredPolicy and implement "
+            "score(keys, values, attention) (see docs/policies.md)"
+        )
+    return cls
+
+
+def policy_for(settings, model=None, shift=None) -> Policy:
+    """The method the settings name, with its parameters; bound to ``model`` (and its rotary ``shift``) when given.
+    An engine binds it once per model and settings (``engine.Engine``)."""
+    policy = policy_class(settings.policy)(settings)
+    if model is not None:
+        policy.bind(model, shift)
+    return policy
+
+
+__all__ = ["POLICIES", "OBSERVATIONS", "Param", "Policy", "EvictionPolicy", "HeadIndexPolicy", "ScoredPolicy",
+           "policy_class", "policy_for", "SinkWindow", "TOVA", "H2O", "KeyNorm", "SnapKV", "ExpectedAttention", "Duo"]
