@@ -14,7 +14,7 @@ kvpress / streaming_hf (above 1: streaming_hf is faster) and whether the greedy 
 
 - kvpress: ``KVPressTextGenerationPipeline._forward`` (its prefill without the LM head under the press, the question,
   greedy decoding), given token ids; compression_ratio ``--ratio``; presses with kvpress's defaults.
-- streaming_hf: ``generation.generate_requests`` with the settings ``streaming_hf`` builds from
+- streaming_hf: ``engine.Engine.generate_requests`` with the settings ``streaming_hf`` builds from
   ``evict_every=context,query_size=Q,compression_ratio=r`` (``start_size=0``; ``sink_window``: ``start_size=4``, as
   ``StreamingLLMPress(n_sink=4)``), the path ``generate_until`` takes after tokenising.
 
@@ -40,6 +40,9 @@ METHODS = {
     "expected_attention": ("ExpectedAttentionPress(compression_ratio=r)",
                            {"policy": "expected_attention", "start_size": 0}),
     "sink_window": ("StreamingLLMPress(compression_ratio=r, n_sink=4)", {"policy": "sink_window", "start_size": 4}),
+    "random": ("RandomPress(compression_ratio=r, seed=0)", {"policy": "random", "start_size": 0}),
+    "keydiff": ("KeyDiffPress(compression_ratio=r)", {"policy": "keydiff", "start_size": 0}),
+    "lagkv": ("LagKVPress(compression_ratio=r)", {"policy": "lagkv", "start_size": 0}),
 }
 DENSE = "dense"
 
@@ -82,15 +85,14 @@ def _ours_worker(pretrained: str, threads: int):
     import torch
     import transformers
 
-    from streaming_lm.generation import GenerationRequest, generate_requests, greedy
-    from streaming_lm.rotary import find_rotary
+    from streaming_lm.engine import Engine
+    from streaming_lm.generation import GenerationRequest, greedy
     from streaming_lm.settings import resolve
     from streaming_lm.support import check_model_supported
 
     torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
     model = transformers.AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32).eval()
-    shift = find_rotary(model)
     eos = model.generation_config.eos_token_id
     eos = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
@@ -102,7 +104,7 @@ def _ours_worker(pretrained: str, threads: int):
         requests = [GenerationRequest(ids, command["new_tokens"], {"pick": greedy, "eos_token_ids": eos})
                     for ids in command["requests"]]
         with torch.inference_mode():
-            results, _ = generate_requests(model, requests, settings, shift, share=False)
+            results, _ = Engine(model, settings).generate_requests(requests, share=False)
         return [result.tokens for result in results]
 
     return run

@@ -63,8 +63,11 @@ from kvpress import (
     AdaKVPress,
     DuoAttentionPress,
     ExpectedAttentionPress,
+    KeyDiffPress,
     KnormPress,
+    LagKVPress,
     PyramidKVPress,
+    RandomPress,
     SnapKVPress,
     StreamingLLMPress,
     TOVAPress,
@@ -83,6 +86,7 @@ NEW_TOKENS = 12
 RATIOS = (0.5, 0.25)
 QS = (1, 8)
 SNAPKV = dict(window_size=64, kernel_size=5)  # kvpress's defaults, also compression-methods.md's
+LAGKV = dict(n_sink=4, lag_size=128, cross_scoring=False)  # kvpress's defaults
 EXPECTED_ATTENTION = dict(n_future_positions=512, n_sink=4, use_covariance=True, use_vnorm=True, epsilon=0.0)
 
 
@@ -111,9 +115,12 @@ METHODS = {
         lambda r: DuoAttentionPress(head_compression_ratio=r),
         dict(pattern="tests/data/duo_pattern_smollm2", head_compression_ratio="= compression_ratio"),
     ),
+    "random": (lambda r: RandomPress(compression_ratio=r, seed=0), dict(seed=0)),
+    "keydiff": (lambda r: KeyDiffPress(compression_ratio=r), {}),
+    "lagkv": (lambda r: LagKVPress(compression_ratio=r, **LAGKV), LAGKV),
 }
 FIRST = ["duo", "pyramidkv", "adakv_snapkv", "adakv_expected_attention", "tova", "snapkv", "expected_attention",
-         "knorm", "sink_window"]  # the order of the run: the least common mechanisms first
+         "knorm", "sink_window", "random", "keydiff", "lagkv"]  # the order of the run: the least common mechanisms first
 MASKING = ("adakv_snapkv", "adakv_expected_attention", "duo")  # keep every key, mask (head, token) pairs
 LAYER_VARYING = ("pyramidkv",)  # multi-token reads after the prefill raise in transformers 5.2 (see docstring)
 
@@ -342,7 +349,9 @@ def main():
     parser.add_argument("--check-pipeline", action=argparse.BooleanOptionalAction, default=True,
                         help="re-run one case per press mechanism through kvpress's pipeline end to end")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
-                        help="a subset, for trying the script out (the committed file has all)")
+                        help="a subset (the committed file has all)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the cases of --out for the methods not given (a method added to an existing file)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
@@ -371,6 +380,20 @@ def main():
     }
     from importlib.metadata import version
     out["made_by"]["kvpress"] = version("kvpress")
+    kept, checks = [], {}
+    if args.merge and args.out.exists():
+        old = json.loads(args.out.read_text())
+        if old["made_by"]["weights_sha256"] != out["made_by"]["weights_sha256"]:
+            raise SystemExit(f"{args.out} was made with other weights: run without --merge")
+        kept = [case for case in old["cases"] if case["method"] not in args.methods]
+        checks = {k: v for k, v in old.get("pipeline_checks_max_abs", {}).items() if k.split()[0] not in args.methods}
+        out["made_by"]["merged"] = old["made_by"].get("merged", []) + [
+            {"methods": args.methods, "threads": args.threads,
+             "command": f"OMP_NUM_THREADS={args.threads} /work/kvp/bin/python scripts/kvpress_reference.py --out "
+                        f"{args.out} --merge --methods {' '.join(args.methods)} --threads {args.threads}"}]
+        out["made_by"]["threads"] = old["made_by"]["threads"]  # the first command's
+        out["made_by"]["first_command_runtime_s"] = old["made_by"].get("first_command_runtime_s",
+                                                                       old["made_by"].get("runtime_s"))
     with torch.no_grad():
         for index, (a, b) in enumerate(CONTEXTS):
             context = [tokenizer.bos_token_id] + text_ids[a:b]
@@ -392,11 +415,12 @@ def main():
                               f"{case['held_per_layer'][-1]} gap {case['min_boundary_gap_rel']} "
                               f"{time.time() - t:.1f}s", flush=True)
                 del prefill
+        out["cases"] = kept + out["cases"]
         args.out.write_text(json.dumps(out, separators=(",", ":")) + "\n")  # the checks below only add
         if args.check_pipeline:
             context, continuation = out["contexts"][0]["context_ids"], out["contexts"][0]["continuation_ids"]
-            checks = {}
-            for method, q in (("snapkv", 8), ("pyramidkv", 1), ("adakv_snapkv", 8), ("duo", 8), ("tova", 1)):
+            for method, q in (("snapkv", 8), ("pyramidkv", 1), ("adakv_snapkv", 8), ("duo", 8), ("tova", 1),
+                              ("random", 8)):
                 if method not in args.methods:
                     continue
                 reference = next(c for c in out["cases"] if (c["method"], c["compression_ratio"], c["q"],

@@ -201,7 +201,7 @@ CASES = [
     Case("chunk_size-zero", "ValueError", "chunk_size must be an integer >= 1, got 0", ("chunk_size", ">= 1"),
          model_args(chunk_size=0), also=((model_args(chunk_size=1.5), "chunk_size must be an integer >= 1, got 1.5"),)),
     Case("policy-unknown", "ValueError",
-         "policy must be one of sink_window, tova, h2o, knorm, snapkv, expected_attention, duo or package.module:Class; "
+         "policy must be one of sink_window, tova, h2o, knorm, snapkv, expected_attention, duo, random, keydiff, lagkv or package.module:Class; "
          "got 'lru'", ("policy", "sink_window", "tova", "h2o", "knorm", "snapkv", "expected_attention"), model_args(policy="lru")),
     Case("policy-plugin-missing-module", "ValueError", "policy=no_such_module:Policy: cannot import module",
          ("policy", "no_such_module"), model_args(policy="no_such_module:Policy"),
@@ -265,6 +265,10 @@ CASES = [
     Case("evict_every-with-recompute", "ValueError",
          "evict_every applies to the cache methods (chunked, token); method=recompute keeps no cache",
          ("evict_every", "recompute"), model_args(method="recompute", evict_every=4)),
+    Case("lagkv-lag_size-zero", "ValueError", "lag_size must be an integer >= 1, got 0", ("lag_size", ">= 1"),
+         model_args(policy="lagkv", heavy_size=8, lag_size=0),
+         also=((model_args(policy="random", heavy_size=8, seed=-1), "seed must be an integer >= 0, got -1",
+                ("seed", ">= 0")),)),
     Case("snapkv-window-not-shorter-than-segment", "ValueError",
          "policy=snapkv observes the last window_size=64 queries of each segment of evict_every=1 tokens: the window "
          "must be shorter than the segment", ("window_size", "evict_every"), model_args(policy="snapkv"),
@@ -483,6 +487,8 @@ CASES = [
          ("--output-dir",), compare_cli("--output-dir", "DROP")),
     Case("compare-metadata", "exit 2", "--metadata must be a JSON object or key=val,...; got '[1, 2]'",
          ("--metadata", "JSON object"), compare_cli("--metadata", "[1, 2]")),
+    Case("compare-shard", "exit 2", "--shard must be i/n with 1 <= i <= n (e.g. 2/4); got '3/2'",
+         ("--shard", "i/n"), compare_cli("--shard", "3/2")),
     Case("compare-from-results-and-run", "exit 2",
          "--from-results reads existing results: drop --pretrained and --tasks", ("--from-results", "--pretrained"),
          compare_cli("--from-results", "TMP")),

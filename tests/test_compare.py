@@ -155,6 +155,42 @@ def test_interrupted_grid_runs_only_what_is_missing(grid, tiny_dir, task_dir, tm
         compare.main(grid_args(tiny_dir, task_dir, out, **{"--limit": "1"}))
 
 
+@pytest.mark.parametrize("count", [2, 3])
+def test_shards_split_the_grid_and_their_results_merge_into_its_table(grid, tiny_dir, task_dir, tmp_path,
+                                                                      monkeypatch, count):
+    """``--shard i/n``: each shard evaluates a disjoint part of the grid (the dense baseline in shard 1), together
+    all of it; ``--from-results`` on the shards' folders copied into one writes the whole grid's table."""
+    done = {name: compare.load_result(compare.results_files(grid[0] / name)[-1]) for name in RUNS}
+    evaluated = []
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda **kwargs: None)
+    merged = tmp_path / "merged"
+    for index in range(1, count + 1):
+        def fake_evaluate(**kwargs):  # the full grid's numbers for the run asked, not recomputed
+            name = next(n for n in RUNS if (n == "hf") == (kwargs["model"] == "hf") and
+                        json.loads(json.dumps(done[n].data))["config"]["model_args"] == kwargs["model_args"])
+            evaluated.append((index, name))
+            return json.loads(json.dumps(done[name].data))
+
+        monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
+        out = tmp_path / f"shard{index}"
+        compare.main(grid_args(tiny_dir, task_dir, out, **{"--shard": f"{index}/{count}"}))
+        assert not (out / "comparison.csv").exists()  # a part of the grid: no table of its own
+        shutil.copytree(out, merged, dirs_exist_ok=True)
+    names = [name for _, name in evaluated]
+    assert sorted(names) == sorted(RUNS) and len(set(names)) == len(RUNS)  # disjoint, and the whole grid
+    assert [name for index, name in evaluated if index == 1][0] == "hf"
+    refuse_evaluation(monkeypatch)
+    compare.main(["--from-results", str(merged), "--output-dir", str(tmp_path / "table")])
+    assert read_csv(tmp_path / "table" / "comparison.csv") == read_csv(grid[0] / "comparison.csv")
+
+
+@pytest.mark.parametrize("shard", ["0/2", "3/2", "1", "a/b", "1/0"])
+def test_a_bad_shard_is_refused(tiny_dir, task_dir, tmp_path, shard, capsys):
+    with pytest.raises(SystemExit):
+        compare.main(grid_args(tiny_dir, task_dir, tmp_path / "out", **{"--shard": shard}))
+    assert "--shard must be i/n" in capsys.readouterr().err
+
+
 def test_from_results_gives_the_same_table(grid, tmp_path, monkeypatch):
     refuse_evaluation(monkeypatch)
     compare.main(["--from-results", str(grid[0]), "--output-dir", str(tmp_path / "a")])

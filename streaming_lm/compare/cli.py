@@ -41,6 +41,25 @@ def _param_axes(items: list[str]) -> dict[str, list[str]]:
     return axes
 
 
+def _shard(text: str | None) -> tuple[int, int] | None:
+    """``--shard i/n``: the i-th (1-based) of n disjoint parts of the grid."""
+    if text is None:
+        return None
+    index, sep, count = text.partition("/")
+    if not (sep and index.strip().isdigit() and count.strip().isdigit() and 1 <= int(index) <= int(count)):
+        raise CompareError(f"--shard must be i/n with 1 <= i <= n (e.g. 2/4); got {text!r}")
+    return int(index), int(count)
+
+
+def shard_of(runs: list, shard: tuple[int, int] | None) -> list:
+    """The runs of shard ``i/n``: every n-th run from the i-th (the dense baseline is the first run: shard 1's), so
+    that the shards are disjoint, cover the grid and take about as long each."""
+    if shard is None:
+        return runs
+    index, count = shard
+    return runs[index - 1 :: count]
+
+
 def _batch_size(text: str):
     return int(text) if text.isdigit() else text  # "auto", "auto:4" as lm-eval takes them
 
@@ -89,6 +108,10 @@ def parser() -> argparse.ArgumentParser:
     out.add_argument("--output-dir", "--output_dir", "--output_path", "-o", type=Path, default=None)
     out.add_argument("--from-results", "--from_results", type=Path, default=None,
                      help="build the comparison from existing lm-eval results files instead of running")
+    out.add_argument("--shard", default=None, metavar="I/N",
+                     help="run only the I-th of N disjoint parts of the grid (a SLURM array task, one GPU each); "
+                     "every shard writes into --output-dir, and --from-results on it (or on the shards' folders "
+                     "copied into one) writes the comparison")
     out.add_argument("--reference", type=Path, default=None, help="CSV or JSON of task, metric, value, source")
     out.add_argument("--plot-metric", "--plot_metric", default=None,
                      help="metric drawn in comparison.png, e.g. string_match_all (default: each task's main metric)")
@@ -100,7 +123,11 @@ def parser() -> argparse.ArgumentParser:
 
 def compare(args: argparse.Namespace) -> dict[str, Path]:
     reference = load_reference(args.reference) if args.reference else None
+    shard = _shard(args.shard)
     if args.from_results is not None:
+        if shard is not None:
+            raise CompareError("--shard splits a run of the grid; --from-results reads every shard's results: drop "
+                               "--shard")
         if args.tasks or args.pretrained:
             raise CompareError("--from-results reads existing results: drop --pretrained and --tasks")
         return write_outputs(args.output_dir or args.from_results, load_results_dir(args.from_results), reference,
@@ -143,9 +170,15 @@ def compare(args: argparse.Namespace) -> dict[str, Path]:
     )
     tasks = [t for t in _split(args.tasks, str, "--tasks") if t]
     metadata = _metadata(args.metadata)
-    say(f"{len(runs)} runs ({', '.join(r.name for r in runs)}) into {args.output_dir}")
-    results = run_grid(runs, args.output_dir, common, tasks, args.include_path, args.limit, args.device,
+    mine = shard_of(runs, shard)
+    part = "" if shard is None else f" (shard {shard[0]}/{shard[1]} of {len(runs)})"
+    say(f"{len(mine)} runs{part} ({', '.join(r.name for r in mine)}) into {args.output_dir}")
+    results = run_grid(mine, args.output_dir, common, tasks, args.include_path, args.limit, args.device,
                        args.batch_size, metadata, model_name=name)
+    if shard is not None:  # a part of the grid: its table is made once every shard is done
+        say(f"shard {shard[0]}/{shard[1]} done; when every shard is, write the comparison with "
+            f"python -m streaming_lm compare --from-results {args.output_dir}")
+        return {}
     return write_outputs(args.output_dir, results, reference, args.plot_metric, args.plot_x)
 
 

@@ -15,14 +15,17 @@ from .base import OBSERVATIONS, EvictionPolicy, HeadIndexPolicy, Policy, ScoredP
 from .duo import Duo
 from .expected_attention import ExpectedAttention
 from .h2o import H2O
+from .keydiff import KeyDiff
 from .knorm import KeyNorm
+from .lagkv import LagKV
 from .params import Param
+from .random import Random
 from .sink_window import SinkWindow
 from .snapkv import SnapKV
 from .tova import TOVA
 
 POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (SinkWindow, TOVA, H2O, KeyNorm, SnapKV,
-                                                               ExpectedAttention, Duo)}
+                                                               ExpectedAttention, Duo, Random, KeyDiff, LagKV)}
 
 
 def policy_class(name: str) -> type[Policy]:
@@ -57,4 +60,5 @@ def policy_for(settings, model=None, shift=None) -> Policy:
 
 
 __all__ = ["POLICIES", "OBSERVATIONS", "Param", "Policy", "EvictionPolicy", "HeadIndexPolicy", "ScoredPolicy",
-           "policy_class", "policy_for", "SinkWindow", "TOVA", "H2O", "KeyNorm", "SnapKV", "ExpectedAttention", "Duo"]
+           "policy_class", "policy_for", "SinkWindow", "TOVA", "H2O", "KeyNorm", "SnapKV", "ExpectedAttention", "Duo",
+           "Random", "KeyDiff", "LagKV"]

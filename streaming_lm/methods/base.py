@@ -199,6 +199,9 @@ class ScoredPolicy(Policy):
     reaches_budget = False
     # evict_every=context: the last token of the prefill always stays (kvpress's TOVAPress)
     keeps_last_in_context_regime = False
+    # A token's score depends on its own key and value alone (key-norm), not on what else is held: the chunked path
+    # then scores a chunk once for all its events.
+    per_token = False
 
     @property
     def query_window(self) -> int | None:

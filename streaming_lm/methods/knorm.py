@@ -20,6 +20,7 @@ class KeyNorm(ScoredPolicy):
     reaches_budget = True
     paths = {"token": BOTH, "chunked": ("original",)}
     observes = frozenset()
+    per_token = True
 
     def score(self, keys, values, attention):
         return -keys.float().norm(dim=-1)

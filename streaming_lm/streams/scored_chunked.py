@@ -41,9 +41,9 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
     weights = torch.empty_like(logits)
     t0 = layer.seen - q_len
     observes = policy.observes
-    # A score of keys and values alone (key-norm) is the same for every row: once per chunk.
+    # A token's score from its own key and value alone (key-norm) is the same at every row: once per chunk.
     fixed = None
-    if policy.kind == SCORED and not observes & {"attention", "queries", "step", "history"}:
+    if policy.kind == SCORED and policy.per_token and not observes:
         fixed = step_scores(policy, Observation(key[0], value[0], t0 + q_len - 1), kv_heads)
     segment = 0  # the first row of this chunk in the current segment (earlier rows: layer.queries)
     columns_at = torch.arange(columns, device=key.device)

@@ -90,9 +90,8 @@ def timings(args) -> list[dict]:
     import torch
     import transformers
 
+    from ..engine import Engine
     from ..settings import resolve
-    from ..streams import open_stream
-    from ..rotary import find_rotary
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(4096, args.tokens))
@@ -105,7 +104,7 @@ def timings(args) -> list[dict]:
           f"on {args.device} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     ids = torch.randint(0, config.vocab_size, (args.tokens,), generator=torch.Generator().manual_seed(2))
     ids = ids.to(args.device)
-    shift, rows = find_rotary(model), []
+    rows = []
 
     def run(name, fn):
         """``fn`` returns (tokens read, tokens evicted)."""
@@ -123,9 +122,14 @@ def timings(args) -> list[dict]:
         run("dense, one pass", lambda: (model(input_ids=ids[None], logits_to_keep=1), (args.tokens, 0))[1])
         settings = resolve(**knob_args(args), method="chunked")
         cache = f"{settings.policy} {settings.start_size}+{settings.recent_size}+{settings.heavy_size}"
+        # kvpress's regime: the prefill read with nothing evicted, then one event (knorm at r = 0.5)
+        context = resolve(policy="knorm", evict_every="context", compression_ratio=0.5, start_size=0,
+                          chunk_size=settings.chunk_size)
+        engines = {name: Engine(model, knobs) for name, knobs in (
+            ("chunked", settings), ("context", context), ("token", resolve(**knob_args(args), method="token")))}
 
         def chunked():
-            stream = open_stream(model, settings, shift)
+            stream = engines["chunked"].open()
             for _ in stream.read_passes(ids, last_only=True):
                 pass
             return stream.n, stream.evicted
@@ -133,18 +137,15 @@ def timings(args) -> list[dict]:
         run(f"chunked {cache} (chunk {settings.chunk_size})", chunked)
 
         def once():
-            # kvpress's regime: the prefill read with nothing evicted, then one event (knorm at r = 0.5)
-            context = resolve(policy="knorm", evict_every="context", compression_ratio=0.5, start_size=0,
-                              chunk_size=settings.chunk_size)
-            stream = open_stream(model, context, shift)
+            stream = engines["context"].open()
             stream.extend(ids)
             stream.compress()
             return stream.n, stream.evicted
 
-        run("once after the context, knorm r=0.5", once)
+        run("context regime (once after the context), knorm r=0.5", once)
 
         def token_loop():
-            stream = open_stream(model, resolve(**knob_args(args), method="token"), shift)
+            stream = engines["token"].open()
             t, n = time.perf_counter(), 0
             for n, _ in enumerate(stream.read_passes(ids), start=1):
                 if time.perf_counter() - t > args.token_seconds:

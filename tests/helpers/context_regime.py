@@ -80,14 +80,15 @@ def masked_logprobs(model, context, continuation, prefill: int, kept: list[np.nd
 # kvpress's scorer presses protect no sinks: start_size=0 (StreamingLLMPress's n_sink is start_size).
 POLICY = {"sink_window": "sink_window", "knorm": "knorm", "tova": "tova", "snapkv": "snapkv", "pyramidkv": "snapkv",
           "adakv_snapkv": "snapkv", "adakv_expected_attention": "expected_attention",
-          "expected_attention": "expected_attention", "duo": "duo"}
+          "expected_attention": "expected_attention", "duo": "duo", "random": "random", "keydiff": "keydiff",
+          "lagkv": "lagkv"}
 
 
 def press_settings(case: PressCase, method: str = "chunked"):
     """The model args that make ``streaming_hf`` the case's kvpress press."""
     params = {k: v for k, v in case.params.items() if k not in ("scorer", "n_sink", "pattern",
                                                                 "head_compression_ratio")}
-    if case.method in ("expected_attention", "adakv_expected_attention"):
+    if case.method in ("expected_attention", "adakv_expected_attention", "lagkv"):
         params["n_sink"] = case.params["n_sink"]
     if case.method == "pyramidkv":
         params["layer_budgets"] = "pyramid"

@@ -67,6 +67,11 @@ CASES = [
     pytest.param("tova", {}, (1, 2, 5), 4, id="tova-K4"),
     pytest.param("h2o", {}, (1, 2, 5), 3, id="h2o-K3"),
     pytest.param("knorm", {}, (2, 0, 6), 5, id="knorm-K5"),
+    pytest.param("random", {"seed": 3}, (1, 1, 6), 4, id="random-K4"),
+    pytest.param("keydiff", {}, (1, 0, 7), 3, id="keydiff-K3"),
+    # LagKV: partitions of 2 after 1 sink; held 8 + the segment, so every event scores partitions.
+    pytest.param("lagkv", {"n_sink": 1, "lag_size": 2}, (1, 0, 7), 4, id="lagkv-K4"),
+    pytest.param("lagkv", {"n_sink": 0, "lag_size": 3, "cross_scoring": True}, (0, 1, 8), 5, id="lagkv-cross-K5"),
     pytest.param("helpers.policies:Recency", {"step": -1.0}, (1, 1, 6), 4, id="plugin-K4"),
     # A method scored from the segment's observation (its queries), on the token loop and the chunked path.
     pytest.param("helpers.policies:QueryAffinity", {}, (1, 1, 6), 4, id="queries-K4"),

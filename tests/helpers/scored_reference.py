@@ -37,6 +37,28 @@ def pyramid(n: int, layers: int, budget: int, window: int, beta: float) -> list[
     return [round(high - layer * (high - low) / (layers - 1)) for layer in range(layers)]
 
 
+def lagkv(keys: torch.Tensor, values: torch.Tensor, sinks: int, lag: int, cross: bool) -> list[float]:
+    """LagKV's scores of one head's held tokens (keys, values [K, dim]), written again from the paper's definition as
+    kvpress implements it: partitions of ``lag`` after the sinks, each normalised by the next one's per-feature
+    range; the std over features, softmaxed in the partition, key and value averaged; ranks unless ``cross``."""
+    n = len(keys)
+    if n < sinks + 2 * lag:
+        return [1.0] * sinks + [i / (n - sinks) for i in range(n - sinks)] if n > sinks else [1.0] * n
+    end = sinks + (n - sinks) // lag * lag
+    parts = (end - sinks) // lag
+    scores = []
+    for p in range(parts - 1):
+        own = slice(sinks + p * lag, sinks + (p + 1) * lag)
+        ref = slice(sinks + (p + 1) * lag, sinks + (p + 2) * lag)
+        both = []
+        for x in (keys, values):
+            low, high = x[ref].min(0).values, x[ref].max(0).values
+            both.append(torch.softmax(((x[own] - low) / (high - low)).std(-1), -1))
+        part = (both[0] + both[1]) / 2
+        scores += (part.argsort().argsort() / lag).tolist() if not cross else part.tolist()
+    return [1.0] * sinks + scores + [1.0] * (n - sinks - len(scores))
+
+
 def _rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Rotate x [..., seq, dim] (rotate_half layout, every dim rotary) by per-position deltas [seq]."""
     angles = delta.double()[:, None] * inv_freq.double()[None, :]
@@ -69,7 +91,7 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
     held: dict = {}  # layer -> per key/value head, the tokens held (set up at the layer's first call)
     totals: dict = {}  # h2o: (layer, head) -> {token: attention accumulated while held}
     slot: list = []  # shifted: the position token s was read at (the tokens its head held before it)
-    last: dict = {}  # layer -> (weights per kv head [group, K], keys per kv head [K, dim]) of the newest row
+    last: dict = {}  # layer -> (weights [group, K], keys [K, dim], values [K, dim]) per kv head, of the newest row
     every_row: dict = {}  # (layer, head, s) -> row s's weights [group, its visible tokens] (snapkv's window)
     every_dot: dict = {}  # (layer, head, s) -> row s's unscaled logits q·k, [group, its visible tokens]
     done: dict = {}  # (layer, s) -> row s's attention output [heads, dim], computed at step s
@@ -97,7 +119,8 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
             weights = torch.softmax(logits.float(), -1)
             every_row[(layer, h, s)] = weights
             out[s, h * group : (h + 1) * group] = weights @ value[0, h, index]
-            rows[h] = (weights, key[0, h, index])
+            # The keys as held: at their ranks (shifted) or their own positions; the norm (knorm) does not care.
+            rows[h] = (weights, k, value[0, h, index])
         done[(layer, s)] = out[s].clone()
         last[layer] = rows
         return out[None], None
@@ -144,9 +167,12 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
                 rows, kv_heads = last[layer], len(held[layer])
                 if policy == "tova":  # all heads of the layer (they hold the same tokens)
                     tova = torch.stack([rows[h][0] for h in range(kv_heads)]).mean((0, 1))
+                if policy == "random":  # one draw for the layer's heads, from a generator seeded at the event
+                    generator = torch.Generator().manual_seed(params.get("seed", 0))
+                    draws = torch.rand(kv_heads, len(visible[(layer, 0, t)]), generator=generator)
                 for h in range(kv_heads):
                     tokens = visible[(layer, h, t)]
-                    weights, keys = rows[h]
+                    weights, keys, values = rows[h]
                     if policy == "duo":  # a streaming head keeps its first sink_size and last recent_size held
                         if params["streaming"][layer][h] and (t + 1) % evict_every == 0:
                             sink, window = params["sink_size"], params["recent_size"]
@@ -162,6 +188,14 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
                         score = tova.tolist()
                     elif policy == "knorm":
                         score = (-keys.norm(dim=-1)).tolist()
+                    elif policy == "keydiff":  # minus the cosine with the mean of the head's normalised held keys
+                        anchor = (keys / keys.norm(dim=-1, keepdim=True)).mean(0)
+                        score = (-(keys @ anchor) / (keys.norm(dim=-1) * anchor.norm())).tolist()
+                    elif policy == "random":
+                        score = draws[h].tolist()
+                    elif policy == "lagkv":
+                        score = lagkv(keys, values, params.get("n_sink", 4), params.get("lag_size", 128),
+                                      params.get("cross_scoring", False))
                     elif policy == "snapkv":
                         # Row s of the segment saw the held tokens and the segment up to s: the window's last w rows
                         # all see the tokens before the window, the first n - w of their visible lists.
