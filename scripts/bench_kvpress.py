@@ -43,7 +43,10 @@ METHODS = {
     "random": ("RandomPress(compression_ratio=r, seed=0)", {"policy": "random", "start_size": 0}),
     "keydiff": ("KeyDiffPress(compression_ratio=r)", {"policy": "keydiff", "start_size": 0}),
     "lagkv": ("LagKVPress(compression_ratio=r)", {"policy": "lagkv", "start_size": 0}),
+    "observed_attention": ("ObservedAttentionPress(compression_ratio=r)",
+                           {"policy": "observed_attention", "start_size": 0}),
 }
+EAGER = ("observed_attention",)  # kvpress reads the prefill's weights: its model runs attn_implementation="eager"
 DENSE = "dense"
 
 
@@ -73,6 +76,7 @@ def _kvpress_worker(pretrained: str, threads: int):
         q, out = command["question"], []
         for ids in command["requests"]:
             inputs = {"context_ids": torch.tensor([ids[:-q]]), "questions_ids": [torch.tensor([ids[-q:]])]}
+            model.set_attn_implementation("eager" if command["method"] in EAGER else "sdpa")
             with torch.inference_mode():
                 answer = pipe._forward(inputs, max_new_tokens=command["new_tokens"], press=press, cache=DynamicCache())
             out.append(json.loads(answer[0]))

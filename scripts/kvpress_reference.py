@@ -66,6 +66,7 @@ from kvpress import (
     KeyDiffPress,
     KnormPress,
     LagKVPress,
+    ObservedAttentionPress,
     PyramidKVPress,
     RandomPress,
     SnapKVPress,
@@ -118,10 +119,13 @@ METHODS = {
     "random": (lambda r: RandomPress(compression_ratio=r, seed=0), dict(seed=0)),
     "keydiff": (lambda r: KeyDiffPress(compression_ratio=r), {}),
     "lagkv": (lambda r: LagKVPress(compression_ratio=r, **LAGKV), LAGKV),
+    "observed_attention": (lambda r: ObservedAttentionPress(compression_ratio=r), {}),
 }
 FIRST = ["duo", "pyramidkv", "adakv_snapkv", "adakv_expected_attention", "tova", "snapkv", "expected_attention",
-         "knorm", "sink_window", "random", "keydiff", "lagkv"]  # the order of the run: the least common mechanisms first
+         "knorm", "sink_window", "random", "keydiff", "lagkv",
+         "observed_attention"]  # the order of the run: the least common mechanisms first
 MASKING = ("adakv_snapkv", "adakv_expected_attention", "duo")  # keep every key, mask (head, token) pairs
+EAGER = ("observed_attention",)  # reads the prefill's attention weights: kvpress requires attn_implementation="eager"
 LAYER_VARYING = ("pyramidkv",)  # multi-token reads after the prefill raise in transformers 5.2 (see docstring)
 
 
@@ -404,16 +408,24 @@ def main():
             for q in QS:
                 prefill = record_prefill(model, context[: len(context) - q])
                 for method in sorted(args.methods, key=FIRST.index):
+                    eager = method in EAGER
+                    if eager:  # the whole case as kvpress runs it: every forward eager, the prefill recorded so
+                        model.set_attn_implementation("eager")
+                        eager_prefill = record_prefill(model, context[: len(context) - q])
                     for ratio in (0.0, *RATIOS) if q == QS[-1] else RATIOS:
                         t = time.time()
-                        case, _ = run_case(model, pipe, method, ratio, q, context, continuation, prefill,
-                                           check_loop=ratio == 0.5 and q > 1)
+                        case, _ = run_case(model, pipe, method, ratio, q, context, continuation,
+                                           eager_prefill if eager else prefill, check_loop=ratio == 0.5 and q > 1)
+                        case["attn_implementation"] = "eager" if eager else "sdpa"
                         case["context"] = index
                         out["cases"].append(case)
                         print(f"ctx{index} q={q} r={ratio} {method:25s} sum {sum(case['logprobs']):10.4f} "
                               f"(dense {sum(dense):.4f}) held {case['held_per_layer'][0]}..."
                               f"{case['held_per_layer'][-1]} gap {case['min_boundary_gap_rel']} "
                               f"{time.time() - t:.1f}s", flush=True)
+                    if eager:
+                        model.set_attn_implementation("sdpa")
+                        del eager_prefill
                 del prefill
         out["cases"] = kept + out["cases"]
         args.out.write_text(json.dumps(out, separators=(",", ":")) + "\n")  # the checks below only add

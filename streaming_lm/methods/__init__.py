@@ -18,6 +18,7 @@ from .h2o import H2O
 from .keydiff import KeyDiff
 from .knorm import KeyNorm
 from .lagkv import LagKV
+from .observed_attention import ObservedAttention
 from .params import Param
 from .random import Random
 from .sink_window import SinkWindow
@@ -25,7 +26,8 @@ from .snapkv import SnapKV
 from .tova import TOVA
 
 POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (SinkWindow, TOVA, H2O, KeyNorm, SnapKV,
-                                                               ExpectedAttention, Duo, Random, KeyDiff, LagKV)}
+                                                               ExpectedAttention, Duo, Random, KeyDiff, LagKV,
+                                                               ObservedAttention)}
 
 
 def policy_class(name: str) -> type[Policy]:
@@ -61,4 +63,4 @@ def policy_for(settings, model=None, shift=None) -> Policy:
 
 __all__ = ["POLICIES", "OBSERVATIONS", "Param", "Policy", "EvictionPolicy", "HeadIndexPolicy", "ScoredPolicy",
            "policy_class", "policy_for", "SinkWindow", "TOVA", "H2O", "KeyNorm", "SnapKV", "ExpectedAttention", "Duo",
-           "Random", "KeyDiff", "LagKV"]
+           "Random", "KeyDiff", "LagKV", "ObservedAttention"]

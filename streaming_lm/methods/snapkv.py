@@ -110,10 +110,11 @@ def window_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float | N
         raise ValueError(f"the window ({w} queries) must be among the {n} held keys")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     work = torch.promote_types(queries.dtype, torch.float32)
-    grouped = queries.to(work).reshape(kv_heads, heads // kv_heads, w, d)
-    logits = torch.einsum("hgwd,hnd->hgwn", grouped, keys.to(work)).reshape(heads, w, n) * scale
+    # Each key/value head's query heads as rows of one matmul (no copies of the keys per query head), in place.
+    grouped = queries.to(work).reshape(kv_heads, heads // kv_heads * w, d)
+    logits = torch.matmul(grouped, keys.to(work).transpose(1, 2)).reshape(heads, w, n).mul_(scale)
     future = torch.arange(n, device=keys.device)[None, :] > (n - w + torch.arange(w, device=keys.device))[:, None]
-    return torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+    return torch.softmax(logits.masked_fill_(future, float("-inf")), dim=-1)
 
 
 def snapkv_scores(queries: torch.Tensor, keys: torch.Tensor, kernel_size: int = 5,

@@ -81,7 +81,7 @@ def masked_logprobs(model, context, continuation, prefill: int, kept: list[np.nd
 POLICY = {"sink_window": "sink_window", "knorm": "knorm", "tova": "tova", "snapkv": "snapkv", "pyramidkv": "snapkv",
           "adakv_snapkv": "snapkv", "adakv_expected_attention": "expected_attention",
           "expected_attention": "expected_attention", "duo": "duo", "random": "random", "keydiff": "keydiff",
-          "lagkv": "lagkv"}
+          "lagkv": "lagkv", "observed_attention": "observed_attention"}
 
 
 def press_settings(case: PressCase, method: str = "chunked"):

@@ -21,7 +21,7 @@ import numpy as np
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "kvpress_reference.json"
 DUO_PATTERN = REFERENCE.parent / "duo_pattern_smollm2"  # made up (seeded): no one measured SmolLM2's heads
 METHODS = ("sink_window", "knorm", "tova", "snapkv", "pyramidkv", "adakv_snapkv", "adakv_expected_attention",
-           "expected_attention", "duo", "random", "keydiff", "lagkv")
+           "expected_attention", "duo", "random", "keydiff", "lagkv", "observed_attention")
 RATIOS = (0.5, 0.25)  # and 0.0 (nothing compressed) at Q = 8
 QS = (1, 8)
 REL = 1e-4

@@ -78,7 +78,7 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
     deltas [seq]; by default a rotate_half RoPE over the whole head with ``model.model.rotary_emb.inv_freq``
     (the Llama layout). A model whose keys carry no rotation (learned absolute positions) passes the identity.
     ``trace``: a list that gets, after every step, the tokens each head of each layer holds ([layers][heads]).
-    ``snapkv_votes``: the window's attention SnapKV pools, ``kvpress`` (logits scaled by 1/sqrt(head_dim), no
+    ``snapkv_votes``: the window's attention SnapKV pools (and observed_attention sums), ``kvpress`` (logits scaled by 1/sqrt(head_dim), no
     soft-cap: docs/methods.md) or ``model`` (the model's own weights: its scaling and soft-cap)."""
     params = params or {}
     capacity = start + recent + heavy
@@ -193,6 +193,16 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
                         score = (-(keys @ anchor) / (keys.norm(dim=-1) * anchor.norm())).tolist()
                     elif policy == "random":
                         score = draws[h].tolist()
+                    elif policy == "observed_attention":  # the segment's rows, each over what it saw
+                        got, seen = {}, {}
+                        for row in range(t - (t % evict_every) if (t + 1) % evict_every else t + 1 - evict_every,
+                                         t + 1):
+                            weights = every_row[(layer, h, row)] if snapkv_votes == "model" else \
+                                torch.softmax(every_dot[(layer, h, row)] / keys.shape[-1] ** 0.5, -1)
+                            for i, j in enumerate(visible[(layer, h, row)]):
+                                got[j] = got.get(j, 0.0) + weights[:, i]
+                                seen[j] = seen.get(j, 0) + 1
+                        score = [float((got[j] / seen[j]).mean()) for j in tokens]
                     elif policy == "lagkv":
                         score = lagkv(keys, values, params.get("n_sink", 4), params.get("lag_size", 128),
                                       params.get("cross_scoring", False))
