@@ -64,6 +64,7 @@ from kvpress import (
     DuoAttentionPress,
     ExpectedAttentionPress,
     KeyDiffPress,
+    KeyRerotationPress,
     KnormPress,
     LagKVPress,
     ObservedAttentionPress,
@@ -120,10 +121,15 @@ METHODS = {
     "keydiff": (lambda r: KeyDiffPress(compression_ratio=r), {}),
     "lagkv": (lambda r: LagKVPress(compression_ratio=r, **LAGKV), LAGKV),
     "observed_attention": (lambda r: ObservedAttentionPress(compression_ratio=r), {}),
+    # positions=shifted in the context regime: the kept keys re-rotated to 0 .. kept - 1, read on from there
+    "rerotated_knorm": (lambda r: KeyRerotationPress(press=KnormPress(compression_ratio=r)), dict(positions="shifted")),
+    "rerotated_snapkv": (lambda r: KeyRerotationPress(press=SnapKVPress(compression_ratio=r, **SNAPKV)),
+                         dict(SNAPKV, positions="shifted")),
 }
+REROTATED = ("rerotated_knorm", "rerotated_snapkv")  # keys move: kept tokens are found by their values
 FIRST = ["duo", "pyramidkv", "adakv_snapkv", "adakv_expected_attention", "tova", "snapkv", "expected_attention",
          "knorm", "sink_window", "random", "keydiff", "lagkv",
-         "observed_attention"]  # the order of the run: the least common mechanisms first
+         "observed_attention", "rerotated_knorm", "rerotated_snapkv"]  # the order of the run: the least common mechanisms first
 MASKING = ("adakv_snapkv", "adakv_expected_attention", "duo")  # keep every key, mask (head, token) pairs
 EAGER = ("observed_attention",)  # reads the prefill's attention weights: kvpress requires attn_implementation="eager"
 LAYER_VARYING = ("pyramidkv",)  # multi-token reads after the prefill raise in transformers 5.2 (see docstring)
@@ -205,23 +211,34 @@ def compress(model, press, dense_cache, calls):
         for layer in model.model.layers:
             module = layer.self_attn
             args, kwargs, output = calls[module.layer_idx]
-            before = cache.layers[module.layer_idx].keys
+            layer_cache = cache.layers[module.layer_idx]
+            before = layer_cache.values if isinstance(press, KeyRerotationPress) else layer_cache.keys
             press.forward_hook(module, args, dict(kwargs, past_key_values=cache), output)
-            observed[module.layer_idx] = (before, observed.get(module.layer_idx), cache.layers[module.layer_idx].keys)
+            layer_cache = cache.layers[module.layer_idx]
+            after = layer_cache.values if isinstance(press, KeyRerotationPress) else layer_cache.keys
+            observed[module.layer_idx] = (before, observed.get(module.layer_idx), after)
     if hasattr(scorer, "score"):
         del scorer.score
     return cache, observed
 
 
-def kept_masks(model, observed) -> list[np.ndarray]:
-    """Per layer a (kv heads, n) bool array: which prefill tokens each head still attends to."""
+def kept_masks(model, observed, rerotated: bool = False) -> list[np.ndarray]:
+    """Per layer a (kv heads, n) bool array: which prefill tokens each head still attends to. Found by their keys
+    (gather copies them exactly); where the press re-rotates the kept keys, by KeyRerotationPress's own selection
+    (the top `compute_n_kept` scores, sorted), checked against the values it gathered."""
     masks = []
     for layer in model.model.layers:
-        before, _, after = observed[layer.self_attn.layer_idx]
+        before, scores, after = observed[layer.self_attn.layer_idx]
         heads, n = before.shape[1], before.shape[2]
         indices = getattr(layer.self_attn, "masked_key_indices", None)
         kept = np.ones((heads, n), dtype=bool)
-        if after.shape[2] < n:  # evicted: find each kept key among the prefill's (gather copies them exactly)
+        if rerotated and after.shape[2] < n:
+            found = scores.topk(after.shape[2], dim=-1).indices.sort(dim=-1).values[0]  # [heads, kept]
+            assert torch.equal(before[0].gather(1, found[..., None].expand(-1, -1, before.shape[-1])), after[0]), \
+                "kept values misread"
+            kept[:] = False
+            kept[np.arange(heads)[:, None], found.numpy()] = True
+        elif after.shape[2] < n:  # evicted: find each kept key among the prefill's (gather copies them exactly)
             kept[:] = False
             for h in range(heads):
                 key_of = {row.tobytes(): i for i, row in enumerate(before[0, h].contiguous().numpy())}
@@ -289,16 +306,19 @@ def run_case(model, pipe, method, ratio, q, context, continuation, prefill, chec
     cache, observed = compress(model, press, dense_cache, calls)
     one_forward = method not in LAYER_VARYING
     question = context[m - q :]
-    greedy = answer(pipe, model, copy.deepcopy(cache), question, m - q, one_forward)
+    # Where the question is read: after the uncompressed prefill (kvpress's default), or after the kept keys where they
+    # were re-rotated to 0 .. kept - 1 (the pipeline's KeyRerotationPress case)
+    start = cache.get_seq_length() if method in REROTATED else m - q
+    greedy = answer(pipe, model, copy.deepcopy(cache), question, start, one_forward)
     read = question + continuation
     loop_cache = copy.deepcopy(cache) if (check_loop and one_forward) else None
     if one_forward:
-        positions = torch.arange(m - q, m + len(continuation))[None]
+        positions = torch.arange(start, start + q + len(continuation))[None]
         logits = model(input_ids=torch.tensor([read]), past_key_values=cache, position_ids=positions).logits[0]
     else:
-        logits = read_one_at_a_time(model, cache, read, m - q)
+        logits = read_one_at_a_time(model, cache, read, start)
     logprobs = logprobs_of(logits[q - 1 : -1], continuation)
-    masks = kept_masks(model, observed)
+    masks = kept_masks(model, observed, method in REROTATED)
     case = {
         "method": method,
         "press": type(press).__name__ + (f"({type(press.press).__name__})" if hasattr(press, "press") else ""),
@@ -320,7 +340,7 @@ def run_case(model, pipe, method, ratio, q, context, continuation, prefill, chec
     gap, ties = boundary_gap(observed, masks, per_layer=method.startswith("adakv"))
     case["min_boundary_gap_rel"], case["ties_at_cut"] = gap, ties
     if loop_cache is not None:
-        loop = logprobs_of(read_one_at_a_time(model, loop_cache, read, m - q)[q - 1 : -1], continuation)
+        loop = logprobs_of(read_one_at_a_time(model, loop_cache, read, start)[q - 1 : -1], continuation)
         case["one_forward_vs_token_loop_max_abs"] = max(abs(a - b) for a, b in zip(logprobs, loop))
     return case, cache
 
@@ -334,10 +354,11 @@ def check_pipeline(model, pipe, tokenizer, reference, method, ratio, q, context,
     inputs = {"context_ids": torch.tensor([context[: m - q]]), "questions_ids": [torch.tensor([context[m - q :]])]}
     greedy = json.loads(pipe._forward(inputs, max_new_tokens=NEW_TOKENS, press=press, cache=cache)[0])
     read = context[m - q :] + continuation
+    start = cache.get_seq_length() if method in REROTATED else m - q  # the pipeline crops its answer off the cache
     if method in LAYER_VARYING:
-        logits = read_one_at_a_time(model, cache, read, m - q)
+        logits = read_one_at_a_time(model, cache, read, start)
     else:
-        positions = torch.arange(m - q, m + len(continuation))[None]
+        positions = torch.arange(start, start + q + len(continuation))[None]
         logits = model(input_ids=torch.tensor([read]), past_key_values=cache, position_ids=positions).logits[0]
     logprobs = logprobs_of(logits[q - 1 : -1], continuation)
     assert greedy == reference["greedy_ids"], (method, greedy, reference["greedy_ids"])
@@ -432,7 +453,7 @@ def main():
         if args.check_pipeline:
             context, continuation = out["contexts"][0]["context_ids"], out["contexts"][0]["continuation_ids"]
             for method, q in (("snapkv", 8), ("pyramidkv", 1), ("adakv_snapkv", 8), ("duo", 8), ("tova", 1),
-                              ("random", 8)):
+                              ("random", 8), ("rerotated_knorm", 8)):
                 if method not in args.methods:
                     continue
                 reference = next(c for c in out["cases"] if (c["method"], c["compression_ratio"], c["q"],

@@ -25,6 +25,13 @@ def query_position(t, settings: StreamingSettings):
     return min(event, settings.capacity) + t - event
 
 
+def context_position(t, evicted: int, settings: StreamingSettings):
+    """The context regime: the position of token ``t`` once ``evicted`` tokens (per head) went at the event: ``t``
+    (original), or ``t - evicted`` (shifted: the kept keys were re-rotated to ``0 .. kept - 1``, kvpress's
+    KeyRerotationPress). ``t`` is an int or a tensor."""
+    return t - evicted if settings.positions == "shifted" else t
+
+
 def first_recent(n: int, settings: StreamingSettings) -> int:
     """r0 = max(S, e - W), ``e`` the last event at or before n tokens read (``n`` itself with
     ``evict_every=1``): the oldest recent (non-sink) token a sink+window layer holds after reading n tokens
@@ -36,8 +43,8 @@ def first_recent(n: int, settings: StreamingSettings) -> int:
 def position_limit(model, settings: StreamingSettings, rotary: bool) -> int | None:
     """The most tokens a stream may hold: learned absolute positions end at max_position_embeddings (RoPE:
     ``rotary_position_limit``), and positions=original reads token t at t. None: no limit (fixed RoPE,
-    shifted, recompute)."""
-    if settings.positions != "original" or settings.method == "recompute":
+    shifted, recompute). The context regime reads its prefill at text positions, whatever ``positions`` says."""
+    if settings.positions != "original" and not settings.context_regime or settings.method == "recompute":
         return None
     if rotary:
         return rotary_position_limit(model)

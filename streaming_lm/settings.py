@@ -93,7 +93,7 @@ class StreamingSettings:
             raise ValueError("start_size + recent_size + heavy_size must be >= 1 (a cache of at least one token)")
         as_choice("positions", self.positions, POSITIONS)
         as_choice("method", self.method, METHODS)
-        _check_method(cls, self.policy, self.method, self.positions, self.evict_every)
+        _check_method(cls, self.policy, self.method, self.positions, self.evict_every, self.policy_params)
         object.__setattr__(self, "chunk_size", as_int("chunk_size", self.chunk_size, 1))
         object.__setattr__(self, "stride", _check_stride(self.stride, self.method, self.positions, self.recent_size))
         cls.check_settings(self)
@@ -240,9 +240,9 @@ def default_method(policy: str, positions: str) -> str:
     return _policy_class(policy).default_method(positions)
 
 
-def _check_method(cls, policy: str, method: str, positions: str, evict_every=1) -> None:
+def _check_method(cls, policy: str, method: str, positions: str, evict_every=1, params=None) -> None:
     if evict_every == CONTEXT:
-        _check_once(cls, policy, positions)
+        _check_context_regime(cls, policy, positions, params or {})
         return
     if method == "recompute" and method not in cls.paths:
         served = [name for name, other in methods.POLICIES.items() if "recompute" in other.paths]
@@ -261,12 +261,19 @@ def _check_method(cls, policy: str, method: str, positions: str, evict_every=1) 
         )
 
 
-def _check_once(cls, policy: str, positions: str) -> None:
+def _check_context_regime(cls, policy: str, positions: str, params: dict) -> None:
     """evict_every=context: the context path (streams/context.py) reads densely and compresses once, for every policy
-    in both methods (chunked: many tokens a pass; token: one), at original positions."""
-    if positions != "original":
-        raise ValueError(f"evict_every=context reads the question and the answer at their text positions, as kvpress "
-                         f"does: it needs positions=original, got positions={positions}")
+    in both methods (chunked: many tokens a pass; token: one). positions=original reads what follows the event at its
+    text positions (kvpress's default); positions=shifted re-rotates the kept keys to 0 .. kept - 1 and reads on from
+    there (kvpress's KeyRerotationPress), which needs every layer and head to keep as many tokens."""
+    if positions == "shifted":
+        differ = "its key/value heads keep different counts (a pattern per head)" if cls.kind == HEADS else \
+            "head_budgets=adaptive keeps different counts per head" if params.get("head_budgets") == "adaptive" else \
+            "layer_budgets=pyramid keeps different counts per layer" if params.get("layer_budgets") == "pyramid" else None
+        if differ:
+            raise ValueError(f"evict_every=context with positions=shifted re-rotates the kept keys to positions 0 .. "
+                             f"kept - 1 (kvpress's KeyRerotationPress), which needs every layer and head to keep as "
+                             f"many tokens; policy={policy}: {differ}: use positions=original")
     if "history" in cls.observes:
         raise ValueError(f"policy={policy} accumulates attention over every step it holds a token; evict_every=context "
                          f"scores once, after the context: use evict_every=K (an integer) with this policy")
@@ -359,7 +366,7 @@ def resolve(
     method = ("chunked" if context_regime else cls.default_method(positions)) if method is None else method
     as_choice("method", method, METHODS)
     evict_every = _check_evict_every(evict_every, method)
-    _check_method(cls, policy, method, positions, evict_every)
+    _check_method(cls, policy, method, positions, evict_every, policy_params)
     chunk_size = as_int("chunk_size", chunk_size, 1)
     # recent_size may not be known yet (compression_ratio): its bound on stride is checked below.
     stride = _check_stride(stride, method, positions, None)

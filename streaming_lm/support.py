@@ -351,7 +351,7 @@ def check_rotary_reach(model, settings: StreamingSettings | None, limit: int) ->
                 f"positions reach {limit} (keys rotated before could not be moved with fixed frequencies)")
     if settings is None:
         raise NotImplementedError(f"{what}; the cache settings were not given, so the positions reached are unknown")
-    if settings.context_regime:  # original positions: the stream's own length is checked (positions.position_limit)
+    if settings.context_regime:  # positions never pass the text's: the stream's own length is checked (position_limit)
         return
     extra = max(settings.chunk_size, REBASE_EVERY) + settings.evict_every - 1  # the segment since the last event
     reach = settings.capacity + extra

@@ -247,9 +247,13 @@ CASES = [
          loads="model"),
     Case("context-ratio-keeps-nothing", "ValueError", "compression_ratio must be in [0, 1), got 1.0",
          ("compression_ratio", "[0, 1)"), model_args(evict_every="context", compression_ratio=1.0)),
-    Case("context-shifted", "ValueError", "evict_every=context reads the question and the answer at their text "
-         "positions, as kvpress does: it needs positions=original",
-         ("evict_every=context", "positions=original"), model_args(evict_every="context", positions="shifted")),
+    Case("context-shifted-heads-differ", "ValueError", "evict_every=context with positions=shifted re-rotates the "
+         "kept keys to positions 0 .. kept - 1 (kvpress's KeyRerotationPress), which needs every layer and head to "
+         "keep as many tokens; policy=snapkv: head_budgets=adaptive keeps different counts per head",
+         ("evict_every=context", "positions=shifted", "positions=original"),
+         model_args(evict_every="context", positions="shifted", policy="snapkv", head_budgets="adaptive"),
+         also=((model_args(evict_every="context", positions="shifted", policy="snapkv", layer_budgets="pyramid"),
+                "evict_every=context with positions=shifted re-rotates the kept keys"),)),
     Case("context-accumulating-policy", "ValueError", "policy=h2o accumulates attention over every step it holds a "
          "token; evict_every=context scores once", ("policy=h2o", "evict_every=context", "evict_every=K"),
          model_args(policy="h2o", evict_every="context", heavy_size=8)),

@@ -199,3 +199,34 @@ def test_adapter_reports_the_regime(tiny_dir):
     assert info["evict_every"] == "context" and info["query_size"] == 2 and info["positions"] == "original"
     assert len(info["held_tokens_after_event_per_layer"]) == lm.model.config.num_hidden_layers
     assert info["evicted_tokens"] > 0
+
+
+@pytest.mark.parametrize("policy, params, q", [("knorm", {}, 3), ("snapkv", SNAP, 2), ("sink_window", {}, 1),
+                                               ("keydiff", {}, 4)])
+def test_shifted_rerotates_the_kept_keys(model, ids, policy, params, q):
+    """positions=shifted (kvpress's KeyRerotationPress): the engine's numbers are the definition's (helpers'
+    ``rerotated_logprobs`` on the engine's own kept sets), the token method's equal the chunked one's, the kept sets
+    are positions=original's, and with nothing evicted (r = 0) the numbers are original's."""
+    from helpers.context_regime import rerotated_logprobs
+
+    shift = find_rotary(model)
+    context, continuation = ids[:CONTEXT], ids[CONTEXT:]
+
+    def settings(positions, method="chunked", ratio=0.5):
+        return resolve(policy=policy, policy_params=params, evict_every="context", query_size=q,
+                       compression_ratio=ratio, start_size=0 if policy != "sink_window" else 2, positions=positions,
+                       method=method, chunk_size=7)
+
+    ours, kept = engine_logprobs(model, shift, context, continuation, settings("shifted"))
+    token, kept_token = engine_logprobs(model, shift, context, continuation, settings("shifted", "token"))
+    _, kept_original = engine_logprobs(model, shift, context, continuation, settings("original"))
+    assert all((a == b).all() and (a == c).all() for a, b, c in zip(kept, kept_token, kept_original))
+    assert all(row.sum() < CONTEXT - q for layer in kept for row in layer)  # it evicted
+    reference = rerotated_logprobs(model, context, continuation, CONTEXT - q, kept)
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=TOL)
+    np.testing.assert_allclose(token, ours, rtol=0, atol=TOL)
+    original = engine_logprobs(model, shift, context, continuation, settings("original"))[0]
+    assert max(abs(a - b) for a, b in zip(ours, original)) > 5 * TOL  # the keys did move
+    dense = engine_logprobs(model, shift, context, continuation, settings("original", ratio=0.0))[0]
+    np.testing.assert_allclose(engine_logprobs(model, shift, context, continuation, settings("shifted", ratio=0.0))[0],
+                               dense, rtol=0, atol=TOL)

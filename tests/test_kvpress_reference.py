@@ -15,6 +15,7 @@ from helpers.context_regime import masked_logprobs
 from helpers.kvpress_reference import (
     METHODS,
     QS,
+    REROTATED,
     RATIOS,
     REFERENCE,
     assert_greedy_matches_kvpress,
@@ -28,7 +29,7 @@ from helpers.kvpress_reference import (
 
 LAYERS, KV_HEADS = 30, 3  # SmolLM2-135M
 SCORERS = ("sink_window", "knorm", "tova", "snapkv", "expected_attention", "random", "keydiff", "lagkv",
-           "observed_attention")  # int(n (1 - r))
+           "observed_attention", *REROTATED)  # int(n (1 - r))
 
 
 def test_file_holds_every_case():
@@ -166,7 +167,7 @@ def test_duo_pattern_is_in_duoattention_format():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in REROTATED])  # re-rotated: positions move
 def test_kept_sets_at_original_positions_reproduce_kvpress(smollm2, one_thread, monkeypatch, method):
     """The regime decomposed, on the project's transformers: one dense forward of context + continuation at original
     positions in which the last Q context tokens and the continuation see, of the prefill, only the tokens kvpress
@@ -177,3 +178,18 @@ def test_kept_sets_at_original_positions_reproduce_kvpress(smollm2, one_thread, 
     ours = masked_logprobs(model, case.context_ids, case.continuation_ids, case.prefill_tokens, case.kept(KV_HEADS),
                            monkeypatch)
     assert logprob_mismatch(ours, case.logprobs) is None, (case.name, sum(ours), sum(case.logprobs))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", REROTATED)
+def test_kept_sets_rerotated_reproduce_kvpress(smollm2, one_thread, method):
+    """KeyRerotationPress decomposed: kvpress's kept sets, their keys turned to positions 0 .. kept − 1 and the rest
+    read on from there (helpers' ``rerotated_logprobs``, the engine's positions=shifted definition), give kvpress's
+    log-probabilities."""
+    from helpers.context_regime import rerotated_logprobs
+
+    model, _ = smollm2
+    for case in [c for c in cases(method, ratio=0.5) if c.context == 0]:
+        ours = rerotated_logprobs(model, case.context_ids, case.continuation_ids, case.prefill_tokens,
+                                  case.kept(KV_HEADS))
+        assert logprob_mismatch(ours, case.logprobs) is None, (case.name, sum(ours), sum(case.logprobs))

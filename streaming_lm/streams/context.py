@@ -1,7 +1,9 @@
-"""The context regime (``evict_every=context``, kvpress's): read a request's prefill (its context minus the last ``query_size`` tokens) with nothing
-evicted, compress the cache once (``compress``: every layer and head by the policy and budgets), then read the
-question, the continuation or the generated tokens with nothing more evicted, at original positions (kvpress's
-regime; docs/semantics.md "Events", docs/kvpress.md).
+"""The context regime (``evict_every=context``, kvpress's): read a request's prefill (its context minus the last
+``query_size`` tokens) with nothing evicted, compress the cache once (``compress``: every layer and head by the policy
+and budgets), then read the question, the continuation or the generated tokens with nothing more evicted: at their
+text positions (positions=original, kvpress's default), or, with positions=shifted, the kept keys re-rotated to
+``0 .. kept - 1`` and what follows read on from ``kept`` (kvpress's KeyRerotationPress; docs/semantics.md "Events",
+docs/kvpress.md).
 
 Before the event every layer holds every token, so a pass is plain causal attention: ``chunk_size`` tokens at a time
 (``method=chunked``) or one (``method=token``: the same numbers), through SDPA. The attention function records the
@@ -26,6 +28,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from ..forward_args import num_decoder_layers
 from ..methods.event import Observation, keep
 from ..methods.snapkv import window_attention
+from ..positions import context_position
 from ..storage.accounting import KVAccounting
 from ..storage.scored import gather_columns, packed
 from .attention import pass_state, refuse_learned_sinks, soft_capped
@@ -101,8 +104,9 @@ class ContextLayer(DynamicLayer):
         if self.window is not None:
             self.queries = self.queries[:, -self.window:]
 
-    def keep(self, alive: torch.Tensor | None) -> None:
-        """The event: keep the held columns ``alive`` marks (bool [kv_heads, n]; None: every one)."""
+    def keep(self, alive: torch.Tensor | None, shift=None) -> None:
+        """The event: keep the held columns ``alive`` marks (bool [kv_heads, n]; None: every one); with a rotary
+        ``shift`` (positions=shifted) the kept keys move to positions ``0 .. kept - 1``."""
         if self.compressed:
             raise RuntimeError("an evict_every=context stream is compressed once")
         self.compressed, self.queries = True, None
@@ -112,6 +116,9 @@ class ContextLayer(DynamicLayer):
         keep, self.dead = packed(alive)
         self.kept_tokens = keep
         self.keys, self.values = gather_columns(self.keys, keep), gather_columns(self.values, keep)
+        if shift is not None:  # each kept key from its token's position to its slot
+            moved = keep - torch.arange(keep.shape[1], device=keep.device)[None, :]
+            self.keys = torch.where((moved > 0)[None, :, :, None], shift.rotate(self.keys, -moved), self.keys)
         self.kept = float(alive.sum(1).float().mean())
         self.evicted = n - self.kept
 
@@ -165,8 +172,15 @@ class ContextStream(EvictingStream):
             obs = Observation(keys, values, n - 1, attention, layer.queries if "queries" in observes else None)
             alive = torch.ones((keys.shape[0], n), dtype=torch.bool, device=keys.device)
             tokens = torch.arange(n, device=keys.device).expand(keys.shape[0], -1)
-            layer.keep(keep(self.policy, index, self._layers, obs, alive, tokens, context_regime=True))
+            layer.keep(keep(self.policy, index, self._layers, obs, alive, tokens, context_regime=True),
+                       self._rotate(index))
         self.note_held()
+
+    def _rotate(self, layer: int):
+        """The rotary shift that moves layer ``layer``'s kept keys (positions=shifted), or None."""
+        if self.settings.positions != "shifted" or self.shift is None:
+            return None  # original positions, or keys that carry no position (learned absolute positions)
+        return self.shift.for_layer(layer)
 
     def kept_per_layer(self) -> tuple[float, ...]:
         """Tokens each layer held right after the event (per key/value head on average)."""
@@ -193,8 +207,11 @@ class ContextStream(EvictingStream):
         # causal kernel, no mask (as kvpress reads a prefill); later passes are masked, chunk_size long, so that no pass
         # materialises more than [heads, chunk_size, keys] of attention.
         first = max(chunk, PREFILL_PASS) if chunked and self.n == 0 else None
+        evicted = self.cache.evicted_tokens  # 0 until the event; then as many in every layer and head where shifted
         return self._read_in_passes(rows, chunk_spans(rows.shape[1], chunk, first), ATTENTION_NAME,
-                                    lambda a, b: (self.cache, torch.arange(a, b, device=rows.device)[None]), last_only)
+                                    lambda a, b: (self.cache, context_position(
+                                        torch.arange(a, b, device=rows.device)[None], evicted, self.settings)),
+                                    last_only)
 
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:

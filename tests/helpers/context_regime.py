@@ -76,18 +76,51 @@ def masked_logprobs(model, context, continuation, prefill: int, kept: list[np.nd
     return logits.log_softmax(-1).gather(-1, torch.tensor(continuation)[:, None])[:, 0].tolist()
 
 
+@torch.no_grad()
+def rerotated_logprobs(model, context, continuation, prefill: int, kept: list[np.ndarray]) -> list[float]:
+    """The definition of positions=shifted in the context regime, without the engine (a Llama-layout model: one
+    rotate_half RoPE, ``model.model.rotary_emb``): a dense prefill of ``prefill`` tokens into transformers' own cache;
+    each layer keeps, per key/value head, the tokens ``kept`` marks (as many per head), its kept keys turned by
+    (slot − position) so that they sit at 0 .. kept − 1; the rest of the context and the continuation are then read
+    at positions kept, kept + 1, ... (kvpress's KeyRerotationPress)."""
+    from transformers import DynamicCache
+
+    from streaming_lm.forward_args import cache_kwarg
+
+    inv_freq = model.model.rotary_emb.inv_freq.double()
+    cache = DynamicCache()
+    model(torch.tensor([list(context[:prefill])]), **{cache_kwarg(model): cache})
+    width = None
+    for layer, mask in zip(cache.layers, kept):
+        index = torch.stack([torch.from_numpy(np.flatnonzero(row)) for row in mask])  # [heads, kept], ascending
+        width = index.shape[1]
+        keys = layer.keys[0].gather(1, index[..., None].expand(-1, -1, layer.keys.shape[-1]))
+        angle = (torch.arange(width)[None, :] - index).double()[..., None] * inv_freq  # [heads, kept, d / 2]
+        cos, sin = torch.cat((angle, angle), -1).cos().float(), torch.cat((angle, angle), -1).sin().float()
+        half = keys.shape[-1] // 2
+        turned = keys * cos + torch.cat((-keys[..., half:], keys[..., :half]), -1) * sin
+        layer.keys = turned[None]
+        layer.values = layer.values[0].gather(1, index[..., None].expand(-1, -1, layer.values.shape[-1]))[None]
+    rest = list(context[prefill:]) + list(continuation)
+    logits = model(torch.tensor([rest]), **{cache_kwarg(model): cache},
+                   position_ids=torch.arange(width, width + len(rest))[None]).logits[0].double()
+    logits = logits[len(context) - prefill - 1 : -1]
+    return logits.log_softmax(-1).gather(-1, torch.tensor(continuation)[:, None])[:, 0].tolist()
+
+
 # The project's policy and parameters for each kvpress press of the reference file (docs/kvpress.md's table).
 # kvpress's scorer presses protect no sinks: start_size=0 (StreamingLLMPress's n_sink is start_size).
 POLICY = {"sink_window": "sink_window", "knorm": "knorm", "tova": "tova", "snapkv": "snapkv", "pyramidkv": "snapkv",
           "adakv_snapkv": "snapkv", "adakv_expected_attention": "expected_attention",
           "expected_attention": "expected_attention", "duo": "duo", "random": "random", "keydiff": "keydiff",
-          "lagkv": "lagkv", "observed_attention": "observed_attention"}
+          "lagkv": "lagkv", "observed_attention": "observed_attention", "rerotated_knorm": "knorm",
+          "rerotated_snapkv": "snapkv"}
 
 
 def press_settings(case: PressCase, method: str = "chunked"):
     """The model args that make ``streaming_hf`` the case's kvpress press."""
     params = {k: v for k, v in case.params.items() if k not in ("scorer", "n_sink", "pattern",
-                                                                "head_compression_ratio")}
+                                                                "head_compression_ratio", "positions")}
     if case.method in ("expected_attention", "adakv_expected_attention", "lagkv"):
         params["n_sink"] = case.params["n_sink"]
     if case.method == "pyramidkv":
@@ -100,4 +133,5 @@ def press_settings(case: PressCase, method: str = "chunked"):
         ratio = None
     start = case.params.get("n_sink", 4) if case.method == "sink_window" else 0
     return settings_mod.resolve(policy=POLICY[case.method], evict_every="context", query_size=case.q,
-                                compression_ratio=ratio, start_size=start, method=method, policy_params=params)
+                                compression_ratio=ratio, start_size=start, method=method, policy_params=params,
+                                positions=case.params.get("positions", "original"))
