@@ -32,6 +32,7 @@ OBSERVATIONS = {
     "queries": "the segment's queries since the last event (after RoPE), float32 [query_heads, s, head_dim]",
     "step": "the stream index of the event's token",
     "history": "a token's score is the sum of its scores over every step it has been held (H2O)",
+    "scale": "the layer's attention scaling, the model's own (Gemma's query_pre_attn_scalar, Granite's multiplier)",
 }
 
 

@@ -26,10 +26,10 @@ class ObservedAttention(ScoredPolicy):
     name = "observed_attention"
     reaches_budget = True
     paths = {"token": BOTH, "chunked": ("original",)}
-    observes = frozenset({"queries"})
+    observes = frozenset({"queries", "scale"})
 
-    def score(self, keys, values, attention, queries):
-        return observed_attention_scores(queries, keys)
+    def score(self, keys, values, attention, queries, scale):
+        return observed_attention_scores(queries, keys, scale)  # the model's own scaling, as its eager weights
 
 
 def observed_attention_scores(queries: torch.Tensor, keys: torch.Tensor, scale: float | None = None) -> torch.Tensor:

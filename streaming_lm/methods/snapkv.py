@@ -32,7 +32,7 @@ class SnapKV(ScoredPolicy):
                     check=lambda value: as_odd("kernel_size", value)),
               *LAYER_BUDGETS, *HEAD_BUDGETS)
     paths = {"token": ("shifted", "original"), "chunked": ("original",)}
-    observes = frozenset({"queries"})
+    observes = frozenset({"queries", "scale"})
 
     @classmethod
     def check_settings(cls, settings) -> None:
@@ -76,12 +76,13 @@ class SnapKV(ScoredPolicy):
     def query_window(self):
         return self.window_size
 
-    def score(self, keys, values, attention, queries):
+    def score(self, keys, values, attention, queries, scale):
         if keys.shape[1] <= self.window_size:
             raise ValueError(f"policy=snapkv: an event holds {keys.shape[1]} tokens, not more than window_size="
                              f"{self.window_size}: the observation window must be shorter than what it scores "
                              f"(lower window_size or give a longer context)")
-        return snapkv_scores(queries[:, -self.window_size:], keys, self.kernel_size)
+        # The model's own attention scaling (kvpress's is always 1/sqrt(d): the same on most models; docs/methods.md)
+        return snapkv_scores(queries[:, -self.window_size:], keys, self.kernel_size, scale)
 
 
 def check_snapkv(window_size, kernel_size, segment_length: int | None = None) -> None:

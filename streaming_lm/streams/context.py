@@ -96,9 +96,9 @@ class ContextLayer(DynamicLayer):
 
     def record(self, query: torch.Tensor, scale: float) -> None:
         """The pass's queries ([query_heads, q, head_dim], after RoPE), kept for the event while it is to come."""
+        self.scale = scale
         if self.compressed or self.window == 0:
             return
-        self.scale = scale
         query = query.float()
         self.queries = query if self.queries is None else torch.cat((self.queries, query), dim=1)
         if self.window is not None:
@@ -169,7 +169,8 @@ class ContextStream(EvictingStream):
             keys, values, n = layer.keys[0], layer.values[0], layer.keys.shape[-2]
             attention = window_attention(layer.queries[:, -1:], keys, layer.scale)[:, 0] if "attention" in observes \
                 else None
-            obs = Observation(keys, values, n - 1, attention, layer.queries if "queries" in observes else None)
+            obs = Observation(keys, values, n - 1, attention, layer.queries if "queries" in observes else None,
+                              scale=layer.scale)
             alive = torch.ones((keys.shape[0], n), dtype=torch.bool, device=keys.device)
             tokens = torch.arange(n, device=keys.device).expand(keys.shape[0], -1)
             layer.keep(keep(self.policy, index, self._layers, obs, alive, tokens, context_regime=True),

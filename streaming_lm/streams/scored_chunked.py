@@ -65,7 +65,7 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
             if event and "queries" in observes:  # the segment's: earlier chunks' (held by the layer), then these rows
                 mine = query[0, :, segment : r + 1].float()
                 queries = mine if layer.queries is None else torch.cat((layer.queries, mine), dim=1)
-            obs = Observation(key[0], value[0], t0 + r, attention, queries, fixed)
+            obs = Observation(key[0], value[0], t0 + r, attention, queries, fixed, scaling)
             if layer.history:  # totals are per column: score every column (dead ones are never chosen)
                 obs.scores = step_scores(policy, obs, kv_heads, layer.totals)
             if event:

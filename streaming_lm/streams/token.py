@@ -28,7 +28,7 @@ class TokenStream(EvictingStream):
         # model's attention does not reach it, from the weights its eager attention returns.
         # Heads holding different tokens (duo) need it too: it masks the padding of the heads holding fewer.
         kind, observes = self.policy.kind, self.policy.observes
-        weights = kind == HEADS or kind == SCORED and bool(observes & {"attention", "queries"})
+        weights = kind == HEADS or kind == SCORED and bool(observes & {"attention", "queries", "scale"})
         # A score of keys and values alone: every layer's event after the pass (the step attended to all C + 1).
         self._after_pass = kind == SCORED and not weights
         self._returned = weights and weights_from_outputs(model)

@@ -33,7 +33,7 @@ def _weights_attention(module, query, key, value, attention_mask, scaling, dropo
         logits = logits.masked_fill(dead[:, None, :], float("-inf"))
     weights = torch.softmax(logits, dim=-1)  # [kv_heads, group, K]
     out = torch.matmul(weights.to(value.dtype), value[0]).reshape(1, heads, 1, -1)
-    after_step(cache.layers[module.layer_idx], weights.reshape(heads, -1), query[0])
+    after_step(cache.layers[module.layer_idx], weights.reshape(heads, -1), query[0], scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -61,16 +61,16 @@ def hand_over(cache, attentions, policy: str, model) -> None:
         after_step(layer, weights[0, :, -1].float())
 
 
-def after_step(layer, attention=None, query=None) -> None:
+def after_step(layer, attention=None, query=None, scale: float | None = None) -> None:
     """A step of the token loop is in for ``layer`` (a ``ScoredDynamicLayer``): its attention weights (float32
-    [query_heads, K]) and query ([query_heads, 1, head_dim]) where the method reads them. Scores accumulate (history);
+    [query_heads, K]), query ([query_heads, 1, head_dim]) and attention scaling where the method reads them. Scores accumulate (history);
     at an event the layer keeps what the event rule says."""
     policy, t = layer.policy, layer.seen - 1
     queries = layer.observe(query) if query is not None else None
     event = policy.schedule.event_after(t)
     if event:
         layer.queries = None  # the next segment starts empty
-    obs = Observation(layer.keys[0], layer.values[0], t, attention, queries)
+    obs = Observation(layer.keys[0], layer.values[0], t, attention, queries, scale=scale)
     if layer.history:
         obs.scores = step_scores(policy, obs, layer.tokens.shape[0], layer.totals)
     if event:

@@ -71,15 +71,16 @@ def _rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> tor
 def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: int, heavy: int,
                     positions: str, evict_every: int = 1, params: dict | None = None,
                     rotate: Callable | None = None, trace: list | None = None,
-                    snapkv_votes: str = "kvpress") -> torch.Tensor:
+                    snapkv_votes: str = "scale") -> torch.Tensor:
     """``params``: the policy's own (snapkv: ``window_size``, ``kernel_size``; duo: ``streaming`` [layers][heads] of
     bools, ``sink_size``, ``recent_size``: the pattern read by hand). ``rotate(x, delta, layer)``
     (shifted positions): head vectors ``x`` [..., seq, dim] of decoder layer ``layer`` moved by per-position
     deltas [seq]; by default a rotate_half RoPE over the whole head with ``model.model.rotary_emb.inv_freq``
     (the Llama layout). A model whose keys carry no rotation (learned absolute positions) passes the identity.
     ``trace``: a list that gets, after every step, the tokens each head of each layer holds ([layers][heads]).
-    ``snapkv_votes``: the window's attention SnapKV pools (and observed_attention sums), ``kvpress`` (logits scaled by 1/sqrt(head_dim), no
-    soft-cap: docs/methods.md) or ``model`` (the model's own weights: its scaling and soft-cap)."""
+    ``snapkv_votes``: the window's attention SnapKV pools (and observed_attention sums): ``scale`` (logits times the
+    model's own attention scaling, no soft-cap: docs/methods.md), ``kvpress`` (times 1/sqrt(head_dim), kvpress's
+    fixed scale) or ``model`` (the model's own weights: its scaling and soft-cap)."""
     params = params or {}
     capacity = start + recent + heavy
     if positions == "shifted" and rotate is None:
@@ -94,12 +95,21 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
     last: dict = {}  # layer -> (weights [group, K], keys [K, dim], values [K, dim]) per kv head, of the newest row
     every_row: dict = {}  # (layer, head, s) -> row s's weights [group, its visible tokens] (snapkv's window)
     every_dot: dict = {}  # (layer, head, s) -> row s's unscaled logits q·k, [group, its visible tokens]
+    scales, dims = {}, {}  # layer -> the model's attention scaling, its head_dim
     done: dict = {}  # (layer, s) -> row s's attention output [heads, dim], computed at step s
+
+    def vote_row(layer, h, s):
+        """Row s's weights as SnapKV's window (and observed_attention) sees them (``snapkv_votes``)."""
+        if snapkv_votes == "model":
+            return every_row[(layer, h, s)]
+        scale = scales[layer] if snapkv_votes == "scale" else dims[layer] ** -0.5
+        return torch.softmax(every_dot[(layer, h, s)] * scale, -1)
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         layer, q_len, kv_heads = module.layer_idx, query.shape[2], key.shape[1]
         group = query.shape[1] // kv_heads
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        scales[layer], dims[layer] = scaling, query.shape[-1]
         heads_held = held.setdefault(layer, [[] for _ in range(kv_heads)])
         out = torch.zeros_like(query[0].transpose(0, 1))  # [q_len, heads, dim]
         for s in range(q_len - 1):  # the rows of earlier steps: as their own step computed them
@@ -197,8 +207,7 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
                         got, seen = {}, {}
                         for row in range(t - (t % evict_every) if (t + 1) % evict_every else t + 1 - evict_every,
                                          t + 1):
-                            weights = every_row[(layer, h, row)] if snapkv_votes == "model" else \
-                                torch.softmax(every_dot[(layer, h, row)] / keys.shape[-1] ** 0.5, -1)
+                            weights = vote_row(layer, h, row)
                             for i, j in enumerate(visible[(layer, h, row)]):
                                 got[j] = got.get(j, 0.0) + weights[:, i]
                                 seen[j] = seen.get(j, 0) + 1
@@ -211,9 +220,7 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
                         # all see the tokens before the window, the first n - w of their visible lists.
                         w, kernel, n = params["window_size"], params["kernel_size"], len(tokens)
                         if n - w > 0:
-                            window = [every_row[(layer, h, s)] if snapkv_votes == "model" else
-                                      torch.softmax(every_dot[(layer, h, s)] / keys.shape[-1] ** 0.5, -1)
-                                      for s in range(t - w + 1, t + 1)]
+                            window = [vote_row(layer, h, s) for s in range(t - w + 1, t + 1)]
                             votes = torch.stack([row[:, : n - w] for row in window]).mean(0)  # [group, n - w]
                             pooled = torch.nn.functional.avg_pool1d(votes[:, None], kernel, 1, kernel // 2,
                                                                     count_include_pad=True)[:, 0].mean(0)
