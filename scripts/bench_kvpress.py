@@ -43,6 +43,7 @@ METHODS = {
     "random": ("RandomPress(compression_ratio=r, seed=0)", {"policy": "random", "start_size": 0}),
     "keydiff": ("KeyDiffPress(compression_ratio=r)", {"policy": "keydiff", "start_size": 0}),
     "lagkv": ("LagKVPress(compression_ratio=r)", {"policy": "lagkv", "start_size": 0}),
+    "cur": ("CURPress(compression_ratio=r)", {"policy": "cur", "start_size": 0}),
     "observed_attention": ("ObservedAttentionPress(compression_ratio=r)",
                            {"policy": "observed_attention", "start_size": 0}),
 }

@@ -61,6 +61,7 @@ from transformers import DynamicCache
 import kvpress
 from kvpress import (
     AdaKVPress,
+    CURPress,
     DuoAttentionPress,
     ExpectedAttentionPress,
     KeyDiffPress,
@@ -88,6 +89,8 @@ NEW_TOKENS = 12
 RATIOS = (0.5, 0.25)
 QS = (1, 8)
 SNAPKV = dict(window_size=64, kernel_size=5)  # kvpress's defaults, also compression-methods.md's
+CUR = dict(num_sinks=4, leverage_type="kv_product", use_random_leverage=False, use_local_approximation=True,
+           local_window_size=16)  # kvpress's defaults
 LAGKV = dict(n_sink=4, lag_size=128, cross_scoring=False)  # kvpress's defaults
 EXPECTED_ATTENTION = dict(n_future_positions=512, n_sink=4, use_covariance=True, use_vnorm=True, epsilon=0.0)
 
@@ -121,6 +124,7 @@ METHODS = {
     "keydiff": (lambda r: KeyDiffPress(compression_ratio=r), {}),
     "lagkv": (lambda r: LagKVPress(compression_ratio=r, **LAGKV), LAGKV),
     "observed_attention": (lambda r: ObservedAttentionPress(compression_ratio=r), {}),
+    "cur": (lambda r: CURPress(compression_ratio=r, **CUR), CUR),
     # positions=shifted in the context regime: the kept keys re-rotated to 0 .. kept - 1, read on from there
     "rerotated_knorm": (lambda r: KeyRerotationPress(press=KnormPress(compression_ratio=r)), dict(positions="shifted")),
     "rerotated_snapkv": (lambda r: KeyRerotationPress(press=SnapKVPress(compression_ratio=r, **SNAPKV)),
@@ -129,7 +133,8 @@ METHODS = {
 REROTATED = ("rerotated_knorm", "rerotated_snapkv")  # keys move: kept tokens are found by their values
 FIRST = ["duo", "pyramidkv", "adakv_snapkv", "adakv_expected_attention", "tova", "snapkv", "expected_attention",
          "knorm", "sink_window", "random", "keydiff", "lagkv",
-         "observed_attention", "rerotated_knorm", "rerotated_snapkv"]  # the order of the run: the least common mechanisms first
+         "observed_attention", "rerotated_knorm", "rerotated_snapkv",
+         "cur"]  # the order of the run: the least common mechanisms first
 MASKING = ("adakv_snapkv", "adakv_expected_attention", "duo")  # keep every key, mask (head, token) pairs
 EAGER = ("observed_attention",)  # reads the prefill's attention weights: kvpress requires attn_implementation="eager"
 LAYER_VARYING = ("pyramidkv",)  # multi-token reads after the prefill raise in transformers 5.2 (see docstring)

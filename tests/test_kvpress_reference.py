@@ -29,7 +29,7 @@ from helpers.kvpress_reference import (
 
 LAYERS, KV_HEADS = 30, 3  # SmolLM2-135M
 SCORERS = ("sink_window", "knorm", "tova", "snapkv", "expected_attention", "random", "keydiff", "lagkv",
-           "observed_attention", *REROTATED)  # int(n (1 - r))
+           "observed_attention", "cur", *REROTATED)  # int(n (1 - r))
 
 
 def test_file_holds_every_case():

@@ -92,7 +92,7 @@ def reference(model, ids, policy, params, budgets, every, positions):
             return original_positions_logprobs(model, ids, start, recent, every)
         return shifted_llama_logprobs(model, ids, start, recent, every)
     if policy in ("tova", "h2o", "knorm", "snapkv", "keydiff", "random", "lagkv",
-                  "observed_attention"):
+                  "observed_attention", "cur"):
         return scored_logprobs(model, ids, policy, start, recent, heavy, positions, evict_every=every, params=params)
     return None  # a plug-in: no independent reference (its H = 0 case is tests/test_policies.py's)
 

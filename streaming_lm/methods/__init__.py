@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 
 from .base import OBSERVATIONS, EvictionPolicy, HeadIndexPolicy, Policy, ScoredPolicy
+from .cur import CUR
 from .duo import Duo
 from .expected_attention import ExpectedAttention
 from .h2o import H2O
@@ -27,7 +28,7 @@ from .tova import TOVA
 
 POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (SinkWindow, TOVA, H2O, KeyNorm, SnapKV,
                                                                ExpectedAttention, Duo, Random, KeyDiff, LagKV,
-                                                               ObservedAttention)}
+                                                               ObservedAttention, CUR)}
 
 
 def policy_class(name: str) -> type[Policy]:
@@ -63,4 +64,4 @@ def policy_for(settings, model=None, shift=None) -> Policy:
 
 __all__ = ["POLICIES", "OBSERVATIONS", "Param", "Policy", "EvictionPolicy", "HeadIndexPolicy", "ScoredPolicy",
            "policy_class", "policy_for", "SinkWindow", "TOVA", "H2O", "KeyNorm", "SnapKV", "ExpectedAttention", "Duo",
-           "Random", "KeyDiff", "LagKV", "ObservedAttention"]
+           "Random", "KeyDiff", "LagKV", "ObservedAttention", "CUR"]

@@ -70,6 +70,7 @@ CASES = [
     pytest.param("random", {"seed": 3}, (1, 1, 6), 4, id="random-K4"),
     pytest.param("keydiff", {}, (1, 0, 7), 3, id="keydiff-K3"),
     pytest.param("observed_attention", {}, (1, 1, 6), 3, id="observed-K3"),
+    pytest.param("cur", {"num_sinks": 1, "local_window_size": 3}, (0, 1, 7), 4, id="cur-K4"),
     # LagKV: partitions of 2 after 1 sink; held 8 + the segment, so every event scores partitions.
     pytest.param("lagkv", {"n_sink": 1, "lag_size": 2}, (1, 0, 7), 4, id="lagkv-K4"),
     pytest.param("lagkv", {"n_sink": 0, "lag_size": 3, "cross_scoring": True}, (0, 1, 8), 5, id="lagkv-cross-K5"),

@@ -212,6 +212,13 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
                                 got[j] = got.get(j, 0.0) + weights[:, i]
                                 seen[j] = seen.get(j, 0) + 1
                         score = [float((got[j] / seen[j]).mean()) for j in tokens]
+                    elif policy == "cur":  # kv_product leverage, normalised in local windows, then over the held
+                        w = params.get("local_window_size", 16)
+                        k2, v2 = (keys ** 2).sum(-1).tolist(), (values ** 2).sum(-1).tolist()
+                        local = [[x[i] / sum(x[i - i % w : i - i % w + w]) for i in range(len(x))] for x in (k2, v2)]
+                        product = [a * b for a, b in zip(*local)]
+                        score = [p / sum(product) for p in product]
+                        score[: params.get("num_sinks", 4)] = [1.0] * min(params.get("num_sinks", 4), len(score))
                     elif policy == "lagkv":
                         score = lagkv(keys, values, params.get("n_sink", 4), params.get("lag_size", 128),
                                       params.get("cross_scoring", False))
