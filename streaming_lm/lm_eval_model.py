@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from . import settings as settings_mod
 from .engine import Engine
+from .loglik import most_held
 from .generation import SAMPLING_DEFAULTS, GenerationRequest, greedy, sampler
 from .offline_models import resolve_pretrained
 from .streams import uses_batch_size
@@ -271,12 +272,9 @@ class StreamingHFLM(HFLM):
 
     def _note_held(self, result) -> None:
         """A request's memory (a ``StreamScore``, ``ContinuationScore`` or ``Generation``) into the run's."""
-        held, kept = result.held_per_layer, getattr(result, "kept_per_layer", ())
-        before = self._held_per_layer or (0,) * len(held)
-        self._held_per_layer = tuple(max(a, b) for a, b in zip(before, held))
-        before = self._held_per_head or tuple(() for _ in result.held_per_head)
-        self._held_per_head = tuple(tuple(map(max, old, new)) if len(old) == len(new) else tuple(new)
-                                    for old, new in zip(before, result.held_per_head))
+        kept = getattr(result, "kept_per_layer", ())
+        self._held_per_layer = most_held(self._held_per_layer, result.held_per_layer)
+        self._held_per_head = most_held(self._held_per_head, result.held_per_head)
         if kept:
             total = self._kept[1] or (0.0,) * len(kept)
             self._kept = [self._kept[0] + 1, tuple(a + b for a, b in zip(total, kept))]

@@ -1,5 +1,5 @@
-"""Log-likelihoods of text (not eviction scores: those are policy.py's): what reading a stream returns, and the
-check that a stream really streamed."""
+"""Log-likelihoods of text (not eviction scores: those are methods/'s): what reading a stream returns, the check
+that a stream really streamed, and the running maximum of what a cache held."""
 
 from __future__ import annotations
 
@@ -8,6 +8,28 @@ import dataclasses
 import torch
 
 from .settings import StreamingSettings
+
+
+def most_held(before: tuple, now) -> tuple:
+    """The running maximum of what a cache held: per layer (``now`` ints) or per layer and key/value head (``now``
+    sequences of ints), element by element. Something empty (nothing read yet; a path with no cache: recompute; a
+    layer that holds nothing yet) takes the other; any other difference of shape is a bug, and raises."""
+    now = tuple(tuple(x) if isinstance(x, (list, tuple)) else x for x in now)
+    if not before or not now:
+        return now or before
+    if len(before) != len(now):
+        raise ValueError(f"held counts of another shape: {len(before)} layers before, {len(now)} now")
+    return tuple(_most(old, new) for old, new in zip(before, now))
+
+
+def _most(old, new):
+    if not isinstance(new, tuple):
+        return max(old, new)
+    if not old or not new:
+        return new or old
+    if len(old) != len(new):
+        raise ValueError(f"held counts of another shape: {len(old)} key/value heads before, {len(new)} now")
+    return tuple(map(max, old, new))
 
 
 class NoEvictionError(RuntimeError):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from streaming_lm.methods import KeyNorm, SinkWindow
-from streaming_lm.methods.budgets import adaptive_head_keep, check_pyramid, kept_count, pyramid_layer_budgets, uniform_keep
+from streaming_lm.methods.budgets import adaptive_head_keep, check_pyramid, kept_count, pyramid_layer_budgets
 from streaming_lm.methods.duo import duo_keep, load_duo_pattern, streaming_heads
 from streaming_lm.methods.expected_attention import check_expected_attention, expected_attention_scores, mean_rotation
 from streaming_lm.methods.snapkv import check_snapkv, snapkv_scores, window_attention
@@ -79,7 +79,7 @@ def test_scores_and_kept_match_kvpress(method, key):
         ours = scored(method, layer, key)
         assert ours.shape == layer["keys"].shape[:2]
         assert_scores(ours, KV[method][key]["scores"][i])
-        kept = uniform_keep(ours, kept_count(N, ratio))
+        kept = keep_top(ours, kept_count(N, ratio))
         assert_same_kept(kept, KV[method][key]["kept"][i], KV[method][key]["scores"][i])
 
 
@@ -91,7 +91,7 @@ def test_pyramidkv_matches_kvpress(key):
     for i, layer in enumerate(LAYERS):
         scores = snapkv_scores(layer["q_post"][:, -window:], layer["keys"], kernel)
         theirs = KV["snapkv"][key]["scores"][i]  # PyramidKV scores as SnapKV does
-        assert_same_kept(uniform_keep(scores, budgets[i]), KV["pyramid"][key]["kept"][i], theirs)
+        assert_same_kept(keep_top(scores, budgets[i]), KV["pyramid"][key]["kept"][i], theirs)
 
 
 def test_pyramid_budgets_match_kvpress_grid():
@@ -184,7 +184,7 @@ def test_oldest_of_tied_goes():
 @pytest.mark.parametrize("budget", [64, 65, 1000])
 def test_budget_at_least_held_keeps_everything(budget):
     scores = torch.randn(2, 64)
-    assert uniform_keep(scores, budget).all()
+    assert keep_top(scores, budget).all()
     keep, counts = adaptive_head_keep(scores, budget, 0.2)
     assert keep.all() and counts.tolist() == [64, 64]
     assert duo_keep(64, torch.tensor([True, False]), 4, 60).all()
@@ -195,7 +195,7 @@ def test_budget_at_least_held_keeps_everything(budget):
 def test_adaptive_with_alpha_one_is_uniform(budget):
     scores = torch.randn(4, 48, generator=torch.Generator().manual_seed(budget))
     keep, counts = adaptive_head_keep(scores, budget, 1.0)
-    assert torch.equal(keep, uniform_keep(scores, budget))
+    assert torch.equal(keep, keep_top(scores, budget))
     assert counts.tolist() == [budget] * 4
 
 
@@ -220,7 +220,7 @@ def test_window_larger_than_budget_keeps_its_newest():
     kvpress's topk picks any of them)."""
     gen = torch.Generator().manual_seed(0)
     scores = snapkv_scores(torch.randn(4, 4, 8, generator=gen), torch.randn(2, 12, 8, generator=gen), 3)
-    assert uniform_keep(scores, 3).tolist() == [[False] * 9 + [True] * 3] * 2
+    assert keep_top(scores, 3).tolist() == [[False] * 9 + [True] * 3] * 2
 
 
 def test_tova_at_an_event_is_the_policy_score_of_the_last_query():

@@ -189,7 +189,9 @@ def test_kept_sets_rerotated_reproduce_kvpress(smollm2, one_thread, method):
     from helpers.context_regime import rerotated_logprobs
 
     model, _ = smollm2
-    for case in [c for c in cases(method, ratio=0.5) if c.context == 0]:
+    found = [c for c in cases(method, ratio=0.5) if c.context == 0]
+    assert len(found) == len(QS), f"{method}: {len(found)} cases in the file"  # never vacuous
+    for case in found:
         ours = rerotated_logprobs(model, case.context_ids, case.continuation_ids, case.prefill_tokens,
                                   case.kept(KV_HEADS))
         assert logprob_mismatch(ours, case.logprobs) is None, (case.name, sum(ours), sum(case.logprobs))

@@ -84,6 +84,9 @@ def token_loop(model, ids):
     return get
 
 
+WITHOUT_REFERENCE = ("expected_attention",)
+
+
 def reference(model, ids, policy, params, budgets, every, positions):
     """The definition, computed without the engine."""
     start, recent, heavy = budgets
@@ -94,7 +97,11 @@ def reference(model, ids, policy, params, budgets, every, positions):
     if policy in ("tova", "h2o", "knorm", "snapkv", "keydiff", "random", "lagkv",
                   "observed_attention", "cur"):
         return scored_logprobs(model, ids, policy, start, recent, heavy, positions, evict_every=every, params=params)
-    return None  # a plug-in: no independent reference (its H = 0 case is tests/test_policies.py's)
+    # No reference here, said so rather than skipped quietly: a plug-in (its H = 0 case is tests/test_policies.py's),
+    # Expected Attention (its observation: tests/test_method_observation.py; its numbers: kvpress's, in
+    # tests/test_context_kvpress.py). A method added to CASES without a reference fails here.
+    assert ":" in policy or policy in WITHOUT_REFERENCE, f"{policy}: add its reference (or a reason) here"
+    return None
 
 
 def held_per_layer(policy, params, budgets, every, n, layers=2) -> list[int]:

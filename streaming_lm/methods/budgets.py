@@ -58,11 +58,6 @@ def pyramid_layer_budgets(n: int, layers: int, *, ratio: float | None = None, bu
     return [round(high - layer * step) for layer in range(layers)]
 
 
-def uniform_keep(scores: torch.Tensor, budget: int) -> torch.Tensor:
-    """bool [heads, n]: every head keeps its ``budget`` best-scored tokens (ties: the oldest goes)."""
-    return keep_top(scores, budget)
-
-
 def adaptive_head_keep(scores: torch.Tensor, budget: int, alpha_safeguard: float = 0.2
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """AdaKV: (bool keep [heads, n], long kept per head [heads]) for ``budget`` = B kept per head on average.

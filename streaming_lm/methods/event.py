@@ -89,10 +89,11 @@ def protected_tokens(tokens: torch.Tensor, t: int, settings) -> torch.Tensor:
     return (tokens < settings.start_size) | (tokens > t - settings.recent_size)
 
 
-def keep(policy: Policy, layer: int, layers: int, obs: Observation, alive: torch.Tensor, tokens: torch.Tensor,
+def keep(policy: Policy, layer: int, layers: int, obs: Observation, alive: torch.Tensor | None, tokens: torch.Tensor,
          context_regime: bool = False) -> torch.Tensor | None:
-    """bool [kv_heads, K]: what layer ``layer`` (of ``layers``) keeps of the columns ``alive`` marks at the event after
-    step ``obs.step``; None when its heads hold no more than the budget (a scored method then scores nothing).
+    """bool [kv_heads, K]: what layer ``layer`` (of ``layers``) keeps of the columns ``alive`` marks (None: every
+    column, known without asking the device) at the event after step ``obs.step``; None when its heads hold no more
+    than the budget (a scored method then scores nothing).
 
     Index methods keep by their own rule (``event_keep``). A scored method: the protected tokens stay (in the
     ``context_regime``, the one event of ``evict_every=context``, the last token too where the method
@@ -100,14 +101,18 @@ def keep(policy: Policy, layer: int, layers: int, obs: Observation, alive: torch
     the layer's budget (AdaKV: the heads' mean). Every ``K`` tokens a budget the protected tokens exceed is an error; in the context
     regime they go too, the oldest first (kvpress's top-k with its window scored ``+inf``)."""
     capacity = policy.layer_capacity(layer, layers, obs.step + 1)
+    every = alive is None
+    if every:
+        alive = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
     if policy.kind != SCORED:
         budget = capacity if policy.kind == INDEX else None
         return policy.event_keep(layer, alive, budget)
-    if int(alive.sum()) <= capacity * alive.shape[0]:
+    if (tokens.numel() if every else int(alive.sum())) <= capacity * alive.shape[0]:
         return None
     score = obs.scores
     if score is None:
-        score = step_scores(policy, obs, alive.shape[0]) if bool(alive.all()) else held_scores(policy, obs, alive)
+        score = step_scores(policy, obs, alive.shape[0]) if every or bool(alive.all()) else \
+            held_scores(policy, obs, alive)
     protected = protected_tokens(tokens, obs.step, policy.settings)
     if context_regime and policy.keeps_last_in_context_regime:
         protected = protected | (tokens == obs.step)

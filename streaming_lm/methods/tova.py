@@ -37,5 +37,6 @@ def tova_scores(last_query: torch.Tensor, keys: torch.Tensor, scale: float | Non
 
     if last_query.dim() != 3 or last_query.shape[1] != 1:
         raise ValueError(f"last_query must be [query_heads, 1, head_dim]; got {tuple(last_query.shape)}")
-    weights = window_attention(last_query, keys, scale)[:, 0, :-1].mean(dim=0)
-    return F.pad(weights, (0, 1), value=float("inf")).expand(keys.shape[0], -1)
+    # The engine's two pieces, composed: the last query's weights (as the context regime recomputes them), TOVA's score.
+    weights = TOVA.score(None, keys, None, window_attention(last_query, keys, scale)[:, 0])
+    return F.pad(weights[:-1], (0, 1), value=float("inf")).expand(keys.shape[0], -1)

@@ -11,16 +11,14 @@ class KVAccounting:
         return [layer.get_seq_length() for layer in self.layers]
 
     def held_tokens_per_head(self) -> list[list[int]]:
-        """Tokens each key/value head of each layer holds right now: its layer's count, less the padding of a head
-        that holds fewer (``dead``: AdaKV, duo)."""
+        """Tokens each key/value head of each layer holds right now: its layer's count, or, where a storage pads
+        heads that hold fewer (AdaKV, duo), the counts it keeps on the host (``head_counts``: no device sync); none
+        for a layer that holds nothing yet (its heads are not known)."""
         out = []
         for count, layer in zip(self.held_tokens(), self.layers):
+            counts = getattr(layer, "head_counts", None)
             keys = getattr(layer, "keys", None) if getattr(layer, "is_initialized", False) else None
-            dead = getattr(layer, "dead", None)
-            if dead is not None:
-                out.append((count - dead.sum(1)).tolist())
-            else:
-                out.append([count] * (1 if keys is None else keys.shape[1]))
+            out.append(list(counts) if counts is not None else [] if keys is None else [count] * keys.shape[1])
         return out
 
     @property

@@ -28,6 +28,20 @@ def packed(alive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     return keep, dead if bool(dead.any()) else None
 
 
+def keep_columns(keys: torch.Tensor, values: torch.Tensor, alive: torch.Tensor, shift: RotaryShift | None):
+    """What a layer keeps of the columns ``alive`` marks (bool [kv_heads, K]; ``keys``/``values`` [B, kv_heads, K,
+    d]): its keys and values packed in column order (``packed``), the column of each slot (long [kv_heads, width]),
+    the padding (``dead``, or None) and each head's count (on the host). With a rotary ``shift`` (shifted positions:
+    a key's position is its slot) every kept key moves back by as many slots as columns went before it."""
+    counts = alive.sum(1).tolist()
+    keep, dead = packed(alive)
+    kept_keys = gather_columns(keys, keep)
+    if shift is not None:
+        moved = keep - torch.arange(keep.shape[1], device=keep.device)[None, :]
+        kept_keys = torch.where((moved > 0)[None, :, :, None], shift.rotate(kept_keys, -moved), kept_keys)
+    return kept_keys, gather_columns(values, keep), keep, dead, counts
+
+
 def gather_columns(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """[1, kv_heads, width, d]: of ``x`` [1, kv_heads, K, d], the columns ``keep`` [kv_heads, width] names."""
     rows = torch.arange(keep.shape[0], device=keep.device)[:, None]
@@ -49,6 +63,7 @@ class ScoredDynamicLayer(DynamicLayer):
         self.queries: torch.Tensor | None = None
         # bool [kv_heads, K]: padding slots of heads holding fewer tokens (AdaKV, duo); None when none
         self.dead: torch.Tensor | None = None
+        self.head_counts: list[int] | None = None  # the tokens each head holds, on the host, where they differ
 
     def observe(self, query: torch.Tensor) -> torch.Tensor | None:
         """Add queries ([query_heads, s, head_dim]) to the segment's; returns the segment's so far (None unless
@@ -59,12 +74,6 @@ class ScoredDynamicLayer(DynamicLayer):
         self.queries = query if self.queries is None else torch.cat((self.queries, query), dim=1)
         return self.queries
 
-    def alive(self) -> torch.Tensor:
-        """bool [kv_heads, K]: the slots that hold a token (not padding)."""
-        if self.dead is None:
-            return torch.ones(self.tokens.shape, dtype=torch.bool, device=self.tokens.device)
-        return ~self.dead
-
     def update(self, key_states, value_states, *args, **kwargs):
         if key_states.shape[0] != 1:
             raise ValueError("a scored policy's cache reads one stream at a time")
@@ -74,6 +83,7 @@ class ScoredDynamicLayer(DynamicLayer):
         self.tokens = new if self.tokens is None else torch.cat((self.tokens, new), dim=1)
         if self.dead is not None:
             self.dead = torch.cat((self.dead, torch.zeros((heads, count), dtype=torch.bool, device=keys.device)), 1)
+            self.head_counts = [held + count for held in self.head_counts]
         if self.history:
             zero = torch.zeros((heads, count), dtype=torch.float32, device=keys.device)
             self.totals = zero if self.totals is None else torch.cat((self.totals, zero), dim=1)
@@ -83,25 +93,17 @@ class ScoredDynamicLayer(DynamicLayer):
     def held_per_head(self) -> torch.Tensor:
         """long [kv_heads]: the tokens each key/value head holds (they differ with head_budgets=adaptive, whose
         padding the storage's width counts)."""
-        width = torch.full((self.tokens.shape[0],), self.tokens.shape[1], device=self.tokens.device)
-        return width if self.dead is None else width - self.dead.sum(1)
+        counts = self.head_counts or [self.tokens.shape[1]] * self.tokens.shape[0]
+        return torch.tensor(counts, device=self.tokens.device)
 
     def keep(self, alive: torch.Tensor) -> None:
         """Keep the columns ``alive`` marks (bool [kv_heads, K]); with a rotary ``shift`` (shifted positions) every
         key moves back by as many positions as tokens were dropped before it."""
-        counts = alive.sum(1)
-        keep, dead = packed(alive)
-        held_before = alive.shape[1] * alive.shape[0] - (0 if self.dead is None else int(self.dead.sum()))
-        keys = gather_columns(self.keys, keep)
-        if self.shift is not None:
-            # Shifted: positions are slots, so every key moves back by the evictions before it.
-            moved = keep - torch.arange(keep.shape[1], device=keep.device)[None, :]
-            keys = torch.where((moved > 0)[None, :, :, None], self.shift.rotate(keys, -moved), keys)
-        self.evicted_cells += held_before - int(counts.sum())
+        held_before = sum(self.head_counts) if self.head_counts else alive.shape[1] * alive.shape[0]
+        self.keys, self.values, keep, self.dead, counts = keep_columns(self.keys, self.values, alive, self.shift)
+        self.head_counts = None if self.dead is None else counts
+        self.evicted_cells += held_before - sum(counts)
         self.evicted = self.evicted_cells // alive.shape[0]  # per head (on average: AdaKV, duo)
-        self.dead = dead
-        self.keys = keys
-        self.values = gather_columns(self.values, keep)
         self.tokens = self.tokens.gather(1, keep)
         if self.totals is not None:
             self.totals = self.totals.gather(1, keep)

@@ -42,7 +42,7 @@ def open_stream(model, settings: StreamingSettings | None, shift: RotaryShift | 
     if settings.context_regime:
         return ContextStream(model, settings, shift, batch_size, policy)
     path = PATHS[settings.method]
-    if path is ChunkedStream and policy_class(settings.policy).kind != INDEX:
+    if path is ChunkedStream and (policy or policy_class(settings.policy)).kind != INDEX:
         path = ScoredChunkedStream  # scored methods (and heads holding different tokens) decide row by row
     return path(model, settings, shift, batch_size, policy)
 

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..forward_args import cache_kwarg, forward_takes
-from ..loglik import ContinuationScore, StreamScore, check_evicted, target_logprobs
+from ..loglik import ContinuationScore, StreamScore, check_evicted, most_held, target_logprobs
 from ..methods import policy_for
 from ..positions import check_positions_fit, position_limit
 from .attention import attention_function, run_pass
@@ -183,13 +183,9 @@ class CachedStream(Stream):
         """After a pass: what each layer and head holds now raises ``held_per_layer``, ``held_per_head`` and
         ``max_held``, the most held."""
         held = self.cache.held_tokens()
-        before = self.held_per_layer or (0,) * len(held)
-        self.held_per_layer = tuple(max(a, b) for a, b in zip(before, held))
+        self.held_per_layer = most_held(self.held_per_layer, held)
         self.max_held = max(self.max_held, *held)
-        now = self.cache.held_tokens_per_head()
-        before = self.held_per_head or tuple(() for _ in now)
-        self.held_per_head = tuple(tuple(map(max, old, new)) if len(old) == len(new) else tuple(new)
-                                   for old, new in zip(before, now))
+        self.held_per_head = most_held(self.held_per_head, self.cache.held_tokens_per_head())
 
     @property
     def evicted(self) -> int:

@@ -30,7 +30,7 @@ from ..methods.event import Observation, keep
 from ..methods.snapkv import window_attention
 from ..positions import context_position
 from ..storage.accounting import KVAccounting
-from ..storage.scored import gather_columns, packed
+from ..storage.scored import keep_columns
 from .attention import pass_state, refuse_learned_sinks, soft_capped
 from .base import EvictingStream, as_ids, chunk_spans, score_batched
 
@@ -80,6 +80,7 @@ class ContextLayer(DynamicLayer):
         self.queries: torch.Tensor | None = None  # float32 [query_heads, s, head_dim]
         self.scale: float | None = None  # the attention's scaling (the event recomputes weights)
         self.dead: torch.Tensor | None = None  # bool [kv_heads, K]: padding of heads keeping fewer
+        self.head_counts: list[int] | None = None  # the tokens each head holds, on the host, where they differ
         self.compressed = False  # after the event
         self.kept_tokens: torch.Tensor | None = None  # long [kv_heads, width]: the prefill token in each kept slot
         self.evicted = 0.0  # tokens evicted, per key/value head on average
@@ -92,6 +93,7 @@ class ContextLayer(DynamicLayer):
         if self.dead is not None:
             fresh = torch.zeros((self.dead.shape[0], key_states.shape[-2]), dtype=torch.bool, device=keys.device)
             self.dead = torch.cat((self.dead, fresh), dim=1)
+            self.head_counts = [held + key_states.shape[-2] for held in self.head_counts]
         return keys, values
 
     def record(self, query: torch.Tensor, scale: float) -> None:
@@ -110,16 +112,16 @@ class ContextLayer(DynamicLayer):
         if self.compressed:
             raise RuntimeError("an evict_every=context stream is compressed once")
         self.compressed, self.queries = True, None
-        if alive is None:
-            alive = torch.ones(self.keys.shape[1:3], dtype=torch.bool, device=self.keys.device)
-        n = self.keys.shape[-2]
-        keep, self.dead = packed(alive)
-        self.kept_tokens = keep
-        self.keys, self.values = gather_columns(self.keys, keep), gather_columns(self.values, keep)
-        if shift is not None:  # each kept key from its token's position to its slot
-            moved = keep - torch.arange(keep.shape[1], device=keep.device)[None, :]
-            self.keys = torch.where((moved > 0)[None, :, :, None], shift.rotate(self.keys, -moved), self.keys)
-        self.kept = float(alive.sum(1).float().mean())
+        heads, n = self.keys.shape[1], self.keys.shape[-2]
+        if alive is None:  # within the budget: every token stays where it is
+            self.kept_tokens = torch.arange(n, device=self.keys.device).expand(heads, -1)
+            self.kept, self.evicted = float(n), 0.0
+            return
+        # Columns are prefill tokens in text order: a kept key moves from its token's position to its slot (shifted).
+        self.keys, self.values, self.kept_tokens, self.dead, counts = keep_columns(self.keys, self.values, alive,
+                                                                                   shift)
+        self.head_counts = None if self.dead is None else counts
+        self.kept = float(torch.tensor(counts, dtype=torch.float32).mean())  # as the per-head mean always was
         self.evicted = n - self.kept
 
 
@@ -171,9 +173,8 @@ class ContextStream(EvictingStream):
                 else None
             obs = Observation(keys, values, n - 1, attention, layer.queries if "queries" in observes else None,
                               scale=layer.scale)
-            alive = torch.ones((keys.shape[0], n), dtype=torch.bool, device=keys.device)
             tokens = torch.arange(n, device=keys.device).expand(keys.shape[0], -1)
-            layer.keep(keep(self.policy, index, self._layers, obs, alive, tokens, context_regime=True),
+            layer.keep(keep(self.policy, index, self._layers, obs, None, tokens, context_regime=True),
                        self._rotate(index))
         self.note_held()
 

@@ -74,7 +74,7 @@ def after_step(layer, attention=None, query=None, scale: float | None = None) ->
     if layer.history:
         obs.scores = step_scores(policy, obs, layer.tokens.shape[0], layer.totals)
     if event:
-        kept = keep(policy, layer.index, layer.layers, obs, layer.alive(), layer.tokens)
+        kept = keep(policy, layer.index, layer.layers, obs, None if layer.dead is None else ~layer.dead, layer.tokens)
         if kept is not None:
             layer.keep(kept)
 

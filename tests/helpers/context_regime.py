@@ -87,7 +87,9 @@ def rerotated_logprobs(model, context, continuation, prefill: int, kept: list[np
 
     from streaming_lm.forward_args import cache_kwarg
 
-    inv_freq = model.model.rotary_emb.inv_freq.double()
+    from helpers.scored_reference import _rotate
+
+    inv_freq = model.model.rotary_emb.inv_freq
     cache = DynamicCache()
     model(torch.tensor([list(context[:prefill])]), **{cache_kwarg(model): cache})
     width = None
@@ -95,11 +97,8 @@ def rerotated_logprobs(model, context, continuation, prefill: int, kept: list[np
         index = torch.stack([torch.from_numpy(np.flatnonzero(row)) for row in mask])  # [heads, kept], ascending
         width = index.shape[1]
         keys = layer.keys[0].gather(1, index[..., None].expand(-1, -1, layer.keys.shape[-1]))
-        angle = (torch.arange(width)[None, :] - index).double()[..., None] * inv_freq  # [heads, kept, d / 2]
-        cos, sin = torch.cat((angle, angle), -1).cos().float(), torch.cat((angle, angle), -1).sin().float()
-        half = keys.shape[-1] // 2
-        turned = keys * cos + torch.cat((-keys[..., half:], keys[..., :half]), -1) * sin
-        layer.keys = turned[None]
+        moved = torch.arange(width)[None, :] - index  # each kept key from its position to its slot
+        layer.keys = torch.stack([_rotate(keys[h], moved[h], inv_freq) for h in range(keys.shape[0])])[None]
         layer.values = layer.values[0].gather(1, index[..., None].expand(-1, -1, layer.values.shape[-1]))[None]
     rest = list(context[prefill:]) + list(continuation)
     logits = model(torch.tensor([rest]), **{cache_kwarg(model): cache},
