@@ -61,6 +61,8 @@ from transformers import DynamicCache
 import kvpress
 from kvpress import (
     AdaKVPress,
+    ChunkKVPress,
+    CriticalKVPress,
     CURPress,
     DuoAttentionPress,
     ExpectedAttentionPress,
@@ -129,14 +131,20 @@ METHODS = {
     "rerotated_knorm": (lambda r: KeyRerotationPress(press=KnormPress(compression_ratio=r)), dict(positions="shifted")),
     "rerotated_snapkv": (lambda r: KeyRerotationPress(press=SnapKVPress(compression_ratio=r, **SNAPKV)),
                          dict(SNAPKV, positions="shifted")),
+    # kvpress's wrappers over SnapKV: the leaderboard's ChunkKV (chunks of 20), CriticalKV with its defaults
+    "chunkkv": (lambda r: ChunkKVPress(press=SnapKVPress(compression_ratio=r, **SNAPKV), chunk_length=20),
+                dict(SNAPKV, chunk_length=20)),
+    "critical_snapkv": (lambda r: CriticalKVPress(SnapKVPress(compression_ratio=r, **SNAPKV)),
+                        dict(SNAPKV, critical=True, first_stage_ratio=0.5, critical_epsilon=1e-4)),
 }
 REROTATED = ("rerotated_knorm", "rerotated_snapkv")  # keys move: kept tokens are found by their values
 FIRST = ["duo", "pyramidkv", "adakv_snapkv", "adakv_expected_attention", "tova", "snapkv", "expected_attention",
          "knorm", "sink_window", "random", "keydiff", "lagkv",
          "observed_attention", "rerotated_knorm", "rerotated_snapkv",
-         "cur"]  # the order of the run: the least common mechanisms first
+         "cur", "chunkkv", "critical_snapkv"]  # the order of the run: the least common mechanisms first
 MASKING = ("adakv_snapkv", "adakv_expected_attention", "duo")  # keep every key, mask (head, token) pairs
 EAGER = ("observed_attention",)  # reads the prefill's attention weights: kvpress requires attn_implementation="eager"
+CHUNKS = {"chunkkv": 20}  # whole chunks kept by their summed-over-heads mean score: the cut is between chunks
 LAYER_VARYING = ("pyramidkv",)  # multi-token reads after the prefill raise in transformers 5.2 (see docstring)
 
 
@@ -201,7 +209,8 @@ def compress(model, press, dense_cache, calls):
     """kvpress's prefill compression, replayed: press(model) registers and inits; its hook runs on every layer."""
     cache = copy.deepcopy(dense_cache)
     observed = {}  # layer -> (keys before, scores or None, keys after)
-    scorer = getattr(press, "press", press)
+    # The scores that decide: a ScorerPress's own (CriticalKV's rescored ones), else the wrapped press's (ChunkKV)
+    scorer = press if isinstance(press, CriticalKVPress) else getattr(press, "press", press)
     if hasattr(scorer, "score"):
         original_score = scorer.score
 
@@ -286,6 +295,27 @@ def boundary_gap(observed, masks, per_layer: bool, tie_rel: float = 1e-5):
     return min(gaps), ties
 
 
+def chunk_observed(observed, length: int):
+    """ChunkKV's cut is between chunks: each layer's chunk scores (summed over heads, the chunk's mean) as one row."""
+    out = {}
+    for layer, (before, scores, after) in observed.items():
+        if scores is None:  # nothing compressed (ratio 0)
+            out[layer] = (before, scores, after)
+            continue
+        total = scores[0].sum(0)  # [n]
+        chunks = [total[i : i + length].mean() for i in range(0, total.numel(), length)]
+        out[layer] = (before, torch.stack(chunks)[None, None], after)
+    return out
+
+
+def chunk_mask(kept: np.ndarray, length: int) -> np.ndarray:
+    """A chunk is kept when its tokens are (every head the same: checked)."""
+    assert (kept == kept[:1]).all(), "ChunkKV keeps the same tokens in every head"
+    chunks = [kept[0, i : i + length] for i in range(0, kept.shape[1], length)]
+    assert all(c.all() or not c.any() for c in chunks), "ChunkKV keeps whole chunks"
+    return np.array([[c[0] for c in chunks]])
+
+
 def read_one_at_a_time(model, cache, ids: list[int], start: int) -> torch.Tensor:
     logits = []
     for i, token in enumerate(ids):
@@ -342,7 +372,9 @@ def run_case(model, pipe, method, ratio, q, context, continuation, prefill, chec
         case["held_per_head"] = per_head.tolist()
         case["held_per_layer_head_min_mean_max"] = [[int(r.min()), float(r.mean()), int(r.max())] for r in per_head]
     case["kept_b64"] = [base64.b64encode(np.packbits(k.reshape(-1)).tobytes()).decode() for k in masks]
-    gap, ties = boundary_gap(observed, masks, per_layer=method.startswith("adakv"))
+    gap, ties = boundary_gap(chunk_observed(observed, CHUNKS[method]) if method in CHUNKS else observed,
+                             [chunk_mask(k, CHUNKS[method]) for k in masks] if method in CHUNKS else masks,
+                             per_layer=method.startswith("adakv"))
     case["min_boundary_gap_rel"], case["ties_at_cut"] = gap, ties
     if loop_cache is not None:
         loop = logprobs_of(read_one_at_a_time(model, loop_cache, read, start)[q - 1 : -1], continuation)

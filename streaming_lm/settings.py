@@ -13,6 +13,7 @@ import re
 
 from . import methods
 from .methods.base import HEADS, OBSERVATIONS, SCORED as _SCORED_KIND
+from .methods.wrappers import WRAPPER_PARAMS, check_wrappers
 from .schedule import CONTEXT, ContextSchedule, Schedule
 from .values import as_choice, as_fraction, as_int
 
@@ -97,6 +98,8 @@ class StreamingSettings:
         object.__setattr__(self, "chunk_size", as_int("chunk_size", self.chunk_size, 1))
         object.__setattr__(self, "stride", _check_stride(self.stride, self.method, self.positions, self.recent_size))
         cls.check_settings(self)
+        if cls.kind == _SCORED_KIND:
+            check_wrappers(cls, self)  # ChunkKV, CriticalKV: every scored method takes them
 
     @property
     def capacity(self) -> int:
@@ -187,10 +190,19 @@ def check_policy_params(cls, policy: str, given) -> dict:
     names = [param.name for param in cls.params]
     unknown = [name for name in given if name not in names]
     if unknown:
+        _refuse_wrapper(cls, policy, unknown[0])
         raise ValueError(f"policy={policy} has no parameter {unknown[0]!r}; its parameters: "
                          f"{', '.join(names) if names else 'none'}")
     return {param.name: param.parse(given[param.name]) if param.name in given else param.default
             for param in cls.params}
+
+
+def _refuse_wrapper(cls, policy: str, name: str) -> None:
+    """A wrapper's parameter (ChunkKV, CriticalKV) given to a method without scores: say why it cannot apply."""
+    if name in {param.name for param in WRAPPER_PARAMS} and cls.kind != _SCORED_KIND:
+        raise ValueError(f"{name} wraps a scored method (kvpress's {'ChunkKV' if name == 'chunk_length' else 'CriticalKV'}"
+                         f", docs/methods.md); policy={policy} keeps by token index and has no scores to wrap: use "
+                         f"a scored policy ({', '.join(SCORED)})")
 
 
 def known_policy_params() -> dict[str, list[str]]:
@@ -211,6 +223,7 @@ def pop_policy_params(policy: str, args: dict) -> dict:
     own = {name: args.pop(name) for name in names if name in args}
     others = known_policy_params()
     for key in args:
+        _refuse_wrapper(cls, policy, key)
         close = difflib.get_close_matches(key, names, n=1, cutoff=0.7)
         if key in others or close:
             hint = f"; did you mean {close[0]!r}?" if close else f" (it is a parameter of {', '.join(others[key])})"

@@ -127,7 +127,7 @@ def compare_cli(*argv, base=True):
                 options.pop(key, None)
             else:
                 options[key] = value
-        compare.main([item for pair in options.items() for item in pair])
+        compare.main([item for key, value in options.items() for item in ((key,) if value == "FLAG" else (key, value))])
     return run
 
 
@@ -273,6 +273,30 @@ CASES = [
          model_args(policy="lagkv", heavy_size=8, lag_size=0),
          also=((model_args(policy="random", heavy_size=8, seed=-1), "seed must be an integer >= 0, got -1",
                 ("seed", ">= 0")),)),
+    Case("wrapper-on-index-policy", "ValueError",
+         "chunk_length wraps a scored method (kvpress's ChunkKV, docs/methods.md); policy=sink_window keeps by token "
+         "index and has no scores to wrap", ("chunk_length", "policy=sink_window"), model_args(chunk_length=20),
+         also=((model_args(policy="duo", critical=True), "critical wraps a scored method (kvpress's CriticalKV",
+                ("critical", "policy=duo")),)),
+    Case("chunk_length-above-C", "ValueError",
+         "chunk_length=20 is longer than the cache (C = 12): an event keeps at least one chunk; lower chunk_length",
+         ("chunk_length", "C = 12"), model_args(policy="knorm", heavy_size=8, chunk_length=20),
+         also=((model_args(policy="knorm", heavy_size=8, chunk_length=-1), "chunk_length must be an integer >= 0, "
+                "got -1", ("chunk_length",)),)),
+    Case("chunk_length-with-adaptive-heads", "ValueError",
+         "chunk_length=20 (ChunkKV) keeps the same chunks in every head; head_budgets=adaptive keeps different tokens "
+         "per head: use one of the two", ("chunk_length", "head_budgets=adaptive"),
+         model_args(policy="snapkv", evict_every="context", compression_ratio=0.5, start_size=0, chunk_length=20,
+                    head_budgets="adaptive"),
+         also=((model_args(policy="snapkv", evict_every="context", compression_ratio=0.5, start_size=0, critical=True,
+                           head_budgets="adaptive"),
+                "critical=true with head_budgets=adaptive is kvpress's CriticalAdaKVPress, not implemented yet",
+                ("critical", "head_budgets=adaptive")),)),
+    Case("critical-parameter-without-critical", "ValueError",
+         "first_stage_ratio and critical_epsilon are CriticalKV's: give critical=true with them",
+         ("first_stage_ratio", "critical=true"), model_args(policy="knorm", heavy_size=8, first_stage_ratio=0.25),
+         also=((model_args(policy="knorm", heavy_size=8, critical=True, first_stage_ratio=1.5),
+                "first_stage_ratio must be in [0, 1], got 1.5", ("first_stage_ratio", "[0, 1]")),)),
     Case("snapkv-window-not-shorter-than-segment", "ValueError",
          "policy=snapkv observes the last window_size=64 queries of each segment of evict_every=1 tokens: the window "
          "must be shorter than the segment", ("window_size", "evict_every"), model_args(policy="snapkv"),
@@ -426,7 +450,7 @@ CASES = [
     Case("bench-recent_size", "ValueError", "recent_size must be an integer >= 1, got 0", ("recent_size", ">= 1"),
          bench_eval("--recent_size", "0"),
          also=((bench_eval("--caches", "tova:0+0+16:window_size=4"),
-                "policy=tova has no parameter 'window_size'; its parameters: none", ("window_size",)),
+                "policy=tova has no parameter 'window_size'; its parameters: chunk_length, critical, first_stage_ratio, critical_epsilon", ("window_size",)),
                (bench_eval("--caches", "snapkv:4+0+252:window_size=32", "--evict_every", "1,16"),
                 "policy=snapkv observes the last window_size=32 queries of each segment of evict_every=1 tokens",
                 ("window_size", "evict_every")))),
@@ -502,6 +526,12 @@ CASES = [
          ("--from-results", "results_*.json"), compare_cli("--from-results", "TMP", base=False)),
     Case("compare-reference", "exit 2", "--reference PATH: row 1 needs task, metric and a numeric value",
          ("--reference", "task, metric"), bad_reference),
+    Case("compare-leaderboard-sets-the-grid", "exit 2",
+         "--leaderboard sets each method's settings itself: drop --recent-sizes, --policies", ("--leaderboard",
+                                                                                                "--policies"),
+         compare_cli("--leaderboard", "FLAG", "--policies", "knorm", "--model_args", "max_length=1024")),
+    Case("compare-leaderboard-no-max_length", "exit 2", "--leaderboard needs max_length in --model_args (e.g. "
+         "max_length=1024)", ("--leaderboard", "max_length"), compare_cli("--leaderboard", "FLAG", "--recent-sizes", "DROP")),
     Case("compare-plot-x", "exit 2", "argument --plot-x/--plot_x: invalid choice: 'ratio'",
          ("--plot-x", "compression_ratio"), compare_cli("--plot-x", "ratio")),
 ]

@@ -29,7 +29,7 @@ from helpers.kvpress_reference import (
 
 LAYERS, KV_HEADS = 30, 3  # SmolLM2-135M
 SCORERS = ("sink_window", "knorm", "tova", "snapkv", "expected_attention", "random", "keydiff", "lagkv",
-           "observed_attention", "cur", *REROTATED)  # int(n (1 - r))
+           "observed_attention", "cur", "critical_snapkv", *REROTATED)  # int(n (1 - r))
 
 
 def test_file_holds_every_case():
@@ -82,7 +82,14 @@ def test_budgets_follow_the_definitions(method):
         if method == "sink_window":
             expected = np.r_[np.ones(4, bool), np.zeros(n - budget, bool), np.ones(budget - 4, bool)]
             assert all((k == expected).all() for k in kept), case.name
-        if method in ("snapkv", "pyramidkv", "adakv_snapkv"):
+        if method == "chunkkv":  # whole chunks of 20, the same in every head: max(1, int(chunks (1 - r))) of them
+            length, chunks = case.params["chunk_length"], -(-n // case.params["chunk_length"])
+            kept_chunks = [k[0, i * length : (i + 1) * length] for k in kept for i in range(chunks)]
+            assert all(c.all() or not c.any() for c in kept_chunks), case.name
+            assert all((k == k[0]).all() for k in kept), case.name
+            assert [sum(int(c.all()) for c in kept_chunks[i * chunks : (i + 1) * chunks]) for i in range(LAYERS)] == \
+                [max(1, int(chunks * (1 - r)))] * LAYERS, case.name
+        if method in ("snapkv", "pyramidkv", "adakv_snapkv", "critical_snapkv"):
             assert all(k[:, -case.params["window_size"]:].all() for k in kept), case.name  # the window stays
         if method == "tova":
             assert all((k == k[0]).all() and k[:, -1].all() for k in kept), case.name  # one choice for all heads

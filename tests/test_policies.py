@@ -17,6 +17,7 @@ from helpers.scored_reference import scored_logprobs
 from streaming_lm import StreamingHFLM
 from streaming_lm import methods as policy_mod
 from streaming_lm import settings
+from streaming_lm.methods.wrappers import WRAPPER_PARAMS
 from streaming_lm.continuation import score_continuations
 from streaming_lm.generation import generate
 from streaming_lm.methods import ScoredPolicy
@@ -227,12 +228,15 @@ def test_the_registry_imports_no_torch():
 
 
 PLUGIN = "helpers.policies:Recency"
+WRAPPERS = {param.name: param.default for param in WRAPPER_PARAMS}  # ChunkKV and CriticalKV, off
 
 
 def test_policy_parameters_are_resolved_checked_and_reach_the_policy(ids):
     setting = resolve(policy=PLUGIN, start_size=S, recent_size=W, heavy_size=H, policy_params={"step": "-2"})
-    assert setting.policy_params == {"step": -2.0, "label": "plain"}  # parsed, defaults filled, in order
-    assert setting.as_dict()["policy_params"] == {"step": -2.0, "label": "plain"}  # the results file's
+    # parsed, defaults filled, in order: its own, then the wrappers every scored method takes (methods/wrappers.py)
+    assert setting.policy_params == {"step": -2.0, "label": "plain"} | WRAPPERS
+    assert list(setting.policy_params) == ["step", "label", *WRAPPERS]
+    assert setting.as_dict()["policy_params"] == {"step": -2.0, "label": "plain"} | WRAPPERS  # the results file's
     model = tiny_llama()
     assert open_stream(model, setting, find_rotary(model)).policy.step == -2.0
     with pytest.raises(ValueError, match="step must not be 0"):
@@ -242,7 +246,7 @@ def test_policy_parameters_are_resolved_checked_and_reach_the_policy(ids):
     with pytest.raises(ValueError, match=r"policy=helpers.policies:Recency has no parameter 'steps'; "
                                          r"its parameters: step, label"):
         resolve(policy=PLUGIN, policy_params={"steps": 1})
-    with pytest.raises(ValueError, match="policy=tova has no parameter 'step'; its parameters: none"):
+    with pytest.raises(ValueError, match="policy=tova has no parameter 'step'; its parameters: chunk_length, critical, "):
         resolve(policy="tova", policy_params={"step": 1})
 
 
@@ -264,15 +268,15 @@ def test_parameters_are_model_args_refused_before_loading(tiny, monkeypatch):
     model, tokenizer = tiny
     lm = StreamingHFLM(pretrained=model, tokenizer=tokenizer, policy=PLUGIN, start_size=2, recent_size=8,
                        heavy_size=8, step=-1.5)
-    assert lm.streaming.policy_params == {"step": -1.5, "label": "plain"}
-    assert lm.get_model_info()["streaming"]["policy_params"] == {"step": -1.5, "label": "plain"}
+    assert lm.streaming.policy_params == {"step": -1.5, "label": "plain"} | WRAPPERS
+    assert lm.get_model_info()["streaming"]["policy_params"] == {"step": -1.5, "label": "plain"} | WRAPPERS
     nowhere = "/nonexistent/model"  # refused before anything loads
     with pytest.raises(ValueError, match="has no parameter 'stpe'; did you mean 'step'"):
         StreamingHFLM(pretrained=nowhere, policy=PLUGIN, stpe=2)
     # A parameter of another registered policy, given to one that lacks it.
     monkeypatch.setitem(policy_mod.POLICIES, "recency", Recency)
     with pytest.raises(ValueError, match=r"policy=tova has no parameter 'step' \(it is a parameter of recency\); "
-                                         "its parameters: none"):
+                                         "its parameters: chunk_length, critical, "):
         StreamingHFLM(pretrained=nowhere, policy="tova", step=2)
 
 

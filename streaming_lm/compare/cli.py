@@ -11,6 +11,7 @@ from .. import settings as settings_mod
 from ..offline_models import resolve_pretrained
 from .errors import CompareError, say
 from .grid import _split, build_grid
+from .leaderboard import RATIOS, leaderboard_grid, write_leaderboard
 from .report import PLOT_X, load_reference, write_outputs
 from .results import load_results_dir
 from .run import run_grid
@@ -81,7 +82,11 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("--include_path", "--include-path", default=None, help="folder with extra task YAMLs")
     model.add_argument("--metadata", default=None, help='task metadata as JSON, e.g. \'{"max_words": 250}\'')
     grid = p.add_argument_group("streaming grid (comma-separated lists)")
-    grid.add_argument("--start-sizes", "--start_sizes", default=str(settings_mod.DEFAULT_START_SIZE))
+    grid.add_argument("--leaderboard", action="store_true",
+                      help="kvpress's leaderboard as the grid: every method it ranks that runs here, and ours, at "
+                      f"--compression-ratios (default {','.join(map(str, RATIOS))}); writes leaderboard.md, .csv, .png")
+    grid.add_argument("--start-sizes", "--start_sizes", default=None,
+                      help=f"attention sinks S (default {settings_mod.DEFAULT_START_SIZE})")
     grid.add_argument("--recent-sizes", "--recent_sizes", default=None)
     grid.add_argument("--compression-ratios", "--compression_ratios", default=None)
     grid.add_argument("--positions", default=None,
@@ -130,8 +135,7 @@ def compare(args: argparse.Namespace) -> dict[str, Path]:
                                "--shard")
         if args.tasks or args.pretrained:
             raise CompareError("--from-results reads existing results: drop --pretrained and --tasks")
-        return write_outputs(args.output_dir or args.from_results, load_results_dir(args.from_results), reference,
-                             args.plot_metric, args.plot_x)
+        return finish(args.output_dir or args.from_results, load_results_dir(args.from_results), reference, args)
 
     from lm_eval.utils import simple_parse_args_string
 
@@ -153,8 +157,8 @@ def compare(args: argparse.Namespace) -> dict[str, Path]:
         raise CompareError("give --tasks (or --from-results DIR)")
     if args.output_dir is None:
         raise CompareError("give --output-dir: every run is saved there, which lets a rerun resume")
-    runs = build_grid(
-        _split(args.start_sizes, str, "--start-sizes"),  # resolve() checks and converts them
+    runs = leaderboard_runs(args, common) if args.leaderboard else build_grid(
+        _split(args.start_sizes or str(settings_mod.DEFAULT_START_SIZE), str, "--start-sizes"),  # resolve() checks
         _split(args.recent_sizes, str, "--recent-sizes"),
         _split(args.compression_ratios, float, "--compression-ratios"),
         _split(args.positions, str, "--positions"),
@@ -179,7 +183,30 @@ def compare(args: argparse.Namespace) -> dict[str, Path]:
         say(f"shard {shard[0]}/{shard[1]} done; when every shard is, write the comparison with "
             f"python -m streaming_lm compare --from-results {args.output_dir}")
         return {}
-    return write_outputs(args.output_dir, results, reference, args.plot_metric, args.plot_x)
+    return finish(args.output_dir, results, reference, args)
+
+
+# The grid flags --leaderboard sets itself (each method its own policy, sinks, schedule and parameters).
+_LEADERBOARD_SETS = ("start_sizes", "recent_sizes", "positions", "policies", "heavy_sizes", "evict_every", "strides")
+
+
+def leaderboard_runs(args: argparse.Namespace, common: dict) -> list:
+    if given := [name for name in _LEADERBOARD_SETS if getattr(args, name) is not None]:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise CompareError(f"--leaderboard sets each method's settings itself: drop {flags} (it takes "
+                           "--compression-ratios, --query-size, --method, --chunk-size and --param pattern=...)")
+    ratios = _split(args.compression_ratios, float, "--compression-ratios")
+    return leaderboard_grid(ratios, common.get("max_length"), _param_axes(args.param),
+                            {"query_size": args.query_size, "method": args.method, "chunk_size": args.chunk_size})
+
+
+def finish(output_dir: Path, results: list, reference, args: argparse.Namespace) -> dict[str, Path]:
+    """The comparison, and with --leaderboard the leaderboard's table and plot."""
+    plot_x = "compression_ratio" if args.leaderboard and args.plot_x == "capacity" else args.plot_x
+    written = write_outputs(output_dir, results, reference, args.plot_metric, plot_x)
+    if args.leaderboard:
+        written |= write_leaderboard(output_dir, results, args.plot_metric)
+    return written
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -66,6 +66,8 @@ def run_name(model: str, stream: dict) -> str:
         return BASELINE
     if stream.get("compression_ratio") is not None:
         size = f"cr{float(stream['compression_ratio']):g}"
+        if stream.get("recent_size") is not None:  # a window protected inside the ratio's budget (h2o's half)
+            size += f"_r{stream['recent_size']}"
     else:
         size = f"r{knob(stream, 'recent_size')}"
     policy = str(knob(stream, "policy"))
@@ -78,7 +80,11 @@ def run_name(model: str, stream: dict) -> str:
     name = f"{prefix}_s{knob(stream, 'start_size')}_{size}_{knob(stream, 'positions')}"
     # The method is named only when chosen, so the model's default can change without renaming runs.
     name += f"_{stream['method']}" if stream.get("method") else ""
-    return name + "".join(f"_{k}{v}" for k, v in other_knobs(stream).items())
+    # A value naming a file or folder (duo's pattern) must not nest the run's folder: separators become "-".
+    return name + "".join(f"_{k}{_SEPARATORS.sub('-', str(v))}" for k, v in other_knobs(stream).items())
+
+
+_SEPARATORS = re.compile(r"[^\w.+-]+")
 
 
 def _scored(policy: str) -> bool:
@@ -164,6 +170,12 @@ def _run(policy, pos, start, size_key, size, stride, heavy, every, param_values:
         stream["query_size"] = query_size
     if chunk_size is not None:  # speed only: same numbers, so not part of the run's name
         stream["chunk_size"] = chunk_size
+    return validated_run(stream, param_values, max_length)
+
+
+def validated_run(stream: dict, param_values: dict, max_length) -> Run:
+    """The streaming_hf run of ``stream`` (its knobs) and ``param_values`` (its policy's parameters), checked by
+    ``settings.resolve`` as streaming_hf checks them and named by the values it resolved."""
     try:
         resolved = settings_mod.resolve(**stream, policy_params=param_values, max_length=max_length)
     except ValueError as error:

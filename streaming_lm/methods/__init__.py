@@ -25,6 +25,7 @@ from .random import Random
 from .sink_window import SinkWindow
 from .snapkv import SnapKV
 from .tova import TOVA
+from .wrappers import WRAPPER_PARAMS, output_projections
 
 POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (SinkWindow, TOVA, H2O, KeyNorm, SnapKV,
                                                                ExpectedAttention, Duo, Random, KeyDiff, LagKV,
@@ -59,6 +60,8 @@ def policy_for(settings, model=None, shift=None) -> Policy:
     policy = policy_class(settings.policy)(settings)
     if model is not None:
         policy.bind(model, shift)
+        if getattr(policy, "critical", False):  # CriticalKV reads each layer's output projection
+            policy.output_projections = output_projections(model)
     return policy
 
 

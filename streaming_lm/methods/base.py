@@ -21,6 +21,7 @@ from typing import ClassVar
 from .budgets import kept_count
 from .lazy_torch import torch
 from .params import Param
+from .wrappers import WRAPPER_PARAMS
 
 
 # The position modes (settings.check_declarations holds them to settings.POSITIONS).
@@ -203,6 +204,12 @@ class ScoredPolicy(Policy):
     # A token's score depends on its own key and value alone (key-norm), not on what else is held: the chunked path
     # then scores a chunk once for all its events.
     per_token = False
+
+    def __init_subclass__(cls, **kwargs):
+        """Every scored method takes kvpress's wrappers as parameters of its own (methods/wrappers.py)."""
+        super().__init_subclass__(**kwargs)
+        own = {param.name for param in cls.params}
+        cls.params = (*cls.params, *(param for param in WRAPPER_PARAMS if param.name not in own))
 
     @property
     def query_window(self) -> int | None:

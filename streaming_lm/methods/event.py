@@ -16,6 +16,7 @@ import torch
 from .base import INDEX, SCORED, Policy, ScoredPolicy
 from .budgets import adaptive_head_keep
 from .ties import evict_lowest, lowest_oldest
+from .wrappers import chunk_keep, critical_scores, first_stage_budget
 
 # A score below any real one, for (head, token) cells a head does not hold (finite: the tie margin is relative).
 ABSENT = -1e30
@@ -116,6 +117,13 @@ def keep(policy: Policy, layer: int, layers: int, obs: Observation, alive: torch
     protected = protected_tokens(tokens, obs.step, policy.settings)
     if context_regime and policy.keeps_last_in_context_regime:
         protected = protected | (tokens == obs.step)
+    if policy.critical:
+        first = first_stage_budget(policy, int(alive[0].sum()), capacity)
+        score = critical_scores(score.masked_fill(protected, float("inf")), obs.values,
+                                policy.output_projections[layer], alive, first, policy.critical_epsilon)
+    if policy.chunk_length:
+        ratio = policy.settings.compression_ratio if policy.settings.ratio_budget else None
+        return chunk_keep(score, protected, alive, policy.chunk_length, capacity, ratio, strict=not context_regime)
     if policy.heads_differ:
         return _adaptive(score, tokens, protected, policy, alive, capacity)
     return _uniform(score, protected, policy, alive, capacity, strict=not context_regime)
