@@ -62,6 +62,7 @@ import kvpress
 from kvpress import (
     AdaKVPress,
     ChunkKVPress,
+    CompactorPress,
     CriticalKVPress,
     CURPress,
     DuoAttentionPress,
@@ -70,6 +71,7 @@ from kvpress import (
     KeyRerotationPress,
     KnormPress,
     LagKVPress,
+    LeverageScorePress,
     ObservedAttentionPress,
     PyramidKVPress,
     RandomPress,
@@ -94,6 +96,7 @@ SNAPKV = dict(window_size=64, kernel_size=5)  # kvpress's defaults, also compres
 CUR = dict(num_sinks=4, leverage_type="kv_product", use_random_leverage=False, use_local_approximation=True,
            local_window_size=16)  # kvpress's defaults
 LAGKV = dict(n_sink=4, lag_size=128, cross_scoring=False)  # kvpress's defaults
+COMPACTOR = dict(sink_size_start=8, sink_size_end=4, attention_chunk_size=256, sketch_dimension=48)  # kvpress's
 EXPECTED_ATTENTION = dict(n_future_positions=512, n_sink=4, use_covariance=True, use_vnorm=True, epsilon=0.0)
 
 
@@ -136,13 +139,20 @@ METHODS = {
                 dict(SNAPKV, chunk_length=20)),
     "critical_snapkv": (lambda r: CriticalKVPress(SnapKVPress(compression_ratio=r, **SNAPKV)),
                         dict(SNAPKV, critical=True, first_stage_ratio=0.5, critical_epsilon=1e-4)),
+    # Leverage and Compactor draw a Gaussian sketch from torch's global generator: seeded with 0 before each layer's
+    # compression (the engine's seed=0 draws the same)
+    "leverage": (lambda r: LeverageScorePress(compression_ratio=r, sketch_dimension=48), dict(sketch_dimension=48)),
+    "compactor": (lambda r: CompactorPress(compression_ratio=r), COMPACTOR),
+    "adakv_compactor": (lambda r: AdaKVPress(CompactorPress(compression_ratio=r), alpha_safeguard=0.2),
+                        dict(COMPACTOR, scorer="compactor", alpha_safeguard=0.2)),
 }
+SEEDED = ("leverage", "compactor", "adakv_compactor")
 REROTATED = ("rerotated_knorm", "rerotated_snapkv")  # keys move: kept tokens are found by their values
 FIRST = ["duo", "pyramidkv", "adakv_snapkv", "adakv_expected_attention", "tova", "snapkv", "expected_attention",
          "knorm", "sink_window", "random", "keydiff", "lagkv",
          "observed_attention", "rerotated_knorm", "rerotated_snapkv",
-         "cur", "chunkkv", "critical_snapkv"]  # the order of the run: the least common mechanisms first
-MASKING = ("adakv_snapkv", "adakv_expected_attention", "duo")  # keep every key, mask (head, token) pairs
+         "cur", "chunkkv", "critical_snapkv", "leverage", "compactor", "adakv_compactor"]  # the order of the run: the least common mechanisms first
+MASKING = ("adakv_snapkv", "adakv_expected_attention", "duo", "adakv_compactor")  # keep every key, mask (head, token) pairs
 EAGER = ("observed_attention",)  # reads the prefill's attention weights: kvpress requires attn_implementation="eager"
 CHUNKS = {"chunkkv": 20}  # whole chunks kept by their summed-over-heads mean score: the cut is between chunks
 LAYER_VARYING = ("pyramidkv",)  # multi-token reads after the prefill raise in transformers 5.2 (see docstring)
@@ -205,7 +215,7 @@ def record_prefill(model, prefix: list[int]):
     return cache, calls
 
 
-def compress(model, press, dense_cache, calls):
+def compress(model, press, dense_cache, calls, seed_each_layer: bool = False):
     """kvpress's prefill compression, replayed: press(model) registers and inits; its hook runs on every layer."""
     cache = copy.deepcopy(dense_cache)
     observed = {}  # layer -> (keys before, scores or None, keys after)
@@ -227,6 +237,8 @@ def compress(model, press, dense_cache, calls):
             args, kwargs, output = calls[module.layer_idx]
             layer_cache = cache.layers[module.layer_idx]
             before = layer_cache.values if isinstance(press, KeyRerotationPress) else layer_cache.keys
+            if seed_each_layer:
+                torch.manual_seed(0)
             press.forward_hook(module, args, dict(kwargs, past_key_values=cache), output)
             layer_cache = cache.layers[module.layer_idx]
             after = layer_cache.values if isinstance(press, KeyRerotationPress) else layer_cache.keys
@@ -338,7 +350,7 @@ def run_case(model, pipe, method, ratio, q, context, continuation, prefill, chec
     press = factory(ratio)
     m = len(context)
     dense_cache, calls = prefill
-    cache, observed = compress(model, press, dense_cache, calls)
+    cache, observed = compress(model, press, dense_cache, calls, seed_each_layer=method in SEEDED)
     one_forward = method not in LAYER_VARYING
     question = context[m - q :]
     # Where the question is read: after the uncompressed prefill (kvpress's default), or after the kept keys where they

@@ -201,7 +201,7 @@ CASES = [
     Case("chunk_size-zero", "ValueError", "chunk_size must be an integer >= 1, got 0", ("chunk_size", ">= 1"),
          model_args(chunk_size=0), also=((model_args(chunk_size=1.5), "chunk_size must be an integer >= 1, got 1.5"),)),
     Case("policy-unknown", "ValueError",
-         "policy must be one of sink_window, tova, h2o, knorm, snapkv, expected_attention, duo, random, keydiff, lagkv, observed_attention, cur or package.module:Class; "
+         "policy must be one of sink_window, tova, h2o, knorm, snapkv, expected_attention, duo, random, keydiff, lagkv, observed_attention, cur, leverage, compactor or package.module:Class; "
          "got 'lru'", ("policy", "sink_window", "tova", "h2o", "knorm", "snapkv", "expected_attention"), model_args(policy="lru")),
     Case("policy-plugin-missing-module", "ValueError", "policy=no_such_module:Policy: cannot import module",
          ("policy", "no_such_module"), model_args(policy="no_such_module:Policy"),
@@ -273,6 +273,13 @@ CASES = [
          model_args(policy="lagkv", heavy_size=8, lag_size=0),
          also=((model_args(policy="random", heavy_size=8, seed=-1), "seed must be an integer >= 0, got -1",
                 ("seed", ">= 0")),)),
+    Case("method-not-defined-every-k", "ValueError",
+         "policy=leverage scores the prefill's keys before RoPE, each at its text position, and is defined once after "
+         "the context (kvpress: prefill only), not on a segment every K tokens: use evict_every=context (got "
+         "evict_every=4)", ("policy=leverage", "evict_every=context"),
+         model_args(policy="leverage", heavy_size=8, evict_every=4),
+         also=((model_args(policy="compactor", heavy_size=8), "policy=compactor scores the prefill's keys before RoPE",
+                ("policy=compactor", "evict_every")),)),
     Case("wrapper-on-index-policy", "ValueError",
          "chunk_length wraps a scored method (kvpress's ChunkKV, docs/methods.md); policy=sink_window keeps by token "
          "index and has no scores to wrap", ("chunk_length", "policy=sink_window"), model_args(chunk_length=20),
@@ -303,7 +310,7 @@ CASES = [
          also=((model_args(policy="snapkv", window_size=8, evict_every=8),
                 "policy=snapkv observes the last window_size=8 queries of each segment of evict_every=8 tokens"),)),
     Case("head_budgets-per-layer-policy", "ValueError",
-         "policy=tova has no parameter 'head_budgets' (it is a parameter of snapkv, expected_attention)",
+         "policy=tova has no parameter 'head_budgets' (it is a parameter of snapkv, expected_attention, compactor)",
          ("policy", "head_budgets", "snapkv"), model_args(policy="tova", head_budgets="adaptive"),
          also=((model_args(policy="snapkv", window_size=4, evict_every=8, head_budgets="adaptive", method="token",
                            positions="shifted"),

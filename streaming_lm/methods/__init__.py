@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 
 from .base import OBSERVATIONS, EvictionPolicy, HeadIndexPolicy, Policy, ScoredPolicy
+from .compactor import Compactor
 from .cur import CUR
 from .duo import Duo
 from .expected_attention import ExpectedAttention
@@ -19,6 +20,7 @@ from .h2o import H2O
 from .keydiff import KeyDiff
 from .knorm import KeyNorm
 from .lagkv import LagKV
+from .leverage import Leverage
 from .observed_attention import ObservedAttention
 from .params import Param
 from .random import Random
@@ -29,7 +31,7 @@ from .wrappers import WRAPPER_PARAMS, output_projections
 
 POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (SinkWindow, TOVA, H2O, KeyNorm, SnapKV,
                                                                ExpectedAttention, Duo, Random, KeyDiff, LagKV,
-                                                               ObservedAttention, CUR)}
+                                                               ObservedAttention, CUR, Leverage, Compactor)}
 
 
 def policy_class(name: str) -> type[Policy]:
@@ -67,4 +69,4 @@ def policy_for(settings, model=None, shift=None) -> Policy:
 
 __all__ = ["POLICIES", "OBSERVATIONS", "Param", "Policy", "EvictionPolicy", "HeadIndexPolicy", "ScoredPolicy",
            "policy_class", "policy_for", "SinkWindow", "TOVA", "H2O", "KeyNorm", "SnapKV", "ExpectedAttention", "Duo",
-           "Random", "KeyDiff", "LagKV", "ObservedAttention", "CUR"]
+           "Random", "KeyDiff", "LagKV", "ObservedAttention", "CUR", "Leverage", "Compactor"]

@@ -12,6 +12,7 @@ from ..values import as_choice, as_count, as_float
 from .base import Param, ScoredPolicy
 from .lazy_torch import F, torch
 from .budgets import HEAD_BUDGETS, check_head_budgets
+from .prerope import before_rope, bind_rotary
 
 
 class ExpectedAttention(ScoredPolicy):
@@ -49,20 +50,12 @@ class ExpectedAttention(ScoredPolicy):
         check_head_budgets(settings)
 
     def bind(self, model, shift) -> None:
-        from ..rotary import RotaryShift
-
-        if not isinstance(shift, RotaryShift):
-            raise ValueError(f"policy=expected_attention needs one rotary embedding for every layer (RoPE); "
-                             f"{type(model).__name__} has {'none' if shift is None else 'different ones by layer'}")
-        scaling = {float(getattr(m, "attention_scaling")) for m in model.modules() if hasattr(m, "attention_scaling")}
-        self.rotary, self.attention_scaling = shift, scaling.pop() if len(scaling) == 1 else 1.0
-        if scaling:
-            raise ValueError("policy=expected_attention: the model's rotary modules scale differently")
+        self.rotary, self.attention_scaling = bind_rotary(self.name, model, shift)
 
     def before_rope(self, queries, index):
         """The segment's queries before RoPE: each rotated back from its text position ``index`` and its rotary
         scaling undone (float32 [query_heads, s, head_dim])."""
-        return self.rotary.rotate(queries, -index) / self.attention_scaling
+        return before_rope(self.rotary, self.attention_scaling, queries, index)
 
     def score(self, keys, values, attention, queries, step):
         index = torch.arange(step - queries.shape[1] + 1, step + 1, device=queries.device)

@@ -113,7 +113,8 @@ POLICY = {"sink_window": "sink_window", "knorm": "knorm", "tova": "tova", "snapk
           "adakv_snapkv": "snapkv", "adakv_expected_attention": "expected_attention",
           "expected_attention": "expected_attention", "duo": "duo", "random": "random", "keydiff": "keydiff",
           "lagkv": "lagkv", "observed_attention": "observed_attention", "rerotated_knorm": "knorm",
-          "rerotated_snapkv": "snapkv", "cur": "cur", "chunkkv": "snapkv", "critical_snapkv": "snapkv"}
+          "rerotated_snapkv": "snapkv", "cur": "cur", "chunkkv": "snapkv", "critical_snapkv": "snapkv",
+          "leverage": "leverage", "compactor": "compactor", "adakv_compactor": "compactor"}
 
 
 def press_settings(case: PressCase, method: str = "chunked"):
