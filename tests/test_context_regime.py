@@ -28,6 +28,7 @@ CONTINUATION = 6
 TOL = 2e-5
 SNAP = {"window_size": 4, "kernel_size": 3}
 EA = {"n_future_positions": 8, "n_sink": 1}
+COMPACTOR = {"sink_size_start": 2, "sink_size_end": 1, "attention_chunk_size": 8, "sketch_dimension": 8}
 # policy, parameters, budget (compression_ratio, or (start, recent, heavy) tokens), query_size
 CASES = [
     pytest.param("sink_window", {}, 0.5, 3, id="sink_window"),
@@ -42,6 +43,11 @@ CASES = [
     pytest.param("expected_attention", EA | {"head_budgets": "adaptive", "alpha_safeguard": 0.5}, 0.25, 1,
                  id="adakv-expected_attention"),
     pytest.param("duo", {"head_compression_ratio": 0.5}, None, 2, id="duo"),
+    pytest.param("leverage", {"sketch_dimension": 8}, 0.5, 2, id="leverage"),
+    pytest.param("compactor", COMPACTOR, 0.5, 3, id="compactor"),
+    pytest.param("compactor", COMPACTOR | {"head_budgets": "adaptive"}, 0.25, 1, id="adakv-compactor"),
+    pytest.param("snapkv", SNAP | {"chunk_length": 3}, 0.5, 2, id="chunkkv"),
+    pytest.param("knorm", {"critical": True, "first_stage_ratio": 0.25}, (1, 2, 9), 3, id="critical-knorm-tokens"),
     pytest.param("helpers.policies:Recency", {"step": -1.0}, (1, 1, 10), 2, id="plugin"),
 ]
 
@@ -124,7 +130,14 @@ def test_engine_equals_the_definition_and_token_equals_chunked(model, ids, duo_p
         assert counts[0, 0] > counts[-1, 0], "the first layer should keep the most"
     if isinstance(budget, float):  # kvpress's int(n (1 - r)) per layer, per head on average
         expected = max(1, int((CONTEXT - q) * (1 - budget)))
-        assert np.allclose(counts.mean(), expected)
+        if params.get("chunk_length"):  # ChunkKV: whole chunks, max(1, int(chunks (1 - r))) of them, the last short
+            length = params["chunk_length"]
+            chunks = -(-(CONTEXT - q) // length)
+            kept_chunks = max(1, int(chunks * (1 - budget)))
+            expected = (kept_chunks * length - length + (CONTEXT - q) % length, kept_chunks * length)
+            assert (counts == counts[0, 0]).all() and counts[0, 0] in expected
+        else:
+            assert np.allclose(counts.mean(), expected)
 
 
 @pytest.mark.parametrize("policy, params, budgets", [
@@ -134,6 +147,8 @@ def test_engine_equals_the_definition_and_token_equals_chunked(model, ids, duo_p
     pytest.param("snapkv", SNAP | {"layer_budgets": "pyramid", "beta": 2.0}, (0, 0, 12), id="pyramidkv"),
     pytest.param("snapkv", SNAP | {"head_budgets": "adaptive"}, (0, 0, 12), id="adakv-snapkv"),
     pytest.param("expected_attention", EA, (1, 0, 11), id="expected_attention"),
+    pytest.param("snapkv", SNAP | {"chunk_length": 3}, (0, 0, 12), id="chunkkv"),
+    pytest.param("knorm", {"critical": True}, (1, 2, 9), id="critical-knorm"),
 ])
 def test_one_event_every_k_equals_one_event_after_the_context(model, ids, policy, params, budgets):
     """compression-methods.md's check: every K tokens, K the prefill, with no second event before the stream ends,
