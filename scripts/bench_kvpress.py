@@ -46,6 +46,12 @@ METHODS = {
     "cur": ("CURPress(compression_ratio=r)", {"policy": "cur", "start_size": 0}),
     "observed_attention": ("ObservedAttentionPress(compression_ratio=r)",
                            {"policy": "observed_attention", "start_size": 0}),
+    "leverage": ("LeverageScorePress(compression_ratio=r)", {"policy": "leverage", "start_size": 0}),
+    "compactor": ("CompactorPress(compression_ratio=r)", {"policy": "compactor", "start_size": 0}),
+    "chunkkv": ("ChunkKVPress(press=SnapKVPress(compression_ratio=r), chunk_length=20)",
+                {"policy": "snapkv", "start_size": 0, "chunk_length": 20}),
+    "critical_snapkv": ("CriticalKVPress(SnapKVPress(compression_ratio=r))",
+                        {"policy": "snapkv", "start_size": 0, "critical": True}),
 }
 EAGER = ("observed_attention",)  # kvpress reads the prefill's weights: its model runs attn_implementation="eager"
 DENSE = "dense"
@@ -92,7 +98,7 @@ def _ours_worker(pretrained: str, threads: int):
 
     from streaming_lm.engine import Engine
     from streaming_lm.generation import GenerationRequest, greedy
-    from streaming_lm.settings import resolve
+    from streaming_lm.settings import pop_policy_params, resolve
     from streaming_lm.support import check_model_supported
 
     torch.set_num_threads(threads)
@@ -104,7 +110,8 @@ def _ours_worker(pretrained: str, threads: int):
     def run(command):
         args = dict(METHODS[command["method"]][1], evict_every="context", query_size=command["question"],
                     compression_ratio=command["ratio"], max_length=model.config.max_position_embeddings)
-        settings = resolve(**args)
+        params = pop_policy_params(args["policy"], args)  # chunk_length, critical: the method's own parameters
+        settings = resolve(**args, policy_params=params)
         check_model_supported(model, settings)
         requests = [GenerationRequest(ids, command["new_tokens"], {"pick": greedy, "eos_token_ids": eos})
                     for ids in command["requests"]]

@@ -63,6 +63,7 @@ from kvpress import (
     AdaKVPress,
     ChunkKVPress,
     CompactorPress,
+    CriticalAdaKVPress,
     CriticalKVPress,
     CURPress,
     DuoAttentionPress,
@@ -139,6 +140,9 @@ METHODS = {
                 dict(SNAPKV, chunk_length=20)),
     "critical_snapkv": (lambda r: CriticalKVPress(SnapKVPress(compression_ratio=r, **SNAPKV)),
                         dict(SNAPKV, critical=True, first_stage_ratio=0.5, critical_epsilon=1e-4)),
+    "critical_adakv_snapkv": (lambda r: CriticalAdaKVPress(SnapKVPress(compression_ratio=r, **SNAPKV)),
+                             dict(SNAPKV, critical=True, alpha_safeguard=0.2, first_stage_ratio=0.5,
+                                  critical_epsilon=1e-4)),
     # Leverage and Compactor draw a Gaussian sketch from torch's global generator: seeded with 0 before each layer's
     # compression (the engine's seed=0 draws the same)
     "leverage": (lambda r: LeverageScorePress(compression_ratio=r, sketch_dimension=48), dict(sketch_dimension=48)),
@@ -151,9 +155,12 @@ REROTATED = ("rerotated_knorm", "rerotated_snapkv")  # keys move: kept tokens ar
 FIRST = ["duo", "pyramidkv", "adakv_snapkv", "adakv_expected_attention", "tova", "snapkv", "expected_attention",
          "knorm", "sink_window", "random", "keydiff", "lagkv",
          "observed_attention", "rerotated_knorm", "rerotated_snapkv",
-         "cur", "chunkkv", "critical_snapkv", "leverage", "compactor", "adakv_compactor"]  # the order of the run: the least common mechanisms first
-MASKING = ("adakv_snapkv", "adakv_expected_attention", "duo", "adakv_compactor")  # keep every key, mask (head, token) pairs
+         "cur", "chunkkv", "critical_snapkv", "leverage", "compactor", "adakv_compactor",
+         "critical_adakv_snapkv"]  # the order of the run: the least common mechanisms first
+MASKING = ("adakv_snapkv", "adakv_expected_attention", "duo", "adakv_compactor", "critical_adakv_snapkv")  # keep every key, mask (head, token) pairs
 EAGER = ("observed_attention",)  # reads the prefill's attention weights: kvpress requires attn_implementation="eager"
+UNRANKED = {"critical_adakv_snapkv": "two stages (AdaKV's head budgets from SnapKV's scores, then each head's top "
+                                     "by the rescored scores): no one score ranks the layer's kept set"}
 CHUNKS = {"chunkkv": 20}  # whole chunks kept by their summed-over-heads mean score: the cut is between chunks
 LAYER_VARYING = ("pyramidkv",)  # multi-token reads after the prefill raise in transformers 5.2 (see docstring)
 
@@ -384,9 +391,13 @@ def run_case(model, pipe, method, ratio, q, context, continuation, prefill, chec
         case["held_per_head"] = per_head.tolist()
         case["held_per_layer_head_min_mean_max"] = [[int(r.min()), float(r.mean()), int(r.max())] for r in per_head]
     case["kept_b64"] = [base64.b64encode(np.packbits(k.reshape(-1)).tobytes()).decode() for k in masks]
-    gap, ties = boundary_gap(chunk_observed(observed, CHUNKS[method]) if method in CHUNKS else observed,
-                             [chunk_mask(k, CHUNKS[method]) for k in masks] if method in CHUNKS else masks,
-                             per_layer=method.startswith("adakv"))
+    if method in UNRANKED:  # no single score ranks its kept set: the cut is not checked, said so in the case
+        case["cut_not_checked"] = UNRANKED[method]
+        gap, ties = None, []
+    else:
+        gap, ties = boundary_gap(chunk_observed(observed, CHUNKS[method]) if method in CHUNKS else observed,
+                                 [chunk_mask(k, CHUNKS[method]) for k in masks] if method in CHUNKS else masks,
+                                 per_layer=method.startswith("adakv"))
     case["min_boundary_gap_rel"], case["ties_at_cut"] = gap, ties
     if loop_cache is not None:
         loop = logprobs_of(read_one_at_a_time(model, loop_cache, read, start)[q - 1 : -1], continuation)

@@ -294,11 +294,7 @@ CASES = [
          "chunk_length=20 (ChunkKV) keeps the same chunks in every head; head_budgets=adaptive keeps different tokens "
          "per head: use one of the two", ("chunk_length", "head_budgets=adaptive"),
          model_args(policy="snapkv", evict_every="context", compression_ratio=0.5, start_size=0, chunk_length=20,
-                    head_budgets="adaptive"),
-         also=((model_args(policy="snapkv", evict_every="context", compression_ratio=0.5, start_size=0, critical=True,
-                           head_budgets="adaptive"),
-                "critical=true with head_budgets=adaptive is kvpress's CriticalAdaKVPress, not implemented yet",
-                ("critical", "head_budgets=adaptive")),)),
+                    head_budgets="adaptive")),
     Case("critical-parameter-without-critical", "ValueError",
          "first_stage_ratio and critical_epsilon are CriticalKV's: give critical=true with them",
          ("first_stage_ratio", "critical=true"), model_args(policy="knorm", heavy_size=8, first_stage_ratio=0.25),

@@ -48,6 +48,7 @@ CASES = [
     pytest.param("compactor", COMPACTOR | {"head_budgets": "adaptive"}, 0.25, 1, id="adakv-compactor"),
     pytest.param("snapkv", SNAP | {"chunk_length": 3}, 0.5, 2, id="chunkkv"),
     pytest.param("knorm", {"critical": True, "first_stage_ratio": 0.25}, (1, 2, 9), 3, id="critical-knorm-tokens"),
+    pytest.param("snapkv", SNAP | {"critical": True, "head_budgets": "adaptive"}, 0.5, 2, id="critical-adakv-snapkv"),
     pytest.param("helpers.policies:Recency", {"step": -1.0}, (1, 1, 10), 2, id="plugin"),
 ]
 

@@ -106,6 +106,8 @@ CASES = [
     pytest.param("snapkv", {"window_size": 2, "kernel_size": 3, "critical": True, "first_stage_ratio": 0.25},
                  (0, 0, 8), 5, id="critical-snapkv-K5"),
     pytest.param("keydiff", {"critical": True, "chunk_length": 2}, (1, 0, 7), 3, id="both-keydiff-K3"),
+    pytest.param("snapkv", {"window_size": 2, "kernel_size": 3, "critical": True, "head_budgets": "adaptive"},
+                 (0, 0, 8), 5, id="critical-adakv-snapkv-K5"),
 ]
 
 
@@ -119,7 +121,9 @@ def settings_of(policy, params, budgets, every, method, chunk_size=5):
 def test_every_k_the_chunked_path_equals_the_token_loop(model, ids, policy, params, budgets, every):
     shift = find_rotary(model)
     token = score(model, ids, settings_of(policy, params, budgets, every, "token"), shift)
-    assert token.evicted > 0 and token.max_held <= sum(budgets) + every - 1
+    assert token.evicted > 0
+    if params.get("head_budgets") != "adaptive":  # AdaKV's heads differ: one may hold more than C
+        assert token.max_held <= sum(budgets) + every - 1
     for chunk in (1, 4, 7):
         chunked = score(model, ids, settings_of(policy, params, budgets, every, "chunked", chunk), shift)
         torch.testing.assert_close(chunked.logprobs, token.logprobs, rtol=0, atol=TOL)

@@ -15,11 +15,8 @@ import torch
 
 from .base import INDEX, SCORED, Policy, ScoredPolicy
 from .budgets import adaptive_head_keep
-from .ties import evict_lowest, lowest_oldest
-from .wrappers import chunk_keep, critical_scores, first_stage_budget
-
-# A score below any real one, for (head, token) cells a head does not hold (finite: the tie margin is relative).
-ABSENT = -1e30
+from .ties import ABSENT, evict_lowest, lowest_oldest
+from .wrappers import chunk_keep, critical_adaptive_keep, critical_scores, first_stage_budget, output_norms
 
 
 @dataclasses.dataclass
@@ -117,7 +114,7 @@ def keep(policy: Policy, layer: int, layers: int, obs: Observation, alive: torch
     protected = protected_tokens(tokens, obs.step, policy.settings)
     if context_regime and policy.keeps_last_in_context_regime:
         protected = protected | (tokens == obs.step)
-    if policy.critical:
+    if policy.critical and not policy.heads_differ:
         first = first_stage_budget(policy, int(alive[0].sum()), capacity)
         score = critical_scores(score.masked_fill(protected, float("inf")), obs.values,
                                 policy.output_projections[layer], alive, first, policy.critical_epsilon)
@@ -125,7 +122,8 @@ def keep(policy: Policy, layer: int, layers: int, obs: Observation, alive: torch
         ratio = policy.settings.compression_ratio if policy.settings.ratio_budget else None
         return chunk_keep(score, protected, alive, policy.chunk_length, capacity, ratio, strict=not context_regime)
     if policy.heads_differ:
-        return _adaptive(score, tokens, protected, policy, alive, capacity)
+        norms = output_norms(obs.values, policy.output_projections[layer]) if policy.critical else None
+        return _adaptive(score, tokens, protected, policy, alive, capacity, norms)
     return _uniform(score, protected, policy, alive, capacity, strict=not context_regime)
 
 
@@ -150,7 +148,7 @@ def _uniform(score: torch.Tensor, protected: torch.Tensor, policy: ScoredPolicy,
 
 
 def _adaptive(score: torch.Tensor, tokens: torch.Tensor, protected: torch.Tensor, policy: ScoredPolicy,
-              alive: torch.Tensor, capacity: int) -> torch.Tensor:
+              alive: torch.Tensor, capacity: int, norms: torch.Tensor | None = None) -> torch.Tensor:
     """AdaKV's event (budgets.py ``adaptive_head_keep``) on what each head holds (``alive``, counts may differ): the
     heads keep ``capacity`` per head on average. Laid out by token (not by column), so the tie rule's order (older
     token first, then lower head) does not depend on the storage's padding. Protected tokens stay."""
@@ -159,7 +157,15 @@ def _adaptive(score: torch.Tensor, tokens: torch.Tensor, protected: torch.Tensor
     column = torch.searchsorted(union, tokens.clamp(min=0))
     grid = torch.full((alive.shape[0], union.numel()), ABSENT, device=score.device)
     grid[heads[alive], column[alive]] = score.float().masked_fill(protected, float("inf"))[alive]
-    kept, _ = adaptive_head_keep(grid, capacity, policy.alpha_safeguard)
+    if norms is None:
+        kept, _ = adaptive_head_keep(grid, capacity, policy.alpha_safeguard)
+    else:  # CriticalAdaKV: the values' output norms laid out alike
+        norm_grid = torch.zeros_like(grid)
+        norm_grid[heads[alive], column[alive]] = norms[alive]
+        absent = torch.ones_like(grid, dtype=torch.bool)
+        absent[heads[alive], column[alive]] = False
+        kept = critical_adaptive_keep(grid, norm_grid, absent, capacity, policy.alpha_safeguard,
+                                      policy.first_stage_ratio, policy.critical_epsilon)
     return alive & kept[heads, column.clamp(max=union.numel() - 1)]
 
 

@@ -13,6 +13,8 @@ from .lazy_torch import torch
 
 # Scores this close (relative) are a tie.
 TIE = 1e-5
+# A score below any real one, for (head, token) cells a head does not hold (finite: the tie margin is relative).
+ABSENT = -1e30
 
 
 def tied_with_lowest(score: torch.Tensor) -> torch.Tensor:

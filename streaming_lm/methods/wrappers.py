@@ -16,7 +16,7 @@ from __future__ import annotations
 from ..values import as_fraction
 from .lazy_torch import torch
 from .params import Param
-from .ties import evict_lowest, keep_top
+from .ties import ABSENT, evict_lowest, keep_top
 
 WRAPPER_PARAMS = (
     Param("chunk_length", int, 0, "ChunkKV: keep whole chunks of this many held tokens, ranked by their score summed "
@@ -41,9 +41,6 @@ def check_wrappers(cls, settings) -> None:
         if not settings.ratio_budget and params["chunk_length"] > settings.capacity:
             raise ValueError(f"chunk_length={params['chunk_length']} is longer than the cache (C = "
                              f"{settings.capacity}): an event keeps at least one chunk; lower chunk_length")
-    if params["critical"] and params.get("head_budgets", "uniform") == "adaptive":
-        raise ValueError("critical=true with head_budgets=adaptive is kvpress's CriticalAdaKVPress, not implemented "
-                         "yet: use critical=true with uniform head budgets, or head_budgets=adaptive alone")
     if not params["critical"] and (params["first_stage_ratio"] != 0.5 or params["critical_epsilon"] != 1e-4):
         raise ValueError("first_stage_ratio and critical_epsilon are CriticalKV's: give critical=true with them")
 
@@ -84,6 +81,26 @@ def critical_scores(score: torch.Tensor, values: torch.Tensor, weight: torch.Ten
     first = keep_top(held, first_stage) & alive if first_stage else torch.zeros_like(alive)
     rescored = (score + epsilon) * output_norms(values, weight)
     return rescored.masked_fill(first, float("inf"))
+
+
+def critical_adaptive_keep(grid: torch.Tensor, norms: torch.Tensor, absent: torch.Tensor, capacity: int,
+                           alpha_safeguard: float, first_stage_ratio: float, epsilon: float) -> torch.Tensor:
+    """bool [heads, n]: CriticalAdaKV (kvpress's ``CriticalAdaKVPress``) on a layer's (head, token) grid of the
+    method's scores (``absent`` cells, tokens a head does not hold, lowest; protected ``+inf``). AdaKV's allocation on
+    the scores gives each head its budget ``b``; each head's ``max(safe, int(b · first_stage_ratio))`` best tokens
+    by the scores stay (``safe``: AdaKV's safeguard, ``int(C · alpha)``, at least 1), then its others are rescored
+    ``(score + epsilon) · norms`` and the head keeps its ``b`` best."""
+    from .budgets import adaptive_head_keep
+
+    _, budgets = adaptive_head_keep(grid, capacity, alpha_safeguard)
+    n = grid.shape[1]
+    safe = int(capacity * alpha_safeguard)
+    if alpha_safeguard > 0 and capacity > 0:
+        safe = max(1, safe)
+    first = torch.clamp((budgets * first_stage_ratio).long(), min=min(safe, n))
+    staged = evict_lowest(grid, n - first)
+    rescored = ((grid + epsilon) * norms).masked_fill(staged | grid.isinf(), float("inf"))
+    return evict_lowest(rescored.masked_fill(absent, ABSENT), n - budgets)
 
 
 def first_stage_budget(policy, n: int, capacity: int) -> int:

@@ -114,7 +114,8 @@ POLICY = {"sink_window": "sink_window", "knorm": "knorm", "tova": "tova", "snapk
           "expected_attention": "expected_attention", "duo": "duo", "random": "random", "keydiff": "keydiff",
           "lagkv": "lagkv", "observed_attention": "observed_attention", "rerotated_knorm": "knorm",
           "rerotated_snapkv": "snapkv", "cur": "cur", "chunkkv": "snapkv", "critical_snapkv": "snapkv",
-          "leverage": "leverage", "compactor": "compactor", "adakv_compactor": "compactor"}
+          "leverage": "leverage", "compactor": "compactor", "adakv_compactor": "compactor",
+          "critical_adakv_snapkv": "snapkv"}
 
 
 def press_settings(case: PressCase, method: str = "chunked"):
@@ -125,7 +126,7 @@ def press_settings(case: PressCase, method: str = "chunked"):
         params["n_sink"] = case.params["n_sink"]
     if case.method == "pyramidkv":
         params["layer_budgets"] = "pyramid"
-    if case.method.startswith("adakv"):
+    if "adakv" in case.method:
         params["head_budgets"] = "adaptive"
     ratio = case.compression_ratio
     if case.method == "duo":

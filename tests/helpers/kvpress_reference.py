@@ -22,7 +22,8 @@ REFERENCE = Path(__file__).resolve().parents[1] / "data" / "kvpress_reference.js
 DUO_PATTERN = REFERENCE.parent / "duo_pattern_smollm2"  # made up (seeded): no one measured SmolLM2's heads
 METHODS = ("sink_window", "knorm", "tova", "snapkv", "pyramidkv", "adakv_snapkv", "adakv_expected_attention",
            "expected_attention", "duo", "random", "keydiff", "lagkv", "observed_attention", "rerotated_knorm", "rerotated_snapkv", "cur",
-           "chunkkv", "critical_snapkv", "leverage", "compactor", "adakv_compactor")
+           "chunkkv", "critical_snapkv", "leverage", "compactor", "adakv_compactor",
+           "critical_adakv_snapkv")
 # KeyRerotationPress: the kept keys re-rotated to 0 .. kept - 1 (the engine's positions=shifted in the context regime)
 REROTATED = ("rerotated_knorm", "rerotated_snapkv")
 RATIOS = (0.5, 0.25)  # and 0.0 (nothing compressed) at Q = 8
