@@ -175,7 +175,7 @@ def write_csv(path: Path, results: list[Result], metric: str) -> None:
 
     ratios, cells, dense = table(results, metric)
     tasks = ["average", *_tasks(results, metric)[0]]
-    rows = [{"method": "dense (hf)", "compression_ratio": r, **{t: dense.get(t) for t in tasks}} for r in ratios[:1]]
+    rows = [{"method": "dense (hf)", "compression_ratio": None, **{t: dense.get(t) for t in tasks}}] if dense else []
     rows += [{"method": label, "compression_ratio": r, **{t: values.get((t, r)) for t in tasks}}
              for label, values in cells.items() for r in ratios]
     write(path, ["method", "compression_ratio", *tasks], rows)
