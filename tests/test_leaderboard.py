@@ -104,3 +104,34 @@ def test_the_table_is_methods_by_ratios_for_each_task_and_the_average(group, tmp
     assert "| knorm | 75.0 | 25.0 |" in text  # vt is 1 - r
     pytest.importorskip("matplotlib")
     assert (tmp_path / "out" / "leaderboard.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_the_grid_runs_end_to_end_and_every_row_streams(tiny_dir, tmp_path, excerpt_text, monkeypatch):
+    """The whole leaderboard at one ratio through lm-eval on the tiny model (a multiple-choice task: its contexts are
+    read once after the context or every K tokens): every row but duo (no pattern given) is a results file whose run
+    evicted, and the leaderboard table has a value for each."""
+    import lm_eval
+    import lm_eval.tasks
+    from functools import partial
+
+    from helpers.local_tasks import MC_YAML, write_task
+    from streaming_lm.compare import run as compare_run
+
+    text = " ".join(excerpt_text.split())
+    docs = [{"question": text[i * 300 : i * 300 + 260], "choices": [" the", " a"], "answer": 0} for i in range(2)]
+    write_task(tmp_path, "tiny_mc", MC_YAML, docs)
+    for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", partial(lm_eval.tasks.TaskManager, include_defaults=False))
+    monkeypatch.setattr(compare_run, "say", lambda *a: None)
+    out = tmp_path / "out"
+    compare.main(["--leaderboard", "--pretrained", str(tiny_dir), "--model_args", "dtype=float32,max_length=256",
+                  "--tasks", "tiny_mc", "--include_path", str(tmp_path), "--device", "cpu",
+                  "--compression-ratios", "0.5", "-o", str(out)])
+    results = compare.load_results_dir(out)
+    streamed = {leaderboard.entry_of(r)[0].label: r.data["config"]["streaming"]["evicted_tokens"]
+                for r in results if r.model == "streaming_hf"}
+    assert set(streamed) == {e.label for e in leaderboard.ENTRIES if not e.needs}
+    assert all(evicted > 0 for evicted in streamed.values()), streamed  # no row quietly read the dense model
+    rows = list(csv.DictReader((out / "leaderboard.csv").open()))
+    assert len(rows) == len(streamed) + 1 and all(row["average"] != "" for row in rows)
