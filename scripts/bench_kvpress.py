@@ -33,25 +33,29 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
+
+
+def _scorer(press: str, policy: str, **params) -> tuple[str, dict]:
+    """A scorer press (protects no sinks: start_size 0) as (its expression for ratio r, streaming_hf's model args)."""
+    return press, {"policy": policy, "start_size": 0, **params}
+
+
 # method -> (kvpress press expression for ratio r, streaming_hf model args besides the regime's)
 METHODS = {
-    "knorm": ("KnormPress(compression_ratio=r)", {"policy": "knorm", "start_size": 0}),
-    "snapkv": ("SnapKVPress(compression_ratio=r)", {"policy": "snapkv", "start_size": 0}),
-    "expected_attention": ("ExpectedAttentionPress(compression_ratio=r)",
-                           {"policy": "expected_attention", "start_size": 0}),
+    "knorm": _scorer("KnormPress(compression_ratio=r)", "knorm"),
+    "snapkv": _scorer("SnapKVPress(compression_ratio=r)", "snapkv"),
+    "expected_attention": _scorer("ExpectedAttentionPress(compression_ratio=r)", "expected_attention"),
     "sink_window": ("StreamingLLMPress(compression_ratio=r, n_sink=4)", {"policy": "sink_window", "start_size": 4}),
-    "random": ("RandomPress(compression_ratio=r, seed=0)", {"policy": "random", "start_size": 0}),
-    "keydiff": ("KeyDiffPress(compression_ratio=r)", {"policy": "keydiff", "start_size": 0}),
-    "lagkv": ("LagKVPress(compression_ratio=r)", {"policy": "lagkv", "start_size": 0}),
-    "cur": ("CURPress(compression_ratio=r)", {"policy": "cur", "start_size": 0}),
-    "observed_attention": ("ObservedAttentionPress(compression_ratio=r)",
-                           {"policy": "observed_attention", "start_size": 0}),
-    "leverage": ("LeverageScorePress(compression_ratio=r)", {"policy": "leverage", "start_size": 0}),
-    "compactor": ("CompactorPress(compression_ratio=r)", {"policy": "compactor", "start_size": 0}),
-    "chunkkv": ("ChunkKVPress(press=SnapKVPress(compression_ratio=r), chunk_length=20)",
-                {"policy": "snapkv", "start_size": 0, "chunk_length": 20}),
-    "critical_snapkv": ("CriticalKVPress(SnapKVPress(compression_ratio=r))",
-                        {"policy": "snapkv", "start_size": 0, "critical": True}),
+    "random": _scorer("RandomPress(compression_ratio=r, seed=0)", "random"),
+    "keydiff": _scorer("KeyDiffPress(compression_ratio=r)", "keydiff"),
+    "lagkv": _scorer("LagKVPress(compression_ratio=r)", "lagkv"),
+    "cur": _scorer("CURPress(compression_ratio=r)", "cur"),
+    "observed_attention": _scorer("ObservedAttentionPress(compression_ratio=r)", "observed_attention"),
+    "leverage": _scorer("LeverageScorePress(compression_ratio=r)", "leverage"),
+    "compactor": _scorer("CompactorPress(compression_ratio=r)", "compactor"),
+    "chunkkv": _scorer("ChunkKVPress(press=SnapKVPress(compression_ratio=r), chunk_length=20)", "snapkv",
+                       chunk_length=20),
+    "critical_snapkv": _scorer("CriticalKVPress(SnapKVPress(compression_ratio=r))", "snapkv", critical=True),
 }
 EAGER = ("observed_attention",)  # kvpress reads the prefill's weights: its model runs attn_implementation="eager"
 DENSE = "dense"

@@ -99,7 +99,7 @@ class StreamingSettings:
         object.__setattr__(self, "stride", _check_stride(self.stride, self.method, self.positions, self.recent_size))
         cls.check_settings(self)
         if cls.kind == _SCORED_KIND:
-            check_wrappers(cls, self)  # ChunkKV, CriticalKV: every scored method takes them
+            check_wrappers(self)  # ChunkKV, CriticalKV: every scored method takes them
 
     @property
     def capacity(self) -> int:
@@ -242,10 +242,11 @@ def is_scored(policy: str) -> bool:
     return _policy_class(policy).kind == _SCORED_KIND
 
 
-def default_positions(policy: str) -> str:
+def default_positions(policy: str, evict_every=None) -> str:
     """The policy's own (its class's ``default_positions``): shifted for sink_window (the StreamingLLM paper),
-    original for scored policies (their papers' code)."""
-    return _policy_class(policy).default_positions
+    original for scored policies (their papers' code); once after the context (``evict_every=context``) the text's,
+    original, whatever the policy (kvpress's)."""
+    return "original" if evict_every == CONTEXT else _policy_class(policy).default_positions
 
 
 def default_method(policy: str, positions: str) -> str:
@@ -334,9 +335,14 @@ def _check_stride(stride, method: str, positions: str, recent_size: int | None) 
     return stride
 
 
+def ratio_capacity(ratio: float, max_length: int) -> int:
+    """C = round((1 - r) * L): the cache a compression ratio leaves of the model's ``max_length`` (every K tokens)."""
+    return round((1.0 - ratio) * max_length)
+
+
 def recent_size_from_ratio(ratio: float, start_size: int, max_length: int) -> int:
     """W = round((1 - r) * L) - S; raises when that leaves fewer than one recent token."""
-    capacity = round((1.0 - ratio) * max_length)
+    capacity = ratio_capacity(ratio, max_length)
     recent = capacity - start_size
     if recent < 1:
         raise ValueError(
@@ -374,7 +380,7 @@ def resolve(
     start_size = as_int("start_size", start_size, 0)
     context_regime = evict_every == CONTEXT
     # Once after the context, positions are the text's (kvpress's) and the context path serves every policy chunked.
-    positions = ("original" if context_regime else cls.default_positions) if positions is None else positions
+    positions = default_positions(policy, evict_every) if positions is None else positions
     as_choice("positions", positions, POSITIONS)
     method = ("chunked" if context_regime else cls.default_method(positions)) if method is None else method
     as_choice("method", method, METHODS)
@@ -422,11 +428,11 @@ def _resolve_scored(start_size, recent_size, heavy_size, compression_ratio, max_
     if max_length is None or common["evict_every"] == CONTEXT:  # once: the ratio sizes each event (kvpress's)
         return StreamingSettings(start_size, recent, heavy_size=0, compression_ratio=ratio, **common)
     max_length = as_int("max_length", max_length, 1)
-    heavy = round((1.0 - ratio) * max_length) - start_size - recent
+    heavy = ratio_capacity(ratio, max_length) - start_size - recent
     if heavy < 0:
         raise ValueError(
             f"compression_ratio={ratio} with max_length={max_length} gives a cache of "
-            f"{round((1.0 - ratio) * max_length)} tokens, less than start_size + recent_size = {start_size + recent}"
+            f"{ratio_capacity(ratio, max_length)} tokens, less than start_size + recent_size = {start_size + recent}"
         )
     return StreamingSettings(start_size, recent, heavy_size=heavy, compression_ratio=ratio, **common)
 

@@ -153,8 +153,7 @@ def _param_names_of(policy: str) -> tuple[str, ...]:
 
 def _run(policy, pos, start, size_key, size, stride, heavy, every, param_values: dict, method, chunk_size,
          max_length, query_size=None) -> Run:
-    # evict_every=context reads at original positions (kvpress's regime) whatever the policy's own default.
-    default = "original" if every == "context" else settings_mod.default_positions(policy or settings_mod.DEFAULT_POLICY)
+    default = settings_mod.default_positions(policy or settings_mod.DEFAULT_POLICY, every)
     stream = {"start_size": start, size_key: size, "positions": pos or default}
     if policy not in (None, settings_mod.DEFAULT_POLICY):
         stream["policy"] = policy

@@ -9,6 +9,8 @@ from pathlib import Path
 from .. import settings as settings_mod
 from .errors import CompareError, say
 from .grid import BASELINE, Run, knob, param_names, validated_run
+from .report import main_metric, metrics, pyplot
+from .report import write_csv as write_rows
 from .results import Result
 
 RATIOS = (0.25, 0.5, 0.75, 0.875)  # kvpress's leaderboard
@@ -29,8 +31,8 @@ class Entry:
 
     def stream(self, ratio: float, max_length: int) -> tuple[dict, dict]:
         """The run's streaming args and policy parameters at ``ratio``."""
-        stream = {"start_size": self.start_size, "positions": "original" if self.evict_every == "context" else
-                  settings_mod.default_positions(self.policy)}
+        stream = {"start_size": self.start_size,
+                  "positions": settings_mod.default_positions(self.policy, self.evict_every)}
         params = dict(self.params)
         if self.ratio_param == "compression_ratio":
             stream["compression_ratio"] = ratio
@@ -41,7 +43,7 @@ class Entry:
         if self.evict_every != 1:
             stream["evict_every"] = self.evict_every
         if self.half_recent:
-            stream["recent_size"] = max(1, round((1 - ratio) * max_length) // 2)
+            stream["recent_size"] = max(1, settings_mod.ratio_capacity(ratio, max_length) // 2)
         return stream, params
 
 
@@ -113,8 +115,6 @@ def entry_of(result: Result) -> tuple[Entry, float] | None:
 
 def _tasks(results: list[Result], metric: str) -> tuple[list[str], str | None]:
     """The tasks reporting ``metric`` (groups last) and the group that averages them, if lm-eval reported one."""
-    from .report import metrics
-
     names = list(dict.fromkeys(t for r in results for t, m, _ in metrics(r.data) if m == metric))
     groups = {g for r in results for g in r.data.get("groups", {})}
     group = next((t for t in names if t in groups), None)
@@ -124,8 +124,6 @@ def _tasks(results: list[Result], metric: str) -> tuple[list[str], str | None]:
 def table(results: list[Result], metric: str) -> tuple[list[float], dict[str, dict], dict[str, float]]:
     """(ratios, {label: {(task, ratio): value}}, {task: dense value}); task "average" is the group's value (lm-eval's
     mean of its tasks), or the tasks' mean when no group was run."""
-    from .report import metrics
-
     tasks, group = _tasks(results, metric)
     cells: dict[str, dict] = {}
     dense: dict[str, float] = {}
@@ -171,25 +169,18 @@ def markdown(results: list[Result], metric: str) -> str:
 
 
 def write_csv(path: Path, results: list[Result], metric: str) -> None:
-    from .report import write_csv as write
-
     ratios, cells, dense = table(results, metric)
     tasks = ["average", *_tasks(results, metric)[0]]
     rows = [{"method": "dense (hf)", "compression_ratio": None, **{t: dense.get(t) for t in tasks}}] if dense else []
     rows += [{"method": label, "compression_ratio": r, **{t: values.get((t, r)) for t in tasks}}
              for label, values in cells.items() for r in ratios]
-    write(path, ["method", "compression_ratio", *tasks], rows)
+    write_rows(path, ["method", "compression_ratio", *tasks], rows)
 
 
 def write_plot(path: Path, results: list[Result], metric: str) -> bool:
     """The leaderboard's plot: the average against the compression ratio, one line per method, dense dashed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        say("matplotlib is not installed: skipping leaderboard.png (pip install 'streaming-lm[plot]')")
+    plt = pyplot(path.name)
+    if plt is None:
         return False
     ratios, cells, dense = table(results, metric)
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -209,8 +200,6 @@ def write_plot(path: Path, results: list[Result], metric: str) -> bool:
 
 def write_leaderboard(output_dir: Path, results: list[Result], metric: str | None) -> dict[str, Path]:
     """leaderboard.md, leaderboard.csv and leaderboard.png from the runs that are leaderboard rows."""
-    from .report import main_metric
-
     if metric is None:
         tasks = list(dict.fromkeys(t for r in results for t in r.data.get("results", {})))
         metric = next((m for t in tasks if (m := main_metric(results, t))), None)

@@ -161,16 +161,24 @@ def line_parts(stream: dict, x: str) -> dict:
     return parts | other_knobs(stream)
 
 
-def write_plot(path: Path, results: list[Result], metric: str | None = None, x: str = "capacity") -> bool:
-    """``metric`` (default: each task's main one) against ``x`` (a PLOT_X key), one line per other setting
-    (policy, start size, positions, ...), the dense baseline dashed; False without matplotlib."""
+def pyplot(skipped: str):
+    """matplotlib's pyplot without a display, or None (said: ``skipped`` is not drawn) where it is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")  # no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        say("matplotlib is not installed: skipping comparison.png (pip install 'streaming-lm[plot]')")
+        say(f"matplotlib is not installed: skipping {skipped} (pip install 'streaming-lm[plot]')")
+        return None
+    return plt
+
+
+def write_plot(path: Path, results: list[Result], metric: str | None = None, x: str = "capacity") -> bool:
+    """``metric`` (default: each task's main one) against ``x`` (a PLOT_X key), one line per other setting
+    (policy, start size, positions, ...), the dense baseline dashed; False without matplotlib."""
+    plt = pyplot(path.name)
+    if plt is None:
         return False
     tasks = list(dict.fromkeys(t for r in results for t, m, _ in metrics(r.data) if metric in (None, m)))
     if any(r.model != BASELINE and x_value(r, x) is None for r in results):

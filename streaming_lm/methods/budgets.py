@@ -58,6 +58,12 @@ def pyramid_layer_budgets(n: int, layers: int, *, ratio: float | None = None, bu
     return [round(high - layer * step) for layer in range(layers)]
 
 
+def safeguard_count(budget: int, alpha_safeguard: float) -> int:
+    """AdaKV's safeguard: each head's ``int(B·α)`` best tokens are safe, at least one when ``α > 0`` (kvpress)."""
+    safe = int(budget * alpha_safeguard)
+    return max(1, safe) if alpha_safeguard > 0 and budget > 0 else safe
+
+
 def adaptive_head_keep(scores: torch.Tensor, budget: int, alpha_safeguard: float = 0.2
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """AdaKV: (bool keep [heads, n], long kept per head [heads]) for ``budget`` = B kept per head on average.
@@ -72,9 +78,7 @@ def adaptive_head_keep(scores: torch.Tensor, budget: int, alpha_safeguard: float
     if budget >= n:
         keep = torch.ones_like(scores, dtype=torch.bool)
         return keep, keep.sum(1)
-    safe = int(budget * alpha)
-    if alpha > 0 and budget > 0:
-        safe = max(1, safe)
+    safe = safeguard_count(budget, alpha)
     guarded = scores.float().masked_fill(keep_top(scores, safe), float("inf")) if safe else scores.float()
     # One row for the layer, token-major (token 0 of every head, then token 1, ...): the older token goes first.
     flat = evict_lowest(guarded.T.reshape(1, -1), heads * (n - budget))

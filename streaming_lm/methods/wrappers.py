@@ -16,6 +16,7 @@ from __future__ import annotations
 from ..values import as_fraction
 from .lazy_torch import torch
 from .params import Param
+from .budgets import adaptive_head_keep, kept_count, safeguard_count
 from .ties import ABSENT, evict_lowest, keep_top
 
 WRAPPER_PARAMS = (
@@ -31,7 +32,7 @@ WRAPPER_PARAMS = (
 WRAPPERS = ("chunk_length", "critical")  # the parameters that switch a wrapper on
 
 
-def check_wrappers(cls, settings) -> None:
+def check_wrappers(settings) -> None:
     """Refuse what a wrapper cannot serve, before any model loads (the argument named, with why)."""
     params = settings.policy_params
     if params["chunk_length"]:
@@ -66,10 +67,11 @@ def output_norms(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     kv_heads, _, dim = values.shape
     heads = weight.shape[1] // dim
     group = heads // kv_heads
-    slices = weight.detach().float().t().reshape(heads, dim, -1)  # [heads, head_dim, hidden]
+    # [heads, head_dim, hidden] as a view of the weight: no copy of W_o at each event (it runs every K tokens)
+    slices = weight.detach().view(weight.shape[0], heads, dim).permute(1, 2, 0)
     out = torch.zeros(values.shape[:2], device=values.device)
     for head in range(heads):
-        out[head // group] += (values[head // group].float() @ slices[head]).abs().sum(-1)
+        out[head // group] += (values[head // group].float() @ slices[head].float()).abs().sum(-1)
     return out / group
 
 
@@ -90,14 +92,9 @@ def critical_adaptive_keep(grid: torch.Tensor, norms: torch.Tensor, absent: torc
     the scores gives each head its budget ``b``; each head's ``max(safe, int(b · first_stage_ratio))`` best tokens
     by the scores stay (``safe``: AdaKV's safeguard, ``int(C · alpha)``, at least 1), then its others are rescored
     ``(score + epsilon) · norms`` and the head keeps its ``b`` best."""
-    from .budgets import adaptive_head_keep
-
     _, budgets = adaptive_head_keep(grid, capacity, alpha_safeguard)
     n = grid.shape[1]
-    safe = int(capacity * alpha_safeguard)
-    if alpha_safeguard > 0 and capacity > 0:
-        safe = max(1, safe)
-    first = torch.clamp((budgets * first_stage_ratio).long(), min=min(safe, n))
+    first = torch.clamp((budgets * first_stage_ratio).long(), min=min(safeguard_count(capacity, alpha_safeguard), n))
     staged = evict_lowest(grid, n - first)
     rescored = ((grid + epsilon) * norms).masked_fill(staged | grid.isinf(), float("inf"))
     return evict_lowest(rescored.masked_fill(absent, ABSENT), n - budgets)
@@ -131,7 +128,7 @@ def chunk_keep(score: torch.Tensor, protected: torch.Tensor, alive: torch.Tensor
     sizes[-1] = n - (chunks - 1) * chunk_length
     chunk_scores = padded.reshape(chunks, chunk_length).sum(1) / sizes
     if ratio is not None:
-        kept = max(1, int(chunks * (1 - ratio)))
+        kept = kept_count(chunks, ratio)  # kvpress's count, of chunks
     else:  # whole chunks within C (check_wrappers: chunk_length <= C)
         kept = min(capacity // chunk_length, chunks)
     # CriticalKV's first stage scores +inf too, but may go: only the protected tokens' chunks must stay
