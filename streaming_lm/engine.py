@@ -16,13 +16,14 @@ from .streams import open_stream
 
 
 class Engine:
-    """``model`` read through ``settings`` (None: the dense baseline); its rotary (``rotary.find_rotary``) found once."""
+    """``model`` read through ``settings`` (None: the dense baseline); its rotary (``rotary.find_rotary``) found once;
+    ``tokenizer`` for a method that builds a prompt of its own (KVzip's replay)."""
 
-    def __init__(self, model, settings: StreamingSettings | None):
+    def __init__(self, model, settings: StreamingSettings | None, tokenizer=None):
         self.model, self.settings = model, settings
         self.shift: RotaryShift | None = find_rotary(model)
         # What the method needs of the model (Expected Attention: RoPE; duo: a pattern of its shape), refused now.
-        self.policy = None if settings is None else policy_for(settings, model, self.shift)
+        self.policy = None if settings is None else policy_for(settings, model, self.shift, tokenizer)
 
     def open(self, batch_size: int = 1):
         """An empty stream (``streams.open_stream``) with the bound method."""

@@ -100,7 +100,7 @@ class StreamingHFLM(HFLM):
             eval_logger.warning(fallback)
         check_model_supported(self.model, self.streaming, self._trust_positions)
         # The method bound to the model once (what it needs of it refused now), for every request.
-        self.engine = Engine(self.model, self.streaming)
+        self.engine = Engine(self.model, self.streaming, self.tokenizer)
         self._evicted = 0
         self._held_per_layer: tuple[int, ...] = ()  # the most each layer held, over every request
         self._held_per_head: tuple[tuple[int, ...], ...] = ()  # the most each key/value head of each layer held

@@ -98,7 +98,7 @@ class StreamingSettings:
         object.__setattr__(self, "chunk_size", as_int("chunk_size", self.chunk_size, 1))
         object.__setattr__(self, "stride", _check_stride(self.stride, self.method, self.positions, self.recent_size))
         cls.check_settings(self)
-        if cls.kind == _SCORED_KIND:
+        if cls.kind == _SCORED_KIND and cls.takes_wrappers:
             check_wrappers(self)  # ChunkKV, CriticalKV: every scored method takes them
 
     @property
@@ -198,11 +198,17 @@ def check_policy_params(cls, policy: str, given) -> dict:
 
 
 def _refuse_wrapper(cls, policy: str, name: str) -> None:
-    """A wrapper's parameter (ChunkKV, CriticalKV) given to a method without scores: say why it cannot apply."""
-    if name in {param.name for param in WRAPPER_PARAMS} and cls.kind != _SCORED_KIND:
-        raise ValueError(f"{name} wraps a scored method (kvpress's {'ChunkKV' if name == 'chunk_length' else 'CriticalKV'}"
-                         f", docs/methods.md); policy={policy} keeps by token index and has no scores to wrap: use "
-                         f"a scored policy ({', '.join(SCORED)})")
+    """A wrapper's parameter (ChunkKV, CriticalKV) given to a method it cannot wrap: say why."""
+    if name not in {param.name for param in WRAPPER_PARAMS}:
+        return
+    wrapper = "ChunkKV" if name == "chunk_length" else "CriticalKV"
+    if cls.kind != _SCORED_KIND:
+        raise ValueError(f"{name} wraps a scored method (kvpress's {wrapper}, docs/methods.md); policy={policy} keeps "
+                         f"by token index and has no scores to wrap: use a scored policy ({', '.join(SCORED)})")
+    if not cls.takes_wrappers:
+        raise ValueError(f"{name} wraps a method that keeps each layer's best tokens (kvpress's {wrapper}, "
+                         f"docs/methods.md); policy={policy} ranks the cells of the whole model at once and takes no "
+                         f"wrapper (kvpress's {wrapper}Press does not wrap it either)")
 
 
 def known_policy_params() -> dict[str, list[str]]:

@@ -201,7 +201,7 @@ CASES = [
     Case("chunk_size-zero", "ValueError", "chunk_size must be an integer >= 1, got 0", ("chunk_size", ">= 1"),
          model_args(chunk_size=0), also=((model_args(chunk_size=1.5), "chunk_size must be an integer >= 1, got 1.5"),)),
     Case("policy-unknown", "ValueError",
-         "policy must be one of sink_window, tova, h2o, knorm, snapkv, expected_attention, duo, random, keydiff, lagkv, observed_attention, cur, leverage, compactor or package.module:Class; "
+         "policy must be one of sink_window, tova, h2o, knorm, snapkv, expected_attention, duo, random, keydiff, lagkv, observed_attention, cur, leverage, compactor, kvzip or package.module:Class; "
          "got 'lru'", ("policy", "sink_window", "tova", "h2o", "knorm", "snapkv", "expected_attention"), model_args(policy="lru")),
     Case("policy-plugin-missing-module", "ValueError", "policy=no_such_module:Policy: cannot import module",
          ("policy", "no_such_module"), model_args(policy="no_such_module:Policy"),
@@ -279,12 +279,18 @@ CASES = [
          "evict_every=4)", ("policy=leverage", "evict_every=context"),
          model_args(policy="leverage", heavy_size=8, evict_every=4),
          also=((model_args(policy="compactor", heavy_size=8), "policy=compactor scores the prefill's keys before RoPE",
-                ("policy=compactor", "evict_every")),)),
+                ("policy=compactor", "evict_every")),
+               (model_args(policy="kvzip", heavy_size=8, evict_every=4), "policy=kvzip replays the whole prefill (the "
+                "model repeating the context) and is defined once after the context", ("policy=kvzip", "evict_every")),
+               )),
     Case("wrapper-on-index-policy", "ValueError",
          "chunk_length wraps a scored method (kvpress's ChunkKV, docs/methods.md); policy=sink_window keeps by token "
          "index and has no scores to wrap", ("chunk_length", "policy=sink_window"), model_args(chunk_length=20),
          also=((model_args(policy="duo", critical=True), "critical wraps a scored method (kvpress's CriticalKV",
-                ("critical", "policy=duo")),)),
+                ("critical", "policy=duo")),
+               (model_args(policy="kvzip", evict_every="context", compression_ratio=0.5, chunk_length=20),
+                "chunk_length wraps a method that keeps each layer's best tokens", ("chunk_length", "policy=kvzip")),
+               )),
     Case("chunk_length-above-C", "ValueError",
          "chunk_length=20 is longer than the cache (C = 12): an event keeps at least one chunk; lower chunk_length",
          ("chunk_length", "C = 12"), model_args(policy="knorm", heavy_size=8, chunk_length=20),

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers.models import tiny_llama
+from helpers.models import CharTokenizer, tiny_llama
 from helpers.context_regime import engine_greedy, engine_logprobs, masked_logprobs
 from helpers.reference import dense_logprobs
 
@@ -50,7 +50,11 @@ CASES = [
     pytest.param("knorm", {"critical": True, "first_stage_ratio": 0.25}, (1, 2, 9), 3, id="critical-knorm-tokens"),
     pytest.param("snapkv", SNAP | {"critical": True, "head_budgets": "adaptive"}, 0.5, 2, id="critical-adakv-snapkv"),
     pytest.param("helpers.policies:Recency", {"step": -1.0}, (1, 1, 10), 2, id="plugin"),
+    pytest.param("kvzip", {"replay_chunk_size": 7}, 0.5, 2, id="kvzip"),
+    pytest.param("kvzip", {"layerwise": True, "kvzip_plus_normalization": True, "n_sink": 2}, (0, 2, 9), 1,
+                 id="kvzip-plus-layerwise-tokens"),
 ]
+TOKENIZER = CharTokenizer()  # KVzip's replay prompt
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +101,7 @@ def settings_for(policy, params, budget, q, duo_pattern, method="chunked", nothi
 def test_nothing_evicted_is_dense(model, ids, duo_pattern, policy, params, budget, q):
     settings = settings_for(policy, params, budget, q, duo_pattern, nothing_evicted=True)
     context, continuation = ids[:CONTEXT], ids[CONTEXT:]
-    ours, kept = engine_logprobs(model, find_rotary(model), context, continuation, settings)
+    ours, kept = engine_logprobs(model, find_rotary(model), context, continuation, settings, tokenizer=TOKENIZER)
     assert all(k.all() for k in kept)
     dense = dense_logprobs(model, torch.tensor(ids))[CONTEXT - 1:].tolist()
     assert np.allclose(ours, dense, atol=TOL, rtol=0)
@@ -115,9 +119,10 @@ def test_engine_equals_the_definition_and_token_equals_chunked(model, ids, duo_p
     shift = find_rotary(model)
     context, continuation = ids[:CONTEXT], ids[CONTEXT:]
     chunked, kept = engine_logprobs(model, shift, context, continuation,
-                                    settings_for(policy, params, budget, q, duo_pattern))
+                                    settings_for(policy, params, budget, q, duo_pattern), tokenizer=TOKENIZER)
     token, kept_token = engine_logprobs(model, shift, context, continuation,
-                                        settings_for(policy, params, budget, q, duo_pattern, method="token"))
+                                        settings_for(policy, params, budget, q, duo_pattern, method="token"),
+                                        tokenizer=TOKENIZER)
     assert all((a == b).all() for a, b in zip(kept, kept_token))
     assert np.allclose(chunked, token, atol=TOL, rtol=0)
     assert not all(k.all() for k in kept), "nothing was evicted"

@@ -18,9 +18,11 @@ from helpers.kvpress_reference import (
     REROTATED,
     RATIOS,
     REFERENCE,
+    TEMPLATED,
     assert_greedy_matches_kvpress,
     assert_logprobs_match_kvpress,
     cases,
+    contexts_of,
     load,
     logprob_mismatch,
     read_duo_pattern,
@@ -33,16 +35,20 @@ SCORERS = ("sink_window", "knorm", "tova", "snapkv", "expected_attention", "rand
 
 
 def test_file_holds_every_case():
-    assert REFERENCE.stat().st_size < 3_000_000  # 2.3 MB with 21 methods: split it before it grows past
+    assert REFERENCE.stat().st_size < 3_000_000  # 2.8 MB with 25 methods: split it before it grows past
     data = load()
-    assert len(data["contexts"]) == 2
+    assert len(data["contexts"]) == 4
     for context in data["contexts"]:
         assert len(context["context_ids"]) >= 500
         assert len(context["continuation_ids"]) == len(context["dense_logprobs"]) >= 8
     assert data["contexts"][0]["context_ids"] != data["contexts"][1]["context_ids"]
+    for plain, templated in ((0, 2), (1, 3)):  # the same text and continuation, another opening
+        a, b = data["contexts"][plain], data["contexts"][templated]
+        assert a["context_ids"][1:] == b["context_ids"][-len(a["context_ids"]) + 1:]
+        assert a["continuation_ids"] == b["continuation_ids"] and a["context_ids"][:2] != b["context_ids"][:2]
     found = {(c.method, c.compression_ratio, c.q, c.context) for c in cases()}
-    wanted = {(m, r, q, i) for m in METHODS for r in RATIOS for q in QS for i in (0, 1)}
-    wanted |= {(m, 0.0, QS[-1], i) for m in METHODS for i in (0, 1)}
+    wanted = {(m, r, q, i) for m in METHODS for r in RATIOS for q in QS for i in contexts_of(m)}
+    wanted |= {(m, 0.0, QS[-1], i) for m in METHODS for i in contexts_of(m)}
     assert found == wanted
     for case in cases():
         assert len(case.logprobs) == len(case.continuation_ids)
@@ -103,6 +109,16 @@ def test_budgets_follow_the_definitions(method):
             assert (per_head.sum(1) == KV_HEADS * budget).all(), case.name
             assert (per_head >= int(budget * case.params["alpha_safeguard"])).all(), case.name
             assert (per_head != budget).any(), case.name  # heads really differ
+        if method.startswith("kvzip"):  # int(cells r) of the model (layerwise: of each layer) go; the sinks stay
+            cells = KV_HEADS * n * (1 if case.params["layerwise"] else LAYERS)
+            kept_cells = per_head.sum(1) if case.params["layerwise"] else per_head.sum()
+            assert np.all(kept_cells == cells - int(cells * r)), case.name
+            assert all(k[:, : case.params["n_sink"]].all() for k in kept), case.name
+            assert (per_head != per_head[:1, :1]).any(), case.name  # layers and heads really differ
+        if method in TEMPLATED:  # the opening is not replayed: its tokens after the sinks score 0 and go first
+            plain = load()["contexts"][case.context - 2]["context_ids"]  # BOS + the same text
+            opening = len(case.context_ids) - len(plain) + 1  # 24 tokens
+            assert not any(k[:, case.params["n_sink"] : opening].any() for k in kept), case.name
         if method == "duo":
             streaming = np.zeros(head_scores.size, bool)
             streaming[np.argsort(head_scores, axis=None)[: round(r * head_scores.size)]] = True
@@ -181,7 +197,7 @@ def test_kept_sets_at_original_positions_reproduce_kvpress(smollm2, one_thread, 
     kept (per layer and key/value head, from the file) and each other causally, gives kvpress's log-probabilities.
     So the file's conventions (original positions, causal read, kept sets) are all an engine needs."""
     model, _ = smollm2
-    case = next(c for c in cases(method, ratio=0.5) if c.q == QS[-1] and c.context == 0)
+    case = next(c for c in cases(method, ratio=0.5) if c.q == QS[-1] and c.context == contexts_of(method)[0])
     ours = masked_logprobs(model, case.context_ids, case.continuation_ids, case.prefill_tokens, case.kept(KV_HEADS),
                            monkeypatch)
     assert logprob_mismatch(ours, case.logprobs) is None, (case.name, sum(ours), sum(case.logprobs))

@@ -48,8 +48,8 @@ class Entry:
 
 
 # kvpress's leaderboard (https://huggingface.co/spaces/nvidia/kvpress-leaderboard) as far as it runs offline, in its
-# order, then ours: methods it does not rank, every K tokens. qfilter, kvzap and finch need the Hub, kvzip is not
-# implemented yet (docs/kvpress.md).
+# order, then ours: methods it does not rank, every K tokens. qfilter and kvzap need the Hub, finch a question split
+# (docs/kvpress.md).
 ENTRIES = (
     Entry("random", "random"),
     Entry("knorm", "knorm"),
@@ -63,6 +63,7 @@ ENTRIES = (
     Entry("keydiff", "keydiff"),
     Entry("cur", "cur"),
     Entry("adakv_compactor", "compactor", (("head_budgets", "adaptive"),)),
+    Entry("kvzip", "kvzip"),
     Entry("adakv_snapkv", "snapkv", (("head_budgets", "adaptive"),)),
     Entry("chunkkv", "snapkv", (("chunk_length", 20),)),  # the leaderboard's: ChunkKV over SnapKV, chunks of 20
     Entry("duo_attention", "duo", ratio_param="head_compression_ratio", needs="pattern"),

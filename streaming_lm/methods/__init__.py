@@ -19,6 +19,7 @@ from .expected_attention import ExpectedAttention
 from .h2o import H2O
 from .keydiff import KeyDiff
 from .knorm import KeyNorm
+from .kvzip import KVzip
 from .lagkv import LagKV
 from .leverage import Leverage
 from .observed_attention import ObservedAttention
@@ -31,7 +32,8 @@ from .wrappers import WRAPPER_PARAMS, output_projections
 
 POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (SinkWindow, TOVA, H2O, KeyNorm, SnapKV,
                                                                ExpectedAttention, Duo, Random, KeyDiff, LagKV,
-                                                               ObservedAttention, CUR, Leverage, Compactor)}
+                                                               ObservedAttention, CUR, Leverage, Compactor,
+                                                               KVzip)}
 
 
 def policy_class(name: str) -> type[Policy]:
@@ -56,10 +58,16 @@ def policy_class(name: str) -> type[Policy]:
     return cls
 
 
-def policy_for(settings, model=None, shift=None) -> Policy:
-    """The method the settings name, with its parameters; bound to ``model`` (and its rotary ``shift``) when given.
-    An engine binds it once per model and settings (``engine.Engine``)."""
+def policy_for(settings, model=None, shift=None, tokenizer=None) -> Policy:
+    """The method the settings name, with its parameters; bound to ``model`` (and its rotary ``shift``) when given,
+    and to ``tokenizer`` where the method builds a prompt (KVzip). An engine binds it once per model and settings
+    (``engine.Engine``)."""
     policy = policy_class(settings.policy)(settings)
+    if policy.needs_tokenizer and model is not None:
+        if tokenizer is None:
+            raise ValueError(f"policy={settings.policy} reads a prompt of its own (its replay) and needs the model's "
+                             f"tokenizer: Engine(model, settings, tokenizer)")
+        policy.bind_tokenizer(tokenizer)
     if model is not None:
         policy.bind(model, shift)
         if getattr(policy, "critical", False):  # CriticalKV reads each layer's output projection
@@ -69,4 +77,4 @@ def policy_for(settings, model=None, shift=None) -> Policy:
 
 __all__ = ["POLICIES", "OBSERVATIONS", "Param", "Policy", "EvictionPolicy", "HeadIndexPolicy", "ScoredPolicy",
            "policy_class", "policy_for", "SinkWindow", "TOVA", "H2O", "KeyNorm", "SnapKV", "ExpectedAttention", "Duo",
-           "Random", "KeyDiff", "LagKV", "ObservedAttention", "CUR", "Leverage", "Compactor"]
+           "Random", "KeyDiff", "LagKV", "ObservedAttention", "CUR", "Leverage", "Compactor", "KVzip"]

@@ -34,6 +34,8 @@ OBSERVATIONS = {
     "step": "the stream index of the event's token",
     "history": "a token's score is the sum of its scores over every step it has been held (H2O)",
     "scale": "the layer's attention scaling, the model's own (Gemma's query_pre_attn_scalar, Granite's multiplier)",
+    "replay": "the scores of a replay pass the engine reads after the prefill (``replay_passes``, ``replay_scores``) "
+              "and drops; the budget is the whole model's (``model_keep``): KVzip",
 }
 
 
@@ -50,6 +52,7 @@ class Policy:
     paths: ClassVar[dict[str, tuple[str, ...]]]
     default_positions: ClassVar[str]
     observes: ClassVar[frozenset[str]] = frozenset()  # of OBSERVATIONS: what an event reads (scored methods)
+    needs_tokenizer: ClassVar[bool] = False  # bind_tokenizer is called with the model's tokenizer (KVzip's prompt)
 
     def __init__(self, settings):  # a settings.StreamingSettings (settings.py imports this package)
         self.settings = settings
@@ -67,6 +70,9 @@ class Policy:
         """The model a stream reads with, and its rotary (``rotary.find_rotary``), for a method that needs more than
         the cache (Expected Attention's RoPE frequencies, DuoAttention's pattern shape). Called once per model and
         settings (``engine.Engine``). Nothing by default."""
+
+    def bind_tokenizer(self, tokenizer) -> None:
+        """The model's tokenizer, for a method that ``needs_tokenizer`` (a prompt of its own). Nothing by default."""
 
     @property
     def heads_differ(self) -> bool:
@@ -204,10 +210,14 @@ class ScoredPolicy(Policy):
     # A token's score depends on its own key and value alone (key-norm), not on what else is held: the chunked path
     # then scores a chunk once for all its events.
     per_token = False
+    # kvpress's wrappers (ChunkKV, CriticalKV) apply to the method's per-layer scores (False: KVzip's model budget)
+    takes_wrappers = True
 
     def __init_subclass__(cls, **kwargs):
         """Every scored method takes kvpress's wrappers as parameters of its own (methods/wrappers.py)."""
         super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("takes_wrappers", True):
+            return
         own = {param.name for param in cls.params}
         cls.params = (*cls.params, *(param for param in WRAPPER_PARAMS if param.name not in own))
 

@@ -133,3 +133,15 @@ def check_layer_budgets(settings, window: int) -> None:
             f"{low:g} (beta={params['beta']:g}) is below window_size={window}; it needs C >= beta * window_size = "
             f"{params['beta'] * window:g} (raise heavy_size, lower beta or window_size)"
         )
+
+
+def lowest_cells_keep(scores: torch.Tensor, evict: int, per_layer: bool = False) -> torch.Tensor:
+    """bool [layers, heads, n]: what is left of ``scores`` [layers, heads, n] after the ``evict`` lowest (layer, head,
+    token) cells of the whole model go (``per_layer``: ``evict`` of each layer), one by one by the tie rule: the older
+    token first, then the lower layer, then the lower head (KVzip's budget). ``+inf`` cells go last."""
+    layers, heads, n = scores.shape
+    if per_layer:
+        rows = scores.float().permute(0, 2, 1).reshape(layers, n * heads)  # each layer token-major
+        return evict_lowest(rows, min(evict, n * heads)).reshape(layers, n, heads).permute(0, 2, 1)
+    row = scores.float().permute(2, 0, 1).reshape(1, -1)  # the model token-major: token, then layer, then head
+    return evict_lowest(row, min(evict, row.shape[1])).reshape(n, layers, heads).permute(1, 2, 0)

@@ -127,6 +127,15 @@ def keep(policy: Policy, layer: int, layers: int, obs: Observation, alive: torch
     return _uniform(score, protected, policy, alive, capacity, strict=not context_regime)
 
 
+def keep_model(policy: ScoredPolicy, scores: torch.Tensor, step: int) -> torch.Tensor:
+    """bool [layers, kv_heads, n]: what every layer and head keeps at the one event after step ``step`` of a method
+    whose budget is the whole model's (``observes`` ``replay``: KVzip), from its ``scores`` [layers, kv_heads, n] of
+    the prefill tokens ``0 .. n - 1``: the protected tokens score ``+inf`` (they go last, as in ``keep``), then the
+    method's ``model_keep``."""
+    tokens = torch.arange(scores.shape[-1], device=scores.device)
+    return policy.model_keep(scores.masked_fill(protected_tokens(tokens, step, policy.settings), float("inf")))
+
+
 def _uniform(score: torch.Tensor, protected: torch.Tensor, policy: ScoredPolicy, alive: torch.Tensor, capacity: int,
              strict: bool) -> torch.Tensor:
     """Evict from the columns ``alive`` marks (as many per head), one lowest-scored unprotected token per head at a

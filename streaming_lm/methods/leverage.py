@@ -14,12 +14,13 @@ from .params import Param
 from .prerope import before_rope, bind_rotary
 
 
-def check_context_regime(cls, settings) -> None:
-    """The prefill's keys at positions 0 .. n - 1 (kvpress: "only supports prefill"): once after the context."""
+def check_context_regime(cls, settings, reason: str = "scores the prefill's keys before RoPE, each at its text "
+                         "position,") -> None:
+    """A method defined on the whole prefill (``reason``: why), not on a segment: once after the context only."""
     if not settings.context_regime:
-        raise ValueError(f"policy={cls.name} scores the prefill's keys before RoPE, each at its text position, and "
-                         f"is defined once after the context (kvpress: prefill only), not on a segment every K tokens: "
-                         f"use evict_every=context (got evict_every={settings.evict_every})")
+        raise ValueError(f"policy={cls.name} {reason} and is defined once after the context (kvpress: prefill only), "
+                         f"not on a segment every K tokens: use evict_every=context (got "
+                         f"evict_every={settings.evict_every})")
 
 
 class Leverage(ScoredPolicy):

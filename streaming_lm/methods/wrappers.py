@@ -46,18 +46,23 @@ def check_wrappers(settings) -> None:
         raise ValueError("first_stage_ratio and critical_epsilon are CriticalKV's: give critical=true with them")
 
 
-def output_projections(model) -> dict[int, torch.Tensor]:
-    """{layer: the attention's output projection weight [hidden, heads · head_dim]} (``o_proj``, as kvpress reads
-    it); ValueError where a layer has none (CriticalKV is then undefined for the model)."""
+def attention_modules(model, why: str = "critical=true rescores") -> dict:
+    """{layer: the attention module}, those with an output projection (``o_proj``, as kvpress reads it); ValueError
+    where a layer has none (``why`` names the method that needs it)."""
     from ..forward_args import num_decoder_layers
 
-    found = {m.layer_idx: m.o_proj.weight for m in model.modules()
+    found = {m.layer_idx: m for m in model.modules()
              if hasattr(m, "layer_idx") and isinstance(getattr(m, "o_proj", None), torch.nn.Linear)}
     missing = sorted(set(range(num_decoder_layers(model))) - set(found))
     if missing:
-        raise ValueError(f"critical=true rescores by each attention layer's output projection (o_proj); "
-                         f"{type(model).__name__} has none at layers {missing[:4]}: CriticalKV does not apply")
+        raise ValueError(f"{why} by each attention layer's output projection (o_proj); {type(model).__name__} has "
+                         f"none at layers {missing[:4]}: the method does not apply to it")
     return found
+
+
+def output_projections(model, why: str = "critical=true rescores") -> dict[int, torch.Tensor]:
+    """{layer: the attention's output projection weight [hidden, heads · head_dim]} (``attention_modules``)."""
+    return {layer: module.o_proj.weight for layer, module in attention_modules(model, why).items()}
 
 
 def output_norms(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

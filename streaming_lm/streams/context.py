@@ -26,12 +26,12 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..forward_args import num_decoder_layers
-from ..methods.event import Observation, keep
+from ..methods.event import Observation, keep, keep_model
 from ..methods.snapkv import window_attention
-from ..positions import context_position
+from ..positions import check_positions_fit, context_position
 from ..storage.accounting import KVAccounting
 from ..storage.scored import keep_columns
-from .attention import pass_state, refuse_learned_sinks, soft_capped
+from .attention import pass_state, refuse_learned_sinks, run_pass, soft_capped
 from .base import EvictingStream, as_ids, chunk_spans, score_batched
 
 ATTENTION_NAME = "streaming_lm_context"
@@ -45,6 +45,8 @@ def _context_attention(module, query, key, value, attention_mask, scaling, dropo
     refuse_learned_sinks(kwargs)
     layer = cache.layers[module.layer_idx]
     layer.record(query[0], scaling)
+    if layer.replay is not None:  # a replay pass (KVzip): the method scores the prefill from its queries
+        layer.replay(module, query[0], key[0], value[0], scaling)
     heads, q_len, columns = query.shape[1], query.shape[2], key.shape[2]
     group = heads // key.shape[1]
     softcap = kwargs.get("softcap")
@@ -85,6 +87,7 @@ class ContextLayer(DynamicLayer):
         self.kept_tokens: torch.Tensor | None = None  # long [kv_heads, width]: the prefill token in each kept slot
         self.evicted = 0.0  # tokens evicted, per key/value head on average
         self.kept: float | None = None  # tokens held right after the event, per key/value head on average
+        self.replay = None  # during a replay pass: called with (module, query, keys, values, scale)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if key_states.shape[0] != 1 and not self.compressed:  # after the event: continuations as rows of a batch
@@ -148,6 +151,8 @@ class ContextStream(EvictingStream):
     def __init__(self, model, settings, shift, batch_size: int = 1, policy=None):
         self._layers = num_decoder_layers(model)
         super().__init__(model, settings, shift, policy=policy)
+        # the prefill's token ids, for a method that replays them (KVzip)
+        self._prefill: list[int] | None = [] if "replay" in self.policy.observes else None
 
     def new_cache(self):
         return ContextCache(self._layers, getattr(self.policy, "query_window", 0))
@@ -162,6 +167,9 @@ class ContextStream(EvictingStream):
         method that reads attention, the last one's weights, recomputed from its query (SDPA returns none; as
         kvpress's TOVA does)."""
         observes = self.policy.observes
+        if "replay" in observes:
+            self._compress_by_replay()
+            return
         for index, layer in enumerate(self.cache.layers):
             if layer.compressed:
                 raise RuntimeError("an evict_every=context stream is compressed once")
@@ -178,6 +186,53 @@ class ContextStream(EvictingStream):
                        self._rotate(index))
         self.note_held()
 
+    def _compress_by_replay(self) -> None:
+        """The event of a method scored by a replay pass (KVzip): each pass (``replay_passes``) is read after the
+        prefill at the positions that follow it, every layer handing its queries, keys and values to the method
+        (``replay_scores``; KVzip+ also reads the norms of the layer's hidden states), then cropped back to the
+        prefill; the model's lowest cells go (``event.keep_model``)."""
+        layers, n = self.cache.layers, self.n
+        if any(not layer.is_initialized or layer.keys.shape[-2] != n for layer in layers):
+            raise RuntimeError("a replay-scored event needs every layer to hold the whole prefill")
+        scores = torch.zeros((len(layers), layers[0].keys.shape[1], n), device=layers[0].keys.device)
+        passes = self.policy.replay_passes(self._prefill)
+        norms, hooks = {}, []
+        if getattr(self.policy, "kvzip_plus_normalization", False):
+            def hidden_norms(module, args, kwargs):
+                states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                norms[module.layer_idx] = states[0].float().norm(dim=-1)
+
+            hooks = [module.register_forward_pre_hook(hidden_norms, with_kwargs=True)
+                     for module in self.policy.attention_modules.values()]
+
+        def scorer(start, end):
+            def score(module, query, keys, values, scale):
+                index = module.layer_idx
+                scores[index, :, start:end] = self.policy.replay_scores(index, query, keys, values, start, end, scale,
+                                                                        norms.get(index))
+            return score
+
+        try:
+            for start, end, ids in passes:
+                check_positions_fit(self.model, n + len(ids), self._limit)
+                for layer in layers:
+                    layer.replay = scorer(start, end)
+                run_pass(self.model, ATTENTION_NAME, self.cache,
+                         input_ids=torch.tensor([ids], device=self.model.device),
+                         position_ids=torch.arange(n, n + len(ids), device=self.model.device)[None],
+                         **self._kwargs[True])
+                for layer in layers:  # the replay scored, its keys and values go
+                    layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
+        finally:
+            for layer in layers:
+                layer.replay = None
+            for hook in hooks:
+                hook.remove()
+        kept = keep_model(self.policy, scores, n - 1)
+        for index, layer in enumerate(layers):
+            layer.keep(None if bool(kept[index].all()) else kept[index], self._rotate(index))
+        self.note_held()
+
     def _rotate(self, layer: int):
         """The rotary shift that moves layer ``layer``'s kept keys (positions=shifted), or None."""
         if self.settings.positions != "shifted" or self.shift is None:
@@ -189,7 +244,10 @@ class ContextStream(EvictingStream):
         return self.cache.kept_per_layer()
 
     def read_passes(self, ids, last_only: bool = False):
-        for a, logits in self._read_rows(as_ids(ids, self.model.device)[None], last_only):
+        ids = as_ids(ids, self.model.device)
+        if self._prefill is not None and not self.compressed:
+            self._prefill.extend(ids.tolist())
+        for a, logits in self._read_rows(ids[None], last_only):
             yield a, logits[0]
 
     @torch.inference_mode()

@@ -11,6 +11,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from streaming_lm import settings as settings_mod
 from streaming_lm.generation import GenerationRequest, generate_requests, greedy
 from streaming_lm.loglik import target_logprobs
+from streaming_lm.methods import policy_for
 from streaming_lm.streams import open_stream
 from streaming_lm.streams.shared import read_contexts
 
@@ -30,10 +31,12 @@ def kept_masks(stream, prefill: int) -> list[np.ndarray]:
     return masks
 
 
-def engine_logprobs(model, shift, context, continuation, settings) -> tuple[list[float], list[np.ndarray]]:
+def engine_logprobs(model, shift, context, continuation, settings, tokenizer=None
+                    ) -> tuple[list[float], list[np.ndarray]]:
     """Per continuation token log-probabilities (float64) and the kept sets (``kept_masks``), read through the request
-    walk (``read_contexts``) as ``loglikelihood`` reads them."""
+    walk (``read_contexts``) as ``loglikelihood`` reads them (``tokenizer``: for a method with a prompt, KVzip)."""
     found = {}
+    policy = policy_for(settings, model, shift, tokenizer)
     prefill = settings.schedule.prefill(len(context))
 
     def visit(stream, members, spare):
@@ -43,15 +46,17 @@ def engine_logprobs(model, shift, context, continuation, settings) -> tuple[list
         found["logprobs"] = target_logprobs(logits, torch.tensor(continuation)).double().tolist()
         found["kept"] = kept_masks(stream, prefill)
 
-    read_contexts([list(context)], lambda: open_stream(model, settings, shift), visit, schedule=settings.schedule)
+    read_contexts([list(context)], lambda: open_stream(model, settings, shift, policy=policy), visit,
+                  schedule=settings.schedule)
     return found["logprobs"], found["kept"]
 
 
-def engine_greedy(model, shift, context, new_tokens: int, settings) -> list[int]:
+def engine_greedy(model, shift, context, new_tokens: int, settings, tokenizer=None) -> list[int]:
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     request = GenerationRequest(list(context), new_tokens, dict(pick=greedy, eos_token_ids=eos))
-    return generate_requests(model, [request], settings, shift)[0][0].tokens
+    return generate_requests(model, [request], settings, shift,
+                             policy=policy_for(settings, model, shift, tokenizer))[0][0].tokens
 
 
 @torch.no_grad()
@@ -115,14 +120,15 @@ POLICY = {"sink_window": "sink_window", "knorm": "knorm", "tova": "tova", "snapk
           "lagkv": "lagkv", "observed_attention": "observed_attention", "rerotated_knorm": "knorm",
           "rerotated_snapkv": "snapkv", "cur": "cur", "chunkkv": "snapkv", "critical_snapkv": "snapkv",
           "leverage": "leverage", "compactor": "compactor", "adakv_compactor": "compactor",
-          "critical_adakv_snapkv": "snapkv"}
+          "critical_adakv_snapkv": "snapkv", "kvzip": "kvzip", "kvzip_plus_layerwise": "kvzip",
+          "kvzip_template": "kvzip"}
 
 
 def press_settings(case: PressCase, method: str = "chunked"):
     """The model args that make ``streaming_hf`` the case's kvpress press."""
     params = {k: v for k, v in case.params.items() if k not in ("scorer", "n_sink", "pattern",
                                                                 "head_compression_ratio", "positions")}
-    if case.method in ("expected_attention", "adakv_expected_attention", "lagkv"):
+    if case.method in ("expected_attention", "adakv_expected_attention", "lagkv") or POLICY[case.method] == "kvzip":
         params["n_sink"] = case.params["n_sink"]
     if case.method == "pyramidkv":
         params["layer_budgets"] = "pyramid"

@@ -23,10 +23,18 @@ DUO_PATTERN = REFERENCE.parent / "duo_pattern_smollm2"  # made up (seeded): no o
 METHODS = ("sink_window", "knorm", "tova", "snapkv", "pyramidkv", "adakv_snapkv", "adakv_expected_attention",
            "expected_attention", "duo", "random", "keydiff", "lagkv", "observed_attention", "rerotated_knorm", "rerotated_snapkv", "cur",
            "chunkkv", "critical_snapkv", "leverage", "compactor", "adakv_compactor",
-           "critical_adakv_snapkv")
+           "critical_adakv_snapkv", "kvzip", "kvzip_plus_layerwise", "kvzip_template")
 # KeyRerotationPress: the kept keys re-rotated to 0 .. kept - 1 (the engine's positions=shifted in the context regime)
 REROTATED = ("rerotated_knorm", "rerotated_snapkv")
+# On the contexts that open with SmolLM2's chat template (2 and 3), as kvpress's pipeline writes a context: KVzip then
+# replays it without the opening
+TEMPLATED = ("kvzip_template",)
 RATIOS = (0.5, 0.25)  # and 0.0 (nothing compressed) at Q = 8
+
+
+def contexts_of(method: str) -> tuple[int, int]:
+    """The file's contexts a method's cases use: 0 and 1 (BOS + text), or 2 and 3 (chat template + the same text)."""
+    return (2, 3) if method in TEMPLATED else (0, 1)
 QS = (1, 8)
 REL = 1e-4
 

@@ -104,3 +104,18 @@ def streaming(tiny, **kwargs):
     model, tokenizer = tiny
     return StreamingHFLM(pretrained=model, tokenizer=tokenizer, **kwargs)
 
+
+
+class CharTokenizer:
+    """A tokenizer for the tiny models (vocabulary 128): a character's code point modulo 128; ``chat_template`` set
+    to a one-line template, or None (KVzip's replay prompt)."""
+
+    def __init__(self, chat_template: str | None = None):
+        self.chat_template = chat_template
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [ord(c) % 128 for c in text]
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False, **_):
+        text = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
+        return text + ("<assistant>" if add_generation_prompt else "")
