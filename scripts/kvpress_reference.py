@@ -75,6 +75,7 @@ from kvpress import (
     LagKVPress,
     LeverageScorePress,
     ObservedAttentionPress,
+    QFilterPress,
     PyramidKVPress,
     RandomPress,
     SnapKVPress,
@@ -106,6 +107,12 @@ EXPECTED_ATTENTION = dict(n_future_positions=512, n_sink=4, use_covariance=True,
 # kvpress downloads patterns from GitHub for six named checkpoints; SmolLM2 has none, so serve the committed one
 # (read as DuoAttentionPress.load_attention_pattern reads GitHub's: clipped to [0, 1]).
 DuoAttentionPress.load_attention_pattern = staticmethod(lambda model: read_duo_pattern())
+
+# kvpress downloads Q-Filters from the Hub (nthngdy/<model>_qfilt); none exist for SmolLM2: serve the committed made-up
+# ones (tests/data/qfilter_smollm2, read with safetensors as the engine's filters=<folder> reads them).
+QFILTERS = REPO / "tests" / "data" / "qfilter_smollm2"
+QFilterPress.load_q_filters = staticmethod(
+    lambda model_name: __import__("safetensors.torch").torch.load_file(str(QFILTERS / "model.safetensors"))["q_filters"])
 
 # method (the project's name) -> (press for ratio r, its parameters as recorded)
 METHODS = {
@@ -154,6 +161,7 @@ METHODS = {
     # KVzip reads a replay pass after the prefill (a real prefill under the press: compress_kvzip). On the plain
     # contexts its tokenizer has no chat template (kvpress's rule then: the whole prefill replayed, prompt suffix "\n");
     # kvzip_template runs on contexts that open with SmolLM2's chat template, as kvpress's pipeline writes them.
+    "qfilter": (lambda r: QFilterPress(compression_ratio=r), dict(filters="tests/data/qfilter_smollm2")),
     "kvzip": (lambda r: KVzipPress(compression_ratio=r), KVZIP),
     "kvzip_plus_layerwise": (
         lambda r: KVzipPress(compression_ratio=r, layerwise=True, kvzip_plus_normalization=True, chunk_size=256),
@@ -166,7 +174,7 @@ FIRST = ["duo", "pyramidkv", "adakv_snapkv", "adakv_expected_attention", "tova",
          "knorm", "sink_window", "random", "keydiff", "lagkv",
          "observed_attention", "rerotated_knorm", "rerotated_snapkv",
          "cur", "chunkkv", "critical_snapkv", "leverage", "compactor", "adakv_compactor",
-         "critical_adakv_snapkv", "kvzip", "kvzip_plus_layerwise", "kvzip_template"]  # the order of the run: the least common mechanisms first
+         "critical_adakv_snapkv", "kvzip", "kvzip_plus_layerwise", "kvzip_template", "qfilter"]  # the order of the run: the least common mechanisms first
 MASKING = ("adakv_snapkv", "adakv_expected_attention", "duo", "adakv_compactor", "critical_adakv_snapkv", "kvzip",
            "kvzip_plus_layerwise", "kvzip_template")  # keep every key, mask (head, token) pairs
 EAGER = ("observed_attention",)  # reads the prefill's attention weights: kvpress requires attn_implementation="eager"

@@ -263,6 +263,10 @@ CASES = [
          also=((model_args(policy="duo", evict_every="context", pattern="/nonexistent/pattern"),
                 "pattern=/nonexistent/pattern: no such folder; expected a folder with config.json",
                 ("pattern", "config.json")),)),
+    Case("qfilter-without-filters", "ValueError", "policy=qfilter needs filters=<path>: a Q-Filters checkpoint",
+         ("policy=qfilter", "filters", "q_filters"), model_args(policy="qfilter", heavy_size=8),
+         also=((model_args(policy="qfilter", heavy_size=8, filters="/nonexistent/qfilt"),
+                "filters=/nonexistent/qfilt: no such file; expected a Q-Filters checkpoint", ("filters",)),)),
     Case("duo-pattern-shape", "ValueError", "pattern=PATH: full_attention_heads.tsv is (30, 3) (layers, key/value "
          "heads) but the model has (2, 2)", ("pattern", "layers", "key/value heads"),
          lambda ctx: ctx.lm(policy="duo", evict_every="context", pattern=str(DUO_PATTERN)), loads="model"),

@@ -51,6 +51,7 @@ CASES = [
     pytest.param("snapkv", SNAP | {"critical": True, "head_budgets": "adaptive"}, 0.5, 2, id="critical-adakv-snapkv"),
     pytest.param("helpers.policies:Recency", {"step": -1.0}, (1, 1, 10), 2, id="plugin"),
     pytest.param("kvzip", {"replay_chunk_size": 7}, 0.5, 2, id="kvzip"),
+    pytest.param("qfilter", {"filters": "tests/data/qfilter_tiny"}, 0.5, 2, id="qfilter"),
     pytest.param("kvzip", {"layerwise": True, "kvzip_plus_normalization": True, "n_sink": 2}, (0, 2, 9), 1,
                  id="kvzip-plus-layerwise-tokens"),
 ]

@@ -94,8 +94,12 @@ def reference(model, ids, policy, params, budgets, every, positions):
         if positions == "original":
             return original_positions_logprobs(model, ids, start, recent, every)
         return shifted_llama_logprobs(model, ids, start, recent, every)
+    if policy == "qfilter":  # the filters as read by safetensors, not by the method
+        from safetensors.torch import load_file
+
+        params = dict(params, q_filters=load_file(f"{params['filters']}/model.safetensors")["q_filters"])
     if policy in ("tova", "h2o", "knorm", "snapkv", "keydiff", "random", "lagkv",
-                  "observed_attention", "cur"):
+                  "observed_attention", "cur", "qfilter"):
         return scored_logprobs(model, ids, policy, start, recent, heavy, positions, evict_every=every, params=params)
     # No reference here, said so rather than skipped quietly: a plug-in (its H = 0 case is tests/test_policies.py's),
     # Expected Attention (its observation: tests/test_method_observation.py; its numbers: kvpress's, in

@@ -48,7 +48,7 @@ class Entry:
 
 
 # kvpress's leaderboard (https://huggingface.co/spaces/nvidia/kvpress-leaderboard) as far as it runs offline, in its
-# order, then ours: methods it does not rank, every K tokens. qfilter and kvzap need the Hub, finch a question split
+# order, then ours: methods it does not rank, every K tokens. kvzap needs a trained gate model, finch a question split
 # (docs/kvpress.md).
 ENTRIES = (
     Entry("random", "random"),
@@ -58,6 +58,7 @@ ENTRIES = (
     Entry("streaming_llm", settings_mod.DEFAULT_POLICY, start_size=4),
     Entry("tova", "tova"),
     Entry("observed_attention", "observed_attention"),
+    Entry("qfilter", "qfilter", needs="filters"),  # the model's Q-Filters from the Hub, downloaded once
     Entry("pyramidkv", "snapkv", (("layer_budgets", "pyramid"),)),
     Entry("lagkv", "lagkv"),
     Entry("keydiff", "keydiff"),

@@ -23,6 +23,7 @@ from .kvzip import KVzip
 from .lagkv import LagKV
 from .leverage import Leverage
 from .observed_attention import ObservedAttention
+from .qfilter import QFilter
 from .params import Param
 from .random import Random
 from .sink_window import SinkWindow
@@ -33,7 +34,7 @@ from .wrappers import WRAPPER_PARAMS, output_projections
 POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (SinkWindow, TOVA, H2O, KeyNorm, SnapKV,
                                                                ExpectedAttention, Duo, Random, KeyDiff, LagKV,
                                                                ObservedAttention, CUR, Leverage, Compactor,
-                                                               KVzip)}
+                                                               KVzip, QFilter)}
 
 
 def policy_class(name: str) -> type[Policy]:
@@ -77,4 +78,4 @@ def policy_for(settings, model=None, shift=None, tokenizer=None) -> Policy:
 
 __all__ = ["POLICIES", "OBSERVATIONS", "Param", "Policy", "EvictionPolicy", "HeadIndexPolicy", "ScoredPolicy",
            "policy_class", "policy_for", "SinkWindow", "TOVA", "H2O", "KeyNorm", "SnapKV", "ExpectedAttention", "Duo",
-           "Random", "KeyDiff", "LagKV", "ObservedAttention", "CUR", "Leverage", "Compactor", "KVzip"]
+           "Random", "KeyDiff", "LagKV", "ObservedAttention", "CUR", "Leverage", "Compactor", "KVzip", "QFilter"]

@@ -30,6 +30,7 @@ class Observation:
     queries: torch.Tensor | None = None  # float32 [query_heads, s, head_dim]: the segment's queries, this step's last
     scores: torch.Tensor | None = None  # float32 [kv_heads, K]: known already (accumulated: history; per chunk)
     scale: float | None = None  # the layer's attention scaling (the model's)
+    layer: int | None = None  # the layer's index
 
 
 def step_scores(policy: ScoredPolicy, obs: Observation, heads: int, totals: torch.Tensor | None = None
@@ -43,6 +44,8 @@ def step_scores(policy: ScoredPolicy, obs: Observation, heads: int, totals: torc
         observed["step"] = obs.step
     if "scale" in policy.observes:
         observed["scale"] = obs.scale
+    if "layer" in policy.observes:
+        observed["layer"] = obs.layer
     score = policy.score(obs.keys, obs.values, obs.attention, **observed).float()
     score = score.expand(heads, -1) if score.dim() == 1 else score
     if totals is not None:
@@ -76,7 +79,7 @@ def held_scores(policy: ScoredPolicy, obs: Observation, alive: torch.Tensor) -> 
         if obs.queries is not None:
             asked = obs.queries.reshape(kv_heads, -1, *obs.queries.shape[1:])[heads]
             asked = asked.reshape(-1, *obs.queries.shape[1:])
-        part = Observation(held(obs.keys), held(obs.values), obs.step, rows, asked, scale=obs.scale)
+        part = Observation(held(obs.keys), held(obs.values), obs.step, rows, asked, scale=obs.scale, layer=obs.layer)
         out[heads] = out[heads].scatter(1, index, step_scores(policy, part, index.shape[0]))
     return out
 

@@ -117,23 +117,25 @@ class KVzip(ScoredPolicy):
         group = heads // kv_heads
         sink = min(self.n_sink, start)
         index = torch.cat([torch.arange(sink), torch.arange(start, end), torch.arange(total - q, total)]).to(keys.device)
-        picked = keys[:, index].float()  # [kv_heads, S, d]
-        grouped = query.float().reshape(kv_heads, group, q, dim)
+        width = index.numel()
+        picked = keys[:, index].float().transpose(-1, -2)  # [kv_heads, d, S]
+        scaled = (query.float() * scale).reshape(kv_heads, group, q, dim)  # the scaling folded into the queries
         norms = None
         if self.kvzip_plus_normalization:
             norms = value_output_norms(values[:, index], self.output_projections[layer])  # [kv_heads, group, S]
         best = torch.zeros((kv_heads, end - start), device=keys.device)
-        width = index.numel()
         for a in range(0, q, BLOCK):
             b = min(a + BLOCK, q)
-            logits = torch.matmul(grouped[:, :, a:b], picked[:, None].transpose(-1, -2)) * scale  # [kv, g, rows, S]
-            # the replay's own keys causally: row i sees replay keys 0 .. i
-            rows = torch.arange(a, b, device=keys.device)[:, None]
-            future = torch.arange(width, device=keys.device)[None, :] - (width - q) > rows
-            weights = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+            rows = scaled[:, :, a:b].reshape(kv_heads, group * (b - a), dim)  # one matmul per key/value head
+            logits = torch.bmm(rows, picked).view(kv_heads, group, b - a, width)
+            # the replay's own keys causally: row i sees replay keys 0 .. i (masked in place, that block only)
+            future = torch.arange(q, device=keys.device)[None, :] > torch.arange(a, b, device=keys.device)[:, None]
+            logits[..., width - q:].masked_fill_(future, float("-inf"))
+            weights = torch.softmax(logits, dim=-1)
+            chunk = weights[..., sink : sink + end - start]
             if norms is not None:
-                weights = weights / hidden_norms[a:b].float()[:, None] * norms[:, :, None, :]
-            best = torch.maximum(best, weights[..., sink : sink + end - start].amax(dim=(1, 2)))
+                chunk = chunk / hidden_norms[a:b].float()[:, None] * norms[:, :, None, sink : sink + end - start]
+            best = torch.maximum(best, chunk.amax(dim=(1, 2)))
         return best
 
     def model_keep(self, scores: torch.Tensor) -> torch.Tensor:

@@ -180,7 +180,7 @@ class ContextStream(EvictingStream):
             attention = window_attention(layer.queries[:, -1:], keys, layer.scale)[:, 0] if "attention" in observes \
                 else None
             obs = Observation(keys, values, n - 1, attention, layer.queries if "queries" in observes else None,
-                              scale=layer.scale)
+                              scale=layer.scale, layer=index)
             tokens = torch.arange(n, device=keys.device).expand(keys.shape[0], -1)
             layer.keep(keep(self.policy, index, self._layers, obs, None, tokens, context_regime=True),
                        self._rotate(index))

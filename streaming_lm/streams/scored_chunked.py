@@ -43,8 +43,8 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
     observes = policy.observes
     # A token's score from its own key and value alone (key-norm) is the same at every row: once per chunk.
     fixed = None
-    if policy.kind == SCORED and policy.per_token and not observes:
-        fixed = step_scores(policy, Observation(key[0], value[0], t0 + q_len - 1), kv_heads)
+    if policy.kind == SCORED and policy.per_token and not observes - {"layer"}:
+        fixed = step_scores(policy, Observation(key[0], value[0], t0 + q_len - 1, layer=layer.index), kv_heads)
     segment = 0  # the first row of this chunk in the current segment (earlier rows: layer.queries)
     columns_at = torch.arange(columns, device=key.device)
     a = 0  # the first row of the next block
@@ -65,7 +65,7 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
             if event and "queries" in observes:  # the segment's: earlier chunks' (held by the layer), then these rows
                 mine = query[0, :, segment : r + 1].float()
                 queries = mine if layer.queries is None else torch.cat((layer.queries, mine), dim=1)
-            obs = Observation(key[0], value[0], t0 + r, attention, queries, fixed, scaling)
+            obs = Observation(key[0], value[0], t0 + r, attention, queries, fixed, scaling, layer.index)
             if layer.history:  # totals are per column: score every column (dead ones are never chosen)
                 obs.scores = step_scores(policy, obs, kv_heads, layer.totals)
             if event:

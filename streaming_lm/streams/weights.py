@@ -70,7 +70,7 @@ def after_step(layer, attention=None, query=None, scale: float | None = None) ->
     event = policy.schedule.event_after(t)
     if event:
         layer.queries = None  # the next segment starts empty
-    obs = Observation(layer.keys[0], layer.values[0], t, attention, queries, scale=scale)
+    obs = Observation(layer.keys[0], layer.values[0], t, attention, queries, scale=scale, layer=layer.index)
     if layer.history:
         obs.scores = step_scores(policy, obs, layer.tokens.shape[0], layer.totals)
     if event:

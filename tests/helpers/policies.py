@@ -74,6 +74,7 @@ CASES = [
     # LagKV: partitions of 2 after 1 sink; held 8 + the segment, so every event scores partitions.
     pytest.param("lagkv", {"n_sink": 1, "lag_size": 2}, (1, 0, 7), 4, id="lagkv-K4"),
     pytest.param("lagkv", {"n_sink": 0, "lag_size": 3, "cross_scoring": True}, (0, 1, 8), 5, id="lagkv-cross-K5"),
+    pytest.param("qfilter", {"filters": "tests/data/qfilter_tiny"}, (1, 0, 7), 4, id="qfilter-K4"),
     pytest.param("helpers.policies:Recency", {"step": -1.0}, (1, 1, 6), 4, id="plugin-K4"),
     # A method scored from the segment's observation (its queries), on the token loop and the chunked path.
     pytest.param("helpers.policies:QueryAffinity", {}, (1, 1, 6), 4, id="queries-K4"),

@@ -198,6 +198,8 @@ def scored_logprobs(model, ids: torch.Tensor, policy: str, start: int, recent: i
                         score = tova.tolist()
                     elif policy == "knorm":
                         score = (-keys.norm(dim=-1)).tolist()
+                    elif policy == "qfilter":  # minus the key's dot product with its layer's and head's filter
+                        score = (-(keys @ params["q_filters"][layer, h].to(keys.dtype))).tolist()
                     elif policy == "keydiff":  # minus the cosine with the mean of the head's normalised held keys
                         anchor = (keys / keys.norm(dim=-1, keepdim=True)).mean(0)
                         score = (-(keys @ anchor) / (keys.norm(dim=-1) * anchor.norm())).tolist()
