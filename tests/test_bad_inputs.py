@@ -201,7 +201,7 @@ CASES = [
     Case("chunk_size-zero", "ValueError", "chunk_size must be an integer >= 1, got 0", ("chunk_size", ">= 1"),
          model_args(chunk_size=0), also=((model_args(chunk_size=1.5), "chunk_size must be an integer >= 1, got 1.5"),)),
     Case("policy-unknown", "ValueError",
-         "policy must be one of sink_window, tova, h2o, knorm, snapkv, expected_attention, duo, random, keydiff, lagkv, observed_attention, cur, leverage, compactor, kvzip or package.module:Class; "
+         "policy must be one of sink_window, tova, h2o, knorm, snapkv, expected_attention, duo, random, keydiff, lagkv, observed_attention, cur, leverage, compactor, kvzip, qfilter or package.module:Class; "
          "got 'lru'", ("policy", "sink_window", "tova", "h2o", "knorm", "snapkv", "expected_attention"), model_args(policy="lru")),
     Case("policy-plugin-missing-module", "ValueError", "policy=no_such_module:Policy: cannot import module",
          ("policy", "no_such_module"), model_args(policy="no_such_module:Policy"),

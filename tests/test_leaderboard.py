@@ -11,10 +11,11 @@ from streaming_lm.compare import leaderboard
 from test_compare import PNG_MAGIC, refuse_evaluation
 
 PATTERN = "tests/data/duo_pattern_smollm2"
+FILTERS = "tests/data/qfilter_smollm2"
 
 
 def test_the_grid_is_every_entry_at_every_ratio_each_as_streaming_hf_resolves_it():
-    runs = leaderboard.leaderboard_grid([], 1024, {"pattern": [PATTERN]})
+    runs = leaderboard.leaderboard_grid([], 1024, {"pattern": [PATTERN], "filters": [FILTERS]})
     assert runs[0].name == "hf"
     assert len(runs) == 1 + len(leaderboard.ENTRIES) * len(leaderboard.RATIOS)
     assert len({r.name for r in runs}) == len(runs)  # every run its own folder
@@ -34,19 +35,22 @@ def test_the_grid_is_every_entry_at_every_ratio_each_as_streaming_hf_resolves_it
     assert by_label["knorm"].stream["evict_every"] == "context" and by_label["knorm"].stream["start_size"] == 0
     assert by_label["h2o every 64"].stream["recent_size"] == 256  # half of C = 512
     assert by_label["duo_attention"].stream["head_compression_ratio"] == 0.5
+    assert by_label["qfilter"].stream["filters"] == FILTERS
 
 
 def test_an_entry_that_needs_a_file_is_left_out_said_so(capsys):
     runs = leaderboard.leaderboard_grid([0.5], 1024, {})
-    assert not any(r.stream.get("policy") == "duo" for r in runs)
-    assert len(runs) == len(leaderboard.ENTRIES)  # hf + every entry but duo, once
-    assert "leaving out duo_attention: it needs --param pattern=" in capsys.readouterr().err
+    assert not any(r.stream.get("policy") in ("duo", "qfilter") for r in runs)
+    assert len(runs) == len(leaderboard.ENTRIES) - 1  # hf + every entry but duo and qfilter, once
+    err = capsys.readouterr().err
+    assert "leaving out duo_attention: it needs --param pattern=" in err
+    assert "leaving out qfilter: it needs --param filters=" in err
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--policies", "knorm"], "--leaderboard sets each method's settings itself: drop --policies"),
     (["--evict-every", "64", "--start-sizes", "4"], "drop --start-sizes, --evict-every"),
-    (["--param", "window_size=8"], "--leaderboard takes --param only for pattern; got window_size"),
+    (["--param", "window_size=8"], "--leaderboard takes --param only for filters, pattern; got window_size"),
     (["--compression-ratios", "1.5"], "compression_ratio must be"),
 ])
 def test_bad_leaderboard_commands_are_refused_before_anything_runs(argv, message, tmp_path, monkeypatch, capsys):
@@ -94,7 +98,7 @@ def test_the_table_is_methods_by_ratios_for_each_task_and_the_average(group, tmp
     refuse_evaluation(monkeypatch)
     compare.main(["--from-results", str(tmp_path / "runs"), "-o", str(tmp_path / "out"), "--leaderboard"])
     rows = list(csv.DictReader((tmp_path / "out" / "leaderboard.csv").open()))
-    assert [r["method"] for r in rows[1::2]] == [e.label for e in leaderboard.ENTRIES if e.label != "duo_attention"]
+    assert [r["method"] for r in rows[1::2]] == [e.label for e in leaderboard.ENTRIES if not e.needs]
     assert rows[0]["method"] == "dense (hf)" and float(rows[0]["average"]) == 0.75
     for row in rows[1:]:  # the run of another grid is no row
         for task, value in wanted[row["method"], float(row["compression_ratio"])].items():

@@ -15,7 +15,7 @@ from streaming_lm.methods import policy_for
 from streaming_lm.streams import open_stream
 from streaming_lm.streams.shared import read_contexts
 
-from helpers.kvpress_reference import DUO_PATTERN, PressCase
+from helpers.kvpress_reference import DUO_PATTERN, REFERENCE, PressCase
 
 
 def kept_masks(stream, prefill: int) -> list[np.ndarray]:
@@ -121,7 +121,7 @@ POLICY = {"sink_window": "sink_window", "knorm": "knorm", "tova": "tova", "snapk
           "rerotated_snapkv": "snapkv", "cur": "cur", "chunkkv": "snapkv", "critical_snapkv": "snapkv",
           "leverage": "leverage", "compactor": "compactor", "adakv_compactor": "compactor",
           "critical_adakv_snapkv": "snapkv", "kvzip": "kvzip", "kvzip_plus_layerwise": "kvzip",
-          "kvzip_template": "kvzip"}
+          "kvzip_template": "kvzip", "qfilter": "qfilter"}
 
 
 def press_settings(case: PressCase, method: str = "chunked"):
@@ -134,6 +134,8 @@ def press_settings(case: PressCase, method: str = "chunked"):
         params["layer_budgets"] = "pyramid"
     if "adakv" in case.method:
         params["head_budgets"] = "adaptive"
+    if "filters" in params:  # the file's path is the repository's
+        params["filters"] = str(REFERENCE.parents[2] / params["filters"])
     ratio = case.compression_ratio
     if case.method == "duo":
         params |= {"pattern": str(DUO_PATTERN), "head_compression_ratio": ratio}

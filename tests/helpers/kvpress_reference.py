@@ -23,7 +23,7 @@ DUO_PATTERN = REFERENCE.parent / "duo_pattern_smollm2"  # made up (seeded): no o
 METHODS = ("sink_window", "knorm", "tova", "snapkv", "pyramidkv", "adakv_snapkv", "adakv_expected_attention",
            "expected_attention", "duo", "random", "keydiff", "lagkv", "observed_attention", "rerotated_knorm", "rerotated_snapkv", "cur",
            "chunkkv", "critical_snapkv", "leverage", "compactor", "adakv_compactor",
-           "critical_adakv_snapkv", "kvzip", "kvzip_plus_layerwise", "kvzip_template")
+           "critical_adakv_snapkv", "kvzip", "kvzip_plus_layerwise", "kvzip_template", "qfilter")
 # KeyRerotationPress: the kept keys re-rotated to 0 .. kept - 1 (the engine's positions=shifted in the context regime)
 REROTATED = ("rerotated_knorm", "rerotated_snapkv")
 # On the contexts that open with SmolLM2's chat template (2 and 3), as kvpress's pipeline writes a context: KVzip then
