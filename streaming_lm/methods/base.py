@@ -35,8 +35,9 @@ OBSERVATIONS = {
     "history": "a token's score is the sum of its scores over every step it has been held (H2O)",
     "scale": "the layer's attention scaling, the model's own (Gemma's query_pre_attn_scalar, Granite's multiplier)",
     "layer": "the event's layer index (a method with parameters per layer: Q-Filter's filters)",
-    "replay": "the scores of a replay pass the engine reads after the prefill (``replay_passes``, ``replay_scores``) "
-              "and drops; the budget is the whole model's (``model_keep``): KVzip",
+    "replay": "the scores of a replay pass the engine reads after the prefill (``replay_passes``, ``replay_scores``; "
+              "the hidden states' norms where ``replay_reads_hidden_norms``) and drops; the budget is the whole "
+              "model's (``model_keep``): KVzip",
 }
 
 

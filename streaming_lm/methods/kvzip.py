@@ -66,6 +66,12 @@ class KVzip(ScoredPolicy):
     def heads_differ(self) -> bool:
         return True
 
+    @property
+    def replay_reads_hidden_norms(self) -> bool:
+        """Whether ``replay_scores`` reads the norms of each layer's hidden states (the attention's input), which the
+        replay pass then collects from ``attention_modules`` (KVzip+)."""
+        return self.kvzip_plus_normalization
+
     def bind(self, model, shift) -> None:
         if self.kvzip_plus_normalization:
             from .wrappers import attention_modules, output_projections

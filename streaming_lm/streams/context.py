@@ -197,7 +197,7 @@ class ContextStream(EvictingStream):
         scores = torch.zeros((len(layers), layers[0].keys.shape[1], n), device=layers[0].keys.device)
         passes = self.policy.replay_passes(self._prefill)
         norms, hooks = {}, []
-        if getattr(self.policy, "kvzip_plus_normalization", False):
+        if self.policy.replay_reads_hidden_norms:
             def hidden_norms(module, args, kwargs):
                 states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
                 norms[module.layer_idx] = states[0].float().norm(dim=-1)
