@@ -252,3 +252,26 @@ def test_shifted_rerotates_the_kept_keys(model, ids, policy, params, q):
     dense = engine_logprobs(model, shift, context, continuation, settings("original", ratio=0.0))[0]
     np.testing.assert_allclose(engine_logprobs(model, shift, context, continuation, settings("shifted", ratio=0.0))[0],
                                dense, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("method", ["chunked", "token"])
+def test_the_keys_before_rope_are_recorded_as_the_projection_wrote_them(model, ids, method):
+    """Leverage and Compactor score the prefill's keys before RoPE: recorded from each layer's k_proj while the prefill
+    is read (one pass or a token at a time), in token order; the cached keys rotated back from their positions give
+    the same up to float rounding. The event consumes them."""
+    from streaming_lm.methods.prerope import before_rope
+    from streaming_lm.streams import open_stream
+
+    n = CONTEXT - 2
+    settings = resolve(policy="leverage", evict_every="context", compression_ratio=0.5, start_size=0, query_size=2,
+                       method=method, chunk_size=5, policy_params={"sketch_dimension": 8})
+    shift = find_rotary(model)
+    stream = open_stream(model, settings, shift)
+    stream.extend(ids[:n])
+    for layer in stream.cache.layers:
+        recorded = torch.cat(layer.prerope, dim=1)
+        assert recorded.shape == layer.keys[0].shape
+        torch.testing.assert_close(recorded.float(), before_rope(shift, 1.0, layer.keys[0], torch.arange(n)),
+                                   atol=1e-5, rtol=1e-5)
+    stream.compress()
+    assert all(layer.prerope == [] for layer in stream.cache.layers)

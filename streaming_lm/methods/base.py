@@ -34,6 +34,8 @@ OBSERVATIONS = {
     "step": "the stream index of the event's token",
     "history": "a token's score is the sum of its scores over every step it has been held (H2O)",
     "scale": "the layer's attention scaling, the model's own (Gemma's query_pre_attn_scalar, Granite's multiplier)",
+    "prerope_keys": "the held keys before RoPE as the model's key projection wrote them while the prefill was read "
+                    "(float [kv_heads, K, head_dim]; None where the model fuses it: rotate back), the context regime",
     "layer": "the event's layer index (a method with parameters per layer: Q-Filter's filters)",
     "replay": "the scores of a replay pass the engine reads after the prefill (``replay_passes``, ``replay_scores``; "
               "the hidden states' norms where ``replay_reads_hidden_norms``) and drops; the budget is the whole "

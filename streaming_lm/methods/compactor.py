@@ -41,7 +41,7 @@ class Compactor(ScoredPolicy):
               Param("seed", int, 0, "the sketch's seed, drawn from at each layer's event", minimum=0),
               *HEAD_BUDGETS)
     paths = {"token": ("original",), "chunked": ("original",)}
-    observes = frozenset({"queries", "step"})
+    observes = frozenset({"queries", "prerope_keys"})
 
     @classmethod
     def check_settings(cls, settings) -> None:
@@ -49,14 +49,14 @@ class Compactor(ScoredPolicy):
         check_head_budgets(settings)
 
     bind = Leverage.bind
-    prerope_keys = Leverage.prerope_keys
+    keys_before_rope = Leverage.keys_before_rope
 
-    def score(self, keys, values, attention, queries, step):
+    def score(self, keys, values, attention, queries, prerope_keys):
         n = keys.shape[1]
         left = min(self.sink_size_start, n)
         right = min(self.sink_size_end, max(0, n - left))
         middle = slice(left, n - right)
-        keys_before = self.prerope_keys(keys)[:, middle]
+        keys_before = self.keys_before_rope(keys, prerope_keys)[:, middle]
         ratio = self.settings.compression_ratio  # kvpress: blending = compression_ratio, else 0.35
         blending = self.blending if self.blending >= 0 else 0.35 if ratio is None else ratio
         scores = blending * zscore(leverage_scores(keys_before, self.sketch_dimension, self.seed)) + \

@@ -31,6 +31,7 @@ class Observation:
     scores: torch.Tensor | None = None  # float32 [kv_heads, K]: known already (accumulated: history; per chunk)
     scale: float | None = None  # the layer's attention scaling (the model's)
     layer: int | None = None  # the layer's index
+    prerope_keys: torch.Tensor | None = None  # [kv_heads, K, head_dim]: the keys before RoPE (context regime)
 
 
 def step_scores(policy: ScoredPolicy, obs: Observation, heads: int, totals: torch.Tensor | None = None
@@ -46,6 +47,8 @@ def step_scores(policy: ScoredPolicy, obs: Observation, heads: int, totals: torc
         observed["scale"] = obs.scale
     if "layer" in policy.observes:
         observed["layer"] = obs.layer
+    if "prerope_keys" in policy.observes:
+        observed["prerope_keys"] = obs.prerope_keys
     score = policy.score(obs.keys, obs.values, obs.attention, **observed).float()
     score = score.expand(heads, -1) if score.dim() == 1 else score
     if totals is not None:
@@ -79,7 +82,8 @@ def held_scores(policy: ScoredPolicy, obs: Observation, alive: torch.Tensor) -> 
         if obs.queries is not None:
             asked = obs.queries.reshape(kv_heads, -1, *obs.queries.shape[1:])[heads]
             asked = asked.reshape(-1, *obs.queries.shape[1:])
-        part = Observation(held(obs.keys), held(obs.values), obs.step, rows, asked, scale=obs.scale, layer=obs.layer)
+        part = Observation(held(obs.keys), held(obs.values), obs.step, rows, asked, scale=obs.scale, layer=obs.layer,
+                           prerope_keys=None if obs.prerope_keys is None else held(obs.prerope_keys))
         out[heads] = out[heads].scatter(1, index, step_scores(policy, part, index.shape[0]))
     return out
 

@@ -39,7 +39,7 @@ class Leverage(ScoredPolicy):
     params = (Param("sketch_dimension", int, 48, "the width of the Gaussian sketch", minimum=1),
               Param("seed", int, 0, "the sketch's seed, drawn from at each layer's event", minimum=0))
     paths = {"token": ("original",), "chunked": ("original",)}
-    observes = frozenset({"step"})
+    observes = frozenset({"prerope_keys"})
 
     @classmethod
     def check_settings(cls, settings) -> None:
@@ -48,12 +48,15 @@ class Leverage(ScoredPolicy):
     def bind(self, model, shift) -> None:
         self.rotary, self.attention_scaling = bind_rotary(self.name, model, shift)
 
-    def prerope_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        """The held keys before RoPE: at the context's one event they are the prefill's, at positions 0 .. n - 1."""
+    def keys_before_rope(self, keys: torch.Tensor, recorded: torch.Tensor | None) -> torch.Tensor:
+        """The held keys before RoPE: as the model's projection wrote them (``recorded``, kvpress's numbers), or,
+        where it is fused, rotated back from the prefill's positions 0 .. n - 1 (equal up to float rounding)."""
+        if recorded is not None:
+            return recorded
         return before_rope(self.rotary, self.attention_scaling, keys, torch.arange(keys.shape[1], device=keys.device))
 
-    def score(self, keys, values, attention, step):
-        return zscore(leverage_scores(self.prerope_keys(keys), self.sketch_dimension, self.seed))
+    def score(self, keys, values, attention, prerope_keys):
+        return zscore(leverage_scores(self.keys_before_rope(keys, prerope_keys), self.sketch_dimension, self.seed))
 
 
 def _cholesky_with_jitter(gram: torch.Tensor, jitter: float = 1e-2, tries: int = 5) -> torch.Tensor:

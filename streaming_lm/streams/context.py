@@ -19,6 +19,8 @@ full cache.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -27,6 +29,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ..forward_args import num_decoder_layers
 from ..methods.event import Observation, keep, keep_model
+from ..methods.prerope import prerope_key_modules
 from ..methods.snapkv import window_attention
 from ..positions import check_positions_fit, context_position
 from ..storage.accounting import KVAccounting
@@ -88,6 +91,7 @@ class ContextLayer(DynamicLayer):
         self.evicted = 0.0  # tokens evicted, per key/value head on average
         self.kept: float | None = None  # tokens held right after the event, per key/value head on average
         self.replay = None  # during a replay pass: called with (module, query, keys, values, scale)
+        self.prerope: list[torch.Tensor] = []  # the prefill's keys before RoPE, pass by pass ([kv_heads, s, d] each)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if key_states.shape[0] != 1 and not self.compressed:  # after the event: continuations as rows of a batch
@@ -153,6 +157,8 @@ class ContextStream(EvictingStream):
         super().__init__(model, settings, shift, policy=policy)
         # the prefill's token ids, for a method that replays them (KVzip)
         self._prefill: list[int] | None = [] if "replay" in self.policy.observes else None
+        # where the keys before RoPE are written, for a method that scores them (Leverage, Compactor)
+        self._key_modules = prerope_key_modules(model) if "prerope_keys" in self.policy.observes else {}
 
     def new_cache(self):
         return ContextCache(self._layers, getattr(self.policy, "query_window", 0))
@@ -179,8 +185,12 @@ class ContextStream(EvictingStream):
             keys, values, n = layer.keys[0], layer.values[0], layer.keys.shape[-2]
             attention = window_attention(layer.queries[:, -1:], keys, layer.scale)[:, 0] if "attention" in observes \
                 else None
+            prerope = torch.cat(layer.prerope, dim=1) if layer.prerope else None
+            if prerope is not None and prerope.shape[1] != n:
+                raise RuntimeError(f"layer {index} recorded {prerope.shape[1]} keys before RoPE for {n} prefill tokens")
+            layer.prerope = []
             obs = Observation(keys, values, n - 1, attention, layer.queries if "queries" in observes else None,
-                              scale=layer.scale, layer=index)
+                              scale=layer.scale, layer=index, prerope_keys=prerope)
             tokens = torch.arange(n, device=keys.device).expand(keys.shape[0], -1)
             layer.keep(keep(self.policy, index, self._layers, obs, None, tokens, context_regime=True),
                        self._rotate(index))
@@ -247,8 +257,33 @@ class ContextStream(EvictingStream):
         ids = as_ids(ids, self.model.device)
         if self._prefill is not None and not self.compressed:
             self._prefill.extend(ids.tolist())
-        for a, logits in self._read_rows(ids[None], last_only):
-            yield a, logits[0]
+        with self._recording_keys_before_rope():
+            for a, logits in self._read_rows(ids[None], last_only):
+                yield a, logits[0]
+
+    @contextlib.contextmanager
+    def _recording_keys_before_rope(self):
+        """While the prefill is read, each layer's keys before RoPE, as its key projection (``k_proj``, or
+        ``k_norm`` where it has one) outputs them (``prerope.prerope_key_modules``), for a method that observes
+        ``prerope_keys``: kvpress recomputes them from the hidden states with the same modules."""
+        if not self._key_modules or self.compressed:
+            yield
+            return
+        layers = self.cache.layers
+
+        def recorder(index, head_dim):
+            def record(module, args, output):
+                keys = output[0].reshape(output.shape[1], -1, head_dim).transpose(0, 1)  # [kv_heads, s, d]
+                layers[index].prerope.append(keys.detach())
+            return record
+
+        hooks = [module.register_forward_hook(recorder(index, head_dim))
+                 for index, (module, head_dim) in self._key_modules.items()]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     @torch.inference_mode()
     def score_continuations(self, context, continuations):
