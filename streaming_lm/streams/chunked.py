@@ -73,7 +73,8 @@ def _chunk_attention(module, query, key, value, attention_mask, scaling, dropout
         cos, sin = plan.sink_tables(shift, query.device)
         sink_query = grouped_rows(shift.rotate_by(query, cos, sin), kv_heads)
         logits[..., : plan.n_sink] = torch.matmul(sink_query, key[..., : plan.n_sink, :].transpose(-1, -2)) * scaling
-    logits = soft_capped(logits, kwargs.get("softcap")).masked_fill(plan.hidden(group), float("-inf"))
+    # in place: the logits are this function's own (no copy of [rows, keys] per layer)
+    logits = soft_capped(logits, kwargs.get("softcap")).masked_fill_(plan.hidden(group), float("-inf"))
     learned = kwargs.get("s_aux")  # gpt-oss: a learned logit per head joins every softmax, then is dropped
     if learned is not None:
         column = learned.to(logits.dtype).view(1, kv_heads, group, 1, 1).expand(batch, -1, -1, q_len, 1)
