@@ -17,6 +17,7 @@ import dataclasses
 import functools
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from ..forward_args import num_decoder_layers
@@ -53,6 +54,13 @@ class ChunkPlan:
         """Whether some query's sink logits need a rotation (one device sync per pass, not per layer)."""
         return bool(self.n_sink) and self.shift is not None and bool(self.query_shift.any())
 
+    def additive(self, dtype) -> torch.Tensor:
+        """The mask as an additive float [Q, K] (0 where a query sees a key, -inf elsewhere), once per dtype."""
+        if dtype not in self._hidden:
+            self._hidden[dtype] = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device).masked_fill_(
+                ~self.allowed, float("-inf"))
+        return self._hidden[dtype]
+
     def sink_tables(self, shift: RotaryShift, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotation tables of ``query_shift`` for ``shift`` (layers sharing a shift share them)."""
         key = id(shift)
@@ -66,10 +74,25 @@ def _chunk_attention(module, query, key, value, attention_mask, scaling, dropout
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
+    shift = plan.shift.for_layer(getattr(module, "layer_idx", None)) if plan.shift is not None else None
+    rotated = shift is not None and plan.rotates_sinks
+    if kwargs.get("softcap") is None and kwargs.get("s_aux") is None:
+        # One fused SDPA call: the mask says what each query sees; where a query's sink logits need another
+        # rotation, the mask carries the difference as an additive bias on the sink columns (its logit there is
+        # then the rotated query's), so sinks and window share one softmax as before.
+        mask = plan.allowed[None, None]
+        if rotated:
+            cos, sin = plan.sink_tables(shift, query.device)
+            sink_keys = key[..., : plan.n_sink, :].transpose(-1, -2).float()
+            moved = torch.matmul(grouped_rows(shift.rotate_by(query, cos, sin), kv_heads).float(), sink_keys)
+            bias = ((moved - torch.matmul(grouped_rows(query, kv_heads).float(), sink_keys)) * scaling)
+            mask = plan.additive(query.dtype).expand(batch, heads, -1, -1).clone()
+            mask[..., : plan.n_sink] += bias.reshape(batch, heads, q_len, plan.n_sink).to(query.dtype)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
     rows = grouped_rows(query, kv_heads)
     logits = torch.matmul(rows, key.transpose(-1, -2)) * scaling
-    shift = plan.shift.for_layer(getattr(module, "layer_idx", None)) if plan.shift is not None else None
-    if shift is not None and plan.rotates_sinks:
+    if rotated:
         cos, sin = plan.sink_tables(shift, query.device)
         sink_query = grouped_rows(shift.rotate_by(query, cos, sin), kv_heads)
         logits[..., : plan.n_sink] = torch.matmul(sink_query, key[..., : plan.n_sink, :].transpose(-1, -2)) * scaling
