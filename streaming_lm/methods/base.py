@@ -173,9 +173,11 @@ class EvictionPolicy(Policy):
         width = max(len(r) for r in runs)
         lo = torch.tensor([[a for a, _ in r] + [0] * (width - len(r)) for r in runs])
         hi = torch.tensor([[b for _, b in r] + [0] * (width - len(r)) for r in runs])
-        k = keys[None, :, None]
-        inside = ((k >= lo[:, None, :]) & (k < hi[:, None, :])).any(-1)
-        return inside | (keys[None, :] == queries[:, None])
+        k = keys[None, :]
+        inside = keys[None, :] == queries[:, None]
+        for w in range(width):  # a few runs a query: [Q, K] comparisons per run, no [Q, K, runs] tensor
+            inside |= (k >= lo[:, w : w + 1]) & (k < hi[:, w : w + 1])
+        return inside
 
 
 class HeadIndexPolicy(Policy):
