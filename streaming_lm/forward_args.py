@@ -13,6 +13,12 @@ def num_decoder_layers(model) -> int:
     return model.config.get_text_config(decoder=True).num_hidden_layers
 
 
+def num_key_value_heads(model) -> int:
+    """Key/value heads per layer (the query heads where the model has no grouped-query attention)."""
+    config = model.config.get_text_config(decoder=True)
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
 def forward_takes(model, name: str) -> bool:
     """Whether ``model.forward`` has a parameter ``name`` (inspect once per stream, not per pass)."""
     return name in inspect.signature(model.forward).parameters

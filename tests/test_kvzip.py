@@ -40,12 +40,12 @@ def ids():
     return torch.randint(0, 128, (CONTEXT + CONTINUATION,)).tolist()
 
 
-def test_replay_passes_follow_kvpress_prompts():
+def test_replay_passes_follow_kvpress_prompts(model):
     """The first pass: kvpress's prompt, the suffix, the chunk; later ones: its other prompt and the last 8 tokens of
     the chunk before. A prefill opening with the chat template is replayed without the opening, the template's
     assistant turn as suffix; any other prefill whole, with a newline."""
     encode = TEMPLATE.encode
-    policy = policy_for(settings(replay_chunk_size=10), tiny_llama(), None, TEMPLATE)
+    policy = policy_for(settings(replay_chunk_size=10), model, None, TEMPLATE)
     opening = encode("<user>")
     plain = list(range(30, 55))
     passes = policy.replay_passes(plain)

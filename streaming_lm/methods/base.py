@@ -46,6 +46,15 @@ OBSERVATIONS = {
 Runs = list[tuple[int, int]]  # ascending, disjoint half-open ranges [a, b) of token indices
 
 
+def check_context_regime(cls, settings, reason: str) -> None:
+    """A method defined on the whole prefill (``reason``: why, as a clause after its name), not on a segment: refused
+    unless ``evict_every=context`` (its ``check_settings`` calls this)."""
+    if not settings.context_regime:
+        raise ValueError(f"policy={cls.name} {reason} and is defined once after the context (kvpress: prefill only), "
+                         f"not on a segment every K tokens: use evict_every=context (got "
+                         f"evict_every={settings.evict_every})")
+
+
 class Policy:
     """What every method declares on its class (settings.py reads it before any model loads)."""
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 
-from .base import ScoredPolicy
+from .base import ScoredPolicy, check_context_regime
 from .budgets import HEAD_BUDGETS, check_head_budgets
 from .lazy_torch import F, torch
-from .leverage import Leverage, check_context_regime, leverage_scores, zscore
+from .leverage import PRE_ROPE, Leverage, leverage_scores, zscore
 from .params import Param
 
 
@@ -45,7 +45,7 @@ class Compactor(ScoredPolicy):
 
     @classmethod
     def check_settings(cls, settings) -> None:
-        check_context_regime(cls, settings)
+        check_context_regime(cls, settings, PRE_ROPE)
         check_head_budgets(settings)
 
     bind = Leverage.bind

@@ -49,11 +49,9 @@ class Duo(HeadIndexPolicy):
                              f"does not apply (got compression_ratio={settings.compression_ratio})")
 
     def bind(self, model, shift) -> None:
-        from ..forward_args import num_decoder_layers
+        from ..forward_args import num_decoder_layers, num_key_value_heads
 
-        config = model.config.get_text_config(decoder=True)
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        pattern = load_duo_pattern(self.pattern, num_decoder_layers(model), kv_heads)
+        pattern = load_duo_pattern(self.pattern, num_decoder_layers(model), num_key_value_heads(model))
         self.sink_size, self.recent_size = pattern.sink_size, pattern.recent_size
         self.streaming = streaming_heads(pattern.head_scores, self.head_compression_ratio)
 

@@ -7,11 +7,12 @@ https://arxiv.org/abs/2505.23416
 
 from __future__ import annotations
 
-from .base import ScoredPolicy
+from .base import ScoredPolicy, check_context_regime
 from .budgets import lowest_cells_keep
 from .lazy_torch import torch
-from .leverage import check_context_regime
 from .params import Param
+from .snapkv import window_attention
+from .wrappers import attention_modules, head_outputs, output_projections
 
 # kvpress's replay prompts: the first chunk's, and the next chunks' (followed by the last REPEAT_TAIL tokens of the
 # chunk before, where the reconstruction resumes).
@@ -74,8 +75,6 @@ class KVzip(ScoredPolicy):
 
     def bind(self, model, shift) -> None:
         if self.kvzip_plus_normalization:
-            from .wrappers import attention_modules, output_projections
-
             why = "kvzip_plus_normalization=true weighs each value"
             self.attention_modules = attention_modules(model, why)
             self.output_projections = output_projections(model, why)
@@ -118,27 +117,20 @@ class KVzip(ScoredPolicy):
         """float32 [kv_heads, end - start]: the replayed tokens' scores at layer ``layer``. ``query`` [query_heads, q,
         d]: the replay pass's queries (after RoPE); ``keys``/``values`` [kv_heads, N + q, d]: the prefill's then the
         replay's; ``hidden_norms`` [q]: its hidden states' norms (KVzip+)."""
-        kv_heads, total, dim = keys.shape
+        kv_heads, total, _ = keys.shape
         heads, q, _ = query.shape
-        group = heads // kv_heads
         sink = min(self.n_sink, start)
         index = torch.cat([torch.arange(sink), torch.arange(start, end), torch.arange(total - q, total)]).to(keys.device)
-        width = index.numel()
-        picked = keys[:, index].float().transpose(-1, -2)  # [kv_heads, d, S]
-        scaled = (query.float() * scale).reshape(kv_heads, group, q, dim)  # the scaling folded into the queries
+        picked = keys[:, index]  # the sinks, the chunk, the replay's own keys (last)
+        first = index.numel() - q  # columns before the replay's: every replay query sees them
         norms = None
         if self.kvzip_plus_normalization:
             norms = value_output_norms(values[:, index], self.output_projections[layer])  # [kv_heads, group, S]
         best = torch.zeros((kv_heads, end - start), device=keys.device)
-        for a in range(0, q, BLOCK):
+        for a in range(0, q, BLOCK):  # rows a..b-1 see the keys up to their own (snapkv.window_attention)
             b = min(a + BLOCK, q)
-            rows = scaled[:, :, a:b].reshape(kv_heads, group * (b - a), dim)  # one matmul per key/value head
-            logits = torch.bmm(rows, picked).view(kv_heads, group, b - a, width)
-            # the replay's own keys causally: row i sees replay keys 0 .. i (masked in place, that block only)
-            future = torch.arange(q, device=keys.device)[None, :] > torch.arange(a, b, device=keys.device)[:, None]
-            logits[..., width - q:].masked_fill_(future, float("-inf"))
-            weights = torch.softmax(logits, dim=-1)
-            chunk = weights[..., sink : sink + end - start]
+            weights = window_attention(query[:, a:b], picked[:, : first + b], scale)
+            chunk = weights.reshape(kv_heads, heads // kv_heads, b - a, -1)[..., sink : sink + end - start]
             if norms is not None:
                 chunk = chunk / hidden_norms[a:b].float()[:, None] * norms[:, :, None, sink : sink + end - start]
             best = torch.maximum(best, chunk.amax(dim=(1, 2)))
@@ -162,12 +154,10 @@ class KVzip(ScoredPolicy):
 
 def value_output_norms(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """float32 [kv_heads, group, K]: ``‖W_o v‖₂`` of each value [kv_heads, K, d] through each of its query heads'
-    slice of the output projection ``weight`` [hidden, heads · d] (kvpress's ``_compute_value_output_norm``)."""
+    slice of the output projection ``weight`` [hidden, heads · d] (``wrappers.head_outputs``; kvpress's
+    ``_compute_value_output_norm``)."""
     kv_heads, count, dim = values.shape
-    heads = weight.shape[1] // dim
-    group = heads // kv_heads
-    slices = weight.detach().view(weight.shape[0], heads, dim)
-    out = torch.empty((kv_heads, group, count), device=values.device)
-    for head in range(heads):  # one head at a time: no [heads, K, hidden] tensor
-        out[head // group, head % group] = (values[head // group].float() @ slices[:, head].float().T).norm(dim=-1)
+    out = torch.empty((kv_heads, weight.shape[1] // dim // kv_heads, count), device=values.device)
+    for kv_head, member, projected in head_outputs(values, weight):
+        out[kv_head, member] = projected.norm(dim=-1)
     return out

@@ -8,19 +8,13 @@ from __future__ import annotations
 
 import math
 
-from .base import ScoredPolicy
+from .base import ScoredPolicy, check_context_regime
 from .lazy_torch import torch
 from .params import Param
 from .prerope import before_rope, bind_rotary
 
-
-def check_context_regime(cls, settings, reason: str = "scores the prefill's keys before RoPE, each at its text "
-                         "position,") -> None:
-    """A method defined on the whole prefill (``reason``: why), not on a segment: once after the context only."""
-    if not settings.context_regime:
-        raise ValueError(f"policy={cls.name} {reason} and is defined once after the context (kvpress: prefill only), "
-                         f"not on a segment every K tokens: use evict_every=context (got "
-                         f"evict_every={settings.evict_every})")
+# Why Leverage and Compactor are defined once after the context only (check_context_regime's reason)
+PRE_ROPE = "scores the prefill's keys before RoPE, each at its text position,"
 
 
 class Leverage(ScoredPolicy):
@@ -43,7 +37,7 @@ class Leverage(ScoredPolicy):
 
     @classmethod
     def check_settings(cls, settings) -> None:
-        check_context_regime(cls, settings)
+        check_context_regime(cls, settings, PRE_ROPE)
 
     def bind(self, model, shift) -> None:
         self.rotary, self.attention_scaling = bind_rotary(self.name, model, shift)

@@ -65,19 +65,25 @@ def output_projections(model, why: str = "critical=true rescores") -> dict[int, 
     return {layer: module.o_proj.weight for layer, module in attention_modules(model, why).items()}
 
 
-def output_norms(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """float32 [kv_heads, K]: ``‖v W_oᵀ‖₁`` of every held value through its query heads' slices of the output
-    projection ``weight`` [hidden, heads · head_dim], averaged over the key/value head's query heads (kvpress's
-    ``vwl1norm``; one query head at a time, so no [heads, K, hidden] tensor)."""
+def head_outputs(values: torch.Tensor, weight: torch.Tensor):
+    """Per query head ``h``: ``(h // group, h % group, v W_oᵀ)``, the values [kv_heads, K, head_dim] of its key/value
+    head through its slice of the output projection ``weight`` [hidden, heads · head_dim] (float32 [K, hidden]). One
+    query head at a time, so no [heads, K, hidden] tensor; the slices are a view: no copy of W_o at each event."""
     kv_heads, _, dim = values.shape
     heads = weight.shape[1] // dim
     group = heads // kv_heads
-    # [heads, head_dim, hidden] as a view of the weight: no copy of W_o at each event (it runs every K tokens)
-    slices = weight.detach().view(weight.shape[0], heads, dim).permute(1, 2, 0)
-    out = torch.zeros(values.shape[:2], device=values.device)
+    slices = weight.detach().view(weight.shape[0], heads, dim).permute(1, 2, 0)  # [heads, head_dim, hidden]
     for head in range(heads):
-        out[head // group] += (values[head // group].float() @ slices[head].float()).abs().sum(-1)
-    return out / group
+        yield head // group, head % group, values[head // group].float() @ slices[head].float()
+
+
+def output_norms(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """float32 [kv_heads, K]: ``‖v W_oᵀ‖₁`` of every held value (``head_outputs``), averaged over the key/value
+    head's query heads (kvpress's ``vwl1norm``)."""
+    out = torch.zeros(values.shape[:2], device=values.device)
+    for kv_head, _, projected in head_outputs(values, weight):
+        out[kv_head] += projected.abs().sum(-1)
+    return out / (weight.shape[1] // values.shape[-1] // values.shape[0])
 
 
 def critical_scores(score: torch.Tensor, values: torch.Tensor, weight: torch.Tensor, alive: torch.Tensor,
