@@ -175,6 +175,33 @@ def test_one_event_every_k_equals_one_event_after_the_context(model, ids, policy
     assert abs(scores[0].logprob - sum(ours)) <= TOL * len(ours)
 
 
+@pytest.mark.parametrize("prefill_pass", [None, 5], ids=["one-pass", "5-a-pass"])
+def test_a_prefill_is_written_into_one_allocation(model, ids, monkeypatch, prefill_pass):
+    """A prefill read in many passes is written in place into one allocation of its length (concatenating at every
+    pass copies the whole cache each time: quadratic in the context), and a short query window is a copy, not a view
+    holding every pass's queries."""
+    if prefill_pass is not None:
+        monkeypatch.setattr(context_stream, "PREFILL_PASS", prefill_pass)
+    settings = resolve(policy="snapkv", evict_every="context", compression_ratio=0.5, start_size=0,
+                       policy_params=SNAP, chunk_size=4)
+    stream = context_stream.ContextStream(model, settings, find_rotary(model))
+    storage = set()
+    for _ in stream.read_passes(ids[:CONTEXT]):
+        storage.add(stream.cache.layers[0].keys.data_ptr())
+    assert len(storage) == 1
+    for layer in stream.cache.layers:
+        for states in (layer.keys, layer.values):
+            assert states.shape[-2] == CONTEXT
+            assert states.untyped_storage().nbytes() == states.numel() * states.element_size()
+        window = layer.queries
+        assert window.shape[1] == SNAP["window_size"]
+        assert window.untyped_storage().nbytes() == window.numel() * window.element_size()
+    stream.compress()
+    stream.extend(ids[CONTEXT:])  # after the event: the kept keys, then the new ones
+    for layer in stream.cache.layers:
+        assert layer.keys.shape[-2] == CONTEXT // 2 + len(ids) - CONTEXT
+
+
 def test_shared_prefixes_and_questions_are_read_once(model, ids):
     """Requests sharing prefills (and questions) through the walk equal each request read alone."""
     settings = resolve(policy="snapkv", evict_every="context", query_size=3, compression_ratio=0.5, start_size=0,

@@ -38,9 +38,11 @@ from .attention import pass_state, refuse_learned_sinks, run_pass, soft_capped
 from .base import EvictingStream, as_ids, chunk_spans, score_batched
 
 ATTENTION_NAME = "streaming_lm_context"
-# The first pass of a stream (method=chunked): up to this many tokens in one causal pass with no mask, as kvpress reads
-# a prefill (it holds this many tokens' activations; SDPA's causal kernel materialises no [tokens, tokens] logits).
-PREFILL_PASS = 4096
+# The first pass of a stream (method=chunked): up to this many tokens in one causal pass with no mask, as kvpress and
+# lm-eval's hf read a prefill: it holds this many tokens' activations, as theirs do (SDPA's causal kernel materialises no
+# [tokens, tokens] logits; scripts/bench_memory.py measures the peak against hf's). Later passes are masked, and on a CPU
+# cost up to 1.5x the causal pass's time at 16k tokens: hence one pass as long as hf's own for a 16k context.
+PREFILL_PASS = 16384
 
 
 def _context_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -82,7 +84,9 @@ class ContextLayer(DynamicLayer):
     def __init__(self, window: int | None):
         super().__init__()
         self.window = window  # the prefill's last queries the event reads (None: all; 0: none)
-        self.queries: torch.Tensor | None = None  # float32 [query_heads, s, head_dim]
+        self._queries: list[torch.Tensor] = []  # float32 [query_heads, s, head_dim] pieces, joined when read
+        self._room = 0  # tokens the read under way will still add (reserve)
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # what keys/values are views of, with room
         self.scale: float | None = None  # the attention's scaling (the event recomputes weights)
         self.dead: torch.Tensor | None = None  # bool [kv_heads, K]: padding of heads keeping fewer
         self.head_counts: list[int] | None = None  # the tokens each head holds, on the host, where they differ
@@ -96,7 +100,10 @@ class ContextLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if key_states.shape[0] != 1 and not self.compressed:  # after the event: continuations as rows of a batch
             raise ValueError("the evict_every=context cache reads one stream at a time until its event")
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if self._room and key_states.shape[0] == 1:
+            keys, values = self._write(key_states, value_states)
+        else:
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
         if self.dead is not None:
             fresh = torch.zeros((self.dead.shape[0], key_states.shape[-2]), dtype=torch.bool, device=keys.device)
             self.dead = torch.cat((self.dead, fresh), dim=1)
@@ -108,17 +115,52 @@ class ContextLayer(DynamicLayer):
         self.scale = scale
         if self.compressed or self.window == 0:
             return
-        query = query.float()
-        self.queries = query if self.queries is None else torch.cat((self.queries, query), dim=1)
-        if self.window is not None:
-            self.queries = self.queries[:, -self.window:]
+        self._queries.append(query.float())
+        if self.window is not None:  # a short window: joined now (a long prefill's queries are joined once, when read)
+            self._queries = [torch.cat(self._queries, dim=1)[:, -self.window:].clone()]  # a view would hold the pass's
+
+    @property
+    def queries(self) -> torch.Tensor | None:
+        """The queries recorded so far (float32 [query_heads, s, head_dim]), or None."""
+        if len(self._queries) > 1:
+            self._queries = [torch.cat(self._queries, dim=1)]
+        return self._queries[0] if self._queries else None
+
+    @queries.setter
+    def queries(self, value: torch.Tensor | None) -> None:
+        self._queries = [] if value is None else [value]
+
+    def reserve(self, tokens: int) -> None:
+        """Room for the ``tokens`` the read under way adds: a prefill read in many passes is then written in place
+        into one allocation instead of being concatenated at every pass (which copies the whole cache each time)."""
+        self._room = tokens
+
+    def _write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        held, new = self.get_seq_length(), key_states.shape[-2]
+        buffers = self._buffers
+        if (buffers is None or held + new > buffers[0].shape[-2]
+                or (held and self.keys.data_ptr() != buffers[0].data_ptr())):  # keys replaced since (the event)
+            size = held + max(new, self._room)
+            buffers = tuple(states.new_empty((*states.shape[:-2], size, states.shape[-1]))
+                            for states in (key_states, value_states))
+            if held:
+                buffers[0][..., :held, :] = self.keys
+                buffers[1][..., :held, :] = self.values
+            self._buffers = buffers
+        buffers[0][..., held:held + new, :] = key_states
+        buffers[1][..., held:held + new, :] = value_states
+        self._room = max(0, self._room - new)
+        self.keys, self.values = buffers[0][..., :held + new, :], buffers[1][..., :held + new, :]
+        return self.keys, self.values
 
     def keep(self, alive: torch.Tensor | None, shift=None) -> None:
         """The event: keep the held columns ``alive`` marks (bool [kv_heads, n]; None: every one); with a rotary
         ``shift`` (positions=shifted) the kept keys move to positions ``0 .. kept - 1``."""
         if self.compressed:
             raise RuntimeError("an evict_every=context stream is compressed once")
-        self.compressed, self.queries = True, None
+        self.compressed, self.queries, self._buffers = True, None, None
         heads, n = self.keys.shape[1], self.keys.shape[-2]
         if alive is None:  # within the budget: every token stays where it is
             self.kept_tokens = torch.arange(n, device=self.keys.device).expand(heads, -1)
@@ -302,6 +344,9 @@ class ContextStream(EvictingStream):
         # causal kernel, no mask (as kvpress reads a prefill); later passes are masked, chunk_size long, so that no pass
         # materialises more than [heads, chunk_size, keys] of attention.
         first = max(chunk, PREFILL_PASS) if chunked and self.n == 0 else None
+        if not self.compressed and rows.shape[0] == 1:
+            for layer in self.cache.layers:
+                layer.reserve(rows.shape[1])
         evicted = self.cache.evicted_tokens  # 0 until the event; then as many in every layer and head where shifted
         return self._read_in_passes(rows, chunk_spans(rows.shape[1], chunk, first), ATTENTION_NAME,
                                     lambda a, b: (self.cache, context_position(

@@ -29,6 +29,21 @@ TYPES = {name: str if "str" in str(field.type) else {"int": int, "float": float}
          for name, field in FIELDS.items()}
 
 
+def byte_tokenizer():
+    """A byte-level tokenizer with no merges (one token per byte), built offline: for random-weight models."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<s>"] = len(vocab)
+    vocab["</s>"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
 def repo_file(relative: str) -> Path:
     """A file of the checkout (tasks/..., the shipped excerpt), wherever the package is installed."""
     found = [root / relative for root in _ROOTS if (root / relative).exists()]

@@ -70,16 +70,9 @@ def bypassing_llama(seed: int = 0, **overrides):
 
 def tiny_tokenizer():
     """A byte-level tokenizer with no merges (one token per byte), built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from streaming_lm.tools.common import byte_tokenizer
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    vocab["<s>"] = len(vocab)
-    vocab["</s>"] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+    return byte_tokenizer()
 
 
 def save_tiny(out_dir: Path, config=None) -> Path:
