@@ -209,6 +209,7 @@ class ContextStream(EvictingStream):
     def compressed(self) -> bool:
         return self.cache.layers[0].compressed
 
+    @torch.inference_mode()
     def compress(self) -> None:
         """The request's one event, after its prefill: every layer keeps what the event rule says of what it holds
         (every prefill token, in text order). The observation: the prefill's last queries (``query_window``) and, for a
