@@ -146,6 +146,9 @@ def test_the_replay_leaves_the_stream_as_the_prefill_left_it(model, ids):
     assert max(stream.held_per_layer) <= CONTEXT - 2
     assert all(layer.keys.shape[-2] <= CONTEXT - 2 for layer in stream.cache.layers)
     assert stream.evicted > 0
+    # The replay ran without autograd (compress is called outside any inference_mode by the request walk): the state
+    # forks, as the walk does for two questions after one prefill.
+    assert not any(layer.keys.requires_grad for layer in stream.fork().cache.layers)
 
 
 @pytest.mark.parametrize("args, message", [
