@@ -69,10 +69,13 @@ def held_scores(policy: ScoredPolicy, obs: Observation, alive: torch.Tensor) -> 
         every = len(heads) == kv_heads  # all heads at once: no per-head copies
         heads = slice(None) if every else list(heads)
         index = alive[heads].nonzero()[:, 1].reshape(kv_heads if every else len(heads), -1)  # [heads, held]
-        rows_of = torch.arange(index.shape[0], device=index.device)[:, None]
+        # The held columns as rows of the heads' columns laid end to end: index_select of rows is 3x faster than
+        # advanced indexing ([rows, index]) and 8x faster than a gather with an expanded index (same values).
+        flat = (index + torch.arange(index.shape[0], device=index.device)[:, None] * alive.shape[1]).flatten()
 
-        def held(x, heads=heads, index=index, rows_of=rows_of):
-            return x[heads][rows_of, index]  # advanced indexing: a gather with an expanded index is 2x slower
+        def held(x, heads=heads, flat=flat, shape=index.shape):
+            part = x[heads]
+            return part.reshape(-1, *part.shape[2:]).index_select(0, flat).reshape(*shape, *part.shape[2:])
 
         rows, asked = None, None
         if obs.attention is not None:  # each key/value head's query heads, over its held columns

@@ -51,17 +51,31 @@ class ExpectedAttention(ScoredPolicy):
 
     def bind(self, model, shift) -> None:
         self.rotary, self.attention_scaling = bind_rotary(self.name, model, shift)
+        self._tables: dict = {}
 
-    def before_rope(self, queries, index):
-        """The segment's queries before RoPE: each rotated back from its text position ``index`` and its rotary
-        scaling undone (float32 [query_heads, s, head_dim])."""
-        return before_rope(self.rotary, self.attention_scaling, queries, index)
+    def _event_tables(self, step: int, segment: int, head_dim: int, device):
+        """The rotation tables of the event at ``step`` (the segment's ``segment`` queries rotated back from their
+        positions; the mean rotation from the next one): the same for every layer of the event, so computed once for
+        them all (every K tokens the layers of a chunk's events come one after another: the latest kept)."""
+        key = (step, segment, head_dim, device)
+        if key not in self._tables:
+            if len(self._tables) >= 1024:
+                self._tables.clear()
+            index = torch.arange(step - segment + 1, step + 1, device=device)
+            rotation = mean_rotation(self.rotary.inv_freq.float(), step + 1, self.n_future_positions,
+                                     head_dim, self.rotary.layout, self.attention_scaling).to(device)
+            self._tables[key] = (index, self.rotary.tables(-index, device), rotation)
+        return self._tables[key]
+
+    def before_rope(self, queries, step: int):
+        """The segment's queries before RoPE (float32 [query_heads, s, head_dim]: rotated back from their text
+        positions, the rotary scaling undone) and their stream indices, at the event after ``step``."""
+        index, back, _ = self._event_tables(step, queries.shape[1], queries.shape[-1], queries.device)
+        return before_rope(self.rotary, self.attention_scaling, queries, index, back), index
 
     def score(self, keys, values, attention, queries, step):
-        index = torch.arange(step - queries.shape[1] + 1, step + 1, device=queries.device)
-        before = self.before_rope(queries, index)
-        rotation = mean_rotation(self.rotary.inv_freq.float(), step + 1, self.n_future_positions, keys.shape[-1],
-                                 self.rotary.layout, self.attention_scaling)
+        before, index = self.before_rope(queries, step)
+        rotation = self._event_tables(step, queries.shape[1], keys.shape[-1], queries.device)[2]
         return expected_attention_scores(before, index, keys, values, rotation, n_sink=self.n_sink,
                                          use_covariance=self.use_covariance, use_vnorm=self.use_vnorm,
                                          epsilon=self.epsilon)
@@ -113,7 +127,7 @@ def expected_attention_scores(queries: torch.Tensor, query_index: torch.Tensor, 
     """float32 [kv_heads, n]: the expected attention of every held key; the first ``n_sink`` score ``+inf``.
 
     - ``queries`` [query_heads, N, d]: the segment's queries *before* RoPE, ``query_index`` [N] their stream
-      indices; those with index ``< n_sink`` are left out of the statistics.
+      indices (ascending); those with index ``< n_sink`` are left out of the statistics.
     - ``keys``, ``values`` [kv_heads, n, d] as held (keys after RoPE); the first ``n_sink`` held tokens are the
       stream's first ``n_sink`` (never evicted) and are kept.
     - ``rotation`` [d, d]: ``mean_rotation`` over the next ``n_future_positions`` positions from the position
@@ -131,7 +145,7 @@ def expected_attention_scores(queries: torch.Tensor, query_index: torch.Tensor, 
         raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
     if n <= n_sink:
         raise ValueError(f"expected_attention needs more held tokens ({n}) than n_sink={n_sink}")
-    observed = queries[:, query_index >= n_sink].float()
+    observed = queries[:, int((query_index < n_sink).sum()):].float()  # the indices ascend: a slice, not a mask
     if observed.shape[1] == 0:
         raise ValueError(f"expected_attention needs a query at stream index >= n_sink={n_sink} in the segment")
     scale = 1.0 / math.sqrt(d) if scale is None else scale

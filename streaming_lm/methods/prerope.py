@@ -21,10 +21,12 @@ def bind_rotary(name: str, model, shift) -> tuple[object, float]:
     return shift, scaling.pop() if scaling else 1.0
 
 
-def before_rope(rotary, attention_scaling: float, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def before_rope(rotary, attention_scaling: float, x: torch.Tensor, index: torch.Tensor, tables=None) -> torch.Tensor:
     """``x`` [heads, s, head_dim] (queries or keys after RoPE at text positions ``index`` [s]) before RoPE: rotated
-    back and its rotary scaling undone, float32. Equal to the projection's output up to float rounding."""
-    return rotary.rotate(x.float(), -index) / attention_scaling
+    back and its rotary scaling undone, float32. Equal to the projection's output up to float rounding. ``tables``:
+    ``rotary.tables(-index)``, where the caller keeps them for several layers."""
+    back = rotary.tables(-index, x.device) if tables is None else tables
+    return rotary.rotate_by(x.float(), *back) / attention_scaling
 
 
 def prerope_key_module(attention):
