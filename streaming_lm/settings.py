@@ -28,7 +28,6 @@ METHODS = ("chunked", "token", "recompute")
 DEFAULT_METHOD = "chunked"
 DEFAULT_START_SIZE = 4
 DEFAULT_RECENT_SIZE = 1020
-DEFAULT_CHUNK_SIZE = 128  # measured by scripts/bench_eval.py (SmolLM2, CPU, 4+1020): 64-512 within 25 %
 
 
 SPEED_ONLY = "speed_only"  # field metadata: the knob changes speed, never a number
@@ -59,8 +58,8 @@ class StreamingSettings:
     # Informational once resolved: recent_size (or heavy_size) was derived from it.
     compression_ratio: float | None = _knob(None, "instead of the recent size: C = round((1 - r) * max_length)")
     # Speed only: every chunk size gives the same numbers, so runs differing in it share a name.
-    chunk_size: int = _knob(DEFAULT_CHUNK_SIZE, "tokens per forward pass of method chunked (speed only, same numbers)",
-                            speed_only=True)
+    chunk_size: int | None = _knob(None, "tokens per forward pass of method chunked (speed only, same numbers; "
+                                   "default: the policy's default_chunk_size, docs/knobs.md)", speed_only=True)
     stride: int | None = _knob(None, "method recompute: tokens scored per window (default 1)")
     policy: str = _knob(DEFAULT_POLICY, f"eviction policy: {', '.join(POLICIES)}, or package.module:Class")
     heavy_size: int = _knob(0, "slots a scored policy fills by its score (C = start + recent + heavy)")
@@ -95,7 +94,8 @@ class StreamingSettings:
         as_choice("positions", self.positions, POSITIONS)
         as_choice("method", self.method, METHODS)
         _check_method(cls, self.policy, self.method, self.positions, self.evict_every, self.policy_params)
-        object.__setattr__(self, "chunk_size", as_int("chunk_size", self.chunk_size, 1))
+        object.__setattr__(self, "chunk_size", cls.default_chunk_size if self.chunk_size is None
+                           else as_int("chunk_size", self.chunk_size, 1))
         object.__setattr__(self, "stride", _check_stride(self.stride, self.method, self.positions, self.recent_size))
         cls.check_settings(self)
         if cls.kind == _SCORED_KIND and cls.takes_wrappers:
@@ -365,7 +365,7 @@ def resolve(
     compression_ratio=None,
     positions=None,
     method=None,
-    chunk_size=DEFAULT_CHUNK_SIZE,
+    chunk_size=None,
     stride=None,
     policy=DEFAULT_POLICY,
     heavy_size=None,
@@ -392,7 +392,7 @@ def resolve(
     as_choice("method", method, METHODS)
     evict_every = _check_evict_every(evict_every, method)
     _check_method(cls, policy, method, positions, evict_every, policy_params)
-    chunk_size = as_int("chunk_size", chunk_size, 1)
+    chunk_size = None if chunk_size is None else as_int("chunk_size", chunk_size, 1)  # None: the policy's default
     # recent_size may not be known yet (compression_ratio): its bound on stride is checked below.
     stride = _check_stride(stride, method, positions, None)
     common = dict(positions=positions, method=method, chunk_size=chunk_size, stride=stride, policy=policy,

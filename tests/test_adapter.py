@@ -34,7 +34,7 @@ def test_defaults_and_results_config(tiny_dir):
     info = lm.get_model_info()["streaming"]
     assert info | {"evicted_tokens": 0} == {
         "start_size": 4, "recent_size": 1020, "positions": "shifted", "method": "chunked",
-        "compression_ratio": None, "chunk_size": 128, "stride": None, "policy": "sink_window", "heavy_size": 0,
+        "compression_ratio": None, "chunk_size": 256, "stride": None, "policy": "sink_window", "heavy_size": 0,
         "evict_every": 1, "query_size": None, "policy_params": {}, "capacity": 1024, "evicted_tokens": 0,
     }
 

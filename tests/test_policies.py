@@ -332,3 +332,14 @@ def test_an_event_that_cannot_reach_the_budget_raises(llama, method, every):
         score(model, torch.arange(3, 20), setting, find_rotary(model))
     fits = dataclasses.replace(setting, policy_params={"keep": 2})
     assert score(model, torch.arange(3, 20), fits, find_rotary(model)).evicted > 0
+
+
+def test_chunk_size_defaults_to_the_policys():
+    """chunk_size left out is the policy's ``default_chunk_size`` (sink_window's mask-only path: longer passes; a
+    scored path decides its rows one by one: shorter ones); given, it is the user's for every policy."""
+    from streaming_lm.methods import POLICIES
+
+    assert resolve().chunk_size == POLICIES["sink_window"].default_chunk_size == 256
+    assert resolve(policy="knorm", heavy_size=8).chunk_size == POLICIES["knorm"].default_chunk_size == 128
+    assert resolve(policy="knorm", evict_every="context", compression_ratio=0.5).chunk_size == 128
+    assert resolve(chunk_size=64).chunk_size == resolve(policy="knorm", heavy_size=8, chunk_size=64).chunk_size == 64

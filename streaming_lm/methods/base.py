@@ -66,6 +66,9 @@ class Policy:
     default_positions: ClassVar[str]
     observes: ClassVar[frozenset[str]] = frozenset()  # of OBSERVATIONS: what an event reads (scored methods)
     needs_tokenizer: ClassVar[bool] = False  # bind_tokenizer is called with the model's tokenizer (KVzip's prompt)
+    # chunk_size's default (speed only): a scored path decides a chunk's rows one by one, so longer chunks cost it more
+    # at evict_every=1 (scripts/bench_eval.py, SmolLM2, CPU: key-norm and TOVA 15-20 % slower at 256 than at 128)
+    default_chunk_size: ClassVar[int] = 128
 
     def __init__(self, settings):  # a settings.StreamingSettings (settings.py imports this package)
         self.settings = settings
@@ -129,6 +132,10 @@ class EvictionPolicy(Policy):
     kind = INDEX
     paths = {"token": BOTH, "chunked": BOTH, "recompute": ("shifted",)}
     default_positions = "shifted"
+    # The mask-only chunked path: fewer passes pay (SmolLM2 rolling, 4,096 tokens: 1.13-1.19x dense hf at 256,
+    # 0.91-0.96x at 128; the bf16 gpu_check shape 0.80-0.82x against 0.50x), while C + max(chunk_size, 256), the
+    # positions it reaches, stays as it was (support.py)
+    default_chunk_size = 256
 
     def compressed(self, n: int) -> Runs:
         """Token indices kept when an event falls after reading tokens ``0 .. n-1``: at most ``capacity`` of

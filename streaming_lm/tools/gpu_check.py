@@ -39,7 +39,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama-2-7b")
     p.add_argument("--tokens", type=int, default=16384, help="stream length for the timings (default 16384)")
     # The cache: one flag per settings knob; method is the rows' (chunked, then the token loop).
-    flags = add_knob_flags(p, underscores=True, defaults={"chunk_size": 512}, covered={"method": "method"})
+    flags = add_knob_flags(p, underscores=True, covered={"method": "method"})
     p.add_argument("--token_seconds", "--token-seconds", type=float, default=120.0,
                    help="stop the token loop after this many seconds (default 120)")
     p.add_argument("--json", type=Path, help="also write the results here")
