@@ -135,7 +135,7 @@ def main(argv=None) -> dict:
 
     rows = rows_for(args)
     for spec in rows:  # bad knobs fail here, before any process starts
-        settings.resolve(**{k: v for k, v in spec["args"].items()}, max_length=spec["tokens"] + 64)
+        settings.resolve(**spec["args"], max_length=spec["tokens"] + 64)
     results = {"shape": rows[0]["shape"], "rows": []}
     for spec in rows:
         print(f"[{spec['part']}] {spec['name']} ...", file=sys.stderr, flush=True)
