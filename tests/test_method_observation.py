@@ -8,6 +8,7 @@ import torch
 from helpers.models import tiny_llama
 from helpers.policies import RecordingExpectedAttention
 
+from streaming_lm.methods import policy_for
 from streaming_lm.rolling import score
 from streaming_lm.rotary import find_rotary
 from streaming_lm.settings import resolve
@@ -38,3 +39,19 @@ def test_expected_attention_sees_the_queries_before_rope(method):
     assert list(layer0) == list(range(9, 29, 5))  # events after tokens 9, 14, ... (C = 6 < 10)
     for step, queries in layer0.items():
         torch.testing.assert_close(queries, before[:, step - 4 : step + 1].float(), rtol=0, atol=1e-5)
+
+
+def test_expected_attentions_tables_are_shared_by_layers_and_bounded():
+    """An event's rotation tables are computed once for all its layers, and what is kept stays bounded: a chunk's
+    short segments, or one long segment alone (once after a long context)."""
+    model = tiny_llama()
+    policy = policy_for(resolve(policy="expected_attention", evict_every="context", compression_ratio=0.5,
+                                start_size=0), model, find_rotary(model))
+    first = policy._event_tables(100, 1, 16, torch.device("cpu"))
+    assert policy._event_tables(100, 1, 16, torch.device("cpu")) is first  # the next layer's: the same
+    for step in range(3000):
+        policy._event_tables(step, 1, 16, torch.device("cpu"))
+    assert len(policy._tables) <= 1024
+    for step in (6000, 7000):
+        policy._event_tables(step, 8000, 16, torch.device("cpu"))
+        assert len(policy._tables) == 1 and policy._table_rows == 8000

@@ -52,15 +52,20 @@ class ExpectedAttention(ScoredPolicy):
     def bind(self, model, shift) -> None:
         self.rotary, self.attention_scaling = bind_rotary(self.name, model, shift)
         self._tables: dict = {}
+        self._table_rows = 0  # the queries the kept tables cover
 
     def _event_tables(self, step: int, segment: int, head_dim: int, device):
         """The rotation tables of the event at ``step`` (the segment's ``segment`` queries rotated back from their
         positions; the mean rotation from the next one): the same for every layer of the event, so computed once for
-        them all (every K tokens the layers of a chunk's events come one after another: the latest kept)."""
+        them all (every K tokens the layers of a chunk's events come one after another: a chunk's events are kept)."""
         key = (step, segment, head_dim, device)
         if key not in self._tables:
-            if len(self._tables) >= 1024:
+            # Bounded: a chunk's events at most, and one long segment alone (once after a 16k-token context its
+            # tables are [16k, head_dim]; requests do not share them)
+            if len(self._tables) >= 1024 or self._table_rows + segment > 8192:
                 self._tables.clear()
+                self._table_rows = 0
+            self._table_rows += segment
             index = torch.arange(step - segment + 1, step + 1, device=device)
             rotation = mean_rotation(self.rotary.inv_freq.float(), step + 1, self.n_future_positions,
                                      head_dim, self.rotary.layout, self.attention_scaling).to(device)
