@@ -19,6 +19,12 @@ def num_key_value_heads(model) -> int:
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
+def head_dim(model) -> int:
+    """Features per attention head (the config's ``head_dim``, else hidden size over query heads)."""
+    config = model.config.get_text_config(decoder=True)
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def forward_takes(model, name: str) -> bool:
     """Whether ``model.forward`` has a parameter ``name`` (inspect once per stream, not per pass)."""
     return name in inspect.signature(model.forward).parameters

@@ -80,7 +80,7 @@ class ExpectedAttention(ScoredPolicy):
 
     def score(self, keys, values, attention, queries, step):
         before, index = self.before_rope(queries, step)
-        rotation = self._event_tables(step, queries.shape[1], keys.shape[-1], queries.device)[2]
+        rotation = self._event_tables(step, queries.shape[1], queries.shape[-1], queries.device)[2]  # before_rope's
         return expected_attention_scores(before, index, keys, values, rotation, n_sink=self.n_sink,
                                          use_covariance=self.use_covariance, use_vnorm=self.use_vnorm,
                                          epsilon=self.epsilon)

@@ -64,11 +64,9 @@ class QFilter(ScoredPolicy):
             raise ValueError(f"policy=qfilter needs filters=<path>: {FORMAT}")
 
     def bind(self, model, shift) -> None:
-        from ..forward_args import num_decoder_layers, num_key_value_heads
+        from ..forward_args import head_dim, num_decoder_layers, num_key_value_heads
 
-        config = model.config.get_text_config(decoder=True)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.filters = load_filters(self.filters, num_decoder_layers(model), num_key_value_heads(model), head_dim)
+        self.filters = load_filters(self.filters, num_decoder_layers(model), num_key_value_heads(model), head_dim(model))
 
     def score(self, keys, values, attention, layer):
         if self.filters.device != keys.device:

@@ -40,14 +40,16 @@ class ChunkPlan:
     n_sink: int  # the first n_sink key columns are sinks
     query_shift: torch.Tensor  # long [Q]: p(t) - L(t), the extra rotation for sink logits
     shift: RotaryShift | LayerShifts | None  # for_layer(module.layer_idx): the layer's own
-    # Worked out at the first layer and reused by the others (a layer's attention runs per pass, the plan once).
-    _hidden: dict = dataclasses.field(default_factory=dict)
+    # Worked out at the first layer and reused by the others (a layer's attention runs per pass, the plan once):
+    # ("hidden", group), ("additive", dtype), ("sink", id(shift)).
+    _memo: dict = dataclasses.field(default_factory=dict)
 
     def hidden(self, group: int) -> torch.Tensor:
         """bool [group * Q, K]: what each grouped row may not see (the mask, repeated for the query heads)."""
-        if group not in self._hidden:
-            self._hidden[group] = ~self.allowed.repeat(group, 1)
-        return self._hidden[group]
+        key = ("hidden", group)
+        if key not in self._memo:
+            self._memo[key] = ~self.allowed.repeat(group, 1)
+        return self._memo[key]
 
     @functools.cached_property
     def rotates_sinks(self) -> bool:
@@ -56,17 +58,18 @@ class ChunkPlan:
 
     def additive(self, dtype) -> torch.Tensor:
         """The mask as an additive float [Q, K] (0 where a query sees a key, -inf elsewhere), once per dtype."""
-        if dtype not in self._hidden:
-            self._hidden[dtype] = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device).masked_fill_(
+        key = ("additive", dtype)
+        if key not in self._memo:
+            self._memo[key] = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device).masked_fill_(
                 ~self.allowed, float("-inf"))
-        return self._hidden[dtype]
+        return self._memo[key]
 
     def sink_tables(self, shift: RotaryShift, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotation tables of ``query_shift`` for ``shift`` (layers sharing a shift share them)."""
-        key = id(shift)
-        if key not in self._hidden:
-            self._hidden[key] = shift.tables(self.query_shift, device)
-        return self._hidden[key]
+        key = ("sink", id(shift))
+        if key not in self._memo:
+            self._memo[key] = shift.tables(self.query_shift, device)
+        return self._memo[key]
 
 
 def _chunk_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):

@@ -26,10 +26,11 @@ import sys
 import time
 from pathlib import Path
 
+from .bench_caches import FORMAT, cache_rows, parse_entry, parse_everies, split_entries
 from .common import EXCERPT, byte_tokenizer, repo_file
 
 ONCE_METHODS = "sink_window,knorm,snapkv,expected_attention"
-CACHES = "sink_window:start_size=4,recent_size=1020;knorm:start_size=4,recent_size=0,heavy_size=1020,evict_every=64"
+CACHES = "sink_window:4+1020,knorm:4+0+1020:evict_every=64"  # bench_eval's --caches entries, evict_every in each
 GOAL_ONCE = 1.2  # issue 28: the once regime's peak at most this many times hf's
 
 
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=ONCE_METHODS, help=f"(a) policies at r = 0.5 (default {ONCE_METHODS})")
     p.add_argument("--rolling_tokens", "--rolling-tokens", default="4096,8192,16384",
                    help="(b) text lengths, comma-separated ('' to skip)")
-    p.add_argument("--caches", default=CACHES, help=f"(b) streaming_hf caches, ';'-separated (default {CACHES})")
+    p.add_argument("--caches", default=CACHES, help=f"(b) streaming_hf caches, comma-separated {FORMAT}, "
+                   f"each with evict_every=K among its parameters (default 1; default {CACHES})")
     for name, default in (("hidden_size", 512), ("intermediate_size", 1536), ("num_hidden_layers", 4),
                           ("num_attention_heads", 8), ("num_key_value_heads", 8)):
         p.add_argument(f"--{name}", type=int, default=default, help=f"the model's (default {default})")
@@ -99,11 +101,14 @@ def _run(spec: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _cache_args(entry: str) -> tuple[str, dict]:
-    policy, _, rest = entry.partition(":")
-    args = {"policy": policy} | dict(part.split("=", 1) for part in rest.split(",") if part)
-    return f"{policy} {args.get('start_size', '')}+{args.get('recent_size', '')}+{args.get('heavy_size', 0)}" + (
-        f" every {args['evict_every']}" if "evict_every" in args else " every 1"), args
+def _cache(entry: str) -> tuple[str, dict]:
+    """(row name, streaming_hf's args) of a ``--caches`` entry (bench_eval's format; ``evict_every=K`` among the
+    parameters), read by the chunked path; the settings' error, naming the value, before any process starts."""
+    _, knobs, params = parse_entry(entry)
+    every = parse_everies(params.pop("evict_every", "1"))[0]
+    label = parse_entry(re.sub(r"evict_every=[^,]*,?", "", entry).rstrip(":,"))[0]  # named without it
+    row = cache_rows(label, knobs, params, [every], paths=("chunked",))[0]  # raises where no path serves it
+    return f"{label} every {every}", row.args
 
 
 def rows_for(args) -> list[dict]:
@@ -119,8 +124,8 @@ def rows_for(args) -> list[dict]:
     for tokens in [int(t) for t in args.rolling_tokens.split(",") if t]:
         rows.append(base | dict(part=f"rolling {tokens}", name="hf", model="hf", kind="loglikelihood_rolling",
                                 tokens=tokens, args={}))
-        for entry in [e for e in args.caches.split(";") if e]:
-            name, knobs = _cache_args(entry)
+        for entry in split_entries(args.caches):
+            name, knobs = _cache(entry)
             rows.append(base | dict(part=f"rolling {tokens}", name=f"streaming_hf {name}", model="streaming_hf",
                                     kind="loglikelihood_rolling", tokens=tokens, args=knobs))
     return rows
@@ -134,8 +139,9 @@ def main(argv=None) -> dict:
     from .. import settings
 
     rows = rows_for(args)
-    for spec in rows:  # bad knobs fail here, before any process starts
-        settings.resolve(**spec["args"], max_length=spec["tokens"] + 64)
+    for spec in rows:  # bad knobs fail here, before any process starts (the caches' in rows_for)
+        if spec["part"] == "once":
+            settings.resolve(**spec["args"], max_length=spec["tokens"] + 64)
     results = {"shape": rows[0]["shape"], "rows": []}
     for spec in rows:
         print(f"[{spec['part']}] {spec['name']} ...", file=sys.stderr, flush=True)
