@@ -55,3 +55,54 @@ def test_expected_attentions_tables_are_shared_by_layers_and_bounded():
     for step in (6000, 7000):
         policy._event_tables(step, 8000, 16, torch.device("cpu"))
         assert len(policy._tables) == 1 and policy._table_rows == 8000
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16])
+@pytest.mark.parametrize("head_budgets", ["uniform", "adaptive"])
+def test_expected_attention_every_token_chunked_equals_the_token_loop(monkeypatch, head_budgets, chunk):
+    """evict_every=1: the chunked path prepares a chunk's events at once (``row_scorer``, never ``score``); the
+    token loop scores the held columns at each event. Same evictions, same numbers."""
+    from streaming_lm.methods.expected_attention import ExpectedAttention
+
+    model = tiny_llama()
+    ids = torch.randperm(128, generator=torch.Generator().manual_seed(5))[:40]
+    params = {"n_sink": 2, "n_future_positions": 8, "epsilon": 0.1, "head_budgets": head_budgets}
+
+    def run(method, **extra):
+        return score(model, ids, resolve(policy="expected_attention", start_size=1, recent_size=1, heavy_size=6,
+                                         policy_params=params, method=method, **extra), find_rotary(model))
+
+    token = run("token")
+    calls = []
+    original = ExpectedAttention.score
+    monkeypatch.setattr(ExpectedAttention, "score", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    chunked = run("chunked", chunk_size=chunk)
+    assert not calls  # every event went through the row scorer
+    assert token.evicted == chunked.evicted == 40 - 1 - 8
+    torch.testing.assert_close(chunked.logprobs, token.logprobs, rtol=0, atol=1e-5)
+
+
+def test_expected_attentions_row_scorer_is_its_score_on_the_held_columns():
+    """At any row and any held set (the sinks held, as they always are), the row scorer's scores of the held columns
+    are ``score``'s on those columns alone."""
+    from streaming_lm.methods.event import Observation, held_scores
+
+    model = tiny_llama()
+    policy = policy_for(resolve(policy="expected_attention", start_size=0, recent_size=0, heavy_size=8,
+                                policy_params={"n_sink": 3, "n_future_positions": 16, "epsilon": 0.2}),
+                        model, find_rotary(model))
+    g = torch.Generator().manual_seed(0)
+    kv_heads, heads, d, columns, rows, first = 2, 4, 16, 30, 12, 40
+    keys, values = torch.randn(kv_heads, columns, d, generator=g), torch.randn(kv_heads, columns, d, generator=g)
+    queries = torch.randn(heads, rows, d, generator=g)
+    tokens = torch.cat((torch.arange(3), torch.arange(first + rows - columns + 3, first + rows)))
+    tokens = tokens.expand(kv_heads, -1)
+    scorer = policy.row_scorer(keys, values, queries, first, tokens)
+    for r in (0, 5, rows - 1):
+        alive = torch.rand(kv_heads, columns, generator=g) < 0.6
+        alive[:, :3] = True
+        alive[1] = alive[0]  # heads holding as many (held_scores scores those at once) ...
+        alive[1, 3:] = alive[1, 3:].roll(1)  # ... but not the same columns
+        got = scorer(r, alive)
+        want = held_scores(policy, Observation(keys, values, first + r, queries=queries[:, r : r + 1]), alive)
+        torch.testing.assert_close(got[alive], want[alive], rtol=1e-5, atol=0)

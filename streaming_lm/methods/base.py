@@ -263,3 +263,14 @@ class ScoredPolicy(Policy):
         called as ``score(keys, values, attention, queries=..., step=...)`` (``OBSERVATIONS``).
         """
         raise NotImplementedError
+
+    def row_scorer(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, first_step: int,
+                   tokens: torch.Tensor):
+        """Speed only, optional: at ``evict_every=1`` the chunked path's events of one chunk, prepared at once (every
+        event's segment is its own row). ``keys``/``values`` [kv_heads, columns, head_dim]: what the layer held before
+        the chunk and the chunk's own, ``queries`` [query_heads, rows, head_dim] the chunk's (after RoPE), row ``r``
+        at stream index ``first_step + r``; ``tokens`` [kv_heads, columns] the columns' token indices. Returns
+        ``scores(r, alive)``: float32 [kv_heads, columns], at the event after row ``r`` what ``score`` gives the
+        columns ``alive`` marks (the others: any value), computed without gathering them. None (the default):
+        ``score`` on the held columns at every event."""
+        return None

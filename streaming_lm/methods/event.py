@@ -10,6 +10,7 @@ is within its budget (nothing to evict). Storage stores, paths read, methods dec
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -32,6 +33,8 @@ class Observation:
     scale: float | None = None  # the layer's attention scaling (the model's)
     layer: int | None = None  # the layer's index
     prerope_keys: torch.Tensor | None = None  # [kv_heads, K, head_dim]: the keys before RoPE (context regime)
+    # () -> ``scores``, asked only where the event evicts (the chunked path's ``row_scorer``)
+    score_of: Callable[[], torch.Tensor] | None = None
 
 
 def step_scores(policy: ScoredPolicy, obs: Observation, heads: int, totals: torch.Tensor | None = None
@@ -117,7 +120,7 @@ def keep(policy: Policy, layer: int, layers: int, obs: Observation, alive: torch
         return policy.event_keep(layer, alive, budget)
     if (tokens.numel() if every else int(alive.sum())) <= capacity * alive.shape[0]:
         return None
-    score = obs.scores
+    score = obs.scores if obs.score_of is None else obs.score_of()
     if score is None:
         score = step_scores(policy, obs, alive.shape[0]) if every or bool(alive.all()) else \
             held_scores(policy, obs, alive)

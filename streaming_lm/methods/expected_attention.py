@@ -60,17 +60,31 @@ class ExpectedAttention(ScoredPolicy):
         them all (every K tokens the layers of a chunk's events come one after another: a chunk's events are kept)."""
         key = (step, segment, head_dim, device)
         if key not in self._tables:
-            # Bounded: a chunk's events at most, and one long segment alone (once after a 16k-token context its
-            # tables are [16k, head_dim]; requests do not share them)
-            if len(self._tables) >= 1024 or self._table_rows + segment > 8192:
-                self._tables.clear()
-                self._table_rows = 0
-            self._table_rows += segment
             index = torch.arange(step - segment + 1, step + 1, device=device)
             rotation = mean_rotation(self.rotary.inv_freq.float(), step + 1, self.n_future_positions,
                                      head_dim, self.rotary.layout, self.attention_scaling).to(device)
-            self._tables[key] = (index, self.rotary.tables(-index, device), rotation)
+            self._remember(key, segment, (index, self.rotary.tables(-index, device), rotation))
         return self._tables[key]
+
+    def _row_tables(self, first_step: int, rows: int, head_dim: int, device):
+        """``row_scorer``'s tables, for every layer of a chunk: its rows' indices, their inverse rotations and each
+        row's mean rotation [rows, head_dim, head_dim] (each row an event: from the position after it)."""
+        key = ("rows", first_step, rows, head_dim, device)
+        if key not in self._tables:
+            index = torch.arange(first_step, first_step + rows, device=device)
+            rotations = mean_rotation(self.rotary.inv_freq.float(), index.cpu() + 1, self.n_future_positions,
+                                      head_dim, self.rotary.layout, self.attention_scaling).to(device)
+            self._remember(key, rows, (index, self.rotary.tables(-index, device), rotations))
+        return self._tables[key]
+
+    def _remember(self, key, rows: int, tables) -> None:
+        # Bounded: a chunk's events at most, and one long segment alone (once after a 16k-token context its
+        # tables are [16k, head_dim]; requests do not share them)
+        if len(self._tables) >= 1024 or self._table_rows + rows > 8192:
+            self._tables.clear()
+            self._table_rows = 0
+        self._table_rows += rows
+        self._tables[key] = tables
 
     def before_rope(self, queries, step: int):
         """The segment's queries before RoPE (float32 [query_heads, s, head_dim]: rotated back from their text
@@ -86,6 +100,34 @@ class ExpectedAttention(ScoredPolicy):
                                          epsilon=self.epsilon)
 
 
+    def row_scorer(self, keys, values, queries, first_step, tokens):
+        """Every event's segment one query (``evict_every=1``): no covariance, and each row's expected query
+        (rotated back, then by the mean rotation from the next position) and its logits against every column are
+        one batched product for the chunk; an event is then a softmax over the non-sink columns it holds. The math
+        of ``expected_attention_scores``, the sinks being the columns of tokens ``< n_sink``."""
+        heads, rows, d = queries.shape
+        kv_heads, columns, _ = keys.shape
+        index, back, rotations = self._row_tables(first_step, rows, d, queries.device)
+        before = before_rope(self.rotary, self.attention_scaling, queries, index, back)  # [heads, rows, d]
+        expected = torch.einsum("hri,rji->hrj", before, rotations).reshape(kv_heads, -1, rows, d)
+        expected = expected.transpose(1, 2).reshape(kv_heads, -1, d)  # [kv_heads, rows * group, d], by row
+        scale = 1.0 / math.sqrt(d)
+        # [kv_heads, rows, group, columns]: row r's logits of every column, for each query head of the kv head (one
+        # product per key/value head: a broadcast over rows would copy the keys per row)
+        logits = (scale * torch.matmul(expected, keys.float().transpose(-1, -2))).view(kv_heads, rows, -1, columns)
+        sink = tokens < self.n_sink
+        norms = values.float().norm(dim=-1) if self.use_vnorm else None
+
+        def scores(r: int, alive: torch.Tensor) -> torch.Tensor:
+            weights = torch.softmax(logits[:, r].masked_fill(~(alive & ~sink)[:, None], float("-inf")), dim=-1)
+            score = weights.mean(dim=1)
+            if norms is not None:
+                score = (score + self.epsilon) * norms
+            return score.masked_fill(sink, float("inf"))
+
+        return scores
+
+
 def check_expected_attention(n_future_positions=512, n_sink=4, epsilon=0.0) -> None:
     """Expected Attention's knobs: ``n_future_positions >= 1``, ``n_sink >= 0``, a finite ``epsilon >= 0``."""
     as_count("n_future_positions", n_future_positions, 1)
@@ -93,10 +135,11 @@ def check_expected_attention(n_future_positions=512, n_sink=4, epsilon=0.0) -> N
     as_float("epsilon", epsilon, 0)
 
 
-def mean_rotation(inv_freq: torch.Tensor, first_position: int, count: int, head_dim: int,
+def mean_rotation(inv_freq: torch.Tensor, first_position, count: int, head_dim: int,
                   layout: str = "rotate_half", attention_scaling: float = 1.0) -> torch.Tensor:
     """float32 [head_dim, head_dim]: the mean of the RoPE matrices of positions ``first_position ..
-    first_position + count - 1`` (``R x`` rotates ``x`` as the model rotates a query at that position).
+    first_position + count - 1`` (``R x`` rotates ``x`` as the model rotates a query at that position); for a
+    tensor of first positions [n], the n matrices [n, head_dim, head_dim].
 
     ``inv_freq`` [rotary_dim / 2] and ``attention_scaling`` are the model's rotary module's (transformers'
     ``rotary_emb.inv_freq`` / ``.attention_scaling``, which already fold in theta and RoPE scaling); angles are
@@ -108,21 +151,24 @@ def mean_rotation(inv_freq: torch.Tensor, first_position: int, count: int, head_
 
     as_choice("layout", layout, LAYOUTS)
     as_count("n_future_positions", count, 1)
-    as_count("first_position", first_position, 0)
+    one = not isinstance(first_position, torch.Tensor)
+    firsts = torch.tensor([as_count("first_position", first_position, 0)]) if one else first_position.long().cpu()
+    if firsts.numel() and int(firsts.min()) < 0:
+        raise ValueError(f"first_position must be an integer >= 0, got {int(firsts.min())}")
     inv_freq = inv_freq.detach().float().cpu()
     half = inv_freq.numel()
     if 2 * half > head_dim:
         raise ValueError(f"inv_freq has {half} frequencies: more than head_dim={head_dim} features can pair")
-    positions = torch.arange(first_position, first_position + count, dtype=torch.float32)
-    angles = positions[:, None] * inv_freq[None, :]  # [count, half]
-    cos = (angles.cos() * attention_scaling).mean(0)
-    sin = (angles.sin() * attention_scaling).mean(0)
+    positions = (firsts[:, None] + torch.arange(count)).float()  # [n, count]
+    angles = positions[..., None] * inv_freq  # [n, count, half]
+    cos = (angles.cos() * attention_scaling).mean(1)
+    sin = (angles.sin() * attention_scaling).mean(1)
     first = torch.arange(half) if layout == HALF else 2 * torch.arange(half)
     second = first + half if layout == HALF else first + 1
-    rotation = torch.eye(head_dim)
-    rotation[first, first], rotation[second, second] = cos, cos
-    rotation[first, second], rotation[second, first] = -sin, sin
-    return rotation
+    rotation = torch.eye(head_dim).repeat(firsts.numel(), 1, 1)
+    rotation[:, first, first], rotation[:, second, second] = cos, cos
+    rotation[:, first, second], rotation[:, second, first] = -sin, sin
+    return rotation[0] if one else rotation
 
 
 def expected_attention_scores(queries: torch.Tensor, query_index: torch.Tensor, keys: torch.Tensor,

@@ -45,6 +45,10 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
     fixed = None
     if policy.kind == SCORED and policy.per_token and not observes - {"layer"}:
         fixed = step_scores(policy, Observation(key[0], value[0], t0 + q_len - 1, layer=layer.index), kv_heads)
+    # Every row its own segment (evict_every=1): the method may prepare the chunk's events at once (row_scorer).
+    rows_scorer = None
+    if policy.kind == SCORED and fixed is None and policy.schedule.every == 1 and not layer.history:
+        rows_scorer = policy.row_scorer(key[0], value[0], query[0], t0, layer.tokens)
     segment = 0  # the first row of this chunk in the current segment (earlier rows: layer.queries)
     columns_at = torch.arange(columns, device=key.device)
     a = 0  # the first row of the next block
@@ -62,10 +66,12 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
         if layer.history or event:  # the row's observation, as the token loop's step would make it
             attention = weights[:, :, r].reshape(heads, columns) if "attention" in observes else None
             queries = None
-            if event and "queries" in observes:  # the segment's: earlier chunks' (held by the layer), then these rows
+            if event and "queries" in observes and rows_scorer is None:  # the segment's: earlier chunks' (held by the layer), then these rows
                 mine = query[0, :, segment : r + 1].float()
                 queries = mine if layer.queries is None else torch.cat((layer.queries, mine), dim=1)
             obs = Observation(key[0], value[0], t0 + r, attention, queries, fixed, scaling, layer.index)
+            if rows_scorer is not None:
+                obs.score_of = lambda r=r, alive=alive: rows_scorer(r, alive)
             if layer.history:  # totals are per column: score every column (dead ones are never chosen)
                 obs.scores = step_scores(policy, obs, kv_heads, layer.totals)
             if event:
