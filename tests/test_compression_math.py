@@ -277,6 +277,25 @@ def test_mean_rotation_is_the_mean_of_the_model_rotations(layout):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["rotate_half", "interleaved"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_by_is_the_textbook_rotation_bit_for_bit(layout, dtype):
+    """``RotaryShift.rotate_by`` (pairs written half by half) is ``x·cos + rotate_half(x)·sin`` computed in float32
+    and rounded once to x's dtype, to the bit: by one delta, per position, per head and position; partial rotary."""
+    from streaming_lm.rotary import RotaryShift
+
+    shift = RotaryShift(1.0 / (10000 ** (torch.arange(0, 6, 2).float() / 6)), layout)  # 6 of 8 features
+    x = torch.randn(2, 3, 5, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for delta in (-7, torch.arange(5), torch.arange(15).reshape(3, 5)):
+        cos, sin = shift.cos_sin(delta, "cpu") if isinstance(delta, int) else shift.tables(delta, "cpu")
+        rot = x[..., :6].float()
+        pair = (torch.stack((-rot[..., 1::2], rot[..., 0::2]), -1).flatten(-2) if layout == "interleaved" else
+                torch.cat((-rot[..., 3:], rot[..., :3]), -1))
+        expected = torch.cat((rot * cos + pair * sin, x[..., 6:].float()), -1).to(dtype)
+        assert torch.equal(shift.rotate_by(x, cos, sin), expected)
+        assert torch.equal(shift.rotate(x, delta), expected)
+
+
 @pytest.mark.parametrize("rope", [{"rope_type": "default"}, {"rope_type": "yarn", "factor": 4.0,
                                                               "original_max_position_embeddings": 64},
                                   {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
