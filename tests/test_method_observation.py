@@ -58,15 +58,16 @@ def test_expected_attentions_tables_are_shared_by_layers_and_bounded():
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 16])
-@pytest.mark.parametrize("head_budgets", ["uniform", "adaptive"])
-def test_expected_attention_every_token_chunked_equals_the_token_loop(monkeypatch, head_budgets, chunk):
+@pytest.mark.parametrize("extra", [{}, {"head_budgets": "adaptive"}, {"critical": True}, {"chunk_length": 2}],
+                         ids=["uniform", "adakv", "critical", "chunkkv"])
+def test_expected_attention_every_token_chunked_equals_the_token_loop(monkeypatch, extra, chunk):
     """evict_every=1: the chunked path prepares a chunk's events at once (``row_scorer``, never ``score``); the
-    token loop scores the held columns at each event. Same evictions, same numbers."""
+    token loop scores the held columns at each event. Same evictions, same numbers (kvpress's wrappers too)."""
     from streaming_lm.methods.expected_attention import ExpectedAttention
 
     model = tiny_llama()
     ids = torch.randperm(128, generator=torch.Generator().manual_seed(5))[:40]
-    params = {"n_sink": 2, "n_future_positions": 8, "epsilon": 0.1, "head_budgets": head_budgets}
+    params = {"n_sink": 2, "n_future_positions": 8, "epsilon": 0.1, **extra}
 
     def run(method, **extra):
         return score(model, ids, resolve(policy="expected_attention", start_size=1, recent_size=1, heavy_size=6,
@@ -78,7 +79,7 @@ def test_expected_attention_every_token_chunked_equals_the_token_loop(monkeypatc
     monkeypatch.setattr(ExpectedAttention, "score", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     chunked = run("chunked", chunk_size=chunk)
     assert not calls  # every event went through the row scorer
-    assert token.evicted == chunked.evicted == 40 - 1 - 8
+    assert token.evicted == chunked.evicted == 40 - 1 - 8 + ("chunk_length" in extra)  # ChunkKV: whole chunks
     torch.testing.assert_close(chunked.logprobs, token.logprobs, rtol=0, atol=1e-5)
 
 
