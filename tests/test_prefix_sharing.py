@@ -278,3 +278,37 @@ def test_once_after_the_context_reads_continuations_as_one_batch_with_the_one_ro
         (alone,), _ = score_requests(model, [(context, continuation)], settings, shift)
         assert_same(scored, alone, exact=False, n_tokens=len(continuation))
         assert scored.evicted > 0 and scored.kept_per_layer == alone.kept_per_layer
+
+
+def test_once_after_the_context_reads_the_question_in_the_continuations_batch(tiny):
+    """evict_every=context: the question (the context's last query_size tokens, after the event) is read in every row
+    of the continuations' batch, not in a pass of its own; each continuation's numbers are those of one stream reading
+    prefill, event, question and continuation in turn."""
+    import torch
+
+    from streaming_lm.streams import open_stream
+    from streaming_lm.streams.base import CONTINUATION_ROWS
+
+    model, tokenizer = tiny
+    settings = resolve(policy="knorm", evict_every="context", query_size=3, compression_ratio=0.5, start_size=0,
+                       chunk_size=64)  # each batch of rows in one pass
+    shift = find_rotary(model)
+    context = tokenizer.encode("A context that the event compresses to half: 0123456789")
+    continuations = [tokenizer.encode(" " + "abcdefghijklmnopqrstuvwxyz"[: k % 13]) for k in range(CONTINUATION_ROWS + 3)]
+    assert min(map(len, continuations)) == 1  # a one-token continuation too: predicted by the question's last token
+    passes = []
+    handle = model.register_forward_pre_hook(lambda module, args: passes.append(1))
+    try:
+        got, _ = score_requests(model, [(context, c) for c in continuations], settings, shift)
+    finally:
+        handle.remove()
+    assert len(passes) == 1 + 2  # the prefill, then two batches of rows (no pass for the question alone)
+    prefill, question = context[:-3], context[-3:]
+    for continuation, scored in zip(continuations, got, strict=True):
+        stream = open_stream(model, settings, shift)
+        stream.extend(prefill)
+        stream.compress()
+        logits = stream.read(question + continuation[:-1])[len(question) - 1 :]
+        expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(continuation)[:, None]).sum()
+        assert scored.logprob == pytest.approx(float(expected), abs=1e-4)
+        assert scored.evicted == stream.evicted > 0

@@ -127,28 +127,33 @@ class Stream(ABC):
 CONTINUATION_ROWS = 8
 
 
-def score_batched(stream, context, continuations, evicted_after) -> list[ContinuationScore]:
+def score_batched(stream, context, continuations, evicted_after, ahead=()) -> list[ContinuationScore]:
     """``Stream.score_continuations`` for a path that reads rows (``stream._read_rows``: [B, L] token ids, yielding
     ``(offset, float32 logits [B, q, vocab])``) from a state whose cache expands to a batch (``expand_batch``): the
     continuations of a context are read together, up to ``CONTINUATION_ROWS`` per forward pass as the rows of a batch
     (right-padded: a row's padding comes after its tokens, so no real token sees it). A pass of a few tokens costs
     about as much as reading the weights once, so this is what makes multiple choice fast; the numbers are the
     one-row ones to float rounding (other matmul shapes), as chunking is. ``evicted_after(n)``: tokens a row's own
-    stream evicted after ``n`` tokens (its padding, read after it, is not its)."""
+    stream evicted after ``n`` tokens (its padding, read after it, is not its). ``ahead``: context tokens not read yet
+    that every row reads before its continuation (the context regime's question after the event, where nothing is
+    evicted: one pass fewer per context)."""
     if len(context):
         stream.extend(context)
-    last, n = stream.last_logits(), stream.n
+    ahead = list(ahead)
+    last, n = (None if ahead else stream.last_logits()), stream.n + len(ahead)
     kept = stream.kept_per_layer()
     results: list = [None] * len(continuations)
-    longer = sorted((i for i, c in enumerate(continuations) if len(c) > 1), key=lambda i: -len(continuations[i]))
+    # With tokens ahead every continuation is a row (its first token is predicted by the last of them).
+    longer = sorted((i for i, c in enumerate(continuations) if ahead or len(c) > 1),
+                    key=lambda i: -len(continuations[i]))
     for i, continuation in enumerate(continuations):
-        if len(continuation) == 1:
+        if not ahead and len(continuation) == 1:
             results[i] = continuation_score(last, continuation, stream.evicted, n, stream.settings,
                                             stream.held_per_layer, kept, stream.held_per_head)
     for start in range(0, len(longer), CONTINUATION_ROWS):
         batch = longer[start : start + CONTINUATION_ROWS]  # longest first: rows of similar length together
         width = len(continuations[batch[0]]) - 1
-        rows = torch.tensor([[*continuations[i][:-1], *[continuations[i][0]] * (width + 1 - len(continuations[i]))]
+        rows = torch.tensor([[*ahead, *continuations[i][:-1], *[continuations[i][0]] * (width + 1 - len(continuations[i]))]
                              for i in batch], dtype=torch.long, device=stream.model.device)
         branch = stream.fork()
         branch.cache.expand_batch(len(batch))
@@ -158,9 +163,10 @@ def score_batched(stream, context, continuations, evicted_after) -> list[Continu
         del branch  # B copies of the state: gone before the next batch
         for r, i in enumerate(batch):
             continuation = continuations[i]
-            results[i] = continuation_score(torch.cat((last, logits[r, : len(continuation) - 1])), continuation,
-                                            evicted_after(n + len(continuation) - 1), n, stream.settings, held, kept,
-                                            per_head)
+            predicted = logits[r, len(ahead) - 1 : len(ahead) + len(continuation) - 1] if ahead else \
+                torch.cat((last, logits[r, : len(continuation) - 1]))
+            results[i] = continuation_score(predicted, continuation, evicted_after(n + len(continuation) - 1), n,
+                                            stream.settings, held, kept, per_head)
     return results
 
 

@@ -201,6 +201,7 @@ class ContextStream(EvictingStream):
         self._prefill: list[int] | None = [] if "replay" in self.policy.observes else None
         # where the keys before RoPE are written, for a method that scores them (Leverage, Compactor)
         self._key_modules = prerope_key_modules(model) if "prerope_keys" in self.policy.observes else {}
+        self._pending: list[int] = []  # after the event: tokens deferred to the next read (``defer``)
 
     def new_cache(self):
         return ContextCache(self._layers, getattr(self.policy, "query_window", 0))
@@ -296,7 +297,29 @@ class ContextStream(EvictingStream):
         """Tokens each layer held right after the event (per key/value head on average)."""
         return self.cache.kept_per_layer()
 
+    def defer(self, ids) -> None:
+        """After the event: tokens of the context (the question) read with whatever is read next, not in a pass of
+        their own: the continuations' batch reads them in every row (``score_continuations``: one pass fewer a
+        context); any other read, or ``last_logits``, reads them first."""
+        if not self.compressed:
+            raise RuntimeError("defer() is for the tokens after the event: the prefill is read before it")
+        self._pending.extend(int(i) for i in as_ids(ids, "cpu"))
+
+    def _read_pending(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self.read(pending, last_only=True)
+
+    def last_logits(self) -> torch.Tensor:
+        self._read_pending()
+        return super().last_logits()
+
+    def fork(self):
+        self._read_pending()  # read once, not by every copy
+        return super().fork()
+
     def read_passes(self, ids, last_only: bool = False):
+        self._read_pending()
         ids = as_ids(ids, self.model.device)
         if self._prefill is not None and not self.compressed:
             self._prefill.extend(ids.tolist())
@@ -334,7 +357,8 @@ class ContextStream(EvictingStream):
         evicted after it: every row's evictions are the event's)."""
         if not self.compressed:
             return super().score_continuations(context, continuations)
-        return score_batched(self, context, continuations, lambda n: self.evicted)
+        ahead, self._pending = [*self._pending, *context], []  # read in every row: no pass of their own
+        return score_batched(self, [], continuations, lambda n: self.evicted, ahead=ahead)
 
     def _read_rows(self, rows: torch.Tensor, last_only: bool = False):
         """Read ``rows`` ([B, L] token ids; B > 1 only after the event, on a state thrown away after): yields

@@ -155,8 +155,9 @@ def read_contexts(contexts: Sequence[Sequence[int]], open_stream: Callable[[], S
     """``visit(stream, members, spare)`` once per distinct context, ``stream`` having read it (``walk``'s
     contract).
 
-    With a ``schedule.ContextSchedule``: ``stream`` has read the context's prefill, been compressed once
-    (``ContextStream.compress``) and read the rest of the context with nothing evicted."""
+    With a ``schedule.ContextSchedule``: ``stream`` has read the context's prefill and been compressed once
+    (``ContextStream.compress``); the rest of the context (the question) is deferred to its next read
+    (``ContextStream.defer``: the continuations' batch reads it in every row), nothing evicted after the event."""
     if not hasattr(schedule, "prefill"):
         return walk(Trie(contexts, share=share), open_stream, visit)
     split = [schedule.prefill(len(context)) for context in contexts]
@@ -170,7 +171,8 @@ def read_contexts(contexts: Sequence[Sequence[int]], open_stream: Callable[[], S
             questions.setdefault(tuple(contexts[i][split[i]:]), []).append(i)
         for k, (question, group) in enumerate(questions.items()):
             branch = compressed if k == len(questions) - 1 else compressed.fork()
-            branch.extend(list(question))
+            if question:
+                branch.defer(list(question))  # read by the visit's next read (with the continuations: one pass)
             visit(branch, group, True)  # each branch is this visit's own
 
     with_prefill = [i for i, n in enumerate(split) if n > 0]
