@@ -312,3 +312,33 @@ def test_once_after_the_context_reads_the_question_in_the_continuations_batch(ti
         expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(continuation)[:, None]).sum()
         assert scored.logprob == pytest.approx(float(expected), abs=1e-4)
         assert scored.evicted == stream.evicted > 0
+
+
+@pytest.mark.parametrize("policy, params", [("knorm", {}), ("h2o", {}), ("snapkv", {"window_size": 3}),
+                                            ("snapkv", {"window_size": 3, "head_budgets": "adaptive"})],
+                         ids=["knorm", "h2o", "snapkv", "adakv"])
+def test_scored_chunked_reads_continuations_as_one_batch_between_events(tiny, policy, params):
+    """A scored method every K tokens: continuations that no event falls in are read as the rows of one batch (one
+    pass), with the token loop's numbers and evictions; where an event falls in the longest, one by one."""
+    from helpers.engine import score_stream
+
+    model, tokenizer = tiny
+    shift = find_rotary(model)
+    settings = resolve(policy=policy, evict_every=16, start_size=1, recent_size=3, heavy_size=8, method="chunked",
+                       chunk_size=64, policy_params=params or None)
+    context = tokenizer.encode("A context longer than the cache, evicted: 01234567")[:33]  # an event after 32 tokens
+    for continuations, passes_expected in (
+            ([tokenizer.encode(" " + "abcdefghijklmnop"[: k]) for k in (0, 3, 9, 14)], 1),  # 33 + 14 - 1 < 48
+            ([tokenizer.encode(" " + "abcdefghijklmnop"[: k]) for k in (3, 16)], 1 + 1)):  # 33 + 16 reaches 48
+        passes = []
+        handle = model.register_forward_pre_hook(lambda module, args: passes.append(1))
+        try:
+            got = score_continuations(model, context, continuations, settings, shift)
+        finally:
+            handle.remove()
+        assert len(passes) == 1 + passes_expected  # the context (one pass), then the continuations
+        for continuation, scored in zip(continuations, got, strict=True):
+            reference = score_stream(model, context + continuation, settings, shift)  # the token loop
+            assert scored.logprob == pytest.approx(float(reference.logprobs[-len(continuation):].double().sum()),
+                                                   abs=5e-4)
+            assert scored.evicted == reference.evicted > 0

@@ -75,7 +75,8 @@ class ScoredDynamicLayer(DynamicLayer):
         return self.queries
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if key_states.shape[0] != 1:
+        if key_states.shape[0] != 1 and (self.keys is None or self.keys.shape[0] == 1):
+            # Rows only from a state expanded to a batch (expand_batch: continuations read with no event)
             raise ValueError("a scored policy's cache reads one stream at a time")
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         heads, count = keys.shape[1], key_states.shape[-2]

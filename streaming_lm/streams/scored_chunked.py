@@ -21,7 +21,7 @@ from ..storage import ScoredDynamicCache
 from ..methods.base import SCORED
 from ..methods.event import Observation, keep, step_scores
 from .attention import grouped_rows, pass_state, refuse_learned_sinks, soft_capped
-from .base import EvictingStream, as_ids, chunk_spans
+from .base import EvictingStream, as_ids, chunk_spans, score_batched
 
 ATTENTION_NAME = "streaming_lm_scored_rows"
 
@@ -29,6 +29,8 @@ ATTENTION_NAME = "streaming_lm_scored_rows"
 def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     layer = pass_state(ATTENTION_NAME).layers[module.layer_idx]
     refuse_learned_sinks(kwargs)
+    if query.shape[0] > 1:
+        return _rows_without_event(layer, query, key, value, scaling, kwargs.get("softcap"))
     policy = layer.policy
     _, heads, q_len, dim = query.shape
     kv_heads, columns = key.shape[1], key.shape[2]
@@ -85,6 +87,23 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
     return out.reshape(1, heads, q_len, -1).transpose(1, 2).contiguous(), None
 
 
+def _rows_without_event(layer, query, key, value, scaling, softcap):
+    """Continuations of one state read as the rows of a batch, where no event falls while they are read
+    (``ScoredChunkedStream.score_continuations`` checks): every row sees the columns its heads held before the pass,
+    then its own tokens causally; nothing is observed or evicted (the rows' state is thrown away after)."""
+    batch, heads, q_len, _ = query.shape
+    kv_heads, columns = key.shape[1], key.shape[2]
+    first = columns - q_len
+    allowed = torch.ones((q_len, columns), dtype=torch.bool, device=key.device).tril(first)[None]
+    if layer.dead is not None:  # AdaKV: each head's padding
+        allowed = allowed & ~layer.dead[:, None, :]
+    allowed = allowed.expand(kv_heads, q_len, columns).repeat(1, heads // kv_heads, 1)  # [kv_heads, group * Q, K]
+    logits = torch.matmul(grouped_rows(query.float(), kv_heads), key.float().transpose(-1, -2)) * scaling
+    weights = torch.softmax(soft_capped(logits, softcap).masked_fill(~allowed, float("-inf")), dim=-1)
+    out = torch.matmul(weights.to(value.dtype), value).reshape(batch, heads, q_len, -1)
+    return out.transpose(1, 2).contiguous(), None
+
+
 def _block_ends(policy, t0: int, q_len: int) -> list[int]:
     """The chunk's rows (its first token is ``t0``) after which something may change: each event's row and the last
     row; every row for a method that accumulates scores."""
@@ -120,3 +139,20 @@ class ScoredChunkedStream(EvictingStream):
 
     def step(self, token: int) -> torch.Tensor:
         return self.read([token])[-1]
+
+    def _read_rows(self, rows: torch.Tensor, last_only: bool = False):
+        """Read ``rows`` ([B, L] token ids) from a state thrown away after (``score_batched``)."""
+        return self._read_in_passes(rows, chunk_spans(rows.shape[1], self.settings.chunk_size), ATTENTION_NAME,
+                                    lambda a, b: (self.cache, torch.arange(a, b, device=rows.device)[None]), last_only)
+
+    @torch.inference_mode()
+    def score_continuations(self, context, continuations):
+        """Where no event falls while the continuations are read (the longest's tokens but its last), they are read
+        together as the rows of a batch (``score_batched``: nothing is evicted, every row sees the same held keys);
+        otherwise one by one, each from a fork."""
+        if len(context):
+            self.extend(context)
+        read = max(len(c) for c in continuations) - 1  # tokens the longest row reads
+        if any(self.policy.schedule.event_after(t) for t in range(self.n, self.n + read)):
+            return super().score_continuations([], continuations)
+        return score_batched(self, [], continuations, lambda n: self.evicted)
