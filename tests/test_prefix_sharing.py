@@ -342,3 +342,17 @@ def test_scored_chunked_reads_continuations_as_one_batch_between_events(tiny, po
             assert scored.logprob == pytest.approx(float(reference.logprobs[-len(continuation):].double().sum()),
                                                    abs=5e-4)
             assert scored.evicted == reference.evicted > 0
+
+
+def test_scored_rows_of_a_batch_refuse_to_cross_an_event(tiny):
+    """The batched read of a scored method's rows observes and evicts nothing: across an event it raises instead."""
+    from streaming_lm.streams import open_stream
+    from streaming_lm.streams.base import score_batched
+
+    model, _ = tiny
+    settings = resolve(policy="knorm", evict_every=16, start_size=1, recent_size=3, heavy_size=8, method="chunked",
+                       chunk_size=64)
+    stream = open_stream(model, settings, find_rotary(model))
+    stream.extend(list(range(30)))  # the next event after token 31: inside the rows
+    with pytest.raises(RuntimeError, match="across an event"):
+        score_batched(stream, [], [list(range(5)), list(range(40, 45))], lambda n: stream.evicted)

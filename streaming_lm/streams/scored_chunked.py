@@ -94,6 +94,8 @@ def _rows_without_event(layer, query, key, value, scaling, softcap):
     batch, heads, q_len, _ = query.shape
     kv_heads, columns = key.shape[1], key.shape[2]
     first = columns - q_len
+    if any(layer.policy.schedule.event_after(t) for t in range(layer.seen - q_len, layer.seen)):
+        raise RuntimeError("rows of a batch were read across an event: each row's evictions would be its own")
     allowed = torch.ones((q_len, columns), dtype=torch.bool, device=key.device).tril(first)[None]
     if layer.dead is not None:  # AdaKV: each head's padding
         allowed = allowed & ~layer.dead[:, None, :]
