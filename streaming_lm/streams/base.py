@@ -153,8 +153,8 @@ def score_batched(stream, context, continuations, evicted_after, ahead=()) -> li
     for start in range(0, len(longer), CONTINUATION_ROWS):
         batch = longer[start : start + CONTINUATION_ROWS]  # longest first: rows of similar length together
         width = len(continuations[batch[0]]) - 1
-        rows = torch.tensor([[*ahead, *continuations[i][:-1], *[continuations[i][0]] * (width + 1 - len(continuations[i]))]
-                             for i in batch], dtype=torch.long, device=stream.model.device)
+        rows = torch.tensor([[*ahead, *c[:-1], *[c[0]] * (width + 1 - len(c))]
+                             for c in (continuations[i] for i in batch)], dtype=torch.long, device=stream.model.device)
         branch = stream.fork()
         branch.cache.expand_batch(len(batch))
         logits = torch.cat([out for _, out in branch._read_rows(rows)], dim=1)

@@ -68,7 +68,8 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
         if layer.history or event:  # the row's observation, as the token loop's step would make it
             attention = weights[:, :, r].reshape(heads, columns) if "attention" in observes else None
             queries = None
-            if event and "queries" in observes and rows_scorer is None:  # the segment's: earlier chunks' (held by the layer), then these rows
+            if event and "queries" in observes and rows_scorer is None:
+                # the segment's: earlier chunks' (held by the layer), then these rows
                 mine = query[0, :, segment : r + 1].float()
                 queries = mine if layer.queries is None else torch.cat((layer.queries, mine), dim=1)
             obs = Observation(key[0], value[0], t0 + r, attention, queries, fixed, scaling, layer.index)
@@ -94,7 +95,7 @@ def _rows_without_event(layer, query, key, value, scaling, softcap):
     batch, heads, q_len, _ = query.shape
     kv_heads, columns = key.shape[1], key.shape[2]
     first = columns - q_len
-    if any(layer.policy.schedule.event_after(t) for t in range(layer.seen - q_len, layer.seen)):
+    if _event_among(layer.policy.schedule, layer.seen - q_len, layer.seen):
         raise RuntimeError("rows of a batch were read across an event: each row's evictions would be its own")
     allowed = torch.ones((q_len, columns), dtype=torch.bool, device=key.device).tril(first)[None]
     if layer.dead is not None:  # AdaKV: each head's padding
@@ -104,6 +105,11 @@ def _rows_without_event(layer, query, key, value, scaling, softcap):
     weights = torch.softmax(soft_capped(logits, softcap).masked_fill(~allowed, float("-inf")), dim=-1)
     out = torch.matmul(weights.to(value.dtype), value).reshape(batch, heads, q_len, -1)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _event_among(schedule, a: int, b: int) -> bool:
+    """Whether an event falls after one of the tokens ``a .. b-1``."""
+    return any(schedule.event_after(t) for t in range(a, b))
 
 
 def _block_ends(policy, t0: int, q_len: int) -> list[int]:
@@ -133,17 +139,16 @@ class ScoredChunkedStream(EvictingStream):
 
     def read_passes(self, ids, last_only: bool = False):
         ids = as_ids(ids, self.model.device)
-        # Original positions: a pass's position ids are its tokens' stream indices.
-        passes = self._read_in_passes(ids[None], chunk_spans(ids.numel(), self.settings.chunk_size), ATTENTION_NAME,
-                                      lambda a, b: (self.cache, torch.arange(a, b, device=ids.device)[None]), last_only)
-        for a, logits in passes:
+        for a, logits in self._read_rows(ids[None], last_only):
             yield a, logits[0]
 
     def step(self, token: int) -> torch.Tensor:
         return self.read([token])[-1]
 
     def _read_rows(self, rows: torch.Tensor, last_only: bool = False):
-        """Read ``rows`` ([B, L] token ids) from a state thrown away after (``score_batched``)."""
+        """Read ``rows`` ([B, L] token ids; B > 1 only where no event falls, on a state thrown away after:
+        ``score_batched``): yields ``(offset, float32 logits [B, q, vocab])`` per pass. Original positions: a pass's
+        position ids are its tokens' stream indices."""
         return self._read_in_passes(rows, chunk_spans(rows.shape[1], self.settings.chunk_size), ATTENTION_NAME,
                                     lambda a, b: (self.cache, torch.arange(a, b, device=rows.device)[None]), last_only)
 
@@ -155,6 +160,6 @@ class ScoredChunkedStream(EvictingStream):
         if len(context):
             self.extend(context)
         read = max(len(c) for c in continuations) - 1  # tokens the longest row reads
-        if any(self.policy.schedule.event_after(t) for t in range(self.n, self.n + read)):
+        if _event_among(self.policy.schedule, self.n, self.n + read):
             return super().score_continuations([], continuations)
         return score_batched(self, [], continuations, lambda n: self.evicted)
