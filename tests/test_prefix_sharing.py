@@ -319,7 +319,7 @@ def test_once_after_the_context_reads_the_question_in_the_continuations_batch(ti
                          ids=["knorm", "h2o", "snapkv", "adakv"])
 def test_scored_chunked_reads_continuations_as_one_batch_between_events(tiny, policy, params):
     """A scored method every K tokens: continuations that no event falls in are read as the rows of one batch (one
-    pass), with the token loop's numbers and evictions; where an event falls in the longest, one by one."""
+    pass), with the token loop's numbers and evictions; one that an event falls in, alone from a fork."""
     from helpers.engine import score_stream
 
     model, tokenizer = tiny
@@ -329,7 +329,8 @@ def test_scored_chunked_reads_continuations_as_one_batch_between_events(tiny, po
     context = tokenizer.encode("A context longer than the cache, evicted: 01234567")[:33]  # an event after 32 tokens
     for continuations, passes_expected in (
             ([tokenizer.encode(" " + "abcdefghijklmnop"[: k]) for k in (0, 3, 9, 14)], 1),  # 33 + 14 - 1 < 48
-            ([tokenizer.encode(" " + "abcdefghijklmnop"[: k]) for k in (3, 16)], 1 + 1)):  # 33 + 16 reaches 48
+            # 33 + 16 reaches 48: the longest alone, the others as one batch
+            ([tokenizer.encode(" " + "abcdefghijklmnop"[: k]) for k in (3, 16, 5, 0, 9)], 1 + 1)):
         passes = []
         handle = model.register_forward_pre_hook(lambda module, args: passes.append(1))
         try:

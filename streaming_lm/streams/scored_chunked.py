@@ -154,12 +154,21 @@ class ScoredChunkedStream(EvictingStream):
 
     @torch.inference_mode()
     def score_continuations(self, context, continuations):
-        """Where no event falls while the continuations are read (the longest's tokens but its last), they are read
-        together as the rows of a batch (``score_batched``: nothing is evicted, every row sees the same held keys);
-        otherwise one by one, each from a fork."""
+        """The continuations in which no event falls while they are read (their tokens but the last) are read together
+        as the rows of a batch (``score_batched``: nothing is evicted, every row sees the same held keys); the others
+        one by one, each from a fork."""
         if len(context):
             self.extend(context)
-        read = max(len(c) for c in continuations) - 1  # tokens the longest row reads
-        if _event_among(self.policy.schedule, self.n, self.n + read):
-            return super().score_continuations([], continuations)
-        return score_batched(self, [], continuations, lambda n: self.evicted)
+        crossing = [_event_among(self.policy.schedule, self.n, self.n + len(c) - 1) for c in continuations]
+        rows = [i for i, crosses in enumerate(crossing) if not crosses]
+        alone = [i for i, crosses in enumerate(crossing) if crosses]
+        results: list = [None] * len(continuations)
+        if rows:
+            for i, scored in zip(rows, score_batched(self, [], [continuations[i] for i in rows],
+                                                     lambda n: self.evicted), strict=True):
+                results[i] = scored
+        if alone:
+            for i, scored in zip(alone, super().score_continuations([], [continuations[i] for i in alone]),
+                                 strict=True):
+                results[i] = scored
+        return results
