@@ -16,9 +16,13 @@ from streaming_lm.settings import resolve
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()  # built once for the module: the tests only read it
+
+
 @pytest.mark.parametrize("method", ["token", "chunked"])
-def test_expected_attention_sees_the_queries_before_rope(method):
-    model = tiny_llama()
+def test_expected_attention_sees_the_queries_before_rope(model, method):
     ids = torch.randperm(128, generator=torch.Generator().manual_seed(4))[:30]
     captured = []  # layer 0's q_proj output: independent of the cache (its input is the embeddings)
     handle = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: captured.append(o))
@@ -41,10 +45,9 @@ def test_expected_attention_sees_the_queries_before_rope(method):
         torch.testing.assert_close(queries, before[:, step - 4 : step + 1].float(), rtol=0, atol=1e-5)
 
 
-def test_expected_attentions_tables_are_shared_by_layers_and_bounded():
+def test_expected_attentions_tables_are_shared_by_layers_and_bounded(model):
     """An event's rotation tables are computed once for all its layers, and what is kept stays bounded: a chunk's
     short segments, or one long segment alone (once after a long context)."""
-    model = tiny_llama()
     policy = policy_for(resolve(policy="expected_attention", evict_every="context", compression_ratio=0.5,
                                 start_size=0), model, find_rotary(model))
     first = policy._event_tables(100, 1, 16, torch.device("cpu"))
@@ -60,12 +63,11 @@ def test_expected_attentions_tables_are_shared_by_layers_and_bounded():
 @pytest.mark.parametrize("chunk", [1, 5, 16])
 @pytest.mark.parametrize("extra", [{}, {"head_budgets": "adaptive"}, {"critical": True}, {"chunk_length": 2}],
                          ids=["uniform", "adakv", "critical", "chunkkv"])
-def test_expected_attention_every_token_chunked_equals_the_token_loop(monkeypatch, extra, chunk):
+def test_expected_attention_every_token_chunked_equals_the_token_loop(model, monkeypatch, extra, chunk):
     """evict_every=1: the chunked path prepares a chunk's events at once (``row_scorer``, never ``score``); the
     token loop scores the held columns at each event. Same evictions, same numbers (kvpress's wrappers too)."""
     from streaming_lm.methods.expected_attention import ExpectedAttention
 
-    model = tiny_llama()
     ids = torch.randperm(128, generator=torch.Generator().manual_seed(5))[:40]
     params = {"n_sink": 2, "n_future_positions": 8, "epsilon": 0.1, **extra}
 
@@ -83,12 +85,11 @@ def test_expected_attention_every_token_chunked_equals_the_token_loop(monkeypatc
     torch.testing.assert_close(chunked.logprobs, token.logprobs, rtol=0, atol=1e-5)
 
 
-def test_expected_attentions_row_scorer_is_its_score_on_the_held_columns():
+def test_expected_attentions_row_scorer_is_its_score_on_the_held_columns(model):
     """At any row and any held set (the sinks held, as they always are), the row scorer's scores of the held columns
     are ``score``'s on those columns alone."""
     from streaming_lm.methods.event import Observation, held_scores
 
-    model = tiny_llama()
     policy = policy_for(resolve(policy="expected_attention", start_size=0, recent_size=0, heavy_size=8,
                                 policy_params={"n_sink": 3, "n_future_positions": 16, "epsilon": 0.2}),
                         model, find_rotary(model))

@@ -72,8 +72,10 @@ class ExpectedAttention(ScoredPolicy):
         key = ("rows", first_step, rows, head_dim, device)
         if key not in self._tables:
             index = torch.arange(first_step, first_step + rows, device=device)
-            rotations = mean_rotation(self.rotary.inv_freq.float(), index.cpu() + 1, self.n_future_positions,
-                                      head_dim, self.rotary.layout, self.attention_scaling).to(device)
+            # each row's from the position after it (built on the host: no device round trip)
+            rotations = mean_rotation(self.rotary.inv_freq.float(), torch.arange(first_step + 1, first_step + rows + 1),
+                                      self.n_future_positions, head_dim, self.rotary.layout,
+                                      self.attention_scaling).to(device)
             self._remember(key, rows, (index, self.rotary.tables(-index, device), rotations))
         return self._tables[key]
 

@@ -15,6 +15,7 @@ import dataclasses
 import weakref
 
 import torch
+import torch.nn.functional as F
 import transformers
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -33,6 +34,30 @@ def grouped_rows(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
 def soft_capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
     """Gemma-style logit soft-capping (the ``softcap`` kwarg transformers passes), else the logits."""
     return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
+def held_then_causal(query, key, value, scaling: float, dead: torch.Tensor | None = None, softcap: float | None = None):
+    """Attention where every row sees every held key (``dead``: bool [kv_heads, K] padding of heads holding fewer,
+    masked) and then this pass's tokens causally: rows read with nothing evicted (the context regime, continuations
+    read as a batch). Returns the output in transformers' [B, Q, heads, D] layout, and None."""
+    heads, q_len, columns = query.shape[1], query.shape[2], key.shape[2]
+    group = heads // key.shape[1]
+    if softcap is None and dead is None and q_len in (1, columns):
+        # Nothing masked but causality: a pass from an empty cache (a prefill read in one pass) or one query over
+        # every held key; SDPA's causal kernels (flash on a GPU) need no mask.
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=q_len > 1, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+    allowed = torch.ones((q_len, columns), dtype=torch.bool, device=query.device).tril(columns - q_len)[None, None]
+    if dead is not None:
+        allowed = allowed & ~dead.repeat_interleave(group, dim=0)[None, :, None, :]
+    if softcap is None:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=True)
+    else:  # Gemma-style soft-capping: eager, float32 softmax
+        keys, values = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+        logits = soft_capped(torch.matmul(query, keys.transpose(-1, -2)) * scaling, softcap)
+        weights = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1, dtype=torch.float32)
+        out = torch.matmul(weights.to(values.dtype), values)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def refuse_learned_sinks(kwargs: dict) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from transformers.cache_utils import Cache, DynamicLayer
@@ -34,7 +33,7 @@ from ..methods.snapkv import window_attention
 from ..positions import check_positions_fit, context_position
 from ..storage.accounting import KVAccounting
 from ..storage.scored import keep_columns
-from .attention import pass_state, refuse_learned_sinks, run_pass, soft_capped
+from .attention import held_then_causal, pass_state, refuse_learned_sinks, run_pass
 from .base import EvictingStream, as_ids, chunk_spans, score_batched
 
 ATTENTION_NAME = "streaming_lm_context"
@@ -52,26 +51,8 @@ def _context_attention(module, query, key, value, attention_mask, scaling, dropo
     layer.record(query[0], scaling)
     if layer.replay is not None:  # a replay pass (KVzip): the method scores the prefill from its queries
         layer.replay(module, query[0], key[0], value[0], scaling)
-    heads, q_len, columns = query.shape[1], query.shape[2], key.shape[2]
-    group = heads // key.shape[1]
-    softcap = kwargs.get("softcap")
-    if softcap is None and layer.dead is None and q_len in (1, columns):
-        # Nothing masked but causality: a pass from an empty cache (the prefill, read in one pass where it fits) or
-        # one query over every held key; SDPA's causal kernels (flash on a GPU) need no mask.
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=q_len > 1, scale=scaling, enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
     # Every held key, then this pass's tokens causally (the mask transformers built is not used: layers differ).
-    allowed = torch.ones((q_len, columns), dtype=torch.bool, device=query.device).tril(columns - q_len)[None, None]
-    if layer.dead is not None:
-        allowed = allowed & ~layer.dead.repeat_interleave(group, dim=0)[None, :, None, :]
-    if softcap is None:
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=True)
-    else:  # Gemma-style soft-capping: eager, float32 softmax
-        keys, values = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
-        logits = soft_capped(torch.matmul(query, keys.transpose(-1, -2)) * scaling, softcap)
-        weights = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1, dtype=torch.float32)
-        out = torch.matmul(weights.to(values.dtype), values)
-    return out.transpose(1, 2).contiguous(), None
+    return held_then_causal(query, key, value, scaling, layer.dead, kwargs.get("softcap"))
 
 
 AttentionInterface.register(ATTENTION_NAME, _context_attention)

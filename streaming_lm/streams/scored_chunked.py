@@ -20,7 +20,7 @@ from ..forward_args import num_decoder_layers
 from ..storage import ScoredDynamicCache
 from ..methods.base import SCORED
 from ..methods.event import Observation, keep, step_scores
-from .attention import grouped_rows, pass_state, refuse_learned_sinks, soft_capped
+from .attention import grouped_rows, held_then_causal, pass_state, refuse_learned_sinks, soft_capped
 from .base import EvictingStream, as_ids, chunk_spans, score_batched
 
 ATTENTION_NAME = "streaming_lm_scored_rows"
@@ -92,19 +92,10 @@ def _rows_without_event(layer, query, key, value, scaling, softcap):
     """Continuations of one state read as the rows of a batch, where no event falls while they are read
     (``ScoredChunkedStream.score_continuations`` checks): every row sees the columns its heads held before the pass,
     then its own tokens causally; nothing is observed or evicted (the rows' state is thrown away after)."""
-    batch, heads, q_len, _ = query.shape
-    kv_heads, columns = key.shape[1], key.shape[2]
-    first = columns - q_len
+    q_len = query.shape[2]
     if _event_among(layer.policy.schedule, layer.seen - q_len, layer.seen):
         raise RuntimeError("rows of a batch were read across an event: each row's evictions would be its own")
-    allowed = torch.ones((q_len, columns), dtype=torch.bool, device=key.device).tril(first)[None]
-    if layer.dead is not None:  # AdaKV: each head's padding
-        allowed = allowed & ~layer.dead[:, None, :]
-    allowed = allowed.expand(kv_heads, q_len, columns).repeat(1, heads // kv_heads, 1)  # [kv_heads, group * Q, K]
-    logits = torch.matmul(grouped_rows(query.float(), kv_heads), key.float().transpose(-1, -2)) * scaling
-    weights = torch.softmax(soft_capped(logits, softcap).masked_fill(~allowed, float("-inf")), dim=-1)
-    out = torch.matmul(weights.to(value.dtype), value).reshape(batch, heads, q_len, -1)
-    return out.transpose(1, 2).contiguous(), None
+    return held_then_causal(query, key, value, scaling, layer.dead, softcap)
 
 
 def _event_among(schedule, a: int, b: int) -> bool:
